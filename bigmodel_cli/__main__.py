@@ -1,0 +1,5 @@
+"""`python -m bigmodel_cli` is the `bigmodel` command."""
+
+from bigmodel_cli.cli import app
+
+app(prog_name="bigmodel")

@@ -1,0 +1,225 @@
+"""The `bigmodel` command: each subcommand parses its arguments and calls one stage's run()."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bigmodel_cli import __version__
+from bigmodel_cli.errors import UserError
+
+app = typer.Typer(
+    name="bigmodel",
+    help="Raw text to a pretrained, evaluated and exported Llama-style Transformer.\n\n"
+    "Example: bigmodel quickstart",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_options = {"debug": False, "log_format": "rich", "quiet": False}
+
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bigmodel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only final results.")] = False,
+    log_format: Annotated[str, typer.Option("--log-format", help="rich (default) or json: one object per line.")] = "rich",
+) -> None:
+    """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
+    _options.update(debug=debug, quiet=quiet, log_format=log_format)
+
+
+def _console():
+    from bigmodel_cli.console import Console
+
+    if _options["log_format"] not in ("rich", "json"):
+        raise UserError(f"--log-format must be rich or json, got {_options['log_format']!r}")
+    return Console("quiet" if _options["quiet"] else _options["log_format"])
+
+
+def _setup_jax() -> None:
+    from bigmodel_cli import utils
+
+    utils.enable_compilation_cache()
+
+
+def command(fn):
+    """Register a subcommand whose UserErrors print as one line and exit 2 (tracebacks only with --debug)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as err:
+            if _options["debug"]:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise typer.Exit(130) from None
+        except OSError as err:
+            if _options["debug"]:
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            print(f"error:{where}: {err.strerror or err} (check the path and free disk space)", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except Exception as err:  # a bug, not bad input: say so, and how to see the traceback
+            if _options["debug"]:
+                raise
+            print(f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
+            raise typer.Exit(1) from None
+
+    return app.command()(wrapper)
+
+
+@command
+def preprocess(
+    inputs: Annotated[list[Path], typer.Argument(help="Text (.txt) or JSONL (.jsonl) files, or directories.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (must not exist or be empty).")],
+    vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (char sizes itself).")] = 8000,
+    model_type: Annotated[str, typer.Option(help="Tokenizer kind: bpe, unigram or char.")] = "bpe",
+    tokenizer: Annotated[Path | None, typer.Option(help="Use this SentencePiece .model instead of training.")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Share of tokens held out for validation.")] = 0.1,
+    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+) -> None:
+    """Tokenize text files into train/val token arrays plus manifest.json.
+
+    Example: bigmodel preprocess corpus.txt --out data/corpus --model-type char
+    """
+    from bigmodel_cli.data import preprocess as stage
+
+    cfg = stage.PreprocessConfig(
+        inputs=tuple(inputs), out=out, vocab_size=vocab_size, model_type=model_type, tokenizer=tokenizer,
+        val_fraction=val_fraction, text_field=text_field,
+    )
+    manifest = stage.run(cfg)
+    splits = manifest["splits"]
+    _console().result(
+        {
+            "out": str(out),
+            "vocab_size": manifest["tokenizer"]["vocab_size"],
+            "train_tokens": splits["train"]["tokens"],
+            "val_tokens": splits["val"]["tokens"],
+            "unigram_entropy": round(manifest["unigram_entropy"], 4),
+        }
+    )
+
+
+@command
+def pretrain(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe, e.g. recipes/tiny.toml.")],
+    run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<recipe>).")] = None,
+    overrides: Overrides = None,
+    resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
+    allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
+) -> None:
+    """Train a model from scratch on preprocessed tokens; reruns resume from the last checkpoint.
+
+    Example: bigmodel pretrain recipes/tiny.toml --run-dir runs/tiny --set train.steps=100
+    """
+    from bigmodel_cli import config, pretrain as stage
+
+    cfg = config.load_config(recipe, overrides or [])
+    console = _console()
+    _setup_jax()
+    run_dir = run_dir or Path("runs") / recipe.stem
+    result = stage.run(cfg, run_dir, resume=resume, allow_config_change=allow_config_change, console=console)
+    console.result({"run_dir": str(run_dir), **{k: v for k, v in result.items() if k in ("step", "loss", "val_loss")}})
+
+
+@command
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or an export.")],
+    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory (default: the run's data).")] = None,
+    split: Annotated[str, typer.Option(help="Which split to evaluate: val or train.")] = "val",
+    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
+    max_batches: Annotated[int, typer.Option(help="Evaluate at most this many batches.")] = 50,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+) -> None:
+    """Validation loss and perplexity of a model; also written to metrics.json.
+
+    Example: bigmodel evaluate runs/tiny --json
+    """
+    import json
+
+    from bigmodel_cli.evaluate import lm as stage
+
+    _setup_jax()
+    metrics = stage.run(model, data=data, split=split, batch_size=batch_size, max_batches=max_batches)
+    if json_out:
+        print(json.dumps(metrics))
+    else:
+        _console().result(metrics)
+
+
+@command
+def generate(
+    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or an export.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="How many tokens to add.")] = 100,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens; 0 = all.")] = 0,
+    seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+) -> None:
+    """Continue a prompt with a trained model.
+
+    Example: bigmodel generate runs/tiny --prompt "ROMEO:" --max-new-tokens 200
+    """
+    from bigmodel_cli.evaluate import generate as stage
+
+    _setup_jax()
+    text = stage.run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    print(text)
+
+
+@command
+def export(
+    model: Annotated[Path, typer.Argument(help="A run directory or one of its checkpoints.")],
+    out: Annotated[Path, typer.Option("--out", help="New directory for the export (must not exist or be empty).")],
+) -> None:
+    """Write a self-contained model directory: safetensors weights, config.json and the tokenizer.
+
+    Example: bigmodel export runs/tiny --out exports/tiny
+    """
+    from bigmodel_cli import export as stage
+
+    _setup_jax()
+    path = stage.run(model, out)
+    _console().result({"out": str(path)})
+
+
+@command
+def quickstart(
+    out: Annotated[Path, typer.Option("--out", help="Directory for the data, run and export.")] = Path(
+        "bigmodel-quickstart"
+    ),
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
+) -> None:
+    """Preprocess a built-in corpus, pretrain a small model, evaluate it and generate text (a few minutes on CPU).
+
+    Example: bigmodel quickstart --out /tmp/qs
+    """
+    from bigmodel_cli import quickstart as stage
+
+    _setup_jax()
+    stage.run(out, steps=steps, console=_console())
+

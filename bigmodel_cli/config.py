@@ -1,0 +1,320 @@
+"""Recipes: TOML sections mapped one to one onto frozen dataclasses, with `--set` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bigmodel_cli.errors import UserError
+
+
+def _path_field(default: str = "", doc: str = "") -> Any:
+    """A string field holding a path that resolves relative to the recipe file."""
+    return field(default=default, metadata={"path": True, "doc": doc})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = ""  # named size from PRESETS; explicit keys in [model] override its fields
+    vocab_size: int = 0  # 0 = take it from the data's manifest
+    d_model: int = 256  # width of the residual stream
+    n_layers: int = 4  # number of Transformer blocks
+    n_heads: int = 4  # query heads
+    n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 1024  # hidden width of the SwiGLU MLP
+    max_seq_len: int = 256  # longest sequence the model is trained and evaluated on
+    rope_theta: float = 10000.0  # RoPE base frequency
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = False  # reuse the token embedding as the output head
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (bf16 pays off on GPU/TPU, not CPU)
+    param_dtype: str = "float32"  # storage dtype of parameters and optimizer state
+    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto, xla or cudnn
+    init_std: float = 0.02  # std of the normal initialiser of every matrix
+
+    def __post_init__(self) -> None:
+        for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.kv_heads:
+            raise UserError(
+                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})"
+            )
+        if self.head_dim == 0 and self.d_model % self.n_heads:
+            raise UserError(f"model.d_model ({self.d_model}) must divide by model.n_heads ({self.n_heads})")
+        if self.dims_per_head % 2:
+            raise UserError(f"the head dimension must be even for RoPE, got {self.dims_per_head}")
+        _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
+        _check_choice("model.attention", self.attention, ("auto", "xla", "cudnn"))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dims_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+
+# Sizes follow the usual Llama-family shapes; vocab_size stays 0 so that it comes from the data.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, max_seq_len=128),
+    "35m": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536, max_seq_len=512),
+    "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=2048),
+    "1b": dict(
+        d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048, rope_theta=500000.0
+    ),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096),
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = _path_field(doc="a `bigmodel preprocess` output directory")  # preprocess output directory
+    synthetic: bool = False  # train on seeded random tokens instead of data.path (benchmarks)
+    seq_len: int = 0  # tokens per training sequence; 0 = model.max_seq_len
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 0:
+            raise UserError(f"data.seq_len must be >= 0, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate of AdamW
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 100  # linear warmup from 0 to lr
+    b1: float = 0.9  # AdamW beta1
+    b2: float = 0.95  # AdamW beta2
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # decoupled weight decay, on matrices only (not norms or embeddings)
+    grad_clip: float = 1.0  # global-norm clipping threshold; 0 = off
+
+    def __post_init__(self) -> None:
+        if not self.lr > 0:
+            raise UserError(f"optim.lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise UserError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+            if getattr(self, name) < 0:
+                raise UserError(f"optim.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("b1", "b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"optim.{name} must be in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer updates in the whole run
+    batch_size: int = 8  # sequences per update (global, over all devices and micro-batches)
+    grad_accum: int = 1  # micro-batches per update; batch_size must divide by it
+    seed: int = 0  # seeds the initial parameters and the data order
+    log_every: int = 10  # steps between lines in metrics.jsonl
+    eval_every: int = 200  # steps between validation losses; 0 = only at the end
+    eval_batches: int = 20  # validation batches per evaluation (fewer if the split is smaller)
+    remat: str = "none"  # activation recomputation in the backward pass: none, dots or full
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise UserError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.batch_size % self.grad_accum:
+            raise UserError(
+                f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})"
+            )
+        _check_choice("train.remat", self.remat, ("none", "dots", "full"))
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # data-parallel axis size; -1 = all devices left over by the other axes
+    fsdp: int = 1  # parameter-sharding (ZeRO-3 style) axis size
+    tensor: int = 1  # tensor-parallel (Megatron style) axis size
+
+    def __post_init__(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise UserError(f"mesh sizes must be positive, with at most one -1; got {sizes}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 500  # steps between checkpoints (one is also written at the end)
+    keep: int = 3  # how many of the most recent checkpoints to keep
+    async_save: bool = True  # write checkpoints in the background while training goes on
+
+    def __post_init__(self) -> None:
+        if self.every <= 0 or self.keep <= 0:
+            raise UserError(f"checkpoint.every and checkpoint.keep must be positive, got {self.every}, {self.keep}")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    initials = "".join(part[:1] for part in name.split("_"))  # learning_rate -> lr
+    match = match or [o for o in options if o == initials]
+    return f" (did you mean {match[0]!r}?)" if match else f" (valid: {', '.join(options)})"
+
+
+def _field_type(section_cls: type, name: str) -> type:
+    hint = typing.get_type_hints(section_cls)[name]
+    if isinstance(hint, types.UnionType):  # e.g. `str | None`: take the first concrete type
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _coerce(where: str, value: Any, kind: type) -> Any:
+    """Check a TOML value (or parse a --set string) against the dataclass field's type."""
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
+        try:
+            if kind is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            return kind(text)
+        except ValueError:
+            raise UserError(f"{where} must be {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise UserError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _section_classes(cls: type) -> dict[str, type]:
+    return {f.name: _field_type(cls, f.name) for f in dataclasses.fields(cls)}
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
+    """Turn ['optim.lr=1e-3', ...] into {'optim': {'lr': '1e-3'}}."""
+    out: dict[str, dict[str, str]] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not name:
+            raise UserError(f"--set {item!r} is not of the form section.key=value (e.g. optim.lr=1e-3)")
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def load_config(
+    recipe: Path | None, overrides: list[str] | None = None, cls: type = Config, base_dir: Path | None = None
+) -> Any:
+    """Read a recipe (or the defaults when None), apply `--set` overrides, and validate everything."""
+    raw: dict[str, Any] = {}
+    recipe_dir = Path.cwd()
+    if recipe is not None:
+        recipe = Path(recipe)
+        if not recipe.is_file():
+            raise UserError(f"recipe {recipe} not found: pass the path of a .toml recipe (see recipes/)")
+        try:
+            raw = tomllib.loads(recipe.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"recipe {recipe} is not valid TOML: {err}") from None
+        recipe_dir = recipe.resolve().parent
+    if base_dir is not None:
+        recipe_dir = base_dir
+    where = str(recipe) if recipe is not None else "config"
+    return build_config(raw, parse_overrides(overrides or []), cls, recipe_dir, where)
+
+
+def build_config(
+    raw: dict[str, Any], overrides: dict[str, dict[str, str]], cls: type, recipe_dir: Path, where: str = "config"
+) -> Any:
+    """Make the nested frozen config from raw TOML sections plus string overrides."""
+    sections = _section_classes(cls)
+    for name in list(raw) + list(overrides):
+        if name not in sections:
+            raise UserError(f"{where}: unknown section [{name}]{_closest(name, list(sections))}")
+    built = {}
+    for name, section_cls in sections.items():
+        values = raw.get(name, {})
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: [{name}] must be a table of keys")
+        built[name] = _build_section(name, section_cls, values, overrides.get(name, {}), recipe_dir, where)
+    return cls(**built)
+
+
+def _build_section(
+    name: str, section_cls: type, values: dict[str, Any], overrides: dict[str, str], recipe_dir: Path, where: str
+) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(section_cls)}
+    for key in list(values) + list(overrides):
+        if key not in fields:
+            raise UserError(f"{where}: unknown key {name}.{key}{_closest(key, list(fields))}")
+    merged: dict[str, Any] = {}
+    for key, value in values.items():
+        merged[key] = _coerce(f"{where}: {name}.{key}", value, _field_type(section_cls, key))
+        if fields[key].metadata.get("path") and merged[key] and "://" not in merged[key]:
+            merged[key] = str((recipe_dir / merged[key]).resolve())
+    for key, value in overrides.items():
+        merged[key] = _coerce(f"--set {name}.{key}", value, _field_type(section_cls, key))
+        if fields[key].metadata.get("path") and merged[key] and "://" not in merged[key]:
+            merged[key] = str(Path(merged[key]).resolve())  # typed on the command line: relative to cwd
+    if section_cls is ModelConfig and merged.get("preset"):
+        preset = merged["preset"]
+        if preset not in PRESETS:
+            raise UserError(f"model.preset {preset!r} is unknown{_closest(preset, list(PRESETS))}")
+        merged = {**PRESETS[preset], **merged}
+    return section_cls(**merged)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts, in field order."""
+    return dataclasses.asdict(cfg)
+
+
+def dumps(cfg: Any) -> str:
+    """Serialise a nested config to TOML (scalars only, which is all our sections hold)."""
+    lines = ["# Fully resolved config, written by bigmodel. Rerun with: bigmodel <stage> config.toml"]
+    for section, values in to_dict(cfg).items():
+        lines.append(f"\n[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} to TOML")
+
+
+def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys (section.key) whose values differ between two config dicts."""
+    keys = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        keys += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return keys

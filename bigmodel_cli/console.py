@@ -1,0 +1,103 @@
+"""What a run prints: a rich progress bar on a terminal, plain or JSON lines elsewhere, nothing with --quiet."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Iterator
+
+import jax
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class _Bar:
+    def __init__(self, console: Console, total: int, start: int):
+        self.console, self.total = console, total
+        self.progress = None
+        if console.mode == "rich" and console.rich.is_terminal:
+            self.progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=console.rich,
+            )
+            self.task = self.progress.add_task("train", total=total, completed=start, info="")
+
+    def update(self, step: int, metrics: dict) -> None:
+        text = _format(metrics)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, info=text)
+            if "val_loss" in metrics:
+                self.progress.console.print(f"step {step}/{self.total} | {text}")
+        else:
+            self.console.metrics(step, self.total, metrics)
+
+
+def _format(metrics: dict) -> str:
+    parts = [f"loss {metrics['loss']:.4f}"]
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    parts.append(f"lr {metrics['lr']:.2e}")
+    parts.append(f"{metrics['tokens_per_s']:,.0f} tok/s")
+    parts.append(f"MFU {100 * metrics['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+class Console:
+    """mode: rich (progress bar on a TTY, plain lines otherwise), json (one object per line) or quiet."""
+
+    def __init__(self, mode: str = "rich"):
+        self.mode = mode
+        # Only the first process talks, so a multi-host run prints one log, not one per worker.
+        self.silent = mode == "quiet" or jax.process_index() != 0
+        self.rich = RichConsole(stderr=False, highlight=False)
+
+    def info(self, message: str) -> None:
+        if self.silent:
+            return
+        if self.mode == "json":
+            print(json.dumps({"event": "info", "message": message}), flush=True)
+        else:
+            self.rich.print(message, markup=False)
+
+    def metrics(self, step: int, total: int, metrics: dict) -> None:
+        if self.silent:
+            return
+        if self.mode == "json":
+            print(json.dumps({"event": "metrics", "step": step, **metrics}), flush=True)
+        else:
+            self.rich.print(f"step {step}/{total} | {_format(metrics)}", markup=False)
+
+    def result(self, obj: dict) -> None:
+        """A final result: JSON in json mode, key: value lines otherwise (printed even in quiet mode)."""
+        if jax.process_index() != 0:
+            return
+        if self.mode == "json":
+            print(json.dumps(obj), flush=True)
+        else:
+            for key, value in obj.items():
+                print(f"{key}: {value}", flush=True)
+
+    @contextlib.contextmanager
+    def progress(self, total: int, start: int = 0) -> Iterator[_Bar]:
+        bar = _Bar(self, total, start) if not self.silent else _Silent()
+        if getattr(bar, "progress", None) is not None:
+            with bar.progress:
+                yield bar
+        else:
+            yield bar
+
+
+class _Silent:
+    def update(self, step: int, metrics: dict) -> None:
+        pass
+
+
+def err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,158 @@
+"""Find and load a model from a run directory, one of its checkpoints, or an export directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bigmodel_cli import config as config_lib
+from bigmodel_cli import parallel
+from bigmodel_cli.config import Config, MeshConfig, ModelConfig
+from bigmodel_cli.errors import UserError
+
+EXPORT_WEIGHTS = "model.safetensors"
+EXPORT_CONFIG = "config.json"
+EXPORT_FORMAT = "bigmodel-export-v1"
+
+
+@dataclass
+class LoadedModel:
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: Any  # pure dict of jax arrays, laid out on `mesh`
+    mesh: Any
+    home: Path  # the run or export directory: where tokenizer.model and metrics.json live
+    step: int
+    seq_len: int  # the sequence length the model was trained with
+    data_path: str  # the data it was trained on ("" if unknown)
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.home / "tokenizer.model"
+
+
+def param_name(path: tuple) -> str:
+    """'layers.0.self_attn.q_proj' for a params-dict path: the key used in safetensors files."""
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def locate(path: Path) -> tuple[str, Path, int | None]:
+    """(kind, home, step): kind is 'export' or 'run'; step None = latest checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
+    if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
+        return "export", path, None
+    if (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
+        return "run", path, None
+    if path.parent.name == "checkpoints" and path.name.isdigit():
+        return "run", path.parent.parent, int(path.name)
+    raise UserError(
+        f"{path} is not a run directory, checkpoint or export: pass e.g. runs/NAME, runs/NAME/checkpoints/STEP "
+        "or an export directory"
+    )
+
+
+def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
+    """Graph and shape/dtype/sharding tree of the parameters, without allocating them."""
+    abstract = nnx.eval_shape(lambda: _model(model_cfg))
+    graphdef, state = nnx.split(abstract)
+    shardings = parallel.param_shardings(state, mesh)
+    shapes = nnx.to_pure_dict(state)
+    return graphdef, jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
+    )
+
+
+def _model(model_cfg: ModelConfig):
+    from bigmodel_cli.model.transformer import Transformer
+
+    return Transformer(model_cfg, rngs=nnx.Rngs(0))
+
+
+def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
+    """Load parameters for evaluation, generation or export (no optimizer state)."""
+    kind, home, step = locate(path)
+    mesh = parallel.make_mesh(mesh_cfg or MeshConfig())
+    if kind == "export":
+        return _load_export(home, mesh)
+    from bigmodel_cli.train.checkpoint import Checkpoints
+
+    cfg: Config = config_lib.load_config(home / "config.toml", base_dir=home)
+    ckpt = Checkpoints(home / "checkpoints", read_only=True)
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise UserError(f"{home} has no checkpoint yet: train it first (bigmodel pretrain ...)")
+        graphdef, like = abstract_params(cfg.model, mesh)
+        try:
+            params, _ = ckpt.restore_params(step, like)
+        except (ValueError, KeyError, FileNotFoundError) as err:
+            raise UserError(f"checkpoint {home}/checkpoints/{step} does not fit this model ({err})") from None
+    finally:
+        ckpt.close()
+    return LoadedModel(cfg.model, graphdef, params, mesh, home, step, cfg.data.seq_len or cfg.model.max_seq_len,
+                       cfg.data.path)
+
+
+def _load_export(home: Path, mesh) -> LoadedModel:
+    from safetensors.numpy import load_file
+
+    info = json.loads((home / EXPORT_CONFIG).read_text())
+    if info.get("format") != EXPORT_FORMAT:
+        raise UserError(f"{home / EXPORT_CONFIG} is not a bigmodel export (format {info.get('format')!r})")
+    model_cfg = config_lib.build_config(
+        {"model": info["model"]}, {}, Config, home, where=str(home / EXPORT_CONFIG)
+    ).model
+    graphdef, like = abstract_params(model_cfg, mesh)
+    tensors = load_file(home / EXPORT_WEIGHTS)
+
+    def take(path, spec):
+        name = param_name(path)
+        if name not in tensors or tensors[name].shape != spec.shape:
+            raise UserError(f"{home / EXPORT_WEIGHTS}: tensor {name} missing or of the wrong shape; re-export")
+        return jax.device_put(tensors[name].astype(spec.dtype), spec.sharding)
+
+    params = jax.tree_util.tree_map_with_path(take, like)
+    return LoadedModel(model_cfg, graphdef, params, mesh, home, int(info.get("step", 0)),
+                       int(info.get("seq_len", model_cfg.max_seq_len)), info.get("data_path", ""))
+
+
+def export(loaded: LoadedModel, out: Path) -> Path:
+    """Write safetensors weights, config.json and the tokenizer into a new directory, atomically."""
+    import os
+    import shutil
+    import tempfile
+
+    from safetensors.numpy import save_file
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"export directory {out} already exists and is not empty: choose a new --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
+        save_file({param_name(p): np.asarray(jax.device_get(v)) for p, v in flat}, staging / EXPORT_WEIGHTS)
+        info = {
+            "format": EXPORT_FORMAT,
+            "model": dataclasses.asdict(loaded.model_cfg),
+            "step": loaded.step,
+            "seq_len": loaded.seq_len,
+            "data_path": loaded.data_path,
+        }
+        (staging / EXPORT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+        if loaded.tokenizer_file.is_file():
+            shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.model")
+        if out.exists():
+            out.rmdir()
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

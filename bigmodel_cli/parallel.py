@@ -1,0 +1,123 @@
+"""Device mesh, logical-axis rules and the shardings built from them: the only module that names mesh axes."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from bigmodel_cli.config import MeshConfig
+from bigmodel_cli.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical axis -> mesh axes. FSDP shards the embedding dimension of every matrix, tensor parallelism
+# splits heads, MLP hidden units and the vocabulary (Megatron style), the batch goes over data x fsdp.
+DEFAULT_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "length": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "norm": None,
+}
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """Build the (data, fsdp, tensor) mesh; a -1 axis takes whatever devices the others leave."""
+    devices = devices if devices is not None else jax.devices()
+    n = len(devices)
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    if -1 in sizes:
+        known = math.prod(s for s in sizes if s != -1)
+        if n % known:
+            raise UserError(f"mesh: {n} devices do not divide by fsdp*tensor*... = {known}; {_fits(n)}")
+        sizes[sizes.index(-1)] = n // known
+    if math.prod(sizes) != n:
+        raise UserError(f"mesh: data*fsdp*tensor = {math.prod(sizes)} but there are {n} devices; {_fits(n)}")
+    auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=auto, devices=devices)
+
+
+def _fits(n: int) -> str:
+    return f"set sizes whose product is {n}, e.g. --set mesh.data={n} --set mesh.fsdp=1 --set mesh.tensor=1"
+
+
+def spec(logical_axes: tuple[str | None, ...], rules: dict[str, Any] | None = None) -> PartitionSpec:
+    """Map logical axis names to a PartitionSpec through the rules table."""
+    rules = DEFAULT_RULES if rules is None else rules
+    return PartitionSpec(*(rules.get(a) if a is not None else None for a in logical_axes))
+
+
+def _fit(shape: tuple[int, ...], pspec: PartitionSpec, mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes that do not divide a dimension, so small layers (or odd vocabularies) stay legal."""
+    out = []
+    for dim, axes in zip(shape, tuple(pspec) + (None,) * (len(shape) - len(pspec)), strict=False):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in names if mesh.shape[a] > 1)
+        while kept and dim % math.prod(mesh.shape[a] for a in kept):
+            kept = kept[:-1]
+        out.append(kept[0] if len(kept) == 1 else (kept or None))
+    return PartitionSpec(*out)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict[str, Any] | None = None) -> Any:
+    """A NamedSharding for every parameter (a pure dict like the params), from each one's `logical_axes`."""
+
+    def one(variable: nnx.Variable) -> nnx.Variable:
+        shape = variable.get_value().shape
+        axes = variable.get_metadata().get("logical_axes") or (None,) * len(shape)
+        return variable.replace(NamedSharding(mesh, _fit(shape, spec(axes, rules), mesh)))
+
+    shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return nnx.to_pure_dict(shardings)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2, rules: dict[str, Any] | None = None) -> NamedSharding:
+    """Sharding of a [batch, length, ...] array: batch over the data-parallel axes."""
+    return NamedSharding(mesh, spec(("batch",) + (None,) * (ndim - 1), rules))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def data_parallel_size(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
+    axes = (rules or DEFAULT_RULES)["batch"]
+    axes = (axes,) if isinstance(axes, str) else axes
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+_active: list[tuple[Mesh, dict[str, Any]]] = []
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: dict[str, Any] | None = None) -> Iterator[None]:
+    """Make `constrain` pin activations to this mesh while tracing inside the block."""
+    _active.append((mesh, rules or DEFAULT_RULES))
+    try:
+        with jax.set_mesh(mesh):
+            yield
+    finally:
+        _active.pop()
+
+
+def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
+    """Sharding constraint on an activation by logical names; a no-op outside `activate`."""
+    if not _active:
+        return x
+    mesh, rules = _active[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(x.shape, spec(logical_axes, rules), mesh)))
+
+
+def host_local_batch(global_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """Turn this process's rows of a global batch into one global jax.Array."""
+    return jax.make_array_from_process_local_data(sharding, global_batch)

@@ -1,0 +1,93 @@
+"""`bigmodel pretrain`: next-token training on preprocessed (or synthetic) tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import jax
+
+from bigmodel_cli.config import Config
+from bigmodel_cli.console import Console
+from bigmodel_cli.data import loader
+from bigmodel_cli.data.preprocess import load_manifest
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.train import loop
+
+
+def resolve(cfg: Config) -> tuple[Config, dict | None]:
+    """Fill in what the data decides (vocab size, sequence length) and check the two agree."""
+    manifest = None
+    vocab = cfg.model.vocab_size
+    if cfg.data.synthetic:
+        if vocab <= 0:
+            raise UserError("data.synthetic needs model.vocab_size: set it in [model] or with --set")
+    else:
+        if not cfg.data.path:
+            raise UserError("data.path is not set: point it at a `bigmodel preprocess` output directory")
+        if not Path(cfg.data.path).is_dir():
+            raise UserError(f"data.path {cfg.data.path} not found: run bigmodel preprocess ... --out DIR first")
+        manifest = load_manifest(Path(cfg.data.path))
+        data_vocab = manifest["tokenizer"]["vocab_size"]
+        if vocab == 0:
+            vocab = data_vocab
+        elif vocab < data_vocab:
+            raise UserError(
+                f"model.vocab_size {vocab} is smaller than the data's tokenizer ({data_vocab}): raise it or leave it 0"
+            )
+    seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+    if seq_len > cfg.model.max_seq_len:
+        raise UserError(f"data.seq_len {seq_len} exceeds model.max_seq_len {cfg.model.max_seq_len}: lower it")
+    cfg = dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, vocab_size=vocab),
+        data=dataclasses.replace(cfg.data, seq_len=seq_len),
+    )
+    return cfg, manifest
+
+
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of every global batch (all of them on a single host)."""
+    n, i = jax.process_count(), jax.process_index()
+    per = batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+def run(
+    cfg: Config,
+    run_dir: Path,
+    *,
+    resume: str = "auto",
+    allow_config_change: bool = False,
+    console: Console | None = None,
+) -> dict:
+    """Train per the recipe into run_dir; returns the final metrics."""
+    console = console or Console()
+    cfg, manifest = resolve(cfg)
+    loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
+    seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, process_rows(cfg.train.batch_size)
+    meta: dict = {"stage": "pretrain"}
+    if manifest is None:
+        train_batch = loader.SyntheticBatches(cfg.model.vocab_size, seq_len, batch_size, cfg.train.seed, rows)
+        val_batches = None
+    else:
+        data_dir = Path(cfg.data.path)
+        train_windows = loader.TokenWindows(data_dir, "train", manifest, seq_len)
+        val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len)
+        train_batch = loader.TrainBatches(train_windows, batch_size, cfg.train.seed, rows)
+
+        def val_batches():
+            return loader.eval_batches(val_windows, batch_size, cfg.train.eval_batches, rows)
+
+        tokenizer_file = data_dir / manifest["tokenizer"]["file"]
+        if jax.process_index() == 0:
+            shutil.copyfile(tokenizer_file, run_dir / "tokenizer.model")  # the run is self-contained
+        meta["tokenizer_sha256"] = manifest["tokenizer"]["sha256"]
+        meta["unigram_entropy"] = manifest.get("unigram_entropy")
+    return loop.train(
+        loop.LoopInputs(
+            cfg=cfg, run_dir=run_dir, train_batch=train_batch, val_batches=val_batches, seq_len=seq_len,
+            meta=meta, console=console,
+        )
+    )

@@ -1,0 +1,201 @@
+"""`report` stage: plot the metrics of one or more runs into a PNG or a self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from bigmodel_cli.errors import UserError
+
+METRICS_FILE = "metrics.jsonl"
+FORMATS = (".png", ".html")
+Table = tuple[list[str], list[list[str]]]  # header, rows
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Rows of RUN_DIR/metrics.jsonl sorted by step, with rows logged for the same step merged."""
+    by_step: dict[int, dict[str, Any]] = {}
+    with (run_dir / METRICS_FILE).open(encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a killed or still-running writer
+            if isinstance(row, dict) and isinstance(row.get("step"), int):
+                # Later lines win, so a resumed run overrides what the killed run wrote for the same step.
+                by_step.setdefault(row["step"], {}).update(row)
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """An optional JSON object file, or {} when it is missing or unreadable."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> Any:
+    """The last non-null value of key, or None."""
+    return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
+
+
+def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Last step, loss and val_loss of a run."""
+    return {
+        "path": run_dir,
+        "step": rows[-1]["step"] if rows else None,
+        "loss": _last(rows, "loss"),
+        "val_loss": _last(rows, "val_loss"),
+    }
+
+
+def list_runs(root: Path) -> list[dict[str, Any]]:
+    """Run dirs (holding metrics.jsonl or config.toml) at most two levels under root, with their progress."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"{root} is not a directory: pass the folder that holds your runs")
+    candidates = [root, *root.glob("*"), *root.glob("*/*")]
+    runs = []
+    for d in sorted(candidates):
+        if not d.is_dir() or any(part.startswith(".") for part in d.relative_to(root).parts):
+            continue
+        if not ((d / METRICS_FILE).is_file() or (d / "config.toml").is_file()):
+            continue
+        rows = read_metrics(d) if (d / METRICS_FILE).is_file() else []
+        status = _read_json(d / "status.json").get("state", "unknown")
+        runs.append(_summary(d, rows) | {"status": str(status)})
+    return runs
+
+
+def _labels(run_dirs: list[Path]) -> list[str]:
+    """Short run names: directory names, or full paths when those names collide."""
+    names = [d.resolve().name for d in run_dirs]
+    return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(run_dirs: list[Path], runs: list[list[dict[str, Any]]]) -> Table:
+    """Header and rows of the final-metrics table: last logged values, then metrics.json values."""
+    finals = [_read_json(d / "metrics.json") for d in run_dirs]
+    final_keys = sorted({k for f in finals for k in f})
+    header = ["run", "step", "loss", "val_loss", *(f"final {k}" for k in final_keys)]
+    body = []
+    for label, d, rows, final in zip(_labels(run_dirs), run_dirs, runs, finals, strict=True):
+        s = _summary(d, rows)
+        last = [_fmt(s[k]) for k in ("step", "loss", "val_loss")]
+        body.append([label, *last, *(_fmt(final.get(k)) for k in final_keys)])
+    return header, body
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """Steps and values of key; nulls (NaN/inf when logged) become NaN so they show as gaps."""
+    pairs = [(r["step"], math.nan if r[key] is None else float(r[key])) for r in rows if key in r]
+    return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def _render_png(labels: list[str], runs: list[list[dict[str, Any]]], table: Table) -> bytes:
+    """The 2x2 figure as PNG bytes."""
+    # Figure without pyplot renders through Agg and keeps no global figure state, so it is safe headless.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 9), dpi=100, layout="constrained")
+    (ax_loss, ax_lr), (ax_tps, ax_table) = fig.subplots(2, 2)
+    panels = [(ax_loss, "loss", "Loss"), (ax_lr, "lr", "Learning rate"), (ax_tps, "tokens_per_s", "Tokens/s")]
+    for i, (label, rows) in enumerate(zip(labels, runs, strict=True)):
+        color = f"C{i % 10}"
+        for ax, key, _ in panels:
+            ax.plot(*_series(rows, key), color=color, label=label)
+        val_steps, val_loss = _series(rows, "val_loss")
+        ax_loss.plot(val_steps, val_loss, color=color, linestyle="--", marker=".", label=f"{label} (val)")
+    for ax, _, title in panels:
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    ax_loss.legend(fontsize="small")
+
+    header, body = table
+    ax_table.axis("off")
+    ax_table.set_title("Final metrics")
+    cells = ax_table.table(cellText=body, colLabels=header, loc="upper center", cellLoc="center")
+    cells.auto_set_font_size(False)
+    cells.set_fontsize(9)
+    cells.auto_set_column_width(list(range(len(header))))
+    cells.scale(1, 1.5)
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _render_html(png: bytes, table: Table) -> bytes:
+    """A standalone page: the figure inlined as base64, then the final-metrics table."""
+    header, body = table
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    image = base64.b64encode(png).decode("ascii")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>bigmodel report</title>
+<style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
+th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}} img{{max-width:100%}}</style></head>
+<body><h1>bigmodel report</h1>
+<img src="data:image/png;base64,{image}" alt="training curves">
+<h2>Final metrics</h2>
+<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>
+</body></html>
+"""
+    return page.encode("utf-8")
+
+
+def _write_atomic(out: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory so readers never see a half-written report."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def run(run_dirs: list[Path], out: Path) -> Path:
+    """Plot loss, val_loss, learning rate and throughput of the runs, and tabulate their final metrics."""
+    out = Path(out)
+    if out.suffix.lower() not in FORMATS:
+        fmt = out.suffix or "(none)"
+        raise UserError(f"unsupported report format {fmt!r}: give an output path ending in .png or .html")
+    if not run_dirs:
+        raise UserError("no run directories given: pass at least one RUN_DIR")
+    run_dirs = [Path(d) for d in run_dirs]
+    runs = []
+    for d in run_dirs:
+        if not d.is_dir():
+            raise UserError(f"run directory {d} does not exist: pass the RUN_DIR of a training run")
+        if not (d / METRICS_FILE).is_file():
+            raise UserError(f"{d} has no {METRICS_FILE}: pass a run directory that training has logged to")
+        rows = read_metrics(d)
+        if not rows:
+            raise UserError(f"{d / METRICS_FILE} holds no metrics: wait until the run logs its first step")
+        runs.append(rows)
+
+    table = _table(run_dirs, runs)
+    png = _render_png(_labels(run_dirs), runs, table)
+    _write_atomic(out, png if out.suffix.lower() == ".png" else _render_html(png, table))
+    return out

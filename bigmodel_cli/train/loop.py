@@ -1,0 +1,250 @@
+"""The training loop shared by pretrain and finetune: sharded state, compiled step, checkpoints, logging."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bigmodel_cli import config as config_lib
+from bigmodel_cli import parallel
+from bigmodel_cli.console import Console
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.transformer import Transformer, count_params, flops_per_token
+from bigmodel_cli.runlog import RunLogger
+from bigmodel_cli.train import optim
+from bigmodel_cli.train.checkpoint import Checkpoints
+from bigmodel_cli.train.step import eval_step, train_step
+from bigmodel_cli.utils import device_peak_flops, write_json_atomic
+
+
+def init_params(model_cfg, mesh, seed: int, remat: str = "none"):
+    """(graphdef, params) with every parameter created directly in its target sharding."""
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed), remat=remat))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = parallel.param_shardings(abstract_state, mesh)
+
+    def make():
+        return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed), remat=remat))[1])
+
+    with parallel.activate(mesh):
+        params = jax.jit(make, out_shardings=shardings)()
+    return graphdef, params
+
+
+@dataclass
+class LoopInputs:
+    """What a stage hands the loop: the config, where to write, and how to get batches."""
+
+    cfg: Any  # a config with model/optim/train/mesh/checkpoint sections
+    run_dir: Path
+    train_batch: Callable[[int], dict]  # step -> this process's rows of the global batch (numpy)
+    val_batches: Callable[[], Iterable[dict]] | None  # fresh iterator over validation batches
+    seq_len: int
+    meta: dict  # saved with every checkpoint (data fingerprint, tokenizer...)
+    console: Console
+
+
+class _Preempted:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(inp: LoopInputs) -> dict:
+    """Run (or resume) training to cfg.train.steps; returns the final metrics."""
+    cfg, console = inp.cfg, inp.console
+    mesh = parallel.make_mesh(cfg.mesh)
+    dp = parallel.data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise UserError(
+            f"train.batch_size / train.grad_accum = {micro} does not divide by the data-parallel size {dp} "
+            f"(mesh.data * mesh.fsdp): pick a batch size that is a multiple of {dp * cfg.train.grad_accum}"
+        )
+    is_main = jax.process_index() == 0
+    total_steps = cfg.train.steps
+    tx = optim.make_optimizer(cfg.optim, total_steps)
+
+    # ---- model and optimizer state, created sharded -------------------------------------------
+    graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
+    with parallel.activate(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    state = {"step": jax.device_put(np.int32(0), parallel.replicated(mesh)), "params": params, "opt_state": opt_state}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    batch_sharding = parallel.batch_sharding(mesh)
+    n_params, _ = count_params(cfg.model)
+
+    # ---- checkpoints: resume from the latest one --------------------------------------------
+    ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    start = ckpt.latest_step() or 0
+    if start:
+        restored, _ = ckpt.restore(start, state)
+        state = {"step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
+        console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
+
+    # ---- the compiled step -------------------------------------------------------------------
+    step_fn = jax.jit(
+        functools.partial(train_step, graphdef, tx, cfg.train.grad_accum),
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+    eval_fn = jax.jit(
+        functools.partial(eval_step, graphdef),
+        in_shardings=(state_shardings["params"], batch_sharding),
+        out_shardings=parallel.replicated(mesh),
+    )
+    example = _to_device(inp.train_batch(start), batch_sharding)
+    t0 = time.perf_counter()
+    with parallel.activate(mesh):
+        compiled = step_fn.lower(state, example).compile()
+    compile_s = time.perf_counter() - t0
+    console.info(
+        f"model {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | step compiled in {compile_s:.1f}s"
+    )
+
+    tokens_per_step = cfg.train.batch_size * inp.seq_len
+    flops_per_step = flops_per_token(cfg.model, inp.seq_len) * tokens_per_step
+    peak = device_peak_flops(cfg.model.dtype) * (1 if jax.default_backend() == "cpu" else jax.device_count())
+
+    def evaluate(params) -> float | None:
+        if inp.val_batches is None:
+            return None
+        total, count = 0.0, 0.0
+        with parallel.activate(mesh):
+            for batch in inp.val_batches():
+                loss_sum, n = eval_fn(params, _to_device(batch, batch_sharding))
+                total, count = total + float(loss_sum), count + float(n)
+        return total / max(count, 1.0)
+
+    def save(step: int, state: dict) -> None:
+        ckpt.save(step, state, {**inp.meta, "step": step}, force=True)
+
+    logger = RunLogger(inp.run_dir, enabled=is_main)
+    logger.truncate_after(start)
+    last: dict[str, Any] = {}
+    status = inp.run_dir / "status.json"
+    if is_main:
+        write_json_atomic(status, {"state": "running", "step": start})
+    schedule = optim.schedule(cfg.optim, total_steps)
+    try:
+        with _Preempted() as preempted, console.progress(total_steps, start) as progress:
+            window_start, window_steps = time.perf_counter(), 0
+            for step, batch in _prefetch(inp.train_batch, range(start, total_steps)):
+                with parallel.activate(mesh):
+                    state, metrics = compiled(state, _to_device(batch, batch_sharding))
+                done = step + 1
+                window_steps += 1
+                is_last = done == total_steps
+                if done % cfg.train.log_every == 0 or is_last or preempted.signum:
+                    loss = float(metrics["loss"])  # waits for the step: timing below is honest
+                    elapsed = time.perf_counter() - window_start
+                    tokens_per_s = window_steps * tokens_per_step / elapsed
+                    last = {
+                        "loss": loss,
+                        "lr": float(schedule(step)),
+                        "grad_norm": float(metrics["grad_norm"]),
+                        "tokens_per_s": tokens_per_s,
+                        "mfu": flops_per_step * window_steps / elapsed / peak,
+                    }
+                    if not math.isfinite(loss):
+                        raise UserError(
+                            f"loss became {loss} at step {done}: lower optim.lr or check the data; "
+                            f"the last good checkpoint is kept"
+                        )
+                    evaluate_now = is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
+                    if evaluate_now:
+                        val_loss = evaluate(state["params"])
+                        if val_loss is not None:
+                            last["val_loss"] = val_loss
+                    logger.log(done, last)
+                    progress.update(done, last)
+                    window_start, window_steps = time.perf_counter(), 0
+                if done % cfg.checkpoint.every == 0 or is_last or preempted.signum:
+                    save(done, state)
+                if preempted.signum and not is_last:
+                    ckpt.wait()
+                    name = signal.Signals(preempted.signum).name
+                    console.info(f"{name}: saved a checkpoint at step {done}; rerun the same command to resume")
+                    if is_main:
+                        write_json_atomic(status, {"state": "stopped", "step": done})
+                    return {"step": done, **last, "stopped": name}
+        ckpt.wait()
+    finally:
+        ckpt.close()
+        logger.close()
+    if is_main:
+        write_json_atomic(status, {"state": "finished", "step": total_steps, "compile_s": compile_s})
+    return {"step": total_steps, **last}
+
+
+def _to_device(batch: dict, sharding) -> dict:
+    return {k: parallel.host_local_batch(v, sharding) for k, v in batch.items()}
+
+
+def _prefetch(make_batch, steps: range):
+    from bigmodel_cli.data.loader import prefetch
+
+    return prefetch(make_batch, steps)
+
+
+def prepare_run_dir(run_dir: Path, cfg: Any, resume: str, allow_config_change: bool) -> None:
+    """Create or reuse a run directory, refusing to silently mix two different recipes in one."""
+    if resume not in ("auto", "never", "must"):
+        raise UserError(f"--resume must be auto, never or must; got {resume!r}")
+    config_file = run_dir / "config.toml"
+    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    if resume == "must" and not has_ckpt:
+        raise UserError(f"--resume must: {run_dir} holds no checkpoint to resume from")
+    if resume == "never" and run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"--resume never: {run_dir} is not empty; choose a new --run-dir")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--run-dir {run_dir} is a file: choose a directory")
+    if config_file.is_file():
+        old = config_lib.load_config(config_file, base_dir=run_dir, cls=type(cfg))
+        changed = config_lib.diff(config_lib.to_dict(old), config_lib.to_dict(cfg))
+        if changed and not allow_config_change:
+            raise UserError(
+                f"{run_dir} was started with a different config ({'; '.join(changed)}): use a new --run-dir "
+                "or pass --allow-config-change"
+            )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create run directory {run_dir}: {err.strerror}") from None
+    if jax.process_index() == 0:
+        tmp = config_file.with_suffix(".toml.tmp")
+        tmp.write_text(config_lib.dumps(cfg))
+        os.replace(tmp, config_file)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,68 @@
+"""The one pure train step shared by pretrain and finetune, and the evaluation step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+# A batch is a dict of [B, T] arrays: `inputs` (token ids), `targets` (next tokens) and `weights`
+# (1.0 where the target counts towards the loss, 0.0 for padding and, in finetuning, prompt tokens).
+Batch = dict[str, jax.Array]
+
+
+def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, number of counted tokens): sums, so micro-batches add up exactly."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"])  # [B,T,V] float32
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
+    weights = batch["weights"].astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def train_step(
+    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int, state: dict, batch: Batch
+) -> tuple[dict, dict]:
+    """One optimizer update; with grad_accum > 1 the batch is split into micro-batches.
+
+    The loss is the token-weighted mean over all micro-batches (sum of token losses / counted tokens),
+    not the mean of per-micro-batch means, so accumulation changes memory use and nothing else.
+    """
+    params = state["params"]
+    grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
+
+    if grad_accum == 1:
+        (loss_sum, count), grad_sum = grad_fn(graphdef, params, batch)
+    else:
+        # Row r goes to micro-batch r % grad_accum: a reshape that leaves each device's rows in place.
+        def split(x):
+            return jnp.swapaxes(x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]), 0, 1)
+
+        micro_batches = jax.tree.map(split, batch)
+
+        def accumulate(carry, micro):
+            (loss_sum, count), grads = grad_fn(graphdef, params, micro)
+            acc_loss, acc_count, acc_grads = carry
+            return (acc_loss + loss_sum, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro_batches)
+
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_state = {
+        "step": state["step"] + 1,
+        "params": optax.apply_updates(params, updates),
+        "opt_state": opt_state,
+    }
+    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    return new_state, metrics
+
+
+def eval_step(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of token losses, counted tokens) on one batch, for a token-weighted validation loss."""
+    return loss_sums(graphdef, params, batch)

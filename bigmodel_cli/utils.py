@@ -1,0 +1,75 @@
+"""Small shared helpers: atomic writes, device peak FLOP/s, the compilation cache."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched on jax's device_kind.
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "NVIDIA A100": 312e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write JSON to a temporary sibling then rename it, so readers never see half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+@functools.cache
+def measured_matmul_flops(n: int = 1024, reps: int = 8) -> float:
+    """FLOP/s of a square fp32 matmul on the default device: the CPU's practical peak."""
+    a = jnp.ones((n, n), jnp.float32)
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        matmul(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def device_peak_flops(dtype: str = "bfloat16") -> float:
+    """Peak FLOP/s of one device: the table for accelerators, a measurement on CPU."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        return measured_matmul_flops()
+    kind = device.device_kind
+    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
+        if kind.startswith(name):
+            # fp32 matmuls run at roughly half the bf16 rate on TPUs (and through TF32 on GPUs)
+            return PEAK_FLOPS[name] * (1.0 if dtype == "bfloat16" else 0.5)
+    return float("nan")
+
+
+def enable_compilation_cache() -> str:
+    """Turn on JAX's persistent compilation cache (BIGMODEL_CACHE_DIR, default ~/.cache/bigmodel/jax)."""
+    directory = os.environ.get("BIGMODEL_CACHE_DIR") or str(Path.home() / ".cache" / "bigmodel" / "jax")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return directory
+
+
+def as_numpy(tree):
+    return jax.tree.map(np.asarray, tree)

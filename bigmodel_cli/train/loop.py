@@ -43,6 +43,27 @@ def init_params(model_cfg, mesh, seed: int, remat: str = "none"):
     return graphdef, params
 
 
+def make_state(cfg, mesh) -> tuple[nnx.GraphDef, Any, dict]:
+    """(graphdef, optimizer, state) with params and optimizer state created in their shardings."""
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
+    with parallel.activate(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    step = jax.device_put(np.int32(0), parallel.replicated(mesh))
+    return graphdef, tx, {"step": step, "params": params, "opt_state": opt_state}
+
+
+def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh):
+    """The train step jitted once with explicit shardings and the state donated."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return jax.jit(
+        functools.partial(train_step, graphdef, tx, grad_accum),
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
 @dataclass
 class LoopInputs:
     """What a stage hands the loop: the config, where to write, and how to get batches."""
@@ -91,16 +112,13 @@ def train(inp: LoopInputs) -> dict:
         )
     is_main = jax.process_index() == 0
     total_steps = cfg.train.steps
-    tx = optim.make_optimizer(cfg.optim, total_steps)
 
-    # ---- model and optimizer state, created sharded -------------------------------------------
-    graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
-    with parallel.activate(mesh):
-        opt_state = jax.jit(tx.init)(params)
-    state = {"step": jax.device_put(np.int32(0), parallel.replicated(mesh)), "params": params, "opt_state": opt_state}
+    # ---- model and optimizer state, created sharded; the compiled step ---------------------
+    graphdef, tx, state = make_state(cfg, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
+    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
     ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -110,13 +128,6 @@ def train(inp: LoopInputs) -> dict:
         state = {"step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
-    # ---- the compiled step -------------------------------------------------------------------
-    step_fn = jax.jit(
-        functools.partial(train_step, graphdef, tx, cfg.train.grad_accum),
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
     eval_fn = jax.jit(
         functools.partial(eval_step, graphdef),
         in_shardings=(state_shardings["params"], batch_sharding),

@@ -1,0 +1,113 @@
+"""Recipes, overrides and the preprocess/loader contract."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bigmodel_cli import config
+from bigmodel_cli.data import loader
+from bigmodel_cli.data.preprocess import PreprocessConfig, load_manifest, run as preprocess
+from bigmodel_cli.errors import UserError
+from tests.conftest import REPO, synthetic_text
+
+RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
+def test_every_recipe_parses_and_starts_with_a_comment(recipe):
+    cfg = config.load_config(recipe)
+    assert cfg.train.steps > 0
+    assert recipe.read_text().startswith("#"), "a recipe begins with a comment: command, cost, expected loss"
+
+
+def test_overrides_presets_and_relative_paths(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\npreset = "125m"\nn_layers = 3\n[data]\npath = "corpus"\n')
+    cfg = config.load_config(recipe, ["optim.lr=0.5", "train.steps=7", "model.tie_embeddings=true"])
+    assert (cfg.model.d_model, cfg.model.n_layers, cfg.model.tie_embeddings) == (768, 3, True)
+    assert cfg.optim.lr == 0.5 and cfg.train.steps == 7
+    assert cfg.data.path == str((tmp_path / "corpus").resolve())
+    dumped = tmp_path / "config.toml"
+    dumped.write_text(config.dumps(cfg))
+    assert config.load_config(dumped) == cfg  # the written config reproduces the run
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "did you mean 'lr'"),
+        ("trian.steps=1", "did you mean 'train'"),
+        ("train.steps=1.5", "must be int"),
+        ("train.batch_size=0", "must be positive"),
+        ("model.preset=huge", "unknown"),
+        ("model.n_heads=3", "must divide"),
+        ("mesh.data=0", "mesh sizes"),
+        ("oops", "section.key=value"),
+    ],
+)
+def test_bad_overrides_raise_one_clear_error(override, message):
+    with pytest.raises(UserError, match=message):
+        config.load_config(None, [override])
+
+
+def _make(tmp_path: Path, name: str, **kw) -> dict:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(synthetic_text(400), encoding="utf-8")
+    return preprocess(PreprocessConfig(inputs=(corpus,), out=tmp_path / name, **kw))
+
+
+def test_preprocess_is_deterministic_and_char_vocab_sizes_itself(tmp_path):
+    first = _make(tmp_path, "a", model_type="char")
+    _make(tmp_path, "b", model_type="char")
+    for name in ("train.bin", "val.bin", "tokenizer.model", "manifest.json"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    chars = set(synthetic_text(400)) - {" ", "\n"}
+    assert first["tokenizer"]["vocab_size"] == len(chars) + 6  # specials, newline, word boundary
+    assert first["dtype"] == "uint16"
+    assert first["inputs"][0]["sha256"] and first["splits"]["val"]["tokens"] > 0
+
+
+def test_preprocess_jsonl_and_bpe(tmp_path):
+    lines = [json.dumps({"body": t}) for t in synthetic_text(300).splitlines()]
+    (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    manifest = preprocess(PreprocessConfig(inputs=(tmp_path / "docs.jsonl",), out=tmp_path / "out",
+                                           vocab_size=400, model_type="bpe", text_field="body"))
+    assert manifest["documents"] == 300 and manifest["tokenizer"]["vocab_size"] == 400
+    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    assert (tokens == manifest["tokenizer"]["eos_id"]).sum() >= 250  # an EOS after every document
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        (b"\xff\xfe\x00bad", ".txt", "not UTF-8"),
+        (b'{"text": "ok"}\n{broken\n', ".jsonl", ":2 is not valid JSON"),
+        (b'{"body": "x"}\n', ".jsonl", "no string field 'text'"),
+        (b"   \n", ".txt", "hold no text"),
+        (b"a,b\n", ".csv", "unsupported file type"),
+    ],
+)
+def test_preprocess_bad_inputs_leave_nothing_behind(tmp_path, content, suffix, message):
+    bad = tmp_path / f"input{suffix}"
+    bad.write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        preprocess(PreprocessConfig(inputs=(bad,), out=tmp_path / "out", model_type="char"))
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == [bad.name]
+
+
+def test_batches_are_a_pure_function_of_the_step(tmp_path):
+    _make(tmp_path, "d", model_type="char")
+    manifest = load_manifest(tmp_path / "d")
+    windows = loader.TokenWindows(tmp_path / "d", "train", manifest, 32)
+    a = loader.TrainBatches(windows, 4, seed=3)
+    b = loader.TrainBatches(windows, 4, seed=3)
+    later = [a(step)["inputs"] for step in range(0, 3 * windows.count // 4)]  # crosses epoch boundaries
+    for step in (7, 2, windows.count // 4 + 1):
+        np.testing.assert_array_equal(b(step)["inputs"], later[step])
+    epoch = np.concatenate([a.indices(s) for s in range(windows.count // 4)])
+    assert len(set(epoch.tolist())) == len(epoch)  # no window repeats within an epoch
+    np.testing.assert_array_equal(a(0)["targets"][:, :-1], a(0)["inputs"][:, 1:])

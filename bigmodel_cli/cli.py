@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +23,12 @@ app = typer.Typer(
 )
 
 _options = {"debug": False, "log_format": "rich", "quiet": False}
+
+Coordinator = Annotated[
+    str, typer.Option(help="Multi-process run: HOST:PORT of process 0 (or BIGMODEL_COORDINATOR).")
+]
+NumProcesses = Annotated[int, typer.Option(help="Multi-process run: how many processes (or BIGMODEL_NUM_PROCESSES).")]
+ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's index (or BIGMODEL_PROCESS_ID).")]
 
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
@@ -55,10 +62,11 @@ def _console():
     return Console("quiet" if _options["quiet"] else _options["log_format"])
 
 
-def _setup_jax() -> None:
-    from bigmodel_cli import utils
+def _setup_jax(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    from bigmodel_cli import parallel, utils
 
     utils.enable_compilation_cache()
+    parallel.init_distributed(coordinator, num_processes, process_id)
 
 
 def command(fn):
@@ -131,6 +139,9 @@ def pretrain(
     overrides: Overrides = None,
     resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
     allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
+    coordinator: Coordinator = "",
+    num_processes: NumProcesses = 0,
+    process_id: ProcessId = -1,
 ) -> None:
     """Train a model from scratch on preprocessed tokens; reruns resume from the last checkpoint.
 
@@ -139,8 +150,8 @@ def pretrain(
     from bigmodel_cli import config, pretrain as stage
 
     cfg = config.load_config(recipe, overrides or [])
+    _setup_jax(coordinator, num_processes, process_id)
     console = _console()
-    _setup_jax()
     run_dir = run_dir or Path("runs") / recipe.stem
     result = stage.run(cfg, run_dir, resume=resume, allow_config_change=allow_config_change, console=console)
     console.result({"run_dir": str(run_dir), **{k: v for k, v in result.items() if k in ("step", "loss", "val_loss")}})
@@ -154,6 +165,9 @@ def evaluate(
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
     max_batches: Annotated[int, typer.Option(help="Evaluate at most this many batches.")] = 50,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    coordinator: Coordinator = "",
+    num_processes: NumProcesses = 0,
+    process_id: ProcessId = -1,
 ) -> None:
     """Validation loss and perplexity of a model; also written to metrics.json.
 
@@ -163,7 +177,7 @@ def evaluate(
 
     from bigmodel_cli.evaluate import lm as stage
 
-    _setup_jax()
+    _setup_jax(coordinator, num_processes, process_id)
     metrics = stage.run(model, data=data, split=split, batch_size=batch_size, max_batches=max_batches)
     if json_out:
         print(json.dumps(metrics))
@@ -223,3 +237,50 @@ def quickstart(
     _setup_jax()
     stage.run(out, steps=steps, console=_console())
 
+
+
+@command
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    overrides: Overrides = None,
+    devices: Annotated[int, typer.Option(help="Plan for N devices (on CPU: N fake devices).")] = 0,
+    memory_budget_gb: Annotated[float, typer.Option(help="Refuse a recipe needing more GiB per device.")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+) -> None:
+    """Compile the train step for a recipe's mesh without training: sizes, memory per device, FLOPs, shardings.
+
+    Example: bigmodel plan recipes/base.toml --devices 8 --memory-budget-gb 16
+    """
+    import json
+
+    if devices and "jax" not in sys.modules:  # fake CPU devices must be requested before jax starts
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+    import jax
+
+    from bigmodel_cli import config, plan as stage
+
+    if devices and jax.device_count() != devices:
+        raise UserError(f"--devices {devices}: this process already has {jax.device_count()} devices")
+    cfg = config.load_config(recipe, overrides or [])
+    _setup_jax()
+    result = stage.run(cfg, memory_budget_gb)
+    if json_out:
+        print(json.dumps(result))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    if result["note"]:
+        out.print(f"note: {result['note']}")
+    gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
+    out.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
+    out.print(f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
+              f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}")
+    out.print(f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
+              f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
+              f"{result['tokens_per_step']:,} tokens per step")
+    table = Table("parameter", "shape", "dtype", "sharding")
+    for row in result["parameters"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
+    out.print(table)

@@ -57,12 +57,15 @@ class Console:
         # Only the first process talks, so a multi-host run prints one log, not one per worker.
         self.silent = mode == "quiet" or jax.process_index() != 0
         self.rich = RichConsole(stderr=False, highlight=False)
+        self.plain = not self.rich.is_terminal  # logs and pipes get whole lines: no wrapping, no colour
 
     def info(self, message: str) -> None:
         if self.silent:
             return
         if self.mode == "json":
             print(json.dumps({"event": "info", "message": message}), flush=True)
+        elif self.plain:
+            print(message, flush=True)
         else:
             self.rich.print(message, markup=False)
 
@@ -72,7 +75,7 @@ class Console:
         if self.mode == "json":
             print(json.dumps({"event": "metrics", "step": step, **metrics}), flush=True)
         else:
-            self.rich.print(f"step {step}/{total} | {_format(metrics)}", markup=False)
+            print(f"step {step}/{total} | {_format(metrics)}", flush=True)
 
     def result(self, obj: dict) -> None:
         """A final result: JSON in json mode, key: value lines otherwise (printed even in quiet mode)."""

@@ -121,3 +121,35 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
 def host_local_batch(global_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Turn this process's rows of a global batch into one global jax.Array."""
     return jax.make_array_from_process_local_data(sharding, global_batch)
+
+
+def init_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
+    """Join a multi-process run through jax.distributed; True if this is one.
+
+    Explicit flags (or BIGMODEL_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID) win; otherwise JAX's own
+    detection handles TPU VM slices, SLURM and Open MPI.
+    """
+    import os
+
+    coordinator = coordinator or os.environ.get("BIGMODEL_COORDINATOR", "")
+    num_processes = num_processes or int(os.environ.get("BIGMODEL_NUM_PROCESSES", "0") or 0)
+    if process_id < 0:
+        process_id = int(os.environ.get("BIGMODEL_PROCESS_ID", "-1") or -1)
+    explicit = bool(coordinator or num_processes > 0 or process_id >= 0)
+    if explicit:
+        if not coordinator or num_processes <= 0 or not 0 <= process_id < num_processes:
+            raise UserError(
+                "multi-process runs need all of --coordinator HOST:PORT, --num-processes N and --process-id I "
+                f"(0 <= I < N); got {coordinator or '-'}, {num_processes}, {process_id}"
+            )
+        # CPU collectives across processes go through gloo, which makes multi-process testable on one machine.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        return True
+    multi_host_slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1
+    multi_mpi = int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
+    multi_tpu = len(os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",")) > 1
+    if multi_host_slurm or multi_mpi or multi_tpu:
+        jax.distributed.initialize()
+        return True
+    return False

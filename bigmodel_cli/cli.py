@@ -192,16 +192,19 @@ def generate(
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to add.")] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Sample from the k most likely tokens; 0 = all.")] = 0,
+    top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens reaching probability p.")] = 1.0,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
 ) -> None:
-    """Continue a prompt with a trained model.
+    """Continue a prompt with a trained model (KV-cache decoding).
 
-    Example: bigmodel generate runs/tiny --prompt "ROMEO:" --max-new-tokens 200
+    Example: bigmodel generate runs/tiny --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9
     """
     from bigmodel_cli.evaluate import generate as stage
 
     _setup_jax()
-    text = stage.run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, seed=seed)
+    text = stage.run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=seed, stop=tuple(stop or ()))
     print(text)
 
 

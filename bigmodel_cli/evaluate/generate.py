@@ -1,8 +1,10 @@
-"""Sampling text from a model: greedy (temperature 0), temperature and top-k."""
+"""Text generation: a jitted KV-cache decode loop (prefill, then one token per step) with greedy,
+temperature, top-k and top-p sampling, EOS and stop strings, and batched prompts of different lengths."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 import jax
@@ -15,46 +17,104 @@ from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _next_token(graphdef, params, window, last, key, temperature, top_k):
-    """Sample the token after position `last` of the [1, L] window."""
-    logits = nnx.merge(graphdef, params)(window)[0, last]  # [V]
-    greedy = jnp.argmax(logits)
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 100  # tokens to add after each prompt
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 0  # keep the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 = all
+    seed: int = 0  # the same seed gives the same text
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+
+
+def _pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """Next token for each row of logits [B, V]."""
+    greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
-    kth = jnp.sort(scaled)[::-1][jnp.clip(top_k - 1, 0, scaled.shape[0] - 1)]
+    ordered = jnp.sort(scaled, axis=-1)[:, ::-1]  # [B,V] descending
+    kth = ordered[:, jnp.clip(top_k - 1, 0, scaled.shape[-1] - 1)][:, None]
     scaled = jnp.where((top_k > 0) & (scaled < kth), -jnp.inf, scaled)
-    sampled = jax.random.categorical(key, scaled)
+    # top-p: drop tokens whose higher-ranked neighbours already hold probability >= p
+    probs = jax.nn.softmax(jnp.sort(scaled, axis=-1)[:, ::-1], axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs
+    cutoff = jnp.min(jnp.where(before < top_p, jnp.sort(scaled, axis=-1)[:, ::-1], jnp.inf), axis=-1, keepdims=True)
+    scaled = jnp.where((top_p < 1) & (scaled < cutoff), -jnp.inf, scaled)
+    sampled = jax.random.categorical(key, scaled, axis=-1)
     return jnp.where(temperature <= 0, greedy, sampled)
 
 
-def sample(loaded: modelio.LoadedModel, prompt_ids: list[int], max_new_tokens: int, temperature: float,
-           top_k: int, seed: int, eos_id: int | None = None) -> list[int]:
-    """Continue prompt_ids; the context slides over the last max_seq_len tokens."""
-    length = loaded.model_cfg.max_seq_len
-    ids = list(prompt_ids)
-    key = jax.random.key(seed)
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
+def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, eos_id, *, max_new_tokens,
+            cache_len):
+    """prompts [B,P] right-padded, lengths [B] -> new tokens [B, max_new_tokens] (eos_id after an EOS)."""
+    model = nnx.merge(graphdef, params)
+    batch = prompts.shape[0]
+    cache = model.init_cache(batch, cache_len)
+    logits, cache = model.decode(prompts, cache, jnp.zeros((batch,), jnp.int32))  # prefill [B,P,V]
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B,V]
+    first = _pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+
+    def step(carry, i):
+        token, cache, done = carry
+        logits, cache = model.decode(token[:, None], cache, lengths + i)  # [B,1,V]
+        nxt = _pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
+        done = done | (token == eos_id)
+        nxt = jnp.where(done, eos_id, nxt)
+        return (nxt, cache, done), token
+
+    done = jnp.zeros((batch,), bool)
+    _, tokens = jax.lax.scan(step, (first, cache, done), jnp.arange(max_new_tokens))
+    return tokens.T  # [B, max_new_tokens]
+
+
+def generate_ids(loaded: modelio.LoadedModel, prompts: list[list[int]], sampling: Sampling,
+                 eos_id: int = -1) -> list[list[int]]:
+    """New token ids for each prompt, cut after the first EOS."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise UserError("every prompt needs at least one token")
+    limit = loaded.model_cfg.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + sampling.max_new_tokens > limit:
+        raise UserError(f"prompt ({longest} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the "
+                        f"model's {limit} positions: shorten the prompt or ask for fewer tokens")
+    if sampling.max_new_tokens == 0:
+        return [[] for _ in prompts]
+    padded = np.zeros((len(prompts), longest), np.int32)
+    for row, ids in enumerate(prompts):
+        padded[row, : len(ids)] = ids
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    cache_len = longest + sampling.max_new_tokens
     with parallel.activate(loaded.mesh):
-        for i in range(max_new_tokens):
-            context = ids[-length:]
-            window = np.zeros((1, length), np.int32)  # right padding: causal attention never sees it
-            window[0, : len(context)] = context
-            token = int(_next_token(loaded.graphdef, loaded.params, window, len(context) - 1,
-                                    jax.random.fold_in(key, i), temperature, top_k))
-            ids.append(token)
-            if eos_id is not None and token == eos_id:
-                break
-    return ids[len(prompt_ids):]
+        tokens = _decode(loaded.graphdef, loaded.params, padded, lengths, jax.random.key(sampling.seed),
+                         sampling.temperature, sampling.top_k, sampling.top_p, eos_id,
+                         max_new_tokens=sampling.max_new_tokens, cache_len=cache_len)
+    out = []
+    for row in np.asarray(tokens).tolist():
+        out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return out
+
+
+def complete(loaded: modelio.LoadedModel, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling,
+             stop: tuple[str, ...] = ()) -> list[str]:
+    """Continuations (without the prompts) of a batch of text prompts, cut at EOS and at any stop string."""
+    ids = [p or [tokenizer.eos_id] for p in tokenizer.encode(prompts)]
+    texts = []
+    for new in generate_ids(loaded, ids, sampling, tokenizer.eos_id):
+        text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+        cuts = [text.index(s) for s in stop if s and s in text]
+        texts.append(text[: min(cuts)] if cuts else text)
+    return texts
 
 
 def run(model: Path, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
-        seed: int = 0) -> str:
+        top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> str:
     """Prompt + its continuation as text."""
-    if max_new_tokens < 0 or temperature < 0 or top_k < 0:
-        raise UserError("--max-new-tokens, --temperature and --top-k must not be negative")
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     loaded = modelio.load(model)
     if not loaded.tokenizer_file.is_file():
         raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
     tokenizer = Tokenizer(loaded.tokenizer_file)
-    prompt_ids = tokenizer.encode([prompt])[0] if prompt else [tokenizer.eos_id]
-    new = sample(loaded, prompt_ids, max_new_tokens, temperature, top_k, seed, eos_id=tokenizer.eos_id)
-    return prompt + tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    return prompt + complete(loaded, tokenizer, [prompt], sampling, stop)[0]

@@ -78,7 +78,9 @@ class Attention(nnx.Module):
         self.o_proj = _param(rngs, (h * e, d), ("heads", "embed"), std, pd)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None = None,
+                 cache: dict | None = None, cache_pos: jax.Array | None = None):
+        """Causal self-attention; with a KV cache, x's keys/values are written at cache_pos [B] first."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
         q = dense(x, self.q_proj[...].astype(dt)).reshape(b, t, cfg.n_heads, cfg.dims_per_head)  # [B,T,H,E]
@@ -86,8 +88,22 @@ class Attention(nnx.Module):
         v = dense(x, self.v_proj[...].astype(dt)).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         implementation = None if cfg.attention == "auto" else cfg.attention
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)  # [B,T,H,E]
-        return dense(out.reshape(b, t, -1), self.o_proj[...].astype(dt))  # [B,T,D]
+        if cache is None:
+            mask = None
+            if segment_ids is not None:  # packed documents: a token sees only its own document
+                mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,T]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+            new_cache = None
+        else:
+            write = jax.vmap(lambda buf, new, pos: jax.lax.dynamic_update_slice(buf, new, (pos, 0, 0)))
+            keys = write(cache["k"], k.astype(cache["k"].dtype), cache_pos)  # [B,S,K,E]
+            values = write(cache["v"], v.astype(cache["v"].dtype), cache_pos)  # [B,S,K,E]
+            query_pos = cache_pos[:, None] + jnp.arange(t)  # [B,T]
+            visible = jnp.arange(keys.shape[1])[None, None, :] <= query_pos[:, :, None]  # [B,T,S]
+            out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=visible[:, None])
+            new_cache = {"k": keys, "v": values}
+        out = dense(out.reshape(b, t, -1), self.o_proj[...].astype(dt))  # [B,T,D]
+        return out, new_cache
 
 
 class MLP(nnx.Module):
@@ -113,10 +129,11 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_pos=None):
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, cache_pos)
+        x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("batch", "length", None))
+        return constrain(x, ("batch", "length", None)), new_cache
 
 
 _REMAT_POLICIES = {
@@ -140,7 +157,25 @@ class Transformer(nnx.Module):
         self.cfg = cfg
         self.remat = remat
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Logits [B,T,V] for tokens [B,T]; positions/segment_ids [B,T] describe packed documents."""
+        logits, _ = self._forward(tokens, positions, segment_ids, None, None)
+        return logits
+
+    def decode(self, tokens: jax.Array, cache: list[dict], cache_pos: jax.Array) -> tuple[jax.Array, list[dict]]:
+        """Logits for tokens [B,T] placed at positions cache_pos[b] + t, reading and extending the KV cache."""
+        positions = cache_pos[:, None] + jnp.arange(tokens.shape[1])  # [B,T]
+        return self._forward(tokens, positions, None, cache, cache_pos)
+
+    def init_cache(self, batch: int, length: int) -> list[dict]:
+        """An empty KV cache: per layer, keys and values [B, S, K, E] in the compute dtype."""
+        cfg = self.cfg
+        shape = (batch, length, cfg.kv_heads, cfg.dims_per_head)
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return [{"k": zeros, "v": zeros} for _ in range(cfg.n_layers)]
+
+    def _forward(self, tokens, positions, segment_ids, cache, cache_pos):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if positions is None:
@@ -148,14 +183,20 @@ class Transformer(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)  # [B,T,D]
         x = constrain(x, ("batch", "length", None))
         cos, sin = rope_tables(positions, cfg.dims_per_head, cfg.rope_theta)
-        for block in self.layers:
-            if self.remat == "none":
-                x = block(x, cos, sin)
+        new_cache = []
+        for i, block in enumerate(self.layers):
+            layer_cache = None if cache is None else cache[i]
+            if self.remat == "none" or cache is not None:
+                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos)
             else:
-                x = nnx.remat(lambda blk, h: blk(h, cos, sin), policy=_REMAT_POLICIES[self.remat])(block, x)
+                x, layer_cache = nnx.remat(
+                    lambda blk, h: blk(h, cos, sin, segment_ids), policy=_REMAT_POLICIES[self.remat]
+                )(block, x)
+            new_cache.append(layer_cache)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D,V]
-        return dense(x, head.astype(dt)).astype(jnp.float32)  # [B,T,V]
+        logits = dense(x, head.astype(dt)).astype(jnp.float32)  # [B,T,V]
+        return logits, (new_cache if cache is not None else None)
 
 
 def count_params(cfg: ModelConfig) -> tuple[int, int]:

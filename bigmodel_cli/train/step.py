@@ -10,14 +10,15 @@ import optax
 from flax import nnx
 
 # A batch is a dict of [B, T] arrays: `inputs` (token ids), `targets` (next tokens) and `weights`
-# (1.0 where the target counts towards the loss, 0.0 for padding and, in finetuning, prompt tokens).
+# (1.0 where the target counts towards the loss, 0.0 for padding and, in finetuning, prompt tokens);
+# packed data adds `positions` and `segment_ids` so attention stays inside each document.
 Batch = dict[str, jax.Array]
 
 
 def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens): sums, so micro-batches add up exactly."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"])  # [B,T,V] float32
+    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))  # [B,T,V] float32
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
     weights = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights)

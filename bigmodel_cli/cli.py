@@ -287,3 +287,45 @@ def plan(
     for row in result["parameters"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
     out.print(table)
+
+
+@command
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories to compare.")],
+    out: Annotated[Path, typer.Option("--out", help="report.png or report.html")] = Path("report.png"),
+) -> None:
+    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
+
+    Example: bigmodel report runs/a runs/b --out report.html
+    """
+    from bigmodel_cli import report as stage
+
+    path = stage.run(list(run_dirs), out)
+    _console().result({"out": str(path)})
+
+
+@command
+def runs(root: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
+    """List runs under a directory with their step, last loss and status.
+
+    Example: bigmodel runs runs/
+    """
+    import json
+
+    from bigmodel_cli.report import list_runs
+
+    found = list_runs(root)
+    if _options["log_format"] == "json":
+        for row in found:
+            print(json.dumps({k: (str(v) if k == "path" else v) for k, v in row.items()}))
+        return
+    if not found:
+        print(f"no runs under {root}")
+        return
+    width = max(len(str(r["path"])) for r in found)
+    print(f"{'run':<{width}}  {'step':>7}  {'loss':>8}  {'val_loss':>8}  status")
+    for r in found:
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        print(f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
+              f"{r['status']}")

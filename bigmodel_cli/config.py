@@ -139,6 +139,7 @@ class MeshConfig:
     data: int = -1  # data-parallel axis size; -1 = all devices left over by the other axes
     fsdp: int = 1  # parameter-sharding (ZeRO-3 style) axis size
     tensor: int = 1  # tensor-parallel (Megatron style) axis size
+    rules: str = ""  # overrides of the logical-axis rules, e.g. "embed=, vocab=tensor, batch=data+fsdp"
 
     def __post_init__(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)

@@ -31,8 +31,31 @@ DEFAULT_RULES: dict[str, Any] = {
 }
 
 
+def parse_rules(text: str) -> dict[str, Any]:
+    """DEFAULT_RULES with overrides like "embed=, vocab=tensor, batch=data+fsdp" (empty = replicated)."""
+    rules = dict(DEFAULT_RULES)
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, axes = item.partition("=")
+        name = name.strip()
+        mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
+        if not sep or name not in DEFAULT_RULES or any(a not in MESH_AXES for a in mesh_axes):
+            raise UserError(
+                f"mesh.rules entry {item!r} is not LOGICAL=AXIS[+AXIS]; logical names: {', '.join(DEFAULT_RULES)}; "
+                f"mesh axes: {', '.join(MESH_AXES)}"
+            )
+        rules[name] = mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None)
+    return rules
+
+
+# The rules of the mesh built last: one process runs one stage on one mesh, so the mesh and its rules
+# are set together in make_mesh instead of being threaded through every call.
+_rules: dict[str, Any] = dict(DEFAULT_RULES)
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
-    """Build the (data, fsdp, tensor) mesh; a -1 axis takes whatever devices the others leave."""
+    """Build the (data, fsdp, tensor) mesh and adopt cfg.rules; a -1 axis takes the devices left over."""
+    global _rules
+    _rules = parse_rules(cfg.rules)
     devices = devices if devices is not None else jax.devices()
     n = len(devices)
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]
@@ -53,7 +76,7 @@ def _fits(n: int) -> str:
 
 def spec(logical_axes: tuple[str | None, ...], rules: dict[str, Any] | None = None) -> PartitionSpec:
     """Map logical axis names to a PartitionSpec through the rules table."""
-    rules = DEFAULT_RULES if rules is None else rules
+    rules = _rules if rules is None else rules
     return PartitionSpec(*(rules.get(a) if a is not None else None for a in logical_axes))
 
 
@@ -91,7 +114,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def data_parallel_size(mesh: Mesh, rules: dict[str, Any] | None = None) -> int:
-    axes = (rules or DEFAULT_RULES)["batch"]
+    axes = (rules or _rules)["batch"]
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
 
@@ -102,7 +125,7 @@ _active: list[tuple[Mesh, dict[str, Any]]] = []
 @contextlib.contextmanager
 def activate(mesh: Mesh, rules: dict[str, Any] | None = None) -> Iterator[None]:
     """Make `constrain` pin activations to this mesh while tracing inside the block."""
-    _active.append((mesh, rules or DEFAULT_RULES))
+    _active.append((mesh, rules or _rules))
     try:
         with jax.set_mesh(mesh):
             yield

@@ -121,3 +121,17 @@ def test_mesh_size_mismatch_names_what_fits():
 
     with pytest.raises(UserError, match="product is 8"):
         parallel.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+
+
+def test_recipe_rules_override_the_defaults():
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules="embed=, mlp=fsdp+tensor"))
+    try:
+        specs = _specs(mesh)
+        assert specs["layers.0.mlp.gate_proj"] == "P(None, ('fsdp', 'tensor'))"
+        assert specs["layers.0.self_attn.q_proj"] == "P(None, 'tensor')"
+    finally:
+        parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))  # back to the default rules
+    from bigmodel_cli.errors import UserError
+
+    with pytest.raises(UserError, match="logical names"):
+        parallel.parse_rules("embeddings=fsdp")

@@ -120,6 +120,8 @@ class TrainConfig:
     eval_every: int = 200  # steps between validation losses; 0 = only at the end
     eval_batches: int = 20  # validation batches per evaluation (fewer if the split is smaller)
     remat: str = "none"  # activation recomputation in the backward pass: none, dots or full
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip
+    inject_nonfinite_at: int = 0  # testing aid: make the loss of this step NaN; 0 = never
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
@@ -132,6 +134,7 @@ class TrainConfig:
                 f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})"
             )
         _check_choice("train.remat", self.remat, ("none", "dots", "full"))
+        _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,14 @@ import orbax.checkpoint as ocp
 
 # Orbax logs every save and restore at INFO/WARNING through absl; the CLI prints its own one-liners.
 logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def next_free(directory: Path) -> int:
+    """The smallest n such that `<directory>.corrupt-<n>` does not exist yet."""
+    n = 1
+    while directory.with_name(f"{directory.name}.corrupt-{n}").exists():
+        n += 1
+    return n
 
 
 def _abstract(tree: Any) -> Any:
@@ -24,7 +33,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only, create=not read_only
         )
-        self.manager = ocp.CheckpointManager(Path(directory).absolute(), options=options)
+        self.directory = Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -46,6 +56,26 @@ class Checkpoints:
         )
         out = self.manager.restore(step, args=args)
         return {"params": out["params"], "opt_state": out["opt_state"]}, dict(out["meta"])
+
+    def restore_latest_good(self, like: dict, warn) -> tuple[int, dict | None, dict]:
+        """(step, state, meta) of the newest checkpoint that restores; damaged ones are moved aside, not deleted.
+
+        A damaged checkpoint (missing files, empty array chunks, broken metadata) is renamed to
+        `<step>.corrupt-<n>` so it stays for inspection, and so that training can write that step again.
+        """
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state, meta = self.restore(step, like)
+                return step, state, meta
+            except Exception as err:  # Orbax raises many types for damaged files: all mean "unusable"
+                directory = self.directory / str(step)
+                aside = directory.with_name(f"{step}.corrupt-{next_free(directory)}")
+                os.replace(directory, aside)
+                self.manager.reload()
+                reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+                warn(f"checkpoint {directory} is damaged ({type(err).__name__}: {reason}); moved to {aside.name}, "
+                     "using the previous one")
+        return 0, None, {}
 
     def restore_params(self, step: int, like_params: Any) -> tuple[Any, dict]:
         """Only the parameters (and meta), for evaluate/generate/export."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import signal
 import time
@@ -53,11 +52,11 @@ def make_state(cfg, mesh) -> tuple[nnx.GraphDef, Any, dict]:
     return graphdef, tx, {"step": step, "params": params, "opt_state": opt_state}
 
 
-def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh):
+def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0):
     """The train step jitted once with explicit shardings and the state donated."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     return jax.jit(
-        functools.partial(train_step, graphdef, tx, grad_accum),
+        functools.partial(train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at),
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
@@ -118,13 +117,16 @@ def train(inp: LoopInputs) -> dict:
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
-    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
+    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at)
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
     ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = ckpt.latest_step() or 0
-    if start:
-        restored, _ = ckpt.restore(start, state)
+    start = 0
+    if ckpt.latest_step():
+        start, restored, _ = ckpt.restore_latest_good(state, console.info)
+        if restored is None:
+            raise UserError(f"no checkpoint in {inp.run_dir / 'checkpoints'} could be restored (all moved aside as "
+                            "*.corrupt-N): rerun to start from scratch, or use a new --run-dir")
         state = {"step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
@@ -166,15 +168,24 @@ def train(inp: LoopInputs) -> dict:
     if is_main:
         write_json_atomic(status, {"state": "running", "step": start})
     schedule = optim.schedule(cfg.optim, total_steps)
+    skipped = 0
     try:
         with _Preempted() as preempted, console.progress(total_steps, start) as progress:
             window_start, window_steps = time.perf_counter(), 0
+            pending: tuple[int, Any] | None = None  # (step, finite flag) checked one step late: no stall
             for step, batch in _prefetch(inp.train_batch, range(start, total_steps)):
                 with parallel.activate(mesh):
                     state, metrics = compiled(state, _to_device(batch, batch_sharding))
                 done = step + 1
                 window_steps += 1
                 is_last = done == total_steps
+                boundary = done % cfg.train.log_every == 0 or done % cfg.checkpoint.every == 0 or is_last
+                if pending is not None:
+                    skipped += _check_finite(*pending, cfg, inp, console)
+                pending = (step, metrics["finite"])
+                if boundary or preempted.signum:  # about to log or save: this step must be good too
+                    skipped += _check_finite(*pending, cfg, inp, console)
+                    pending = None
                 if done % cfg.train.log_every == 0 or is_last or preempted.signum:
                     loss = float(metrics["loss"])  # waits for the step: timing below is honest
                     elapsed = time.perf_counter() - window_start
@@ -186,11 +197,8 @@ def train(inp: LoopInputs) -> dict:
                         "tokens_per_s": tokens_per_s,
                         "mfu": flops_per_step * window_steps / elapsed / peak,
                     }
-                    if not math.isfinite(loss):
-                        raise UserError(
-                            f"loss became {loss} at step {done}: lower optim.lr or check the data; "
-                            f"the last good checkpoint is kept"
-                        )
+                    if skipped:
+                        last["skipped_steps"] = skipped
                     evaluate_now = is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
                     if evaluate_now:
                         val_loss = evaluate(state["params"])
@@ -209,12 +217,31 @@ def train(inp: LoopInputs) -> dict:
                         write_json_atomic(status, {"state": "stopped", "step": done})
                     return {"step": done, **last, "stopped": name}
         ckpt.wait()
+    except UserError:
+        if is_main:
+            write_json_atomic(status, {"state": "failed", "step": int(state["step"])})
+        raise
     finally:
         ckpt.close()
         logger.close()
     if is_main:
         write_json_atomic(status, {"state": "finished", "step": total_steps, "compile_s": compile_s})
     return {"step": total_steps, **last}
+
+
+def _check_finite(step: int, finite, cfg, inp: LoopInputs, console: Console) -> int:
+    """1 if 0-based `step` was skipped for a non-finite loss or gradient (skip mode); raises in stop mode."""
+    if bool(finite):
+        return 0
+    indices = getattr(inp.train_batch, "indices", None)
+    where = f" (batch of data windows {indices(step).tolist()[:8]}...)" if indices else ""
+    if cfg.train.on_nonfinite == "skip":
+        console.info(f"step {step + 1}: non-finite loss or gradient norm{where}: update skipped")
+        return 1
+    raise UserError(
+        f"non-finite loss or gradient norm at step {step + 1}{where}: stopped, the last good checkpoint is "
+        "kept; lower optim.lr, check the data, or set train.on_nonfinite = \"skip\""
+    )
 
 
 def _to_device(batch: dict, sharding) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -25,12 +26,18 @@ def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Ar
 
 
 def train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, grad_accum: int, state: dict, batch: Batch
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    grad_accum: int,
+    state: dict,
+    batch: Batch,
+    inject_nonfinite_at: int = 0,
 ) -> tuple[dict, dict]:
     """One optimizer update; with grad_accum > 1 the batch is split into micro-batches.
 
     The loss is the token-weighted mean over all micro-batches (sum of token losses / counted tokens),
     not the mean of per-micro-batch means, so accumulation changes memory use and nothing else.
+    A non-finite loss or gradient leaves the state as it was (metrics["finite"] tells the loop).
     """
     params = state["params"]
     grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
@@ -52,15 +59,21 @@ def train_step(
         zeros = jax.tree.map(jnp.zeros_like, params)
         (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro_batches)
 
+    if inject_nonfinite_at:
+        loss_sum = jnp.where(state["step"] + 1 == inject_nonfinite_at, jnp.nan, loss_sum)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grad_sum)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    keep = functools.partial(jnp.where, finite)
     new_state = {
         "step": state["step"] + 1,
-        "params": optax.apply_updates(params, updates),
-        "opt_state": opt_state,
+        "params": jax.tree.map(keep, new_params, params),
+        "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
     }
-    metrics = {"loss": loss_sum / denom, "grad_norm": optax.tree.norm(grads), "tokens": count}
+    metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": count, "finite": finite}
     return new_state, metrics
 
 

@@ -1,0 +1,142 @@
+"""Preemption and damage: kill -9, SIGTERM, corrupt checkpoints, NaN guard, changed recipes."""
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, run_cli_subprocess
+
+TINY = REPO / "recipes" / "tiny.toml"
+STEPS = 60
+
+
+def _args(run_dir: Path, data: Path, *extra: str) -> list:
+    return ["pretrain", TINY, "--run-dir", run_dir, "--set", f"data.path={data}", "--set", f"train.steps={STEPS}",
+            "--set", "checkpoint.every=10", "--set", "checkpoint.keep=3", "--set", "train.log_every=5",
+            "--set", "train.eval_every=30", *extra]
+
+
+def _weights(run_dir: Path, out: Path) -> bytes:
+    run_cli_subprocess("export", run_dir, "--out", out)
+    return (out / "model.safetensors").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """Final weights of an uninterrupted run."""
+    root = tmp_path_factory.mktemp("reference")
+    run_cli_subprocess(*_args(root / "run", tiny_data))
+    return _weights(root / "run", root / "export")
+
+
+def _start(run_dir, data):
+    return subprocess.Popen([sys.executable, "-m", "bigmodel_cli", *map(str, _args(run_dir, data))],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(run_dir: Path, step: int, proc) -> None:
+    deadline = time.time() + 180
+    while not (run_dir / "checkpoints" / str(step)).is_dir():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, reference):
+    rng = random.Random(7)
+    run = tmp_path / "run"
+    for after in (10, 20, 40):  # each kill lands somewhere after that checkpoint appeared
+        proc = _start(run, tiny_data)
+        _wait_for_checkpoint(run, after, proc)
+        time.sleep(rng.uniform(0.0, 0.4))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finished = run_cli_subprocess(*_args(run, tiny_data))
+    assert "resumed from step" in finished.stdout
+    assert _weights(run, tmp_path / "export") == reference
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(5, STEPS + 1, 5))  # no duplicated or missing log lines after resumes
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_step_boundary_and_resumes_bit_identical(tiny_data, tmp_path, reference):
+    run = tmp_path / "run"
+    proc = _start(run, tiny_data)
+    _wait_for_checkpoint(run, 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "SIGTERM: saved a checkpoint at step" in out
+    stopped = json.loads((run / "status.json").read_text())
+    assert stopped["state"] == "stopped" and (run / "checkpoints" / str(stopped["step"])).is_dir()
+    run_cli_subprocess(*_args(run, tiny_data))
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert _weights(run, tmp_path / "export") == reference
+
+
+def _remove_chunks(ckpt: Path):
+    for f in (ckpt / "params").rglob("d/*"):
+        f.unlink()
+
+
+def _empty_chunks(ckpt: Path):
+    for f in (ckpt / "params").rglob("d/*"):
+        f.write_bytes(b"")
+
+
+def _break_metadata(ckpt: Path):
+    (ckpt / "params" / "_METADATA").write_text("{not json")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", [_remove_chunks, _empty_chunks, _break_metadata], ids=lambda f: f.__name__)
+def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_data, tmp_path, reference, damage):
+    run = tmp_path / "run"
+    run_cli_subprocess(*_args(run, tiny_data))
+    damage(run / "checkpoints" / str(STEPS))
+    again = run_cli_subprocess(*_args(run, tiny_data))
+    lines = [line for line in again.stdout.splitlines() if "is damaged" in line]
+    assert len(lines) == 1 and f"moved to {STEPS}.corrupt-1" in lines[0]
+    assert "resumed from step 50" in again.stdout
+    assert (run / "checkpoints" / f"{STEPS}.corrupt-1").is_dir()  # kept for inspection, never deleted
+    assert _weights(run, tmp_path / "export") == reference
+
+
+def test_nonfinite_loss_stops_at_the_right_step_and_keeps_checkpoints(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    proc = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.inject_nonfinite_at=13"), check=False)
+    assert proc.returncode == 2
+    assert "non-finite loss or gradient norm at step 13" in proc.stderr and "data windows" in proc.stderr
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10"]
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+
+
+def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    out = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.inject_nonfinite_at=13",
+                                    "--set", "train.on_nonfinite=skip", "--set", "train.steps=20"))
+    assert "step 13: non-finite loss or gradient norm" in out.stdout and "update skipped" in out.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 20 and rows[-1]["skipped_steps"] == 1 and rows[-1]["loss"] is not None
+
+
+def test_changed_recipe_is_refused_unless_allowed(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=10"))
+    changed = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=20", "--set", "optim.lr=0.01"),
+                                 check=False)
+    assert changed.returncode == 2
+    assert "optim.lr: 0.003 -> 0.01" in changed.stderr and "train.steps: 10 -> 20" in changed.stderr
+    allowed = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=20", "--allow-config-change"))
+    assert "resumed from step 10" in allowed.stdout
+    never = run_cli_subprocess(*_args(run, tiny_data, "--resume", "never"), check=False)
+    assert never.returncode == 2 and "not empty" in never.stderr
+    must = run_cli_subprocess(*_args(tmp_path / "fresh", tiny_data, "--resume", "must"), check=False)
+    assert must.returncode == 2 and "no checkpoint" in must.stderr and not (tmp_path / "fresh").exists()

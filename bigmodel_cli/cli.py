@@ -147,7 +147,8 @@ def pretrain(
 
     Example: bigmodel pretrain recipes/tiny.toml --run-dir runs/tiny --set train.steps=100
     """
-    from bigmodel_cli import config, pretrain as stage
+    from bigmodel_cli import config
+    from bigmodel_cli import pretrain as stage
 
     cfg = config.load_config(recipe, overrides or [])
     _setup_jax(coordinator, num_processes, process_id)
@@ -260,7 +261,8 @@ def plan(
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     import jax
 
-    from bigmodel_cli import config, plan as stage
+    from bigmodel_cli import config
+    from bigmodel_cli import plan as stage
 
     if devices and jax.device_count() != devices:
         raise UserError(f"--devices {devices}: this process already has {jax.device_count()} devices")

@@ -2,15 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 from bigmodel_cli import parallel
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
-from bigmodel_cli.modelio import LoadedModel
 from bigmodel_cli.model.transformer import Transformer
+from bigmodel_cli.modelio import LoadedModel
 
 CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
                   init_std=0.2)

@@ -14,7 +14,7 @@ from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
 from bigmodel_cli.model.transformer import Transformer, apply_rope, count_params, dense, rope_tables
-from bigmodel_cli.train.loop import make_state, jit_train_step
+from bigmodel_cli.train.loop import jit_train_step, make_state
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
 SMALL = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16)

@@ -43,9 +43,7 @@ class ModelConfig:
             if getattr(self, name) <= 0:
                 raise UserError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_heads % self.kv_heads:
-            raise UserError(
-                f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})"
-            )
+            raise UserError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads ({self.kv_heads})")
         if self.head_dim == 0 and self.d_model % self.n_heads:
             raise UserError(f"model.d_model ({self.d_model}) must divide by model.n_heads ({self.n_heads})")
         if self.dims_per_head % 2:
@@ -68,9 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, max_seq_len=128),
     "35m": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536, max_seq_len=512),
     "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=2048),
-    "1b": dict(
-        d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048, rope_theta=500000.0
-    ),
+    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048, rope_theta=500000.0),
     "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096),
 }
 
@@ -130,9 +126,7 @@ class TrainConfig:
         if self.eval_every < 0:
             raise UserError(f"train.eval_every must be >= 0, got {self.eval_every}")
         if self.batch_size % self.grad_accum:
-            raise UserError(
-                f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})"
-            )
+            raise UserError(f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})")
         _check_choice("train.remat", self.remat, ("none", "dots", "full"))
         _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
@@ -159,6 +153,36 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every <= 0 or self.keep <= 0:
             raise UserError(f"checkpoint.every and checkpoint.keep must be positive, got {self.every}, {self.keep}")
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LORA_GROUPS = {"attention": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = 0  # rank of the low-rank adapters; 0 = full finetuning (the default)
+    alpha: float = 16.0  # adapter output is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input during training
+    targets: str = "attention"  # projections to adapt: attention, mlp, all, or names like "q_proj,v_proj"
+
+    def __post_init__(self) -> None:
+        if self.rank < 0 or not 0 <= self.dropout < 1:
+            raise UserError(f"lora.rank must be >= 0 and lora.dropout in [0, 1); got {self.rank}, {self.dropout}")
+        for name in self.target_names:
+            if name not in LORA_TARGETS:
+                raise UserError(f"lora.targets: unknown projection {name!r}{_closest(name, list(LORA_TARGETS))}")
+
+    @property
+    def target_names(self) -> tuple[str, ...]:
+        names: list[str] = []
+        for part in (p.strip() for p in self.targets.split(",") if p.strip()):
+            names += LORA_GROUPS.get(part, (part,))
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclass(frozen=True)
@@ -320,5 +344,7 @@ def diff(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     keys = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section, {}), new.get(section, {})
-        keys += [f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        keys += [
+            f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+        ]
     return keys

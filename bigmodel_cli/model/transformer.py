@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.config import LoraConfig, ModelConfig
 from bigmodel_cli.parallel import constrain
 
 
@@ -42,6 +42,39 @@ def _dense_bwd(residuals, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+class Projections(nnx.Module):
+    """Base for modules made of [in, out] kernels, each optionally with a LoRA adapter beside it."""
+
+    def _add(self, rngs, name, shape, axes, cfg: ModelConfig, lora: LoraConfig | None):
+        pd = jnp.dtype(cfg.param_dtype)
+        setattr(self, name, _param(rngs, shape, axes, cfg.init_std, pd))
+        if lora is not None and lora.rank and name in lora.target_names:
+            # A starts random and B at zero, so the adapted model starts exactly as the base model.
+            a = jax.random.normal(rngs.params(), (shape[0], lora.rank), pd) / lora.rank**0.5
+            setattr(self, f"{name}_lora_a", nnx.Param(a, logical_axes=(axes[0], None)))
+            setattr(
+                self, f"{name}_lora_b", nnx.Param(jnp.zeros((lora.rank, shape[1]), pd), logical_axes=(None, axes[1]))
+            )
+            self.lora_scale, self.lora_dropout = lora.scale, lora.dropout
+
+    def project(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        dt = x.dtype
+        y = dense(x, getattr(self, name)[...].astype(dt))
+        if hasattr(self, f"{name}_lora_a"):
+            h = x
+            if dropout_key is not None and self.lora_dropout > 0:
+                key = jax.random.fold_in(dropout_key, LORA_INDEX[name])
+                h = jnp.where(jax.random.bernoulli(key, 1 - self.lora_dropout, x.shape), x / (1 - self.lora_dropout), 0)
+            a, b = getattr(self, f"{name}_lora_a")[...].astype(dt), getattr(self, f"{name}_lora_b")[...].astype(dt)
+            y = y + self.lora_scale * dense(dense(h, a), b)
+        return y
+
+
+LORA_INDEX = {
+    name: i for i, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+}
+
+
 class RMSNorm(nnx.Module):
     def __init__(self, dim: int, eps: float, dtype):
         self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
@@ -68,24 +101,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
 
 
-class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+class Attention(Projections):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dims_per_head
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        self.q_proj = _param(rngs, (d, h * e), ("embed", "heads"), std, pd)
-        self.k_proj = _param(rngs, (d, k * e), ("embed", "kv_heads"), std, pd)
-        self.v_proj = _param(rngs, (d, k * e), ("embed", "kv_heads"), std, pd)
-        self.o_proj = _param(rngs, (h * e, d), ("heads", "embed"), std, pd)
+        self._add(rngs, "q_proj", (d, h * e), ("embed", "heads"), cfg, lora)
+        self._add(rngs, "k_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora)
+        self._add(rngs, "v_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora)
+        self._add(rngs, "o_proj", (h * e, d), ("heads", "embed"), cfg, lora)
         self.cfg = cfg
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array | None = None,
-                 cache: dict | None = None, cache_pos: jax.Array | None = None):
+    def __call__(
+        self,
+        x: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids: jax.Array | None = None,
+        cache: dict | None = None,
+        cache_pos: jax.Array | None = None,
+        dropout_key=None,
+    ):
         """Causal self-attention; with a KV cache, x's keys/values are written at cache_pos [B] first."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
-        q = dense(x, self.q_proj[...].astype(dt)).reshape(b, t, cfg.n_heads, cfg.dims_per_head)  # [B,T,H,E]
-        k = dense(x, self.k_proj[...].astype(dt)).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
-        v = dense(x, self.v_proj[...].astype(dt)).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
+        q = self.project("q_proj", x, dropout_key).reshape(b, t, cfg.n_heads, cfg.dims_per_head)  # [B,T,H,E]
+        k = self.project("k_proj", x, dropout_key).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
+        v = self.project("v_proj", x, dropout_key).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         implementation = None if cfg.attention == "auto" else cfg.attention
         if cache is None:
@@ -102,37 +142,40 @@ class Attention(nnx.Module):
             visible = jnp.arange(keys.shape[1])[None, None, :] <= query_pos[:, :, None]  # [B,T,S]
             out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=visible[:, None])
             new_cache = {"k": keys, "v": values}
-        out = dense(out.reshape(b, t, -1), self.o_proj[...].astype(dt))  # [B,T,D]
+        out = self.project("o_proj", out.reshape(b, t, -1), dropout_key)  # [B,T,D]
         return out, new_cache
 
 
-class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+class MLP(Projections):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, f = cfg.d_model, cfg.d_ff
-        pd, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
-        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), std, pd)
-        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), std, pd)
+        self._add(rngs, "gate_proj", (d, f), ("embed", "mlp"), cfg, lora)
+        self._add(rngs, "up_proj", (d, f), ("embed", "mlp"), cfg, lora)
+        self._add(rngs, "down_proj", (f, d), ("mlp", "embed"), cfg, lora)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = dense(x, self.gate_proj[...].astype(dt))  # [B,T,F]
-        up = dense(x, self.up_proj[...].astype(dt))  # [B,T,F]
-        return dense(jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))  # [B,T,D]
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate = self.project("gate_proj", x, dropout_key)  # [B,T,F]
+        up = self.project("up_proj", x, dropout_key)  # [B,T,F]
+        return self.project("down_proj", jax.nn.silu(gate) * up, dropout_key)  # [B,T,D]
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         pd = jnp.dtype(cfg.param_dtype)
         self.input_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = Attention(cfg, rngs=rngs, lora=lora)
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
-    def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_pos=None):
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, cache_pos)
+    def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_pos=None, dropout_key=None):
+        keys = (
+            (None, None)
+            if dropout_key is None
+            else (jax.random.fold_in(dropout_key, 0), jax.random.fold_in(dropout_key, 1))
+        )
+        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, cache_pos, keys[0])
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), keys[1])
         return constrain(x, ("batch", "length", None)), new_cache
 
 
@@ -145,22 +188,27 @@ _REMAT_POLICIES = {
 class Transformer(nnx.Module):
     """Decoder-only Transformer returning logits [B, T, V] in float32."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none"):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", lora: LoraConfig | None = None):
         if cfg.vocab_size <= 0:
             raise ValueError("model.vocab_size must be set (it normally comes from the data's manifest)")
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.layers = nnx.List([Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.n_layers)])
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
         self.cfg = cfg
         self.remat = remat
 
-    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None) -> jax.Array:
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
         """Logits [B,T,V] for tokens [B,T]; positions/segment_ids [B,T] describe packed documents."""
-        logits, _ = self._forward(tokens, positions, segment_ids, None, None)
+        logits, _ = self._forward(tokens, positions, segment_ids, None, None, dropout_key)
         return logits
 
     def decode(self, tokens: jax.Array, cache: list[dict], cache_pos: jax.Array) -> tuple[jax.Array, list[dict]]:
@@ -175,7 +223,7 @@ class Transformer(nnx.Module):
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
         return [{"k": zeros, "v": zeros} for _ in range(cfg.n_layers)]
 
-    def _forward(self, tokens, positions, segment_ids, cache, cache_pos):
+    def _forward(self, tokens, positions, segment_ids, cache, cache_pos, dropout_key=None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if positions is None:
@@ -186,12 +234,13 @@ class Transformer(nnx.Module):
         new_cache = []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             if self.remat == "none" or cache is not None:
-                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos)
+                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos, key)
             else:
                 x, layer_cache = nnx.remat(
-                    lambda blk, h: blk(h, cos, sin, segment_ids), policy=_REMAT_POLICIES[self.remat]
-                )(block, x)
+                    lambda blk, h, k: blk(h, cos, sin, segment_ids, dropout_key=k), policy=_REMAT_POLICIES[self.remat]
+                )(block, x, key)
             new_cache.append(layer_cache)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D,V]

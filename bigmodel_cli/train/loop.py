@@ -24,7 +24,7 @@ from bigmodel_cli.model.transformer import Transformer, count_params, flops_per_
 from bigmodel_cli.runlog import RunLogger
 from bigmodel_cli.train import optim
 from bigmodel_cli.train.checkpoint import Checkpoints
-from bigmodel_cli.train.step import eval_step, train_step
+from bigmodel_cli.train.step import eval_step, merge_params, train_step
 from bigmodel_cli.utils import device_peak_flops, write_json_atomic
 
 
@@ -42,21 +42,35 @@ def init_params(model_cfg, mesh, seed: int, remat: str = "none"):
     return graphdef, params
 
 
-def make_state(cfg, mesh) -> tuple[nnx.GraphDef, Any, dict]:
-    """(graphdef, optimizer, state) with params and optimizer state created in their shardings."""
+def make_state(cfg, mesh, initial=None) -> tuple[nnx.GraphDef, Any, dict]:
+    """(graphdef, optimizer, state) with params and optimizer state created in their shardings.
+
+    `initial(mesh) -> (graphdef, trainable, frozen)` starts from given weights (finetuning); by default
+    the parameters are freshly initialised and all of them train.
+    """
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
+    if initial is None:
+        graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
+        frozen = None
+    else:
+        graphdef, params, frozen = initial(mesh)
     with parallel.activate(mesh):
         opt_state = jax.jit(tx.init)(params)
     step = jax.device_put(np.int32(0), parallel.replicated(mesh))
-    return graphdef, tx, {"step": step, "params": params, "opt_state": opt_state}
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if frozen:
+        state["frozen"] = frozen
+    return graphdef, tx, state
 
 
-def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0):
+def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0,
+                   dropout_seed: int | None = None):
     """The train step jitted once with explicit shardings and the state donated."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = functools.partial(train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at,
+                             dropout_seed=dropout_seed)
     return jax.jit(
-        functools.partial(train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at),
+        step,
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
         out_shardings=(state_shardings, parallel.replicated(mesh)),
         donate_argnums=(0,),
@@ -74,6 +88,8 @@ class LoopInputs:
     seq_len: int
     meta: dict  # saved with every checkpoint (data fingerprint, tokenizer...)
     console: Console
+    initial: Callable | None = None  # mesh -> (graphdef, trainable, frozen): start from these weights
+    dropout_seed: int | None = None  # seeds dropout (LoRA) when the model uses any
 
 
 class _Preempted:
@@ -113,11 +129,11 @@ def train(inp: LoopInputs) -> dict:
     total_steps = cfg.train.steps
 
     # ---- model and optimizer state, created sharded; the compiled step ---------------------
-    graphdef, tx, state = make_state(cfg, mesh)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    graphdef, tx, state = make_state(cfg, mesh, inp.initial)
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
-    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at)
+    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at,
+                             inp.dropout_seed)
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
     ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -127,14 +143,10 @@ def train(inp: LoopInputs) -> dict:
         if restored is None:
             raise UserError(f"no checkpoint in {inp.run_dir / 'checkpoints'} could be restored (all moved aside as "
                             "*.corrupt-N): rerun to start from scratch, or use a new --run-dir")
-        state = {"step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
+        state = {**state, "step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
-    eval_fn = jax.jit(
-        functools.partial(eval_step, graphdef),
-        in_shardings=(state_shardings["params"], batch_sharding),
-        out_shardings=parallel.replicated(mesh),
-    )
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=parallel.replicated(mesh))
     example = _to_device(inp.train_batch(start), batch_sharding)
     t0 = time.perf_counter()
     with parallel.activate(mesh):
@@ -148,9 +160,10 @@ def train(inp: LoopInputs) -> dict:
     flops_per_step = flops_per_token(cfg.model, inp.seq_len) * tokens_per_step
     peak = device_peak_flops(cfg.model.dtype) * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
-    def evaluate(params) -> float | None:
+    def evaluate(state) -> float | None:
         if inp.val_batches is None:
             return None
+        params = merge_params(state.get("frozen"), state["params"])
         total, count = 0.0, 0.0
         with parallel.activate(mesh):
             for batch in inp.val_batches():
@@ -201,7 +214,7 @@ def train(inp: LoopInputs) -> dict:
                         last["skipped_steps"] = skipped
                     evaluate_now = is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
                     if evaluate_now:
-                        val_loss = evaluate(state["params"])
+                        val_loss = evaluate(state)
                         if val_loss is not None:
                             last["val_loss"] = val_loss
                     logger.log(done, last)

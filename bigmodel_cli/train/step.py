@@ -16,10 +16,24 @@ from flax import nnx
 Batch = dict[str, jax.Array]
 
 
-def loss_sums(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
+def merge_params(frozen: Any, trainable: Any) -> Any:
+    """One params dict from the frozen (base) and trainable (e.g. LoRA) parts; either may be empty."""
+    if not frozen:
+        return trainable
+    if not isinstance(frozen, dict):
+        return frozen
+    out = dict(frozen)
+    for key, value in trainable.items():
+        out[key] = merge_params(frozen.get(key), value) if key in frozen else value
+    return out
+
+
+def loss_sums(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens): sums, so micro-batches add up exactly."""
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"))  # [B,T,V] float32
+    logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), dropout_key)  # [B,T,V]
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
     weights = batch["weights"].astype(jnp.float32)
     return jnp.sum(losses * weights), jnp.sum(weights)
@@ -32,18 +46,27 @@ def train_step(
     state: dict,
     batch: Batch,
     inject_nonfinite_at: int = 0,
+    dropout_seed: int | None = None,
 ) -> tuple[dict, dict]:
     """One optimizer update; with grad_accum > 1 the batch is split into micro-batches.
 
     The loss is the token-weighted mean over all micro-batches (sum of token losses / counted tokens),
     not the mean of per-micro-batch means, so accumulation changes memory use and nothing else.
     A non-finite loss or gradient leaves the state as it was (metrics["finite"] tells the loop).
+    Only state["params"] train; state["frozen"] (LoRA's base weights) joins them in the forward pass.
     """
-    params = state["params"]
-    grad_fn = jax.value_and_grad(loss_sums, argnums=1, has_aux=True)
+    params, frozen = state["params"], state.get("frozen")
+
+    def loss_fn(trainable, micro_batch, micro_index):
+        key = None
+        if dropout_seed is not None:
+            key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), micro_index)
+        return loss_sums(graphdef, merge_params(frozen, trainable), micro_batch, key)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     if grad_accum == 1:
-        (loss_sum, count), grad_sum = grad_fn(graphdef, params, batch)
+        (loss_sum, count), grad_sum = grad_fn(params, batch, 0)
     else:
         # Row r goes to micro-batch r % grad_accum: a reshape that leaves each device's rows in place.
         def split(x):
@@ -52,12 +75,14 @@ def train_step(
         micro_batches = jax.tree.map(split, batch)
 
         def accumulate(carry, micro):
-            (loss_sum, count), grads = grad_fn(graphdef, params, micro)
+            micro_batch, micro_index = micro
+            (loss_sum, count), grads = grad_fn(params, micro_batch, micro_index)
             acc_loss, acc_count, acc_grads = carry
             return (acc_loss + loss_sum, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro_batches)
+        micro = (micro_batches, jnp.arange(grad_accum))
+        (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
 
     if inject_nonfinite_at:
         loss_sum = jnp.where(state["step"] + 1 == inject_nonfinite_at, jnp.nan, loss_sum)
@@ -69,6 +94,7 @@ def train_step(
     new_params = optax.apply_updates(params, updates)
     keep = functools.partial(jnp.where, finite)
     new_state = {
+        **state,
         "step": state["step"] + 1,
         "params": jax.tree.map(keep, new_params, params),
         "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),

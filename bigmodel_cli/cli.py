@@ -35,6 +35,18 @@ Overrides = Annotated[
 ]
 
 
+def _task_only():
+    from dataclasses import dataclass, field
+
+    from bigmodel_cli.data.tasks import TaskOptions
+
+    @dataclass(frozen=True)
+    class TaskOnly:
+        task: TaskOptions = field(default_factory=TaskOptions)
+
+    return TaskOnly
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"bigmodel {__version__}")
@@ -159,27 +171,92 @@ def pretrain(
 
 
 @command
+def finetune(
+    recipe: Annotated[Path | None, typer.Argument(help="A finetuning recipe (default: the task's own).")] = None,
+    task: Annotated[str, typer.Option(help="qa, classify, summarize, translate or instruct.")] = "",
+    init_from: Annotated[str, typer.Option(help="Starting model: run dir, checkpoint, export or hf:DIR.")] = "",
+    data: Annotated[Path | None, typer.Option(help="Task data to train on.")] = None,
+    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
+    val_data: Annotated[Path | None, typer.Option(help="Held-out task data (default: 10% of --data).")] = None,
+    val_data2: Annotated[Path | None, typer.Option(help="translate: target-language file for --val-data.")] = None,
+    run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<task>).")] = None,
+    overrides: Overrides = None,
+    show_examples: Annotated[int, typer.Option(help="Print N formatted examples, trained-on tokens marked, and exit.")] = 0,
+    resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
+    allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
+    coordinator: Coordinator = "",
+    num_processes: NumProcesses = 0,
+    process_id: ProcessId = -1,
+) -> None:
+    """Adapt a pretrained model to a task; loss only on target tokens, LoRA with --set lora.rank=8.
+
+    Example: bigmodel finetune --task qa --init-from runs/tiny --data train.json --val-data dev.json
+    """
+    from bigmodel_cli import config
+    from bigmodel_cli import finetune as stage
+
+    given = {"task": task, "init_from": init_from, "train_file": data, "train_file2": data2, "val_file": val_data,
+             "val_file2": val_data2}
+    cli_sets = [f"finetune.{key}={value}" for key, value in given.items() if value]
+    if recipe is None:
+        if not task:
+            raise UserError("pass --task (qa, classify, summarize, translate, instruct) or a recipe")
+        recipe = stage.default_recipe(task)
+    cfg = config.load_config(recipe, [*cli_sets, *(overrides or [])], cls=stage.FinetuneConfig)
+    _setup_jax(coordinator, num_processes, process_id)
+    console = _console()
+    run_dir = run_dir or Path("runs") / f"finetune-{cfg.finetune.task}"
+    result = stage.run(cfg, run_dir, resume=resume, allow_config_change=allow_config_change,
+                       show_examples=show_examples, console=console)
+    if result:
+        console.result({"run_dir": str(run_dir), "trainable_params": result["trainable_params"],
+                        **{k: v for k, v in result.items() if k in ("step", "loss", "val_loss")}})
+
+
+@command
 def evaluate(
-    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or an export.")],
-    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory (default: the run's data).")] = None,
+    model: Annotated[Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
+    task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
+    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = None,
+    overrides: Overrides = None,
     split: Annotated[str, typer.Option(help="Which split to evaluate: val or train.")] = "val",
     batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
     max_batches: Annotated[int, typer.Option(help="Evaluate at most this many batches.")] = 50,
+    max_examples: Annotated[int, typer.Option(help="With --task: score only the first N examples; 0 = all.")] = 0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,
 ) -> None:
-    """Validation loss and perplexity of a model; also written to metrics.json.
+    """Validation loss and perplexity of a model, or task metrics with --task; written to metrics.json.
 
-    Example: bigmodel evaluate runs/tiny --json
+    Example: bigmodel evaluate runs/tiny --json; bigmodel evaluate runs/finetune-qa --task qa --data dev.json
     """
     import json
 
-    from bigmodel_cli.evaluate import lm as stage
-
     _setup_jax(coordinator, num_processes, process_id)
-    metrics = stage.run(model, data=data, split=split, batch_size=batch_size, max_batches=max_batches)
+    if batch_size <= 0 or max_batches <= 0 or max_examples < 0:
+        raise UserError("--batch-size and --max-batches must be positive, --max-examples >= 0")
+    if task:
+        from bigmodel_cli import config
+        from bigmodel_cli.evaluate import task_eval
+
+        if data is None:
+            raise UserError("--task needs --data FILE (the task's data)")
+        opts = None
+        if overrides:
+            opts = config.load_config(None, overrides, cls=_task_only()).task
+        metrics = task_eval.run(task, data, model=model, data2=data2, predictions=predictions, out=out, opts=opts,
+                                batch_size=batch_size, max_examples=max_examples)
+    else:
+        from bigmodel_cli.evaluate import lm as stage
+
+        if model is None:
+            raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
+        metrics = stage.run(model, data=data, split=split, batch_size=batch_size, max_batches=max_batches)
     if json_out:
         print(json.dumps(metrics))
     else:

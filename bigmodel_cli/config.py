@@ -297,18 +297,27 @@ def _build_section(
     merged: dict[str, Any] = {}
     for key, value in values.items():
         merged[key] = _coerce(f"{where}: {name}.{key}", value, _field_type(section_cls, key))
-        if fields[key].metadata.get("path") and merged[key] and "://" not in merged[key]:
-            merged[key] = str((recipe_dir / merged[key]).resolve())
+        if fields[key].metadata.get("path"):
+            merged[key] = _resolve_path(merged[key], recipe_dir)
     for key, value in overrides.items():
         merged[key] = _coerce(f"--set {name}.{key}", value, _field_type(section_cls, key))
-        if fields[key].metadata.get("path") and merged[key] and "://" not in merged[key]:
-            merged[key] = str(Path(merged[key]).resolve())  # typed on the command line: relative to cwd
+        if fields[key].metadata.get("path"):
+            merged[key] = _resolve_path(merged[key], Path.cwd())  # typed on the command line: relative to cwd
     if section_cls is ModelConfig and merged.get("preset"):
         preset = merged["preset"]
         if preset not in PRESETS:
             raise UserError(f"model.preset {preset!r} is unknown{_closest(preset, list(PRESETS))}")
         merged = {**PRESETS[preset], **merged}
     return section_cls(**merged)
+
+
+def _resolve_path(value: str, base: Path) -> str:
+    """Absolute form of a path value; URLs (gs://...) stay as they are, hf:DIR keeps its prefix."""
+    if not value or "://" in value:
+        return value
+    if value.startswith("hf:"):
+        return "hf:" + str((base / value[3:]).resolve())
+    return str((base / value).resolve())
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from bigmodel_cli.errors import UserError
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_FORMAT = "bigmodel-export-v1"
+HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face Llama directory (see bigmodel_cli/hf.py)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class LoadedModel:
     step: int
     seq_len: int  # the sequence length the model was trained with
     data_path: str  # the data it was trained on ("" if unknown)
+    lora: Any = None  # the LoraConfig when params hold adapters beside the (frozen) base weights
 
     @property
     def tokenizer_file(self) -> Path:
@@ -44,7 +46,13 @@ def param_name(path: tuple) -> str:
 
 
 def locate(path: Path) -> tuple[str, Path, int | None]:
-    """(kind, home, step): kind is 'export' or 'run'; step None = latest checkpoint."""
+    """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR); step None = latest checkpoint."""
+    if str(path).startswith(HF_PREFIX):
+        home = Path(str(path)[len(HF_PREFIX):])
+        if not home.is_dir():
+            raise UserError(f"{home} is not a directory: hf:DIR takes a local Hugging Face model directory "
+                            "(bigmodel downloads nothing: fetch it first, e.g. with `hf download`)")
+        return "hf", home, None
     path = Path(path)
     if not path.exists():
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
@@ -83,8 +91,16 @@ def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
     mesh = parallel.make_mesh(mesh_cfg or MeshConfig())
     if kind == "export":
         return _load_export(home, mesh)
+    if kind == "hf":
+        from bigmodel_cli import hf
+
+        return hf.load(home, mesh)
     from bigmodel_cli.train.checkpoint import Checkpoints
 
+    if "[finetune]" in (home / "config.toml").read_text():
+        from bigmodel_cli import finetune
+
+        return finetune.load_run(home, step, mesh)
     cfg: Config = config_lib.load_config(home / "config.toml", base_dir=home)
     ckpt = Checkpoints(home / "checkpoints", read_only=True)
     try:
@@ -125,6 +141,33 @@ def _load_export(home: Path, mesh) -> LoadedModel:
                        int(info.get("seq_len", model_cfg.max_seq_len)), info.get("data_path", ""))
 
 
+def merged_params(loaded: LoadedModel) -> Any:
+    """The parameters with any LoRA adapters folded in: W + (alpha / rank) * A @ B, adapters dropped."""
+    if loaded.lora is None:
+        return loaded.params
+    scale = loaded.lora.scale
+
+    def fold(tree: dict) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out[key] = fold(value)
+            elif "_lora_" not in str(key):
+                a, b = tree.get(f"{key}_lora_a"), tree.get(f"{key}_lora_b")
+                out[key] = value if a is None else (value + scale * (a @ b)).astype(value.dtype)
+        return out
+
+    return jax.jit(fold)(loaded.params)
+
+
+def plain(loaded: LoadedModel) -> LoadedModel:
+    """The same model without adapters (merged), as export and further finetuning want it."""
+    if loaded.lora is None:
+        return loaded
+    graphdef, _ = abstract_params(loaded.model_cfg, loaded.mesh)
+    return dataclasses.replace(loaded, graphdef=graphdef, params=merged_params(loaded), lora=None)
+
+
 def export(loaded: LoadedModel, out: Path) -> Path:
     """Write safetensors weights, config.json and the tokenizer into a new directory, atomically."""
     import os
@@ -133,6 +176,7 @@ def export(loaded: LoadedModel, out: Path) -> Path:
 
     from safetensors.numpy import save_file
 
+    loaded = plain(loaded)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"export directory {out} already exists and is not empty: choose a new --out")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,12 +71,14 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
 
 
 def generate_ids(loaded: modelio.LoadedModel, prompts: list[list[int]], sampling: Sampling,
-                 eos_id: int = -1) -> list[list[int]]:
-    """New token ids for each prompt, cut after the first EOS."""
+                 eos_id: int = -1, pad_to: int = 0) -> list[list[int]]:
+    """New token ids for each prompt, cut after the first EOS.
+
+    pad_to fixes the padded prompt length (and so the compiled shapes) across calls with varying prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise UserError("every prompt needs at least one token")
     limit = loaded.model_cfg.max_seq_len
-    longest = max(len(p) for p in prompts)
+    longest = max(max(len(p) for p in prompts), pad_to)
     if longest + sampling.max_new_tokens > limit:
         raise UserError(f"prompt ({longest} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the "
                         f"model's {limit} positions: shorten the prompt or ask for fewer tokens")

@@ -1,0 +1,312 @@
+"""`bigmodel finetune --task ...`: adapt a pretrained model to a task with the pretraining train step.
+
+The prompt/target formats live in data/tasks.py; this module starts from a model's weights (all of them
+trainable, or frozen under LoRA adapters), builds loss-masked batches and hands them to the shared loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from bigmodel_cli import modelio, parallel
+from bigmodel_cli.config import (
+    CheckpointConfig,
+    Config,
+    DataConfig,
+    LoraConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+    _path_field,
+)
+from bigmodel_cli.console import Console
+from bigmodel_cli.data import tasks
+from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.transformer import Transformer, count_params
+from bigmodel_cli.pretrain import process_rows
+from bigmodel_cli.train import loop
+from bigmodel_cli.utils import write_json_atomic
+
+RECIPES = Path(__file__).parent / "recipes" / "finetune"
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    task: str = ""  # qa, classify, summarize, translate or instruct
+    init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export or hf:DIR to start from
+    train_file: str = _path_field(doc="task data")  # task data to train on (format per task)
+    train_file2: str = _path_field(doc="translate")  # translate: target-language file, line-aligned with train_file
+    val_file: str = _path_field(doc="held-out task data")  # held-out data; "" = a share of train_file
+    val_file2: str = _path_field(doc="translate")  # translate: target-language file for val_file
+    val_fraction: float = 0.1  # share of train_file's examples held out when val_file is not given
+
+    def __post_init__(self) -> None:
+        if self.task and self.task not in tasks.TASKS:
+            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(tasks.TASKS)}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    task: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+def default_recipe(task: str) -> Path:
+    """The recipe shipped for a task (installed with the package)."""
+    if task not in tasks.TASKS:
+        raise UserError(f"unknown task {task!r}: choose one of {', '.join(tasks.TASKS)}")
+    return RECIPES / f"{task}.toml"
+
+
+def is_lora_param(path) -> bool:
+    return any("_lora_" in str(getattr(k, "key", k)) for k in path)
+
+
+def split_lora(params: dict) -> tuple[dict, dict]:
+    """(adapters, base) parts of a params dict."""
+
+    def pick(tree: dict, want: bool, prefix=()) -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                sub = pick(value, want, prefix + (key,))
+                if sub:
+                    out[key] = sub
+            elif ("_lora_" in str(key)) == want:
+                out[key] = value
+        return out
+
+    return pick(params, True), pick(params, False)
+
+
+def lora_graph(model_cfg, lora: LoraConfig, mesh):
+    """Graph and abstract (sharded) params of the model with adapters."""
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
+    graphdef, state = nnx.split(abstract)
+    shardings = parallel.param_shardings(state, mesh)
+    return graphdef, shardings
+
+
+def init_adapters(model_cfg, lora: LoraConfig, mesh, seed: int):
+    """(graphdef, adapters): freshly initialised LoRA weights, created in their shardings."""
+    graphdef, shardings = lora_graph(model_cfg, lora, mesh)
+    adapter_shardings, _ = split_lora(shardings)
+
+    def make():
+        model = Transformer(model_cfg, rngs=nnx.Rngs(seed), lora=lora)
+        return split_lora(nnx.to_pure_dict(nnx.state(model)))[0]
+
+    with parallel.activate(mesh):
+        adapters = jax.jit(make, out_shardings=adapter_shardings)()
+    return graphdef, adapters
+
+
+class ExampleBatches:
+    """Rows of encoded examples for a step: a seeded permutation of the examples, reshuffled each epoch,
+    so that (like pretraining) a batch is a pure function of the step and resuming needs only the step."""
+
+    def __init__(self, encoded: dict, batch_size: int, seed: int, rows: slice):
+        self.arrays = {k: encoded[k] for k in ("inputs", "targets", "weights")}
+        self.count, self.batch_size, self.seed, self.rows = len(self.arrays["inputs"]), batch_size, seed, rows
+        self._epoch, self._perm = -1, np.empty(0, np.int64)
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return self._perm
+
+    def indices(self, step: int) -> np.ndarray:
+        flat = range(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
+        return np.array([self._order(k // self.count)[k % self.count] for k in flat], np.int64)
+
+    def __call__(self, step: int) -> dict:
+        rows = self.indices(step)
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+
+def val_batches(encoded: dict, batch_size: int, max_batches: int, rows: slice):
+    """Validation rows in order; the last batch padded with zero-weight rows."""
+    n = min(len(encoded["inputs"]), batch_size * max_batches)
+    for start in range(0, n, batch_size):
+        ids = np.arange(start, start + batch_size)
+        valid = ids < n
+        ids = np.where(valid, ids, 0)
+        batch = {k: encoded[k][ids] for k in ("inputs", "targets", "weights")}
+        batch["weights"] = batch["weights"] * valid[:, None]
+        yield {k: v[rows] for k, v in batch.items()}
+
+
+def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
+    ft = cfg.finetune
+    task, opts = ft.task, cfg.task
+    path2 = Path(ft.train_file2) if ft.train_file2 else None
+    train, info = tasks.load_examples(task, Path(ft.train_file), opts, path2=path2)
+    if ft.val_file:
+        val, _ = tasks.load_examples(task, Path(ft.val_file), opts, path2=Path(ft.val_file2) if ft.val_file2 else None)
+    else:
+        n_val = max(1, int(len(train) * ft.val_fraction))
+        if len(train) < 2:
+            raise UserError(f"{ft.train_file} has {len(train)} example(s): add data or pass --val-data")
+        train, val = train[:-n_val], train[-n_val:]
+    if task == "classify":
+        tasks.check_labels(val, info.get("labels", []))
+    return train, val, info
+
+
+def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, modelio.LoadedModel, Tokenizer]:
+    """The starting model, its tokenizer, and the loop's config (model sizes come from the model)."""
+    ft = cfg.finetune
+    if not ft.task:
+        raise UserError(f"no task: pass --task ({', '.join(tasks.TASKS)})")
+    if not ft.init_from:
+        raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR")
+    if not ft.train_file:
+        raise UserError("no training data: pass --data FILE")
+    base = modelio.load(Path(ft.init_from), cfg.mesh)
+    if not base.tokenizer_file.is_file():
+        raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
+    tokenizer = Tokenizer(base.tokenizer_file)
+    seq_len = cfg.data.seq_len or base.model_cfg.max_seq_len
+    if seq_len > base.model_cfg.max_seq_len:
+        raise UserError(f"data.seq_len {seq_len} exceeds the model's {base.model_cfg.max_seq_len} positions")
+    loop_cfg = Config(
+        model=base.model_cfg,
+        data=dataclasses.replace(cfg.data, seq_len=seq_len, path=""),
+        optim=cfg.optim,
+        train=cfg.train,
+        mesh=cfg.mesh,
+        checkpoint=cfg.checkpoint,
+    )
+    return loop_cfg, base, tokenizer
+
+
+def run(
+    cfg: FinetuneConfig,
+    run_dir: Path,
+    *,
+    resume: str = "auto",
+    allow_config_change: bool = False,
+    show_examples: int = 0,
+    console: Console | None = None,
+) -> dict:
+    """Finetune per the config into run_dir (or, with show_examples, only print formatted examples)."""
+    console = console or Console()
+    loop_cfg, base, tokenizer = resolve(cfg, console)
+    seq_len = loop_cfg.data.seq_len
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", tasks.TaskWarning)
+        train, val, info = _examples(cfg)
+        encoded = tasks.encode(train, tokenizer, seq_len, cfg.task)
+        encoded_val = tasks.encode(val, tokenizer, seq_len, cfg.task)
+    for warning in caught:  # skipped or cut data: one line each, not a Python warning with source lines
+        console.info(f"warning: {warning.message}")
+    tasks.check_masks(encoded)
+    if show_examples:
+        print(tasks.show_examples(encoded, tokenizer, show_examples))
+        return {}
+    loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
+    if jax.process_index() == 0:
+        shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
+        write_json_atomic(run_dir / "task.json", {"task": cfg.finetune.task, **_jsonable(info)})
+        write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
+
+    lora = cfg.lora if cfg.lora.rank else None
+    base_params = modelio.merged_params(base)
+
+    def initial(mesh):
+        if lora is None:
+            return base.graphdef, base_params, None
+        graphdef, adapters = init_adapters(base.model_cfg, lora, mesh, cfg.train.seed)
+        return graphdef, adapters, base_params
+
+    base_count, _ = count_params(base.model_cfg)
+    trainable = _trainable_count(base.model_cfg, lora) if lora is not None else base_count
+    total = base_count + (trainable if lora is not None else 0)
+    console.info(f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
+                 f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
+                 f"{total:,} ({100 * trainable / total:.2f}%)")
+    rows = process_rows(loop_cfg.train.batch_size)
+    batches = ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows)
+    result = loop.train(
+        loop.LoopInputs(
+            cfg=loop_cfg,
+            run_dir=run_dir,
+            train_batch=batches,
+            val_batches=lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches,
+                                            rows),
+            seq_len=seq_len,
+            meta={"stage": "finetune", "task": cfg.finetune.task},
+            console=console,
+            initial=initial,
+            dropout_seed=loop_cfg.train.seed if lora is not None and lora.dropout > 0 else None,
+        )
+    )
+    return {**result, "trainable_params": trainable}
+
+
+def _trainable_count(model_cfg, lora: LoraConfig) -> int:
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
+    adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
+
+
+def _jsonable(info: dict) -> dict:
+    return json.loads(json.dumps(info, default=str))
+
+
+def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
+    """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
+    from bigmodel_cli import config as config_lib
+    from bigmodel_cli.train.checkpoint import Checkpoints
+
+    cfg: FinetuneConfig = config_lib.load_config(home / "config.toml", cls=FinetuneConfig, base_dir=home)
+    model_cfg = config_lib.build_config({"model": json.loads((home / "model.json").read_text())}, {}, Config,
+                                        home).model
+    ckpt = Checkpoints(home / "checkpoints", read_only=True)
+    try:
+        step = step if step is not None else ckpt.latest_step()
+        if step is None:
+            raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
+        if cfg.lora.rank:
+            base = modelio.load(Path(cfg.finetune.init_from), mesh_cfg=None)
+            graphdef, shardings = lora_graph(model_cfg, cfg.lora, base.mesh)
+            adapter_shardings, _ = split_lora(shardings)
+            like = _abstract_like(graphdef, model_cfg, cfg.lora, adapter_shardings)
+            adapters, _ = ckpt.restore_params(step, like)
+            from bigmodel_cli.train.step import merge_params
+
+            params = merge_params(modelio.merged_params(base), adapters)
+            mesh = base.mesh
+        else:
+            graphdef, like = modelio.abstract_params(model_cfg, mesh)
+            params, _ = ckpt.restore_params(step, like)
+    finally:
+        ckpt.close()
+    seq_len = cfg.data.seq_len or model_cfg.max_seq_len
+    return modelio.LoadedModel(model_cfg, graphdef, params, mesh, home, step, seq_len, "",
+                               lora=cfg.lora if cfg.lora.rank else None)
+
+
+def _abstract_like(graphdef, model_cfg, lora, adapter_shardings):
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
+    adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), adapters,
+                        adapter_shardings)

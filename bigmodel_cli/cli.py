@@ -265,7 +265,7 @@ def evaluate(
 
 @command
 def generate(
-    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, or an export.")],
+    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to add.")] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
@@ -288,17 +288,22 @@ def generate(
 
 @command
 def export(
-    model: Annotated[Path, typer.Argument(help="A run directory or one of its checkpoints.")],
+    model: Annotated[Path, typer.Argument(help="A run directory, a checkpoint, an export, or hf:DIR.")],
     out: Annotated[Path, typer.Option("--out", help="New directory for the export (must not exist or be empty).")],
+    fmt: Annotated[str, typer.Option("--format", help="bigmodel, hf (transformers Llama) or stablehlo.")] = "bigmodel",
+    dtype: Annotated[str, typer.Option(help="Weights as float32 or bfloat16 (default: as stored).")] = "",
+    max_shard_bytes: Annotated[
+        int | None, typer.Option(help="--format hf: split the weights into files of at most this size (default 5e9).")
+    ] = None,
 ) -> None:
-    """Write a self-contained model directory: safetensors weights, config.json and the tokenizer.
+    """Write a self-contained model directory: bigmodel's own, a Hugging Face Llama directory, or StableHLO.
 
-    Example: bigmodel export runs/tiny --out exports/tiny
+    Example: bigmodel export runs/tiny --format hf --out exports/tiny-hf
     """
     from bigmodel_cli import export as stage
 
     _setup_jax()
-    path = stage.run(model, out)
+    path = stage.run(model, out, fmt, dtype or None, max_shard_bytes)
     _console().result({"out": str(path)})
 
 

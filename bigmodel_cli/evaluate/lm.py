@@ -45,5 +45,6 @@ def run(model: Path, *, data: Path | None = None, split: str = "val", batch_size
     loss = total / count
     metrics = {"loss": loss, "perplexity": perplexity(loss), "tokens": int(count), "split": split,
                "step": loaded.step, "data": str(data_dir)}
-    write_json_atomic(loaded.home / "metrics.json", metrics)
+    if modelio.locate(model)[0] != "hf":  # a Hugging Face directory is the user's (maybe read-only): leave it be
+        write_json_atomic(loaded.home / "metrics.json", metrics)
     return metrics

@@ -1,0 +1,536 @@
+"""Hugging Face interop: export a directory that transformers loads as Llama; load `hf:DIR` Llama directories.
+
+Our parameter names are Hugging Face's without the `model.` prefix and `.weight` suffix, and we store kernels
+[in, out] where torch stores [out, in]: conversion is a rename plus a transpose of every 2-D kernel. Nothing
+here imports transformers or runs code from a model directory: config.json is parsed as JSON and weights are
+read from safetensors only (PyTorch .bin files are pickles, which can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from bigmodel_cli import modelio
+from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.errors import UserError
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
+MAX_IMPORT_SEQ_LEN = 4096  # cap on the context taken from max_position_embeddings (generation pads to it)
+DTYPES = ("float32", "bfloat16")
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+SPIECE_UNDERLINE = "\u2581"  # SentencePiece's visible space
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Names and layouts
+# ----------------------------------------------------------------------------------------------------------
+
+
+def hf_name(name: str) -> str:
+    """'layers.0.mlp.up_proj' -> 'model.layers.0.mlp.up_proj.weight', the transformers state-dict key."""
+    if name == "lm_head":
+        return "lm_head.weight"
+    return f"model.{name}" if name.endswith(".weight") else f"model.{name}.weight"
+
+
+def _is_kernel(name: str) -> bool:
+    """Linear kernels are stored transposed by torch; the embedding table [V, D] is not."""
+    return name == "lm_head" or name.endswith("_proj")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write(loaded: modelio.LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+    """Write config, generation config, safetensors weights and tokenizer files into an empty directory.
+
+    Tensors keep the parameters' dtype (bigmodel_cli.export casts them for --dtype).
+    """
+    if max_shard_bytes <= 0:
+        raise UserError(f"--max-shard-bytes must be positive, got {max_shard_bytes}")
+    flat = {modelio.param_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+    _, like = modelio.abstract_params(loaded.model_cfg, loaded.mesh)
+    expected = {modelio.param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    if set(flat) != expected:
+        odd = sorted(set(flat) ^ expected)[0]
+        raise UserError(
+            f"parameter {odd} does not fit a Llama model (LoRA adapters?): export the merged model"
+        )
+    dtypes = {str(v.dtype) for v in flat.values()}
+    if len(dtypes) != 1 or not dtypes <= set(DTYPES):
+        raise UserError(
+            f"parameters of dtype {', '.join(sorted(dtypes))}: export with --dtype float32 or bfloat16"
+        )
+    _write_weights(flat, directory, max_shard_bytes)
+    ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
+    if loaded.tokenizer_file.is_file():
+        from bigmodel_cli.data.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer(loaded.tokenizer_file)
+        _write_tokenizer(loaded.tokenizer_file, tokenizer, directory, loaded.seq_len)
+        ids = {
+            f"{kind}_token_id": i if i >= 0 else None
+            for kind, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
+        }
+    config = hf_config(loaded.model_cfg, max(loaded.seq_len, loaded.model_cfg.max_seq_len), dtypes.pop(), ids)
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+
+
+def hf_config(cfg: ModelConfig, max_positions: int, dtype: str, token_ids: dict[str, int | None]) -> dict:
+    """config.json for transformers' LlamaForCausalLM (field names as transformers 5 writes them)."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.dims_per_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": max_positions,
+        "rms_norm_eps": cfg.norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "use_cache": True,
+        **token_ids,
+        "dtype": dtype,  # transformers 5
+        "torch_dtype": dtype,  # transformers 4
+    }
+
+
+def _write_weights(flat: dict[str, Any], directory: Path, max_shard_bytes: int) -> None:
+    """model.safetensors, or numbered shards plus model.safetensors.index.json above max_shard_bytes."""
+    from safetensors.numpy import save_file
+
+    sizes = {n: int(np.prod(v.shape)) * v.dtype.itemsize for n, v in flat.items()}
+    shards: list[list[str]] = [[]]
+    for name in flat:  # fill shards in order; a tensor larger than the limit gets a shard of its own
+        if shards[-1] and sum(sizes[n] for n in shards[-1]) + sizes[name] > max_shard_bytes:
+            shards.append([])
+        shards[-1].append(name)
+    files = (
+        [WEIGHTS]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
+    for file, names in zip(files, shards, strict=True):  # one shard in host memory at a time
+        tensors = {}
+        for name in names:
+            array = np.asarray(jax.device_get(flat[name]))
+            tensors[hf_name(name)] = np.ascontiguousarray(array.T if _is_kernel(name) else array)
+        save_file(tensors, directory / file, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": {hf_name(n): f for f, names in zip(files, shards, strict=True) for n in names},
+        }
+        (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:
+    """tokenizer.model plus the files AutoTokenizer needs, set up to give exactly our ids (no BOS added)."""
+    shutil.copyfile(model_file, directory / "tokenizer.model")
+    sp = tokenizer.sp
+    special = {
+        f"{kind}_token": sp.id_to_piece(i)
+        for kind, i in (
+            ("bos", tokenizer.bos_id),
+            ("eos", tokenizer.eos_id),
+            ("unk", sp.unk_id()),
+            ("pad", tokenizer.pad_id),
+        )
+        if i >= 0
+    }
+    fast = tokenizer_json(model_file.read_bytes())
+    config: dict[str, Any] = {
+        # The generic fast class uses tokenizer.json verbatim. LlamaTokenizer would replace its normaliser
+        # and pre-tokenizer with its own, which put the dummy-prefix space differently from SentencePiece
+        # (none before text that starts with a space, one even when the model has none).
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": False,  # bigmodel trains without BOS
+        "add_eos_token": False,
+        # SentencePiece reads "<s>" in text as characters; transformers would otherwise read a control token.
+        "split_special_tokens": True,
+        "clean_up_tokenization_spaces": False,
+        "legacy": False,
+        "model_max_length": seq_len,
+        **special,
+    }
+    if fast is not None:
+        (directory / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False, indent=1) + "\n")
+    else:  # a normalising model: transformers converts tokenizer.model itself, closely but not exactly
+        config["tokenizer_class"] = "LlamaTokenizer"
+        config["add_prefix_space"] = _read_sentencepiece(model_file.read_bytes()).add_dummy_prefix
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (directory / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tokenizer.json: the SentencePiece model restated for the `tokenizers` library
+# ----------------------------------------------------------------------------------------------------------
+
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece piece types
+UNIGRAM, BPE, WORD, CHAR = 1, 2, 3, 4  # SentencePiece model types
+
+
+@dataclass
+class _SpModel:
+    pieces: list[tuple[str, float, int]]  # (piece, score, type) in id order
+    model_type: int = UNIGRAM  # the proto2 defaults, for fields a model file leaves out
+    byte_fallback: bool = False
+    whitespace_as_suffix: bool = False
+    normalizer: str = ""
+    charsmap: bytes = b""
+    add_dummy_prefix: bool = True
+    remove_extra_whitespaces: bool = True
+    escape_whitespaces: bool = True
+
+
+def _protobuf_fields(buf: bytes):
+    """(field number, value) of each field of one protobuf message: the few wire types sentencepiece uses."""
+    pos = 0
+
+    def varint() -> int:
+        nonlocal pos
+        result = shift = 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            result |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return result
+            shift += 7
+
+    while pos < len(buf):
+        key = varint()
+        wire = key & 7
+        if wire == 0:
+            value: Any = varint()
+        elif wire in (1, 5):
+            width = 8 if wire == 1 else 4
+            value, pos = buf[pos : pos + width], pos + width
+        elif wire == 2:
+            length = varint()
+            value, pos = buf[pos : pos + length], pos + length
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield key >> 3, value
+
+
+def _read_sentencepiece(data: bytes) -> _SpModel:
+    """The parts of sentencepiece's ModelProto (sentencepiece_model.proto) that decide how text is encoded."""
+    model = _SpModel(pieces=[])
+    for field, value in _protobuf_fields(data):
+        if field == 1:  # SentencePiece {1: piece, 2: score (float), 3: type}
+            piece, score, kind = "", 0.0, NORMAL
+            for f, v in _protobuf_fields(value):
+                if f == 1:
+                    piece = v.decode("utf-8")
+                elif f == 2:
+                    score = struct.unpack("<f", v)[0]
+                elif f == 3:
+                    kind = v
+            model.pieces.append((piece, score, kind))
+        elif field == 2:  # TrainerSpec {3: model_type, 24: treat_whitespace_as_suffix, 35: byte_fallback}
+            for f, v in _protobuf_fields(value):
+                if f == 3:
+                    model.model_type = v
+                elif f == 24:
+                    model.whitespace_as_suffix = bool(v)
+                elif f == 35:
+                    model.byte_fallback = bool(v)
+        elif field == 3:  # NormalizerSpec {1: name, 2: precompiled_charsmap, 3, 4, 5: flags}
+            for f, v in _protobuf_fields(value):
+                if f == 1:
+                    model.normalizer = v.decode("utf-8")
+                elif f == 2:
+                    model.charsmap = v
+                elif f == 3:
+                    model.add_dummy_prefix = bool(v)
+                elif f == 4:
+                    model.remove_extra_whitespaces = bool(v)
+                elif f == 5:
+                    model.escape_whitespaces = bool(v)
+    return model
+
+
+def tokenizer_json(model_data: bytes) -> dict | None:
+    """A tokenizer.json that encodes like the SentencePiece model, or None for models it cannot restate.
+
+    Restated: BPE, unigram and char models without text normalisation (bigmodel's own settings). SentencePiece
+    BPE merges, at each step, the adjacent pair whose concatenation is the highest-scoring piece; a BPE merge
+    list ranked by that score does the same. Unigram keeps SentencePiece's scores, with the pieces that
+    SentencePiece never matches in text (control, byte, unused) scored out of reach. The dummy-prefix space
+    is a normaliser (added once, in front of the whole text), not a pre-tokenizer, and there is no
+    pre-tokenizer: SentencePiece does not split on whitespace when encoding either.
+    """
+    sp = _read_sentencepiece(model_data)
+    restatable = (
+        sp.model_type in (UNIGRAM, BPE, CHAR)
+        and sp.normalizer in ("identity", "")
+        and not sp.charsmap
+        and not sp.remove_extra_whitespaces
+        and not sp.whitespace_as_suffix
+    )
+    unknown = [p for p, _, kind in sp.pieces if kind == UNKNOWN]
+    # User-defined symbols are single pieces wherever they occur, before any merging: added tokens, which
+    # split the text before normalisation. After a split, though, the dummy prefix would be prepended to each
+    # part; with a dummy prefix only one-character symbols work, as plain BPE symbols that no merge involves.
+    symbols = [p for p, _, kind in sp.pieces if kind == USER_DEFINED]
+    if not restatable or len(unknown) != 1 or (sp.add_dummy_prefix and any(len(p) > 1 for p in symbols)):
+        return None
+    vocab = {piece: i for i, (piece, _, _) in enumerate(sp.pieces)}
+    normal = {piece: score for piece, score, kind in sp.pieces if kind == NORMAL}
+    merges = []
+    if sp.model_type == BPE:
+        for piece, score in normal.items():
+            for cut in range(1, len(piece)):
+                left, right = piece[:cut], piece[cut:]
+                if left in normal and right in normal:
+                    merges.append((-score, vocab[piece], vocab[left], left, right))
+        merges.sort()
+    # SentencePiece's unigram lattice leaves out control, unknown and byte pieces; tokenizers' cannot, so
+    # they get a score that no segmentation picks while another exists. (One exception: text spelling a
+    # control piece, such as "<s>", next to a character outside the vocabulary; the unknown character's
+    # penalty, derived from the lowest score, is then worse still.)
+    unreachable = -1e9
+    unigram_vocab = [[p, s if kind in (NORMAL, USER_DEFINED) else unreachable] for p, s, kind in sp.pieces]
+    normalizers = []
+    if sp.add_dummy_prefix:
+        normalizers.append({"type": "Prepend", "prepend": SPIECE_UNDERLINE})
+    if sp.escape_whitespaces:
+        normalizers.append({"type": "Replace", "pattern": {"String": " "}, "content": SPIECE_UNDERLINE})
+    decoders = [
+        {"type": "Replace", "pattern": {"String": SPIECE_UNDERLINE}, "content": " "},
+        {"type": "ByteFallback"},
+        {"type": "Fuse"},
+    ]
+    if sp.add_dummy_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    added_kinds = (UNKNOWN, CONTROL) if sp.add_dummy_prefix else (UNKNOWN, CONTROL, USER_DEFINED)
+    added = [
+        {
+            "id": i,
+            "content": piece,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": kind != USER_DEFINED,
+        }
+        for i, (piece, _, kind) in enumerate(sp.pieces)
+        if kind in added_kinds
+    ]
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": added,
+        "normalizer": {"type": "Sequence", "normalizers": normalizers},
+        "pre_tokenizer": None,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {},
+        },
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {
+            "type": "Unigram",
+            "unk_id": vocab[unknown[0]],
+            "vocab": unigram_vocab,
+            "byte_fallback": sp.byte_fallback,
+        }
+        if sp.model_type == UNIGRAM
+        else {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": unknown[0],
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,  # SentencePiece also merges runs of unknown characters into one <unk>
+            "byte_fallback": sp.byte_fallback,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for *_, left, right in merges],
+        },
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Import
+# ----------------------------------------------------------------------------------------------------------
+
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+
+def read_config(home: Path) -> tuple[ModelConfig, int]:
+    """(model config, sequence length) from a Llama/Mistral config.json, refusing what we do not implement."""
+    where = home / "config.json"
+    if not where.is_file():
+        raise UserError(f"{where} not found: hf:DIR needs a Hugging Face model directory with config.json")
+    try:
+        cfg = json.loads(where.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{where} is not valid JSON ({err})") from None
+
+    def refuse(field: str, why: str) -> UserError:
+        return UserError(f"{where}: {field}={json.dumps(cfg.get(field))} is not supported: {why}")
+
+    architectures = cfg.get("architectures") or []
+    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
+        raise refuse("architectures", "bigmodel loads LlamaForCausalLM and MistralForCausalLM only")
+    if cfg.get("model_type") != ARCHITECTURES[architectures[0]]:
+        raise refuse("model_type", f"expected {ARCHITECTURES[architectures[0]]!r} for {architectures[0]}")
+    if cfg.get("quantization_config"):
+        raise refuse("quantization_config", "load the unquantized weights")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise refuse("hidden_act", "our MLP is SwiGLU (silu)")
+    for field in ("attention_bias", "mlp_bias"):
+        if cfg.get(field, False):
+            raise refuse(field, "our projections have no biases")
+    if cfg.get("rope_scaling") is not None:
+        raise refuse("rope_scaling", "only plain RoPE is implemented (no scaled/extended context)")
+    rope = cfg.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise refuse("rope_parameters", "only plain RoPE is implemented (rope_type 'default')")
+    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
+        raise refuse("partial_rotary_factor", "RoPE must rotate the whole head")
+    # MistralConfig defaults to a 4096-token sliding window when the field is absent.
+    window = cfg.get("sliding_window", 4096)
+    if architectures[0] == "MistralForCausalLM" and window is not None:
+        raise UserError(
+            f"{where}: sliding_window={json.dumps(window)} is not supported: our attention is "
+            "full causal; only Mistral models with sliding_window null load"
+        )
+    missing = [
+        f
+        for f in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        if not isinstance(cfg.get(f), int)
+    ]
+    if missing:
+        raise UserError(f"{where}: {missing[0]} is missing or not an integer")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    max_positions = int(cfg.get("max_position_embeddings", 2048))
+    seq_len = min(max_positions, MAX_IMPORT_SEQ_LEN)
+    try:
+        model_cfg = ModelConfig(
+            vocab_size=cfg["vocab_size"],
+            d_model=cfg["hidden_size"],
+            n_layers=cfg["num_hidden_layers"],
+            n_heads=heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or heads,
+            head_dim=0 if head_dim * heads == cfg["hidden_size"] else head_dim,
+            d_ff=cfg["intermediate_size"],
+            max_seq_len=seq_len,
+            rope_theta=float(rope_theta),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default, not ours
+            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            init_std=float(cfg.get("initializer_range", 0.02)),
+        )
+    except UserError as err:
+        raise UserError(f"{where}: {err}") from None
+    return model_cfg, seq_len
+
+
+def _weight_files(home: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it; refuses pickle checkpoints."""
+    if (home / WEIGHTS_INDEX).is_file():
+        try:
+            weight_map = json.loads((home / WEIGHTS_INDEX).read_text())["weight_map"]
+            return {name: home / file for name, file in weight_map.items()}
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{home / WEIGHTS_INDEX} is not a safetensors index (no weight_map)") from None
+    if (home / WEIGHTS).is_file():
+        from safetensors import safe_open
+
+        with safe_open(home / WEIGHTS, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), home / WEIGHTS)
+    pickles = sorted(p.name for p in home.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UserError(
+            f"{home} holds PyTorch pickle weights ({pickles[0]}), which can run code when loaded, so "
+            "bigmodel refuses them: convert them to safetensors where you trust the files (transformers: "
+            "from_pretrained(DIR).save_pretrained(NEW_DIR)) and pass hf:NEW_DIR"
+        )
+    raise UserError(f"{home} has no {WEIGHTS} or {WEIGHTS_INDEX}: pass a directory saved with safetensors")
+
+
+def load(home: Path, mesh) -> modelio.LoadedModel:
+    """A Hugging Face Llama-architecture directory (safetensors, one file or sharded) as a LoadedModel."""
+    from safetensors import safe_open
+
+    model_cfg, seq_len = read_config(home)
+    files = _weight_files(home)
+    with contextlib.ExitStack() as stack:
+        handles: dict[Path, Any] = {}
+
+        def open_for(name: str):
+            if name not in files:
+                raise UserError(f"{home}: tensor {name} is missing from the weights")
+            if files[name] not in handles:
+                handles[files[name]] = stack.enter_context(safe_open(files[name], framework="numpy"))
+            return handles[files[name]]
+
+        stored = open_for(hf_name("embed_tokens")).get_slice(hf_name("embed_tokens")).get_dtype()
+        if stored not in ("F32", "BF16", "F16"):
+            raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
+        # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
+        model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
+        graphdef, like = modelio.abstract_params(model_cfg, mesh)
+        wanted = {
+            hf_name(modelio.param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]
+        }
+        ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
+        extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise UserError(
+                f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain Llama checkpoint"
+            )
+
+        def take(path, spec):
+            name = modelio.param_name(path)
+            array = open_for(hf_name(name)).get_tensor(hf_name(name))
+            expected = spec.shape[::-1] if _is_kernel(name) else spec.shape
+            if array.shape != expected:
+                raise UserError(
+                    f"{home}: tensor {hf_name(name)} has shape {array.shape}; config.json implies {expected}"
+                )
+            array = array.T if _is_kernel(name) else array
+            return jax.device_put(np.ascontiguousarray(array.astype(spec.dtype)), spec.sharding)
+
+        params = jax.tree_util.tree_map_with_path(take, like)
+    return modelio.LoadedModel(model_cfg, graphdef, params, mesh, home, 0, seq_len, "")

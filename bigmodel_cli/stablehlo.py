@@ -1,0 +1,91 @@
+"""StableHLO export: the forward pass (tokens -> logits) serialised with jax.export, weights as arguments.
+
+A serving process needs jax, numpy and safetensors, not bigmodel: it deserialises forward.jax_export, loads
+weights.safetensors, and calls the function with the weights in manifest order followed by the tokens. The
+batch and length dimensions are symbolic, so one artifact serves every shape. Weights are arguments rather
+than constants, so the artifact stays small and the weights stay swappable (e.g. for a finetune).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bigmodel_cli import modelio
+from bigmodel_cli.errors import UserError
+
+FORMAT = "bigmodel-stablehlo-v1"
+FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
+MLIR = "forward.mlir"  # the same module as StableHLO text, for tools outside JAX; not needed to serve
+WEIGHTS = "weights.safetensors"
+MANIFEST = "manifest.json"
+# Lower for every platform a serving process may run on; the caller's platform picks its lowering.
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def write(loaded: modelio.LoadedModel, directory: Path, platforms: tuple[str, ...] = PLATFORMS) -> None:
+    """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and tokenizer.model)."""
+    from safetensors.numpy import save_file
+
+    from bigmodel_cli.model.transformer import Transformer
+
+    flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
+    names = [modelio.param_name(path) for path, _ in flat]
+    weights = [np.asarray(jax.device_get(value)) for _, value in flat]
+    # The XLA attention lowers on every platform; "auto" would pick an implementation for this machine only.
+    cfg = dataclasses.replace(loaded.model_cfg, attention="xla")
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    param_tree = jax.tree_util.tree_structure(loaded.params)
+    if param_tree != jax.tree_util.tree_structure(nnx.to_pure_dict(abstract)):
+        raise UserError(
+            "the parameters are not a plain bigmodel Transformer's (LoRA adapters?): export the merged model"
+        )
+
+    def forward(*args):
+        *params, tokens = args  # weights in manifest order, then tokens [B, T] int32
+        return nnx.merge(graphdef, jax.tree_util.tree_unflatten(param_tree, params))(tokens)  # [B,T,V] f32
+
+    batch, length = jax.export.symbolic_shape("batch, length")
+    specs = [jax.ShapeDtypeStruct(w.shape, w.dtype) for w in weights]
+    exported = jax.export.export(jax.jit(forward), platforms=platforms)(
+        *specs, jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    )
+    (directory / FUNCTION).write_bytes(exported.serialize())
+    (directory / MLIR).write_text(exported.mlir_module())
+    save_file(dict(zip(names, weights, strict=True)), directory / WEIGHTS)
+    tokenizer = None
+    if loaded.tokenizer_file.is_file():
+        shutil.copyfile(loaded.tokenizer_file, directory / "tokenizer.model")
+        tokenizer = "tokenizer.model"
+    manifest = {
+        "format": FORMAT,
+        "function": FUNCTION,
+        "mlir": MLIR,
+        "weights": WEIGHTS,
+        "tokenizer": tokenizer,
+        "platforms": list(exported.platforms),
+        "call": (
+            "f = jax.export.deserialize(open(function, 'rb').read()); "
+            "logits = f.call(*[weights[p['name']] for p in params], tokens)"
+        ),
+        "inputs": [{"name": "tokens", "shape": ["batch", "length"], "dtype": "int32"}],
+        "outputs": [{"name": "logits", "shape": ["batch", "length", cfg.vocab_size], "dtype": "float32"}],
+        "params": [
+            {"name": n, "shape": list(w.shape), "dtype": str(w.dtype)}
+            for n, w in zip(names, weights, strict=True)
+        ],
+        # RoPE works at any length, but quality beyond the trained length is not known.
+        "trained_length": loaded.seq_len,
+        "model": dataclasses.asdict(loaded.model_cfg),
+        "step": loaded.step,
+        "jax_version": jax.__version__,
+        "calling_convention_version": exported.calling_convention_version,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -122,3 +122,21 @@ def test_lora_trains_adapters_only_and_merges_on_export(cli, base_model, tmp_pat
     c = nnx.merge(base.graphdef, base.params)(tokens)
     assert float(jax.numpy.abs(a - b).max()) < 1e-4
     assert float(jax.numpy.abs(a - c).max()) > 1e-3  # the adapters did change the model
+
+
+@pytest.mark.slow
+def test_lora_model_exports_to_hugging_face_with_merged_weights(cli, base_model, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run = tmp_path / "lora"
+    cli("finetune", "--task", "summarize", "--init-from", base_model, *_task_files(tmp_path)["summarize"],
+        "--run-dir", run, "--set", "train.steps=4", "--set", "lora.rank=2", "--set", "optim.lr=1e-2")
+    cli("export", run, "--format", "hf", "--out", tmp_path / "hf")
+    ours = modelio.load(run)
+    tokens = np.random.default_rng(1).integers(0, ours.model_cfg.vocab_size, (2, 24)).astype(np.int32)
+    expected = np.asarray(nnx.merge(ours.graphdef, ours.params)(tokens))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
+    assert np.abs(theirs - expected).max() < 1e-4

@@ -1,5 +1,5 @@
 """`python -m bigmodel_cli` is the `bigmodel` command."""
 
-from bigmodel_cli.cli import app
+from bigmodel_cli.cli import main
 
-app(prog_name="bigmodel")
+main()

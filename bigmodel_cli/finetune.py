@@ -222,6 +222,7 @@ def run(
     if show_examples:
         print(tasks.show_examples(encoded, tokenizer, show_examples))
         return {}
+    loop.check_layout(loop_cfg)  # before the run directory exists
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     if jax.process_index() == 0:
         shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")

@@ -493,8 +493,8 @@ def load(home: Path, mesh) -> modelio.LoadedModel:
     """A Hugging Face Llama-architecture directory (safetensors, one file or sharded) as a LoadedModel."""
     from safetensors import safe_open
 
+    files = _weight_files(home)  # first: a pickle checkpoint is refused whatever its config says
     model_cfg, seq_len = read_config(home)
-    files = _weight_files(home)
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 

@@ -65,6 +65,7 @@ def run(
     """Train per the recipe into run_dir; returns the final metrics."""
     console = console or Console()
     cfg, manifest = resolve(cfg)
+    loop.check_layout(cfg)  # before the run directory exists: a bad mesh leaves nothing behind
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, process_rows(cfg.train.batch_size)
     meta: dict = {"stage": "pretrain"}

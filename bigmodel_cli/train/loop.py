@@ -92,6 +92,19 @@ class LoopInputs:
     dropout_seed: int | None = None  # seeds dropout (LoRA) when the model uses any
 
 
+def check_layout(cfg):
+    """The mesh for cfg, after checking that every micro-batch splits evenly over the data-parallel devices."""
+    mesh = parallel.make_mesh(cfg.mesh)
+    dp = parallel.data_parallel_size(mesh)
+    micro = cfg.train.batch_size // cfg.train.grad_accum
+    if micro % dp:
+        raise UserError(
+            f"train.batch_size / train.grad_accum = {micro} does not divide by the data-parallel size {dp} "
+            f"(mesh.data * mesh.fsdp): pick a batch size that is a multiple of {dp * cfg.train.grad_accum}"
+        )
+    return mesh
+
+
 class _Preempted:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -117,14 +130,7 @@ class _Preempted:
 def train(inp: LoopInputs) -> dict:
     """Run (or resume) training to cfg.train.steps; returns the final metrics."""
     cfg, console = inp.cfg, inp.console
-    mesh = parallel.make_mesh(cfg.mesh)
-    dp = parallel.data_parallel_size(mesh)
-    micro = cfg.train.batch_size // cfg.train.grad_accum
-    if micro % dp:
-        raise UserError(
-            f"train.batch_size / train.grad_accum = {micro} does not divide by the data-parallel size {dp} "
-            f"(mesh.data * mesh.fsdp): pick a batch size that is a multiple of {dp * cfg.train.grad_accum}"
-        )
+    mesh = check_layout(cfg)
     is_main = jax.process_index() == 0
     total_steps = cfg.train.steps
 

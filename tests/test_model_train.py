@@ -135,3 +135,22 @@ def test_recipe_rules_override_the_defaults():
 
     with pytest.raises(UserError, match="logical names"):
         parallel.parse_rules("embeddings=fsdp")
+
+
+def test_custom_cross_entropy_matches_optax_value_and_gradient():
+    import optax
+
+    from bigmodel_cli.train.step import weighted_cross_entropy
+
+    key = jax.random.key(3)
+    logits = 3 * jax.random.normal(key, (2, 5, 11))
+    targets = jax.random.randint(jax.random.key(4), (2, 5), 0, 11)
+    weights = (jax.random.uniform(jax.random.key(5), (2, 5)) > 0.3).astype(jnp.float32)
+
+    def reference(x):
+        return jnp.sum(optax.softmax_cross_entropy_with_integer_labels(x, targets) * weights)
+
+    ours = jax.value_and_grad(lambda x: weighted_cross_entropy(x, targets, weights))(logits)
+    theirs = jax.value_and_grad(reference)(logits)
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], theirs[1], atol=1e-6)

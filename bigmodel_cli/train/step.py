@@ -28,15 +28,42 @@ def merge_params(frozen: Any, trainable: Any) -> Any:
     return out
 
 
+@jax.custom_vjp
+def weighted_cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array) -> jax.Array:
+    """sum(weights * -log softmax(logits)[targets]) over [B,T,V] logits: the loss numerator.
+
+    A custom backward, (softmax - onehot) * weight, because autodiff's gather-transpose scatters into a
+    zero [B,T,V] buffer first, a whole extra pass over the largest tensor of the step.
+    """
+    return _cross_entropy_fwd(logits, targets, weights)[0]
+
+
+def _cross_entropy_fwd(logits, targets, weights):
+    logits = logits.astype(jnp.float32)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B,T]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B,T]
+    return jnp.sum((lse - picked) * weights), (logits, lse, targets, weights)
+
+
+def _cross_entropy_bwd(residuals, g):
+    logits, lse, targets, weights = residuals
+    probs = jnp.exp(logits - lse[..., None])  # [B,T,V]
+    onehot = jax.nn.one_hot(targets, logits.shape[-1], dtype=probs.dtype)
+    grad = (probs - onehot) * (g * weights)[..., None]
+    return grad, None, jnp.zeros_like(weights)
+
+
+weighted_cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
 def loss_sums(
     graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """(sum of token losses, number of counted tokens): sums, so micro-batches add up exactly."""
     model = nnx.merge(graphdef, params)
     logits = model(batch["inputs"], batch.get("positions"), batch.get("segment_ids"), dropout_key)  # [B,T,V]
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [B,T]
     weights = batch["weights"].astype(jnp.float32)
-    return jnp.sum(losses * weights), jnp.sum(weights)
+    return weighted_cross_entropy(logits, batch["targets"], weights), jnp.sum(weights)
 
 
 def train_step(

@@ -118,6 +118,7 @@ class TrainConfig:
     remat: str = "none"  # activation recomputation in the backward pass: none, dots or full
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip
     inject_nonfinite_at: int = 0  # testing aid: make the loss of this step NaN; 0 = never
+    wandb_project: str = ""  # also log to this Weights & Biases project (needs `pip install wandb`); "" = off
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):

@@ -93,7 +93,11 @@ class LoopInputs:
 
 
 def check_layout(cfg):
-    """The mesh for cfg, after checking that every micro-batch splits evenly over the data-parallel devices."""
+    """The mesh for cfg, after checking what would otherwise fail only once training starts."""
+    import importlib.util
+
+    if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
+        raise UserError("train.wandb_project is set but wandb is not installed: pip install wandb (or unset it)")
     mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     micro = cfg.train.batch_size // cfg.train.grad_accum
@@ -180,7 +184,10 @@ def train(inp: LoopInputs) -> dict:
     def save(step: int, state: dict) -> None:
         ckpt.save(step, state, {**inp.meta, "step": step}, force=True)
 
-    logger = RunLogger(inp.run_dir, enabled=is_main)
+    try:
+        logger = RunLogger(inp.run_dir, enabled=is_main, wandb_project=cfg.train.wandb_project)
+    except RuntimeError as err:  # wandb asked for but not installed
+        raise UserError(str(err)) from None
     logger.truncate_after(start)
     last: dict[str, Any] = {}
     status = inp.run_dir / "status.json"

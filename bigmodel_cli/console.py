@@ -111,3 +111,13 @@ class _Silent:
 
 def err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def track(iterable, description: str, total: int | None = None):
+    """A progress bar over `iterable` on a terminal (with ETA); the bare iterable in logs and pipes."""
+    if not sys.stderr.isatty() or jax.process_index() != 0:
+        return iterable
+    from rich.progress import track as rich_track
+
+    return rich_track(iterable, description=description, total=total, transient=True,
+                      console=RichConsole(stderr=True))

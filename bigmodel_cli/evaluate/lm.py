@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 
 from bigmodel_cli import modelio, parallel
+from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.preprocess import load_manifest
 from bigmodel_cli.data.tokenizer import sha256_file
@@ -39,7 +40,8 @@ def run(model: Path, *, data: Path | None = None, split: str = "val", batch_size
     step = jax.jit(functools.partial(eval_step, loaded.graphdef))
     total, count = 0.0, 0.0
     with parallel.activate(loaded.mesh):
-        for batch in loader.eval_batches(windows, batch_size, max_batches):
+        total = -(-min(windows.count, batch_size * max_batches) // batch_size)
+        for batch in track(loader.eval_batches(windows, batch_size, max_batches), "evaluate", total):
             loss_sum, n = step(loaded.params, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
             total, count = total + float(loss_sum), count + float(n)
     loss = total / count

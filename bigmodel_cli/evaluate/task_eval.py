@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from bigmodel_cli import modelio
+from bigmodel_cli.console import track
 from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
@@ -109,7 +110,7 @@ def _generate(loaded, tokenizer, examples, opts: tasks.TaskOptions, seq_len: int
     sampling = Sampling(max_new_tokens=opts.max_target_tokens, temperature=0.0)
     pad_to = max(len(w) for _, w in flat)
     outputs: list[list[int]] = []
-    for start in range(0, len(flat), batch_size):
+    for start in track(range(0, len(flat), batch_size), "generate", -(-len(flat) // batch_size)):
         chunk = [w for _, w in flat[start : start + batch_size]]
         filler = [[tokenizer.eos_id]] * (batch_size - len(chunk))  # a fixed batch shape: one compilation
         outputs += generate_ids(loaded, chunk + filler, sampling, tokenizer.eos_id, pad_to=pad_to)[: len(chunk)]

@@ -185,8 +185,10 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, modelio.Load
         raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
     tokenizer = Tokenizer(base.tokenizer_file)
     seq_len = cfg.data.seq_len or base.model_cfg.max_seq_len
-    if seq_len > base.model_cfg.max_seq_len:
-        raise UserError(f"data.seq_len {seq_len} exceeds the model's {base.model_cfg.max_seq_len} positions")
+    if seq_len > base.model_cfg.max_seq_len:  # a task recipe's length on a shorter model: use what it has
+        console.info(f"data.seq_len {seq_len} exceeds the model's {base.model_cfg.max_seq_len} positions: "
+                     f"using {base.model_cfg.max_seq_len}")
+        seq_len = base.model_cfg.max_seq_len
     loop_cfg = Config(
         model=base.model_cfg,
         data=dataclasses.replace(cfg.data, seq_len=seq_len, path=""),

@@ -15,8 +15,7 @@ from bigmodel_cli.errors import UserError
 
 app = typer.Typer(
     name="bigmodel",
-    help="Raw text to a pretrained, evaluated and exported Llama-style Transformer.\n\n"
-    "Example: bigmodel quickstart",
+    help="Raw text to a pretrained, evaluated and exported Llama-style Transformer.\n\nExample: bigmodel quickstart",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
@@ -24,9 +23,7 @@ app = typer.Typer(
 
 _options = {"debug": False, "log_format": "rich", "quiet": False}
 
-Coordinator = Annotated[
-    str, typer.Option(help="Multi-process run: HOST:PORT of process 0 (or BIGMODEL_COORDINATOR).")
-]
+Coordinator = Annotated[str, typer.Option(help="Multi-process run: HOST:PORT of process 0 (or BIGMODEL_COORDINATOR).")]
 NumProcesses = Annotated[int, typer.Option(help="Multi-process run: how many processes (or BIGMODEL_NUM_PROCESSES).")]
 ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's index (or BIGMODEL_PROCESS_ID).")]
 
@@ -54,13 +51,15 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(
+def global_options(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only final results.")] = False,
-    log_format: Annotated[str, typer.Option("--log-format", help="rich (default) or json: one object per line.")] = "rich",
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="rich (default) or json: one object per line.")
+    ] = "rich",
 ) -> None:
     """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
     _options.update(debug=debug, quiet=quiet, log_format=log_format)
@@ -105,7 +104,9 @@ def command(fn):
         except Exception as err:  # a bug, not bad input: say so, and how to see the traceback
             if _options["debug"]:
                 raise
-            print(f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr)
+            print(
+                f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr
+            )
             raise typer.Exit(1) from None
 
     return app.command()(wrapper)
@@ -113,32 +114,79 @@ def command(fn):
 
 @command
 def preprocess(
-    inputs: Annotated[list[Path], typer.Argument(help="Text (.txt) or JSONL (.jsonl) files, or directories.")],
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Files (.txt .jsonl .json .csv .tsv .parquet; text kinds may end in .gz .zst .bz2 .xz), "
+            "directories, quoted glob patterns, or hf:NAME[:CONFIG][@SPLIT] Hugging Face datasets."
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="Output directory (must not exist or be empty).")],
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (char sizes itself).")] = 8000,
     model_type: Annotated[str, typer.Option(help="Tokenizer kind: bpe, unigram or char.")] = "bpe",
     tokenizer: Annotated[Path | None, typer.Option(help="Use this SentencePiece .model instead of training.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of tokens held out for validation.")] = 0.1,
-    text_field: Annotated[str, typer.Option(help="JSONL field holding the text.")] = "text",
+    val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.1,
+    text_field: Annotated[
+        str, typer.Option(help="Record field(s) with the text: a.b for nested ones, title,body to join several.")
+    ] = "text",
+    txt_mode: Annotated[
+        str, typer.Option(help="A .txt file is one document (file), one per line (line), or per paragraph.")
+    ] = "file",
+    byte_fallback: Annotated[
+        bool | None,
+        typer.Option(
+            "--byte-fallback/--no-byte-fallback",
+            help="Unknown characters as UTF-8 bytes (default: on for bpe and unigram, off for char).",
+        ),
+    ] = None,
+    character_coverage: Annotated[
+        float, typer.Option(help="Share of characters the vocabulary covers; 0 = 0.9995 (1.0 for char).")
+    ] = 0.0,
+    max_sentences: Annotated[int, typer.Option(help="Train the tokenizer on at most this many sampled lines.")] = (
+        1_000_000
+    ),
+    special_tokens: Annotated[
+        str, typer.Option(help="Comma-separated strings that always become one token, e.g. '<|user|>,<|end|>'.")
+    ] = "",
+    pack_documents: Annotated[
+        bool, typer.Option(help="Store document boundaries: batches then carry segment_ids and positions.")
+    ] = False,
+    shard_tokens: Annotated[int, typer.Option(help="Tokens per output file.")] = 100_000_000,
+    workers: Annotated[int, typer.Option(help="Encoding processes; 0 = one per CPU core.")] = 0,
 ) -> None:
-    """Tokenize text files into train/val token arrays plus manifest.json.
+    """Tokenize text into sharded train/val token files plus manifest.json, in constant memory.
 
     Example: bigmodel preprocess corpus.txt --out data/corpus --model-type char
     """
     from bigmodel_cli.data import preprocess as stage
 
     cfg = stage.PreprocessConfig(
-        inputs=tuple(inputs), out=out, vocab_size=vocab_size, model_type=model_type, tokenizer=tokenizer,
-        val_fraction=val_fraction, text_field=text_field,
+        inputs=tuple(inputs),
+        out=out,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        tokenizer=tokenizer,
+        val_fraction=val_fraction,
+        text_field=text_field,
+        txt_mode=txt_mode,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        max_sentences=max_sentences,
+        special_tokens=tuple(t for t in special_tokens.split(",") if t),
+        pack_documents=pack_documents,
+        shard_tokens=shard_tokens,
+        workers=workers,
     )
     manifest = stage.run(cfg)
     splits = manifest["splits"]
     _console().result(
         {
             "out": str(out),
+            "documents": manifest["documents"],
             "vocab_size": manifest["tokenizer"]["vocab_size"],
             "train_tokens": splits["train"]["tokens"],
             "val_tokens": splits["val"]["tokens"],
+            "files": sum(len(s["files"]) for s in splits.values()),
             "unigram_entropy": round(manifest["unigram_entropy"], 4),
         }
     )
@@ -181,7 +229,9 @@ def finetune(
     val_data2: Annotated[Path | None, typer.Option(help="translate: target-language file for --val-data.")] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<task>).")] = None,
     overrides: Overrides = None,
-    show_examples: Annotated[int, typer.Option(help="Print N formatted examples, trained-on tokens marked, and exit.")] = 0,
+    show_examples: Annotated[
+        int, typer.Option(help="Print N formatted examples, trained-on tokens marked, and exit.")
+    ] = 0,
     resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
     allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
     coordinator: Coordinator = "",
@@ -195,8 +245,14 @@ def finetune(
     from bigmodel_cli import config
     from bigmodel_cli import finetune as stage
 
-    given = {"task": task, "init_from": init_from, "train_file": data, "train_file2": data2, "val_file": val_data,
-             "val_file2": val_data2}
+    given = {
+        "task": task,
+        "init_from": init_from,
+        "train_file": data,
+        "train_file2": data2,
+        "val_file": val_data,
+        "val_file2": val_data2,
+    }
     cli_sets = [f"finetune.{key}={value}" for key, value in given.items() if value]
     if recipe is None:
         if not task:
@@ -206,16 +262,29 @@ def finetune(
     _setup_jax(coordinator, num_processes, process_id)
     console = _console()
     run_dir = run_dir or Path("runs") / f"finetune-{cfg.finetune.task}"
-    result = stage.run(cfg, run_dir, resume=resume, allow_config_change=allow_config_change,
-                       show_examples=show_examples, console=console)
+    result = stage.run(
+        cfg,
+        run_dir,
+        resume=resume,
+        allow_config_change=allow_config_change,
+        show_examples=show_examples,
+        console=console,
+    )
     if result:
-        console.result({"run_dir": str(run_dir), "trainable_params": result["trainable_params"],
-                        **{k: v for k, v in result.items() if k in ("step", "loss", "val_loss")}})
+        console.result(
+            {
+                "run_dir": str(run_dir),
+                "trainable_params": result["trainable_params"],
+                **{k: v for k, v in result.items() if k in ("step", "loss", "val_loss")},
+            }
+        )
 
 
 @command
 def evaluate(
-    model: Annotated[Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")] = None,
+    model: Annotated[
+        Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")
+    ] = None,
     data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
     task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
@@ -249,8 +318,17 @@ def evaluate(
         opts = None
         if overrides:
             opts = config.load_config(None, overrides, cls=_task_only()).task
-        metrics = task_eval.run(task, data, model=model, data2=data2, predictions=predictions, out=out, opts=opts,
-                                batch_size=batch_size, max_examples=max_examples)
+        metrics = task_eval.run(
+            task,
+            data,
+            model=model,
+            data2=data2,
+            predictions=predictions,
+            out=out,
+            opts=opts,
+            batch_size=batch_size,
+            max_examples=max_examples,
+        )
     else:
         from bigmodel_cli.evaluate import lm as stage
 
@@ -281,8 +359,16 @@ def generate(
     from bigmodel_cli.evaluate import generate as stage
 
     _setup_jax()
-    text = stage.run(model, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                     top_p=top_p, seed=seed, stop=tuple(stop or ()))
+    text = stage.run(
+        model,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop or ()),
+    )
     print(text)
 
 
@@ -324,7 +410,6 @@ def quickstart(
     stage.run(out, steps=steps, console=_console())
 
 
-
 @command
 def plan(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
@@ -362,11 +447,15 @@ def plan(
         out.print(f"note: {result['note']}")
     gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
     out.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
-    out.print(f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
-              f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}")
-    out.print(f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
-              f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
-              f"{result['tokens_per_step']:,} tokens per step")
+    out.print(
+        f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
+        f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}"
+    )
+    out.print(
+        f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
+        f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
+        f"{result['tokens_per_step']:,} tokens per step"
+    )
     table = Table("parameter", "shape", "dtype", "sharding")
     for row in result["parameters"]:
         table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
@@ -411,8 +500,10 @@ def runs(root: Annotated[Path, typer.Argument(help="Directory holding run direct
     for r in found:
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
         val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
-              f"{r['status']}")
+        print(
+            f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
+            f"{r['status']}"
+        )
 
 
 # XLA:CPU allocates its scratch buffers afresh every step and glibc serves them from new mmap pages: about
@@ -433,4 +524,3 @@ def main() -> None:
         env = {**os.environ, "GLIBC_TUNABLES": CPU_MALLOC_TUNABLES, "BIGMODEL_NO_REEXEC": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "bigmodel_cli", *sys.argv[1:]], env)
     app(prog_name="bigmodel")
-

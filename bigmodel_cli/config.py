@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli.data.mixture import resolve_mixture
 from bigmodel_cli.errors import UserError
 
 
@@ -74,12 +75,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 class DataConfig:
     path: str = _path_field(doc="a `bigmodel preprocess` output directory")  # preprocess output directory
+    mixture: str = field(default="", metadata={"mixture": True})  # instead of path: "dirA:0.7,dirB:0.3"
     synthetic: bool = False  # train on seeded random tokens instead of data.path (benchmarks)
     seq_len: int = 0  # tokens per training sequence; 0 = model.max_seq_len
 
     def __post_init__(self) -> None:
         if self.seq_len < 0:
             raise UserError(f"data.seq_len must be >= 0, got {self.seq_len}")
+        if self.mixture and self.path:
+            raise UserError("set data.path or data.mixture, not both")
 
 
 @dataclass(frozen=True)
@@ -300,10 +304,14 @@ def _build_section(
         merged[key] = _coerce(f"{where}: {name}.{key}", value, _field_type(section_cls, key))
         if fields[key].metadata.get("path"):
             merged[key] = _resolve_path(merged[key], recipe_dir)
+        if fields[key].metadata.get("mixture") and merged[key]:
+            merged[key] = resolve_mixture(merged[key], recipe_dir)
     for key, value in overrides.items():
         merged[key] = _coerce(f"--set {name}.{key}", value, _field_type(section_cls, key))
         if fields[key].metadata.get("path"):
             merged[key] = _resolve_path(merged[key], Path.cwd())  # typed on the command line: relative to cwd
+        if fields[key].metadata.get("mixture") and merged[key]:
+            merged[key] = resolve_mixture(merged[key], Path.cwd())
     if section_cls is ModelConfig and merged.get("preset"):
         preset = merged["preset"]
         if preset not in PRESETS:

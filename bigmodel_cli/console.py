@@ -7,7 +7,6 @@ import json
 import sys
 from collections.abc import Iterator
 
-import jax
 from rich.console import Console as RichConsole
 from rich.progress import (
     BarColumn,
@@ -17,6 +16,12 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def _rank() -> int:
+    """This process's index; without jax imported there is no multi-process run (preprocess stays light)."""
+    jax = sys.modules.get("jax")
+    return jax.process_index() if jax is not None else 0
 
 
 class _Bar:
@@ -62,7 +67,7 @@ class Console:
     def __init__(self, mode: str = "rich"):
         self.mode = mode
         # Only the first process talks, so a multi-host run prints one log, not one per worker.
-        self.silent = mode == "quiet" or jax.process_index() != 0
+        self.silent = mode == "quiet" or _rank() != 0
         self.rich = RichConsole(stderr=False, highlight=False)
         self.plain = not self.rich.is_terminal  # logs and pipes get whole lines: no wrapping, no colour
 
@@ -86,7 +91,7 @@ class Console:
 
     def result(self, obj: dict) -> None:
         """A final result: JSON in json mode, key: value lines otherwise (printed even in quiet mode)."""
-        if jax.process_index() != 0:
+        if _rank() != 0:
             return
         if self.mode == "json":
             print(json.dumps(obj), flush=True)
@@ -115,9 +120,8 @@ def err(message: str) -> None:
 
 def track(iterable, description: str, total: int | None = None):
     """A progress bar over `iterable` on a terminal (with ETA); the bare iterable in logs and pipes."""
-    if not sys.stderr.isatty() or jax.process_index() != 0:
+    if not sys.stderr.isatty() or _rank() != 0:
         return iterable
     from rich.progress import track as rich_track
 
-    return rich_track(iterable, description=description, total=total, transient=True,
-                      console=RichConsole(stderr=True))
+    return rich_track(iterable, description=description, total=total, transient=True, console=RichConsole(stderr=True))

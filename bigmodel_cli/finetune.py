@@ -186,8 +186,10 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, modelio.Load
     tokenizer = Tokenizer(base.tokenizer_file)
     seq_len = cfg.data.seq_len or base.model_cfg.max_seq_len
     if seq_len > base.model_cfg.max_seq_len:  # a task recipe's length on a shorter model: use what it has
-        console.info(f"data.seq_len {seq_len} exceeds the model's {base.model_cfg.max_seq_len} positions: "
-                     f"using {base.model_cfg.max_seq_len}")
+        console.info(
+            f"data.seq_len {seq_len} exceeds the model's {base.model_cfg.max_seq_len} positions: "
+            f"using {base.model_cfg.max_seq_len}"
+        )
         seq_len = base.model_cfg.max_seq_len
     loop_cfg = Config(
         model=base.model_cfg,
@@ -243,9 +245,11 @@ def run(
     base_count, _ = count_params(base.model_cfg)
     trainable = _trainable_count(base.model_cfg, lora) if lora is not None else base_count
     total = base_count + (trainable if lora is not None else 0)
-    console.info(f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
-                 f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
-                 f"{total:,} ({100 * trainable / total:.2f}%)")
+    console.info(
+        f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
+        f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
+        f"{total:,} ({100 * trainable / total:.2f}%)"
+    )
     rows = process_rows(loop_cfg.train.batch_size)
     batches = ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows)
     result = loop.train(
@@ -253,8 +257,7 @@ def run(
             cfg=loop_cfg,
             run_dir=run_dir,
             train_batch=batches,
-            val_batches=lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches,
-                                            rows),
+            val_batches=lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
             seq_len=seq_len,
             meta={"stage": "finetune", "task": cfg.finetune.task},
             console=console,
@@ -281,8 +284,9 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
     from bigmodel_cli.train.checkpoint import Checkpoints
 
     cfg: FinetuneConfig = config_lib.load_config(home / "config.toml", cls=FinetuneConfig, base_dir=home)
-    model_cfg = config_lib.build_config({"model": json.loads((home / "model.json").read_text())}, {}, Config,
-                                        home).model
+    model_cfg = config_lib.build_config(
+        {"model": json.loads((home / "model.json").read_text())}, {}, Config, home
+    ).model
     ckpt = Checkpoints(home / "checkpoints", read_only=True)
     try:
         step = step if step is not None else ckpt.latest_step()
@@ -304,12 +308,12 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
     finally:
         ckpt.close()
     seq_len = cfg.data.seq_len or model_cfg.max_seq_len
-    return modelio.LoadedModel(model_cfg, graphdef, params, mesh, home, step, seq_len, "",
-                               lora=cfg.lora if cfg.lora.rank else None)
+    return modelio.LoadedModel(
+        model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
+    )
 
 
 def _abstract_like(graphdef, model_cfg, lora, adapter_shardings):
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
     adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), adapters,
-                        adapter_shardings)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), adapters, adapter_shardings)

@@ -67,14 +67,10 @@ def write(loaded: modelio.LoadedModel, directory: Path, max_shard_bytes: int = D
     expected = {modelio.param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
     if set(flat) != expected:
         odd = sorted(set(flat) ^ expected)[0]
-        raise UserError(
-            f"parameter {odd} does not fit a Llama model (LoRA adapters?): export the merged model"
-        )
+        raise UserError(f"parameter {odd} does not fit a Llama model (LoRA adapters?): export the merged model")
     dtypes = {str(v.dtype) for v in flat.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPES):
-        raise UserError(
-            f"parameters of dtype {', '.join(sorted(dtypes))}: export with --dtype float32 or bfloat16"
-        )
+        raise UserError(f"parameters of dtype {', '.join(sorted(dtypes))}: export with --dtype float32 or bfloat16")
     _write_weights(flat, directory, max_shard_bytes)
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if loaded.tokenizer_file.is_file():
@@ -479,6 +475,14 @@ def _weight_files(home: Path) -> dict[str, Path]:
 
         with safe_open(home / WEIGHTS, framework="numpy") as f:
             return dict.fromkeys(f.keys(), home / WEIGHTS)
+    _refuse_pickles(home)
+    raise UserError(f"{home} has no {WEIGHTS} or {WEIGHTS_INDEX}: pass a directory saved with safetensors")
+
+
+def _refuse_pickles(home: Path) -> None:
+    """Pickle checkpoints can run code when loaded: refuse a directory that only has those."""
+    if (home / WEIGHTS).is_file() or (home / WEIGHTS_INDEX).is_file():
+        return
     pickles = sorted(p.name for p in home.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise UserError(
@@ -486,15 +490,15 @@ def _weight_files(home: Path) -> dict[str, Path]:
             "bigmodel refuses them: convert them to safetensors where you trust the files (transformers: "
             "from_pretrained(DIR).save_pretrained(NEW_DIR)) and pass hf:NEW_DIR"
         )
-    raise UserError(f"{home} has no {WEIGHTS} or {WEIGHTS_INDEX}: pass a directory saved with safetensors")
 
 
 def load(home: Path, mesh) -> modelio.LoadedModel:
     """A Hugging Face Llama-architecture directory (safetensors, one file or sharded) as a LoadedModel."""
     from safetensors import safe_open
 
-    files = _weight_files(home)  # first: a pickle checkpoint is refused whatever its config says
+    _refuse_pickles(home)  # first: a pickle checkpoint is refused whatever its config says
     model_cfg, seq_len = read_config(home)
+    files = _weight_files(home)
     with contextlib.ExitStack() as stack:
         handles: dict[Path, Any] = {}
 
@@ -511,15 +515,11 @@ def load(home: Path, mesh) -> modelio.LoadedModel:
         # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
         model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
         graphdef, like = modelio.abstract_params(model_cfg, mesh)
-        wanted = {
-            hf_name(modelio.param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]
-        }
+        wanted = {hf_name(modelio.param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
         ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
         extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
         if extra:
-            raise UserError(
-                f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain Llama checkpoint"
-            )
+            raise UserError(f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain Llama checkpoint")
 
         def take(path, spec):
             name = modelio.param_name(path)

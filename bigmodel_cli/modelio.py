@@ -48,10 +48,12 @@ def param_name(path: tuple) -> str:
 def locate(path: Path) -> tuple[str, Path, int | None]:
     """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR); step None = latest checkpoint."""
     if str(path).startswith(HF_PREFIX):
-        home = Path(str(path)[len(HF_PREFIX):])
+        home = Path(str(path)[len(HF_PREFIX) :])
         if not home.is_dir():
-            raise UserError(f"{home} is not a directory: hf:DIR takes a local Hugging Face model directory "
-                            "(bigmodel downloads nothing: fetch it first, e.g. with `hf download`)")
+            raise UserError(
+                f"{home} is not a directory: hf:DIR takes a local Hugging Face model directory "
+                "(bigmodel downloads nothing: fetch it first, e.g. with `hf download`)"
+            )
         return "hf", home, None
     path = Path(path)
     if not path.exists():
@@ -74,9 +76,7 @@ def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
     graphdef, state = nnx.split(abstract)
     shardings = parallel.param_shardings(state, mesh)
     shapes = nnx.to_pure_dict(state)
-    return graphdef, jax.tree.map(
-        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings
-    )
+    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
 def _model(model_cfg: ModelConfig):
@@ -114,8 +114,9 @@ def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
             raise UserError(f"checkpoint {home}/checkpoints/{step} does not fit this model ({err})") from None
     finally:
         ckpt.close()
-    return LoadedModel(cfg.model, graphdef, params, mesh, home, step, cfg.data.seq_len or cfg.model.max_seq_len,
-                       cfg.data.path)
+    return LoadedModel(
+        cfg.model, graphdef, params, mesh, home, step, cfg.data.seq_len or cfg.model.max_seq_len, cfg.data.path
+    )
 
 
 def _load_export(home: Path, mesh) -> LoadedModel:
@@ -137,8 +138,16 @@ def _load_export(home: Path, mesh) -> LoadedModel:
         return jax.device_put(tensors[name].astype(spec.dtype), spec.sharding)
 
     params = jax.tree_util.tree_map_with_path(take, like)
-    return LoadedModel(model_cfg, graphdef, params, mesh, home, int(info.get("step", 0)),
-                       int(info.get("seq_len", model_cfg.max_seq_len)), info.get("data_path", ""))
+    return LoadedModel(
+        model_cfg,
+        graphdef,
+        params,
+        mesh,
+        home,
+        int(info.get("step", 0)),
+        int(info.get("seq_len", model_cfg.max_seq_len)),
+        info.get("data_path", ""),
+    )
 
 
 def merged_params(loaded: LoadedModel) -> Any:

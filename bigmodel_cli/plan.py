@@ -50,7 +50,8 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
         init = jax.jit(tx.init).lower(params).compile()
     opt_state = jax.tree.map(
         lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-        jax.eval_shape(tx.init, params), init.output_shardings,
+        jax.eval_shape(tx.init, params),
+        init.output_shardings,
     )
     replicated = parallel.replicated(mesh)
     state = {"step": jax.ShapeDtypeStruct((), np.int32, sharding=replicated), "params": params, "opt_state": opt_state}
@@ -64,7 +65,9 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
     shardings = jax.tree.map(lambda x: x.sharding, state)
     step = jax.jit(
         functools.partial(train_step, graphdef, tx, cfg.train.grad_accum),
-        in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated), donate_argnums=(0,),
+        in_shardings=(shardings, batch_sharding),
+        out_shardings=(shardings, replicated),
+        donate_argnums=(0,),
     )
     with parallel.activate(mesh):
         compiled = step.lower(state, batch).compile()
@@ -77,8 +80,12 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
     }
     per_device["total"] = sum(per_device.values())
     table = [
-        {"name": modelio.param_name(path), "shape": list(leaf.shape), "dtype": str(leaf.dtype),
-         "sharding": str(leaf.sharding.spec)}
+        {
+            "name": modelio.param_name(path),
+            "shape": list(leaf.shape),
+            "dtype": str(leaf.dtype),
+            "sharding": str(leaf.sharding.spec),
+        }
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
     ]
     cost = compiled.cost_analysis()

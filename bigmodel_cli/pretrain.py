@@ -11,7 +11,8 @@ import jax
 from bigmodel_cli.config import Config
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.preprocess import load_manifest
+from bigmodel_cli.data.preprocess import check_compatible, load_manifest
+from bigmodel_cli.data.tokenizer import sha256_file
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.train import loop
 
@@ -23,12 +24,15 @@ def resolve(cfg: Config) -> tuple[Config, dict | None]:
     if cfg.data.synthetic:
         if vocab <= 0:
             raise UserError("data.synthetic needs model.vocab_size: set it in [model] or with --set")
+    elif cfg.data.mixture:
+        manifest = loader.load_mixture(cfg.data.mixture)[0][2]  # every part has this tokenizer (checked)
     else:
         if not cfg.data.path:
             raise UserError("data.path is not set: point it at a `bigmodel preprocess` output directory")
         if not Path(cfg.data.path).is_dir():
             raise UserError(f"data.path {cfg.data.path} not found: run bigmodel preprocess ... --out DIR first")
         manifest = load_manifest(Path(cfg.data.path))
+    if manifest is not None:
         data_vocab = manifest["tokenizer"]["vocab_size"]
         if vocab == 0:
             vocab = data_vocab
@@ -73,9 +77,21 @@ def run(
         train_batch = loader.SyntheticBatches(cfg.model.vocab_size, seq_len, batch_size, cfg.train.seed, rows)
         val_batches = None
     else:
-        data_dir = Path(cfg.data.path)
-        train_windows = loader.TokenWindows(data_dir, "train", manifest, seq_len)
-        val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len)
+        if cfg.data.mixture:
+            data_dir = loader.load_mixture(cfg.data.mixture)[0][0]
+            train_windows = loader.open_mixture(cfg.data.mixture, "train", seq_len)
+            val_windows = loader.open_mixture(cfg.data.mixture, "val", seq_len)
+        else:
+            data_dir = Path(cfg.data.path)
+            train_windows = loader.TokenWindows(data_dir, "train", manifest, seq_len)
+            val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len)
+        if (run_dir / "tokenizer.model").is_file():  # resuming: the data must fit the run's tokenizer
+            check_compatible(
+                manifest,
+                sha256_file(run_dir / "tokenizer.model"),
+                cfg.model.vocab_size,
+                cfg.data.mixture or cfg.data.path,
+            )
         train_batch = loader.TrainBatches(train_windows, batch_size, cfg.train.seed, rows)
 
         def val_batches():
@@ -88,7 +104,12 @@ def run(
         meta["unigram_entropy"] = manifest.get("unigram_entropy")
     return loop.train(
         loop.LoopInputs(
-            cfg=cfg, run_dir=run_dir, train_batch=train_batch, val_batches=val_batches, seq_len=seq_len,
-            meta=meta, console=console,
+            cfg=cfg,
+            run_dir=run_dir,
+            train_batch=train_batch,
+            val_batches=val_batches,
+            seq_len=seq_len,
+            meta=meta,
+            console=console,
         )
     )

@@ -30,9 +30,7 @@ def corpus(n_lines: int = 6000, seed: int = 0) -> str:
             lines.append(f"{NUMBERS[a]} plus {NUMBERS[b]} is {NUMBERS[a + b]}.")
         elif kind == 1:
             x, y = rng.sample(ANIMALS, 2)
-            lines.append(
-                f"the {rng.choice(COLOURS)} {x} {rng.choice(VERBS)} the {y} in the {rng.choice(PLACES)}."
-            )
+            lines.append(f"the {rng.choice(COLOURS)} {x} {rng.choice(VERBS)} the {y} in the {rng.choice(PLACES)}.")
         else:
             n = rng.randrange(2, 10)
             lines.append(f"count to {NUMBERS[n]}: " + " ".join(NUMBERS[1 : n + 1]) + ".")
@@ -77,6 +75,8 @@ def run(out: Path, *, steps: int = 300, console: Console | None = None) -> dict:
     console.info("4/4 generate (greedy) from 'three plus four is'")
     sample = generate.run(out / "run", "three plus four is", max_new_tokens=60, temperature=0.0)
     console.info("    " + sample.replace("\n", "\n    "))
-    console.info(f"next: bigmodel generate {out / 'run'} --prompt 'the red fox' | bigmodel export {out / 'run'} "
-                 f"--out {out / 'export'}")
+    console.info(
+        f"next: bigmodel generate {out / 'run'} --prompt 'the red fox' | bigmodel export {out / 'run'} "
+        f"--out {out / 'export'}"
+    )
     return {"val_loss": metrics["loss"], "unigram_entropy": entropy, "train": result}

@@ -78,8 +78,7 @@ def write(loaded: modelio.LoadedModel, directory: Path, platforms: tuple[str, ..
         "inputs": [{"name": "tokens", "shape": ["batch", "length"], "dtype": "int32"}],
         "outputs": [{"name": "logits", "shape": ["batch", "length", cfg.vocab_size], "dtype": "float32"}],
         "params": [
-            {"name": n, "shape": list(w.shape), "dtype": str(w.dtype)}
-            for n, w in zip(names, weights, strict=True)
+            {"name": n, "shape": list(w.shape), "dtype": str(w.dtype)} for n, w in zip(names, weights, strict=True)
         ],
         # RoPE works at any length, but quality beyond the trained length is not known.
         "trained_length": loaded.seq_len,

@@ -3,7 +3,6 @@ and leaves no partial output behind."""
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
@@ -17,8 +16,18 @@ def world(cli, tiny_data, tmp_path_factory) -> dict:
     """Inputs the cases start from: a trained run, a second tokenizer's data, task files, odd files."""
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
-    cli("pretrain", TINY, "--run-dir", run, "--set", f"data.path={tiny_data}", "--set", "train.steps=2",
-        "--set", "checkpoint.every=2")
+    cli(
+        "pretrain",
+        TINY,
+        "--run-dir",
+        run,
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "checkpoint.every=2",
+    )
     (root / "other.txt").write_text("completely different text, other characters: XYZ 0123\n" * 200)
     cli("preprocess", root / "other.txt", "--out", root / "other_data", "--model-type", "char")
     (root / "text.txt").write_text(synthetic_text(50))
@@ -37,8 +46,9 @@ def world(cli, tiny_data, tmp_path_factory) -> dict:
     (root / "cls.tsv").write_text("text\tlabel\n" + "".join(f"the film was {w}\t{w}\n" for w in ("fine", "dull") * 6))
     (root / "cls_new.tsv").write_text("text\tlabel\nthe film was odd\tstrange\n")
     (root / "hf_pickle").mkdir()
-    (root / "hf_pickle" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
-                                                                "model_type": "llama"}))
+    (root / "hf_pickle" / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "model_type": "llama"})
+    )
     (root / "hf_pickle" / "pytorch_model.bin").write_bytes(b"\x80\x04")
     alien = root / "alien"  # a checkpoint whose config.toml claims another architecture
     shutil.copytree(run, alien)
@@ -48,14 +58,32 @@ def world(cli, tiny_data, tmp_path_factory) -> dict:
         "syntax": "[train\nsteps = 3\n",
         "unknown_key": "[optim]\nlearning_rate = 1e-3\n",
         "unknown_section": "[optimiser]\nlr = 1e-3\n",
-        "wrong_type": "[train]\nsteps = \"ten\"\n",
+        "wrong_type": '[train]\nsteps = "ten"\n',
     }
     for name, text in recipes.items():
         (root / f"{name}.toml").write_text(text)
     classify_run = root / "cls_run"
-    cli("finetune", "--task", "classify", "--init-from", run, "--data", root / "cls.tsv", "--run-dir",
-        classify_run, "--set", "train.steps=1", "--set", "train.batch_size=8", "--set", "task.max_target_tokens=8",
-        "--set", "data.seq_len=64", "--set", "task.label_names=")
+    cli(
+        "finetune",
+        "--task",
+        "classify",
+        "--init-from",
+        run,
+        "--data",
+        root / "cls.tsv",
+        "--run-dir",
+        classify_run,
+        "--set",
+        "train.steps=1",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "task.max_target_tokens=8",
+        "--set",
+        "data.seq_len=64",
+        "--set",
+        "task.label_names=",
+    )
     return {"root": root, "run": run, "data": tiny_data, "cls_run": classify_run}
 
 
@@ -81,57 +109,131 @@ CASES = {
     "mesh_mismatch": (lambda w: _pretrain(w, "mesh.data=3"), "product is 8", None),
     "seq_len_too_long": (lambda w: _pretrain(w, "data.seq_len=1000"), "exceeds model.max_seq_len", "new_run"),
     "data_missing": (lambda w: _pretrain(w, "data.path=/nonexistent"), "run bigmodel preprocess", "new_run"),
-    "data_not_preprocessed": (lambda w: _pretrain(w, f"data.path={w['root'] / 'full'}"), "no manifest.json",
-                              "new_run"),
-    "vocab_larger_than_model": (lambda w: _pretrain(w, "model.vocab_size=5"), "smaller than the data's",
-                                "new_run"),
+    "data_not_preprocessed": (lambda w: _pretrain(w, f"data.path={w['root'] / 'full'}"), "no manifest.json", "new_run"),
+    "vocab_larger_than_model": (lambda w: _pretrain(w, "model.vocab_size=5"), "smaller than the data's", "new_run"),
     "run_dir_unwritable": (lambda w: _pretrain(w, run_dir="a_file/run"), "cannot create run directory", None),
-    "preprocess_missing_input": (lambda w: ["preprocess", w["root"] / "nope.txt", "--out", w["root"] / "p1"],
-                                 "not found", "p1"),
-    "preprocess_dir_without_text": (lambda w: ["preprocess", w["root"] / "no_text_dir", "--out",
-                                               w["root"] / "p2"], "no .txt", "p2"),
-    "preprocess_empty_corpus": (lambda w: ["preprocess", w["root"] / "empty.txt", "--out", w["root"] / "p3"],
-                                "no text", "p3"),
-    "preprocess_binary": (lambda w: ["preprocess", w["root"] / "binary.txt", "--out", w["root"] / "p4"],
-                          "binary", "p4"),
-    "preprocess_not_utf8": (lambda w: ["preprocess", w["root"] / "latin1.txt", "--out", w["root"] / "p5"],
-                            "UTF-8", "p5"),
-    "preprocess_bad_jsonl_line": (lambda w: ["preprocess", w["root"] / "bad.jsonl", "--out", w["root"] / "p6"],
-                                  "bad.jsonl:2", "p6"),
-    "preprocess_missing_field": (lambda w: ["preprocess", w["root"] / "nofield.jsonl", "--out",
-                                            w["root"] / "p7"], "'text'", "p7"),
-    "preprocess_out_not_empty": (lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "full"],
-                                 "not empty", None),
-    "preprocess_bad_model_type": (lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p8",
-                                             "--model-type", "wordpiece"], "model-type", "p8"),
-    "preprocess_bad_val_fraction": (lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p9",
-                                               "--val-fraction", "0"], "val-fraction", "p9"),
-    "preprocess_bad_tokenizer": (lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p10",
-                                            "--tokenizer", w["root"] / "not_a_model.model"], "SentencePiece", "p10"),
+    "preprocess_missing_input": (
+        lambda w: ["preprocess", w["root"] / "nope.txt", "--out", w["root"] / "p1"],
+        "not found",
+        "p1",
+    ),
+    "preprocess_dir_without_text": (
+        lambda w: ["preprocess", w["root"] / "no_text_dir", "--out", w["root"] / "p2"],
+        "no .txt",
+        "p2",
+    ),
+    "preprocess_empty_corpus": (
+        lambda w: ["preprocess", w["root"] / "empty.txt", "--out", w["root"] / "p3"],
+        "no text",
+        "p3",
+    ),
+    "preprocess_binary": (
+        lambda w: ["preprocess", w["root"] / "binary.txt", "--out", w["root"] / "p4"],
+        "binary",
+        "p4",
+    ),
+    "preprocess_not_utf8": (
+        lambda w: ["preprocess", w["root"] / "latin1.txt", "--out", w["root"] / "p5"],
+        "UTF-8",
+        "p5",
+    ),
+    "preprocess_bad_jsonl_line": (
+        lambda w: ["preprocess", w["root"] / "bad.jsonl", "--out", w["root"] / "p6"],
+        "bad.jsonl:2",
+        "p6",
+    ),
+    "preprocess_missing_field": (
+        lambda w: ["preprocess", w["root"] / "nofield.jsonl", "--out", w["root"] / "p7"],
+        "'text'",
+        "p7",
+    ),
+    "preprocess_out_not_empty": (
+        lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "full"],
+        "not empty",
+        None,
+    ),
+    "preprocess_bad_model_type": (
+        lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p8", "--model-type", "wordpiece"],
+        "model-type",
+        "p8",
+    ),
+    "preprocess_bad_val_fraction": (
+        lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p9", "--val-fraction", "0"],
+        "val-fraction",
+        "p9",
+    ),
+    "preprocess_bad_tokenizer": (
+        lambda w: [
+            "preprocess",
+            w["root"] / "text.txt",
+            "--out",
+            w["root"] / "p10",
+            "--tokenizer",
+            w["root"] / "not_a_model.model",
+        ],
+        "SentencePiece",
+        "p10",
+    ),
     "evaluate_missing_model": (lambda w: ["evaluate", w["root"] / "nothing"], "not found", None),
     "evaluate_not_a_run": (lambda w: ["evaluate", w["root"] / "full"], "not a run directory", None),
-    "evaluate_tokenizer_mismatch": (lambda w: ["evaluate", w["run"], "--data", w["root"] / "other_data"],
-                                    "different tokenizer", None),
+    "evaluate_tokenizer_mismatch": (
+        lambda w: ["evaluate", w["run"], "--data", w["root"] / "other_data"],
+        "different tokenizer",
+        None,
+    ),
     "checkpoint_other_architecture": (lambda w: ["evaluate", w["root"] / "alien"], "does not fit", None),
     "export_not_empty": (lambda w: ["export", w["run"], "--out", w["root"] / "full"], "not empty", None),
-    "export_bad_format": (lambda w: ["export", w["run"], "--out", w["root"] / "e1", "--format", "onnx"],
-                          "--format", "e1"),
-    "generate_too_long": (lambda w: ["generate", w["run"], "--prompt", "x" * 60, "--max-new-tokens", "100"],
-                          "exceeds the model's", None),
-    "generate_negative_temperature": (lambda w: ["generate", w["run"], "--temperature", "-1"], "temperature",
-                                      None),
-    "finetune_unknown_task": (lambda w: ["finetune", "--task", "poetry", "--init-from", w["run"], "--data",
-                                         w["root"] / "text.txt"], "unknown task", None),
-    "finetune_qa_without_qas": (lambda w: ["finetune", "--task", "qa", "--init-from", w["run"], "--data",
-                                           w["root"] / "noqas.json", "--run-dir", w["root"] / "f1"], "qas", "f1"),
-    "finetune_missing_init": (lambda w: ["finetune", "--task", "classify", "--data", w["root"] / "cls.tsv"],
-                              "--init-from", None),
-    "classify_label_unseen": (lambda w: ["evaluate", w["cls_run"], "--task", "classify", "--data",
-                                         w["root"] / "cls_new.tsv"], "never seen in training", None),
-    "hf_pickle_refused": (lambda w: ["evaluate", f"hf:{w['root'] / 'hf_pickle'}", "--data", w["data"]],
-                          "safetensors", None),
-    "plan_mesh_mismatch": (lambda w: ["plan", TINY, "--set", "model.vocab_size=64", "--set", "mesh.tensor=3"],
-                           "devices", None),
+    "export_bad_format": (
+        lambda w: ["export", w["run"], "--out", w["root"] / "e1", "--format", "onnx"],
+        "--format",
+        "e1",
+    ),
+    "generate_too_long": (
+        lambda w: ["generate", w["run"], "--prompt", "x" * 60, "--max-new-tokens", "100"],
+        "exceeds the model's",
+        None,
+    ),
+    "generate_negative_temperature": (lambda w: ["generate", w["run"], "--temperature", "-1"], "temperature", None),
+    "finetune_unknown_task": (
+        lambda w: ["finetune", "--task", "poetry", "--init-from", w["run"], "--data", w["root"] / "text.txt"],
+        "unknown task",
+        None,
+    ),
+    "finetune_qa_without_qas": (
+        lambda w: [
+            "finetune",
+            "--task",
+            "qa",
+            "--init-from",
+            w["run"],
+            "--data",
+            w["root"] / "noqas.json",
+            "--run-dir",
+            w["root"] / "f1",
+        ],
+        "qas",
+        "f1",
+    ),
+    "finetune_missing_init": (
+        lambda w: ["finetune", "--task", "classify", "--data", w["root"] / "cls.tsv"],
+        "--init-from",
+        None,
+    ),
+    "classify_label_unseen": (
+        lambda w: ["evaluate", w["cls_run"], "--task", "classify", "--data", w["root"] / "cls_new.tsv"],
+        "never seen in training",
+        None,
+    ),
+    "hf_pickle_refused": (
+        lambda w: ["evaluate", f"hf:{w['root'] / 'hf_pickle'}", "--data", w["data"]],
+        "safetensors",
+        None,
+    ),
+    "plan_mesh_mismatch": (
+        lambda w: ["plan", TINY, "--set", "model.vocab_size=64", "--set", "mesh.tensor=3"],
+        "devices",
+        None,
+    ),
 }
 
 

@@ -21,8 +21,20 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_pretrain_evaluate_export_generate(cli, tiny_data, tmp_path):
     run = tmp_path / "run"
-    cli("pretrain", TINY, "--run-dir", run, "--set", f"data.path={tiny_data}", "--set", "train.steps=60",
-        "--set", "train.eval_every=30", "--set", "checkpoint.every=30")
+    cli(
+        "pretrain",
+        TINY,
+        "--run-dir",
+        run,
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.steps=60",
+        "--set",
+        "train.eval_every=30",
+        "--set",
+        "checkpoint.every=30",
+    )
     rows = _metrics(run)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -45,16 +57,43 @@ def test_pretrain_evaluate_export_generate(cli, tiny_data, tmp_path):
     again = cli("export", run, "--out", tmp_path / "export", ok=False)
     assert again.exit_code != 0 and "not empty" in again.stderr
 
-    texts = [cli("generate", tmp_path / "export", "--prompt", "two plus", "--max-new-tokens", "12",
-                 "--temperature", "0.9", "--seed", "3").stdout for _ in range(2)]
+    texts = [
+        cli(
+            "generate",
+            tmp_path / "export",
+            "--prompt",
+            "two plus",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--seed",
+            "3",
+        ).stdout
+        for _ in range(2)
+    ]
     assert texts[0] == texts[1] and texts[0].startswith("two plus") and len(texts[0].strip()) > len("two plus")
     greedy = cli("generate", run, "--prompt", "two plus", "--max-new-tokens", "12", "--temperature", "0").stdout
     assert greedy.startswith("two plus")
 
 
 def _pretrain_args(run_dir, data, steps=40):
-    return ["pretrain", TINY, "--run-dir", run_dir, "--set", f"data.path={data}", "--set", f"train.steps={steps}",
-            "--set", "checkpoint.every=10", "--set", "train.log_every=10", "--set", "checkpoint.async_save=false"]
+    return [
+        "pretrain",
+        TINY,
+        "--run-dir",
+        run_dir,
+        "--set",
+        f"data.path={data}",
+        "--set",
+        f"train.steps={steps}",
+        "--set",
+        "checkpoint.every=10",
+        "--set",
+        "train.log_every=10",
+        "--set",
+        "checkpoint.async_save=false",
+    ]
 
 
 @pytest.mark.slow
@@ -62,8 +101,11 @@ def test_resume_after_kill_matches_uninterrupted(tiny_data, tmp_path):
     full = tmp_path / "full"
     run_cli_subprocess(*_pretrain_args(full, tiny_data))
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "bigmodel_cli", *map(str, _pretrain_args(killed, tiny_data))],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigmodel_cli", *map(str, _pretrain_args(killed, tiny_data))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (killed / "checkpoints" / "20").is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -83,8 +125,8 @@ def test_resume_after_kill_matches_uninterrupted(tiny_data, tmp_path):
 BAD_RECIPES = {
     "unknown_key": ("[optim]\nlearning_rate = 1e-3\n", "did you mean 'lr'"),
     "unknown_section": ("[optimizer]\nlr = 1e-3\n", "did you mean 'optim'"),
-    "wrong_type": ("[train]\nsteps = \"many\"\n", "train.steps must be int"),
-    "missing_data": ("[data]\npath = \"nowhere\"\n", "not found"),
+    "wrong_type": ('[train]\nsteps = "many"\n', "train.steps must be int"),
+    "missing_data": ('[data]\npath = "nowhere"\n', "not found"),
     "toml_syntax": ("[train\nsteps = 3\n", "not valid TOML"),
     "negative_lr": ("[optim]\nlr = -1.0\n", "optim.lr must be positive"),
 }

@@ -10,8 +10,20 @@ TINY = REPO / "recipes" / "tiny.toml"
 
 
 def test_non_tty_output_has_no_ansi_and_json_mode_is_json_lines(tiny_data, tmp_path):
-    args = ["pretrain", TINY, "--run-dir", tmp_path / "run", "--set", f"data.path={tiny_data}",
-            "--set", "train.steps=4", "--set", "train.log_every=2", "--set", "train.eval_every=4"]
+    args = [
+        "pretrain",
+        TINY,
+        "--run-dir",
+        tmp_path / "run",
+        "--set",
+        f"data.path={tiny_data}",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.log_every=2",
+        "--set",
+        "train.eval_every=4",
+    ]
     plain = run_cli_subprocess(*args)
     assert not ANSI.search(plain.stdout + plain.stderr)
     assert "step 4/4 | loss" in plain.stdout

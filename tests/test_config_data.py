@@ -8,7 +8,8 @@ import pytest
 
 from bigmodel_cli import config
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.preprocess import PreprocessConfig, load_manifest, run as preprocess
+from bigmodel_cli.data.preprocess import PreprocessConfig, load_manifest
+from bigmodel_cli.data.preprocess import run as preprocess
 from bigmodel_cli.errors import UserError
 from tests.conftest import REPO, synthetic_text
 
@@ -17,7 +18,10 @@ RECIPES = sorted((REPO / "recipes").rglob("*.toml"))
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(REPO / "recipes")))
 def test_every_recipe_parses_and_starts_with_a_comment(recipe):
-    cfg = config.load_config(recipe)
+    from bigmodel_cli.finetune import FinetuneConfig
+
+    cls = FinetuneConfig if "finetune" in recipe.parts else config.Config
+    cfg = config.load_config(recipe, cls=cls)
     assert cfg.train.steps > 0
     assert recipe.read_text().startswith("#"), "a recipe begins with a comment: command, cost, expected loss"
 
@@ -62,7 +66,7 @@ def _make(tmp_path: Path, name: str, **kw) -> dict:
 def test_preprocess_is_deterministic_and_char_vocab_sizes_itself(tmp_path):
     first = _make(tmp_path, "a", model_type="char")
     _make(tmp_path, "b", model_type="char")
-    for name in ("train.bin", "val.bin", "tokenizer.model", "manifest.json"):
+    for name in ("train-00000.bin", "val-00000.bin", "tokenizer.model", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     chars = set(synthetic_text(400)) - {" ", "\n"}
     assert first["tokenizer"]["vocab_size"] == len(chars) + 6  # specials, newline, word boundary
@@ -76,7 +80,7 @@ def test_preprocess_jsonl_and_bpe(tmp_path):
     manifest = preprocess(PreprocessConfig(inputs=(tmp_path / "docs.jsonl",), out=tmp_path / "out",
                                            vocab_size=400, model_type="bpe", text_field="body"))
     assert manifest["documents"] == 300 and manifest["tokenizer"]["vocab_size"] == 400
-    tokens = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint16)
     assert (tokens == manifest["tokenizer"]["eos_id"]).sum() >= 250  # an EOS after every document
 
 
@@ -85,9 +89,10 @@ def test_preprocess_jsonl_and_bpe(tmp_path):
     [
         (b"\xff\xfe\x00bad", ".txt", "not UTF-8"),
         (b'{"text": "ok"}\n{broken\n', ".jsonl", ":2 is not valid JSON"),
-        (b'{"body": "x"}\n', ".jsonl", "no string field 'text'"),
+        (b'{"body": "x"}\n', ".jsonl", "has no field 'text'"),
         (b"   \n", ".txt", "hold no text"),
-        (b"a,b\n", ".csv", "unsupported file type"),
+        (b"a,b\n", ".csv", "has no column 'text'"),
+        (b"PK\x03\x04", ".docx", "unsupported file type"),
     ],
 )
 def test_preprocess_bad_inputs_leave_nothing_behind(tmp_path, content, suffix, message):

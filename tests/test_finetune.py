@@ -11,9 +11,11 @@ from flax import nnx
 from bigmodel_cli import modelio
 from tests.conftest import synthetic_text
 
-PROMPT_WORDS = ("Context: Question: Answer: Text: Label: Document: Summary: Translate English to German: "
-                "<|system|> <|user|> <|assistant|> <|end|> ### Instruction: Input: Response: unanswerable "
-                "positive negative Der Hund läuft. 北京是中国的首都。长城在北方。李白写诗。")
+PROMPT_WORDS = (
+    "Context: Question: Answer: Text: Label: Document: Summary: Translate English to German: "
+    "<|system|> <|user|> <|assistant|> <|end|> ### Instruction: Input: Response: unanswerable "
+    "positive negative Der Hund läuft. 北京是中国的首都。长城在北方。李白写诗。"
+)
 
 
 @pytest.fixture(scope="module")
@@ -22,49 +24,101 @@ def base_model(cli, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ft_base")
     (root / "corpus.txt").write_text(synthetic_text(1500) + (PROMPT_WORDS + "\n") * 50, encoding="utf-8")
     cli("preprocess", root / "corpus.txt", "--out", root / "data", "--model-type", "char")
-    cli("pretrain", Path(__file__).parents[1] / "recipes" / "tiny.toml", "--run-dir", root / "run",
-        "--set", f"data.path={root / 'data'}", "--set", "train.steps=20", "--set", "model.max_seq_len=128",
-        "--set", "checkpoint.every=20")
+    cli(
+        "pretrain",
+        Path(__file__).parents[1] / "recipes" / "tiny.toml",
+        "--run-dir",
+        root / "run",
+        "--set",
+        f"data.path={root / 'data'}",
+        "--set",
+        "train.steps=20",
+        "--set",
+        "model.max_seq_len=128",
+        "--set",
+        "checkpoint.every=20",
+    )
     return root / "run"
 
 
 def _squad(path: Path, paragraphs: list[tuple[str, list[tuple[str, str]]]]) -> Path:
-    data = {"version": "1.1", "data": [{"title": "t", "paragraphs": [
-        {"context": ctx, "qas": [{"id": f"q{i}-{j}", "question": q,
-                                  "answers": [{"text": a, "answer_start": ctx.index(a)}]}
-                                 for j, (q, a) in enumerate(qas)]}
-        for i, (ctx, qas) in enumerate(paragraphs)]}]}
+    data = {
+        "version": "1.1",
+        "data": [
+            {
+                "title": "t",
+                "paragraphs": [
+                    {
+                        "context": ctx,
+                        "qas": [
+                            {"id": f"q{i}-{j}", "question": q, "answers": [{"text": a, "answer_start": ctx.index(a)}]}
+                            for j, (q, a) in enumerate(qas)
+                        ],
+                    }
+                    for i, (ctx, qas) in enumerate(paragraphs)
+                ],
+            }
+        ],
+    }
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     return path
 
 
 def _task_files(tmp: Path) -> dict[str, list[str]]:
-    english = _squad(tmp / "qa.json", [(f"the {c} fox sees the owl in the garden.", [("where is the owl?", "garden")])
-                                       for c in ("red", "blue", "green", "brown", "black", "white")])
-    chinese = _squad(tmp / "cmrc.json", [("北京是中国的首都。长城在北方。", [("中国的首都是哪里？", "北京")]),
-                                         ("李白写诗。长城在北方。", [("谁写诗？", "李白")])] * 3)
-    (tmp / "cls.tsv").write_text("sentence\tlabel\n" + "".join(
-        f"the film was {w}\t{l}\n" for w, l in [("great", 1), ("bad", 0)] * 6))
-    (tmp / "sum.jsonl").write_text("".join(json.dumps({"document": f"the {c} fox sees the owl. it is late.",
-                                                       "summary": f"{c} fox"}) + "\n"
-                                           for c in ("red", "blue", "green", "brown", "black", "white")))
+    _squad(
+        tmp / "qa.json",
+        [
+            (f"the {c} fox sees the owl in the garden.", [("where is the owl?", "garden")])
+            for c in ("red", "blue", "green", "brown", "black", "white")
+        ],
+    )
+    _squad(
+        tmp / "cmrc.json",
+        [
+            ("北京是中国的首都。长城在北方。", [("中国的首都是哪里？", "北京")]),
+            ("李白写诗。长城在北方。", [("谁写诗？", "李白")]),
+        ]
+        * 3,
+    )
+    (tmp / "cls.tsv").write_text(
+        "sentence\tlabel\n" + "".join(f"the film was {w}\t{l}\n" for w, l in [("great", 1), ("bad", 0)] * 6)
+    )
+    (tmp / "sum.jsonl").write_text(
+        "".join(
+            json.dumps({"document": f"the {c} fox sees the owl. it is late.", "summary": f"{c} fox"}) + "\n"
+            for c in ("red", "blue", "green", "brown", "black", "white")
+        )
+    )
     (tmp / "en.txt").write_text("the dog runs.\nthe cat runs.\n" * 4)
     (tmp / "de.txt").write_text("Der Hund läuft.\nDie Katze läuft.\n" * 4)
-    (tmp / "alpaca.json").write_text(json.dumps([{"instruction": "count to three", "input": "",
-                                                  "output": "one two three."}] * 8))
+    (tmp / "alpaca.json").write_text(
+        json.dumps([{"instruction": "count to three", "input": "", "output": "one two three."}] * 8)
+    )
     return {
         "qa": ["--data", tmp / "qa.json"],
         "qa_zh": ["--data", tmp / "cmrc.json"],
-        "classify": ["--data", tmp / "cls.tsv", "--set", "task.text_field=sentence",
-                     "--set", "task.label_names=0:negative,1:positive"],
+        "classify": [
+            "--data",
+            tmp / "cls.tsv",
+            "--set",
+            "task.text_field=sentence",
+            "--set",
+            "task.label_names=0:negative,1:positive",
+        ],
         "summarize": ["--data", tmp / "sum.jsonl"],
         "translate": ["--data", tmp / "en.txt", "--data2", tmp / "de.txt"],
         "instruct": ["--data", tmp / "alpaca.json"],
     }
 
 
-EXPECTED = {"qa": "f1", "qa_zh": "f1", "classify": "accuracy", "summarize": "rouge1", "translate": "bleu",
-            "instruct": "perplexity"}
+EXPECTED = {
+    "qa": "f1",
+    "qa_zh": "f1",
+    "classify": "accuracy",
+    "summarize": "rouge1",
+    "translate": "bleu",
+    "instruct": "perplexity",
+}
 
 
 @pytest.mark.slow
@@ -73,9 +127,24 @@ def test_each_task_finetunes_and_evaluates(cli, base_model, tmp_path, case):
     task = case.split("_")[0]
     args = _task_files(tmp_path)[case]
     run = tmp_path / "run"
-    out = cli("finetune", "--task", task, "--init-from", base_model, *args, "--run-dir", run,
-              "--set", "train.steps=4", "--set", "train.batch_size=8", "--set", "train.eval_every=4",
-              "--set", "task.max_target_tokens=24").stdout
+    out = cli(
+        "finetune",
+        "--task",
+        task,
+        "--init-from",
+        base_model,
+        *args,
+        "--run-dir",
+        run,
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.batch_size=8",
+        "--set",
+        "train.eval_every=4",
+        "--set",
+        "task.max_target_tokens=24",
+    ).stdout
     assert "trainable_params: " in out
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and np.isfinite(rows[-1]["loss"]) and "val_loss" in rows[-1]
@@ -101,9 +170,24 @@ def test_show_examples_marks_trained_tokens(cli, base_model, tmp_path):
 def test_lora_trains_adapters_only_and_merges_on_export(cli, base_model, tmp_path):
     run = tmp_path / "lora"
     args = _task_files(tmp_path)["summarize"]
-    out = cli("finetune", "--task", "summarize", "--init-from", base_model, *args, "--run-dir", run,
-              "--set", "train.steps=6", "--set", "lora.rank=4", "--set", "lora.targets=all",
-              "--set", "optim.lr=1e-2").stdout
+    out = cli(
+        "finetune",
+        "--task",
+        "summarize",
+        "--init-from",
+        base_model,
+        *args,
+        "--run-dir",
+        run,
+        "--set",
+        "train.steps=6",
+        "--set",
+        "lora.rank=4",
+        "--set",
+        "lora.targets=all",
+        "--set",
+        "optim.lr=1e-2",
+    ).stdout
     d, f, layers = 128, 512, 2
     kv = 2 * 32  # tiny preset: 2 kv heads of 32 dims
     per_layer = 4 * ((d + d) + (d + kv) * 2 + (d + d)) + 4 * ((d + f) * 2 + (f + d))
@@ -130,8 +214,22 @@ def test_lora_model_exports_to_hugging_face_with_merged_weights(cli, base_model,
     from transformers import AutoModelForCausalLM
 
     run = tmp_path / "lora"
-    cli("finetune", "--task", "summarize", "--init-from", base_model, *_task_files(tmp_path)["summarize"],
-        "--run-dir", run, "--set", "train.steps=4", "--set", "lora.rank=2", "--set", "optim.lr=1e-2")
+    cli(
+        "finetune",
+        "--task",
+        "summarize",
+        "--init-from",
+        base_model,
+        *_task_files(tmp_path)["summarize"],
+        "--run-dir",
+        run,
+        "--set",
+        "train.steps=4",
+        "--set",
+        "lora.rank=2",
+        "--set",
+        "optim.lr=1e-2",
+    )
     cli("export", run, "--format", "hf", "--out", tmp_path / "hf")
     ours = modelio.load(run)
     tokens = np.random.default_rng(1).integers(0, ours.model_cfg.vocab_size, (2, 24)).astype(np.int32)

@@ -11,8 +11,7 @@ from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.model.transformer import Transformer
 from bigmodel_cli.modelio import LoadedModel
 
-CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64,
-                  init_std=0.2)
+CFG = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64, init_std=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def _greedy_by_recompute(loaded, prompt, n):
     ids = list(prompt)
     for _ in range(n):
         ids.append(int(jnp.argmax(model(jnp.array([ids]))[0, -1])))
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
 def test_kv_cache_greedy_equals_full_recompute(loaded):

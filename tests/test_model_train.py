@@ -21,8 +21,9 @@ SMALL = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads
 
 
 def _cfg(**train) -> Config:
-    return Config(model=SMALL, optim=OptimConfig(lr=1e-2, warmup_steps=2),
-                  train=TrainConfig(steps=5, batch_size=8, **train))
+    return Config(
+        model=SMALL, optim=OptimConfig(lr=1e-2, warmup_steps=2), train=TrainConfig(steps=5, batch_size=8, **train)
+    )
 
 
 def test_param_count_matches_the_model():
@@ -45,10 +46,12 @@ def test_attention_is_causal():
 def test_rope_scores_depend_only_on_relative_position():
     key = jax.random.key(0)
     q, k = jax.random.normal(key, (2, 1, 1, 1, 8))
+
     def score(pq, pk):
         cq, sq = rope_tables(jnp.array([[pq]]), 8, 10000.0)
         ck, sk = rope_tables(jnp.array([[pk]]), 8, 10000.0)
         return jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk))
+
     assert score(5, 2) == pytest.approx(float(score(13, 10)), abs=1e-5)
     cos, sin = rope_tables(jnp.zeros((1, 1), jnp.int32), 8, 10000.0)
     np.testing.assert_allclose(apply_rope(q, cos, sin), q, atol=1e-7)
@@ -59,7 +62,7 @@ def test_dense_custom_vjp_matches_autodiff():
     w = jax.random.normal(jax.random.key(2), (7, 4))
     ours = jax.grad(lambda x, w: jnp.sum(jnp.sin(dense(x, w))), argnums=(0, 1))(x, w)
     plain = jax.grad(lambda x, w: jnp.sum(jnp.sin(x @ w)), argnums=(0, 1))(x, w)
-    for a, b in zip(ours, plain):
+    for a, b in zip(ours, plain, strict=False):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
@@ -89,7 +92,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     whole, p1 = _run_steps(_cfg(grad_accum=1), mesh, _uneven_batches)
     accum, p4 = _run_steps(_cfg(grad_accum=4), mesh, _uneven_batches)
     np.testing.assert_allclose(whole, accum, rtol=1e-6)
-    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4)))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p4), strict=False))
     assert diff <= 1e-6
 
 

@@ -8,8 +8,21 @@ TINY = REPO / "recipes" / "tiny.toml"
 
 
 def test_plan_reports_params_memory_and_shardings(cli):
-    result = cli("plan", TINY, "--devices", "8", "--set", "model.vocab_size=256", "--set", "mesh.data=2",
-                 "--set", "mesh.fsdp=2", "--set", "mesh.tensor=2", "--json")
+    result = cli(
+        "plan",
+        TINY,
+        "--devices",
+        "8",
+        "--set",
+        "model.vocab_size=256",
+        "--set",
+        "mesh.data=2",
+        "--set",
+        "mesh.fsdp=2",
+        "--set",
+        "mesh.tensor=2",
+        "--json",
+    )
     plan = json.loads(result.stdout)
     assert plan["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2} and plan["devices"] == 8
     table = {row["name"]: row for row in plan["parameters"]}

@@ -17,9 +17,25 @@ STEPS = 60
 
 
 def _args(run_dir: Path, data: Path, *extra: str) -> list:
-    return ["pretrain", TINY, "--run-dir", run_dir, "--set", f"data.path={data}", "--set", f"train.steps={STEPS}",
-            "--set", "checkpoint.every=10", "--set", "checkpoint.keep=3", "--set", "train.log_every=5",
-            "--set", "train.eval_every=30", *extra]
+    return [
+        "pretrain",
+        TINY,
+        "--run-dir",
+        run_dir,
+        "--set",
+        f"data.path={data}",
+        "--set",
+        f"train.steps={STEPS}",
+        "--set",
+        "checkpoint.every=10",
+        "--set",
+        "checkpoint.keep=3",
+        "--set",
+        "train.log_every=5",
+        "--set",
+        "train.eval_every=30",
+        *extra,
+    ]
 
 
 def _weights(run_dir: Path, out: Path) -> bytes:
@@ -36,8 +52,12 @@ def reference(tiny_data, tmp_path_factory):
 
 
 def _start(run_dir, data):
-    return subprocess.Popen([sys.executable, "-m", "bigmodel_cli", *map(str, _args(run_dir, data))],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigmodel_cli", *map(str, _args(run_dir, data))],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for_checkpoint(run_dir: Path, step: int, proc) -> None:
@@ -120,8 +140,18 @@ def test_nonfinite_loss_stops_at_the_right_step_and_keeps_checkpoints(tiny_data,
 
 def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path):
     run = tmp_path / "run"
-    out = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.inject_nonfinite_at=13",
-                                    "--set", "train.on_nonfinite=skip", "--set", "train.steps=20"))
+    out = run_cli_subprocess(
+        *_args(
+            run,
+            tiny_data,
+            "--set",
+            "train.inject_nonfinite_at=13",
+            "--set",
+            "train.on_nonfinite=skip",
+            "--set",
+            "train.steps=20",
+        )
+    )
     assert "step 13: non-finite loss or gradient norm" in out.stdout and "update skipped" in out.stdout
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 20 and rows[-1]["skipped_steps"] == 1 and rows[-1]["loss"] is not None
@@ -130,8 +160,9 @@ def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path):
 def test_changed_recipe_is_refused_unless_allowed(tiny_data, tmp_path):
     run = tmp_path / "run"
     run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=10"))
-    changed = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=20", "--set", "optim.lr=0.01"),
-                                 check=False)
+    changed = run_cli_subprocess(
+        *_args(run, tiny_data, "--set", "train.steps=20", "--set", "optim.lr=0.01"), check=False
+    )
     assert changed.returncode == 2
     assert "optim.lr: 0.003 -> 0.01" in changed.stderr and "train.steps: 10 -> 20" in changed.stderr
     allowed = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=20", "--allow-config-change"))

@@ -1,37 +1,191 @@
-"""Batches as a pure function of (step, seed, data): resuming needs only the step number."""
+"""Batches as a pure function of (step, seed, data): resuming needs only the step number.
+
+The order of training sequences is Grain's: `MapDataset.range(n).shuffle(seed).repeat()` is a random-access
+permutation reseeded each epoch, so sequence k of the run is computed directly, never by replaying the ones
+before it; `MapDataset.mix` interleaves several data sets by weight the same way. Tokens are read from
+memory-mapped shard files, and a Grain iterator builds the next batches on a background thread.
+"""
 
 from __future__ import annotations
 
-import queue
-import threading
+import functools
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grain
 import numpy as np
 
+from bigmodel_cli.data.mixture import parse_mixture
+from bigmodel_cli.data.preprocess import load_manifest, split_files
 from bigmodel_cli.errors import UserError
+
+# Grain's index shuffle costs about 65536/n cycle-walking rounds per call for an epoch of n < 65536 sequences
+# (~2.5 ms per call at n = 10): such an epoch's order is computed once and kept instead.
+SMALL_EPOCH = 1 << 16
+
+
+def _grain_seed(seed: int, part: int) -> int:
+    """A 32-bit shuffle seed per (run seed, data set); Grain reseeds epochs with seed + epoch."""
+    return int(np.random.SeedSequence([seed, part]).generate_state(1)[0])
+
+
+class _Shuffled:
+    """Sequence indices in training order, epoch after epoch (a random-access sequence of length sys.maxsize)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n = n
+        self._ds = grain.MapDataset.range(n).shuffle(seed=seed).repeat()
+        self._epochs: dict[int, np.ndarray] = {}  # small epochs' orders, at most two kept
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __getitem__(self, k: int) -> int:
+        if self.n >= SMALL_EPOCH:
+            return int(self._ds[k])
+        epoch, i = divmod(k, self.n)
+        if epoch not in self._epochs:
+            base = epoch * self.n
+            self._epochs = {e: o for e, o in self._epochs.items() if e == epoch - 1}
+            self._epochs[epoch] = np.array([self._ds[base + j] for j in range(self.n)], np.int64)
+        return int(self._epochs[epoch][i])
+
+
+def _tag(part: int, index: int) -> tuple[int, int]:
+    return part, int(index)
 
 
 class TokenWindows:
-    """Non-overlapping windows of seq_len + 1 tokens over one split's token file (memory-mapped)."""
+    """Non-overlapping windows of seq_len + 1 tokens over one split's token files, read across file ends."""
 
     def __init__(self, data_dir: Path, split: str, manifest: dict, seq_len: int):
-        info = manifest["splits"][split]
-        path = Path(data_dir) / info["file"]
-        if not path.is_file():
-            raise UserError(f"{path} is missing: rerun bigmodel preprocess")
-        self.tokens = np.memmap(path, dtype=np.dtype(manifest["dtype"]), mode="r")
-        self.seq_len = seq_len
-        self.count = (len(self.tokens) - 1) // seq_len
+        if split not in manifest["splits"]:
+            raise UserError(f"{data_dir} has no {split!r} split (has {', '.join(manifest['splits'])})")
+        dtype = np.dtype(manifest["dtype"])
+        self.data_dir, self.seq_len = Path(data_dir), seq_len
+        self.packed = bool(manifest.get("pack_documents"))
+        self.shards: list[np.memmap] = []
+        bounds, starts = [0], []
+        for info in split_files(manifest, split):
+            path = self.data_dir / info["file"]
+            if not path.is_file():
+                raise UserError(f"{path} is missing: rerun bigmodel preprocess")
+            if path.stat().st_size != info["tokens"] * dtype.itemsize:
+                raise UserError(f"{path} does not hold the {info['tokens']} tokens of its manifest: rerun preprocess")
+            if info["tokens"] == 0:
+                continue
+            if self.packed:
+                starts.append(np.fromfile(self.data_dir / info["index"], np.int64) + bounds[-1])
+            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            bounds.append(bounds[-1] + info["tokens"])
+        self.bounds = np.asarray(bounds, np.int64)  # shard i holds global offsets bounds[i] .. bounds[i+1]-1
+        self.total = int(self.bounds[-1])
+        self.starts = np.unique(np.concatenate([np.zeros(1, np.int64), *starts])) if self.packed else None
+        self.count = (self.total - 1) // seq_len
         if self.count < 1:
             raise UserError(
-                f"the {split} split of {data_dir} has {len(self.tokens)} tokens, fewer than one sequence of "
+                f"the {split} split of {data_dir} has {self.total} tokens, fewer than one sequence of "
                 f"{seq_len + 1}: use more data or a smaller data.seq_len"
             )
 
+    def tokens(self, start: int, stop: int) -> np.ndarray:
+        """Tokens start .. stop-1 of the split as int32, whichever files they lie in."""
+        first = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        pieces = []
+        while start < stop:
+            lo, hi = int(self.bounds[first]), int(self.bounds[first + 1])
+            end = min(stop, hi)
+            pieces.append(self.shards[first][start - lo : end - lo])
+            start, first = end, first + 1
+        return np.concatenate(pieces).astype(np.int32) if len(pieces) > 1 else pieces[0].astype(np.int32)
+
     def window(self, index: int) -> np.ndarray:
         start = index * self.seq_len
-        return np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int32)
+        return self.tokens(start, start + self.seq_len + 1)
+
+    def segments(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Segment ids (1, 2, ... per document within the window) and positions within each document for the
+        window's inputs [T]. Positions restart at 0 at the window's first token: a window sees no earlier part."""
+        start, length = index * self.seq_len, self.seq_len
+        if self.starts is None:  # no boundaries stored: the window is one segment
+            return np.ones(length, np.int32), np.arange(length, dtype=np.int32)
+        lo = np.searchsorted(self.starts, start, side="right")
+        hi = np.searchsorted(self.starts, start + length, side="left")
+        inner = self.starts[lo:hi] - start  # segment starts strictly inside the window
+        opens = np.zeros(length, np.int32)
+        opens[inner] = 1
+        begin = np.zeros(length, np.int64)
+        begin[inner] = inner
+        segment_ids = np.cumsum(opens, dtype=np.int32) + 1
+        positions = (np.arange(length) - np.maximum.accumulate(begin)).astype(np.int32)
+        return segment_ids, positions
+
+    def example(self, key: int, segments: bool = False) -> dict[str, np.ndarray]:
+        """Window `key`: its tokens [T+1], and with segments its segment_ids and positions [T]."""
+        out = {"tokens": self.window(key)}
+        if segments:
+            out["segment_ids"], out["positions"] = self.segments(key)
+        return out
+
+    def order(self, seed: int) -> grain.MapDataset:
+        """Window keys in training order: a fresh permutation every epoch."""
+        return grain.MapDataset.source(_Shuffled(self.count, _grain_seed(seed, 0)))
+
+    def sequential(self, index: int) -> int:
+        return index
+
+
+class Mixture:
+    """Several data sets' windows drawn by weight: the share of sequences each contributes to every batch.
+
+    Training draws each set in its own reshuffled order, endlessly; evaluation takes each set's windows in
+    order, interleaved by weight, until the first runs out."""
+
+    def __init__(self, parts: list[TokenWindows], weights: list[float]):
+        if len(parts) != len(weights) or not parts:
+            raise ValueError("a mixture needs one weight per part")
+        if len({p.seq_len for p in parts}) != 1:
+            raise ValueError("all parts of a mixture must have one seq_len")
+        self.parts, self.weights = parts, list(weights)
+        self.seq_len = parts[0].seq_len
+        self.packed = any(p.packed for p in parts)
+        tagged = [grain.MapDataset.range(p.count).map(functools.partial(_tag, i)) for i, p in enumerate(parts)]
+        self._sequential = grain.MapDataset.mix(tagged, self.weights)
+        self.count = len(self._sequential)
+
+    def example(self, key: tuple[int, int] | int, segments: bool = False) -> dict[str, np.ndarray]:
+        part, index = self._sequential[key] if isinstance(key, int) else key
+        return self.parts[part].example(index, segments)
+
+    def order(self, seed: int) -> grain.MapDataset:
+        orders = [
+            grain.MapDataset.source(_Shuffled(p.count, _grain_seed(seed, i + 1))).map(functools.partial(_tag, i))
+            for i, p in enumerate(self.parts)
+        ]
+        return grain.MapDataset.mix(orders, self.weights)
+
+    def sequential(self, index: int) -> tuple[int, int]:
+        return self._sequential[index]
+
+
+def load_mixture(spec: str) -> list[tuple[Path, float, dict]]:
+    """The parts of a mixture ("dirA:0.7,dirB:0.3") with their manifests, checked to share one tokenizer."""
+    parts = [(path, w, load_manifest(path)) for path, w in parse_mixture(spec)]
+    first_dir, _, first = parts[0]
+    for path, _, manifest in parts[1:]:
+        if manifest["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
+            raise UserError(
+                f"data.mixture: {path} was tokenized with a different tokenizer than {first_dir}: preprocess it "
+                f"again with --tokenizer {first_dir / 'tokenizer.model'}"
+            )
+    return parts
+
+
+def open_mixture(spec: str, split: str, seq_len: int) -> Mixture:
+    """One split of every part of a mixture, as a Mixture."""
+    parts = load_mixture(spec)
+    return Mixture([TokenWindows(p, split, m, seq_len) for p, _, m in parts], [w for _, w, _ in parts])
 
 
 def as_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
@@ -42,28 +196,32 @@ def as_batch(windows: np.ndarray, weights: np.ndarray | None = None) -> dict[str
     return {"inputs": inputs, "targets": targets, "weights": weights}
 
 
-class TrainBatches:
-    """Global batch for a step: rows step*B ... step*B+B-1 of a seeded permutation, reshuffled each epoch."""
+def batch_of(windows: TokenWindows | Mixture, keys: list) -> dict[str, np.ndarray]:
+    """The batch of the given window keys; packed data adds segment_ids and positions [B, T] (int32)."""
+    examples = [windows.example(k, windows.packed) for k in keys]
+    batch = as_batch(np.stack([e["tokens"] for e in examples]))
+    if windows.packed:
+        batch["segment_ids"] = np.stack([e["segment_ids"] for e in examples])
+        batch["positions"] = np.stack([e["positions"] for e in examples])
+    return batch
 
-    def __init__(self, windows: TokenWindows, batch_size: int, seed: int, rows: slice | None = None):
+
+class TrainBatches:
+    """Global batch for a step: elements step*B ... step*B+B-1 of the seeded order, reshuffled each epoch.
+
+    Only this process's `rows` of it are read."""
+
+    def __init__(self, windows: TokenWindows | Mixture, batch_size: int, seed: int, rows: slice | None = None):
         self.windows, self.batch_size, self.seed = windows, batch_size, seed
         self.rows = rows or slice(0, batch_size)  # this process's share of every global batch
-        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+        self._order = windows.order(seed)
 
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perm, self._perm_epoch = rng.permutation(self.windows.count), epoch
-        return self._perm
-
-    def indices(self, step: int) -> np.ndarray:
-        """Window indices of the global batch at `step` (crossing epoch boundaries as needed)."""
-        flat = np.arange(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]
-        n = self.windows.count
-        return np.array([self._order(int(i // n))[i % n] for i in flat], np.int64)
+    def indices(self, step: int) -> list:
+        """Window keys of this process's rows of the global batch at `step` (crossing epochs as needed)."""
+        return [self._order[k] for k in range(step * self.batch_size, (step + 1) * self.batch_size)[self.rows]]
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
-        return as_batch(np.stack([self.windows.window(int(i)) for i in self.indices(step)]))
+        return batch_of(self.windows, self.indices(step))
 
 
 class SyntheticBatches:
@@ -79,47 +237,29 @@ class SyntheticBatches:
         return as_batch(windows[self.rows])
 
 
-def eval_batches(windows: TokenWindows, batch_size: int, max_batches: int, rows: slice | None = None):
-    """The first max_batches*B validation windows in order; the last batch is padded with zero-weight rows."""
+def eval_batches(windows: TokenWindows | Mixture, batch_size: int, max_batches: int, rows: slice | None = None):
+    """The first max_batches*B validation windows in order; the last batch is padded with zero-weight rows.
+
+    Padding rows repeat window 0 (segment ids included), so that no row is all padding for attention."""
     total = min(windows.count, max_batches * batch_size)
     rows = rows or slice(0, batch_size)
     for start in range(0, total, batch_size):
         ids = np.arange(start, start + batch_size)
         valid = ids < total
-        batch = as_batch(np.stack([windows.window(int(i) if ok else 0) for i, ok in zip(ids, valid)]))
+        keys = [windows.sequential(int(i) if ok else 0) for i, ok in zip(ids, valid, strict=True)]
+        batch = batch_of(windows, keys)
         batch["weights"] = batch["weights"] * valid[:, None].astype(np.float32)
         yield {k: v[rows] for k, v in batch.items()}
 
 
+def _numbered(make_batch, step: int) -> tuple[int, dict]:
+    return step, make_batch(step)
+
+
 def prefetch(make_batch, steps: range, depth: int = 2) -> Iterator[tuple[int, dict]]:
-    """Build the batches for `steps` on a background thread so the device never waits on the host."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for step in steps:
-                if stop.is_set():
-                    return
-                slots.put((step, make_batch(step)))
-        except BaseException as err:  # surfaced in the consumer, which owns error reporting
-            slots.put((None, err))
-        slots.put((None, None))
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            step, item = slots.get()
-            if step is None:
-                if isinstance(item, BaseException):
-                    raise item
-                return
-            yield step, item
-    finally:
-        stop.set()
-        while thread.is_alive():  # drain so the producer is not blocked on a full queue
-            try:
-                slots.get(timeout=0.1)
-            except queue.Empty:
-                pass
+    """(step, batch) for `steps`, built `depth` ahead on a Grain background thread so the device never waits
+    on the host. One thread: make_batch keeps per-epoch state."""
+    if not len(steps):
+        return iter(())
+    ds = grain.MapDataset.range(steps.start, steps.stop, steps.step).map(functools.partial(_numbered, make_batch))
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=depth)))

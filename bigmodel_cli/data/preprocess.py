@@ -1,89 +1,86 @@
-"""Raw text files -> tokenizer + packed token arrays (train/val) + manifest.json."""
+"""Raw text -> tokenizer + sharded token files (train/val) + manifest.json, streaming in constant memory.
+
+Two passes over the inputs: the first samples lines to train a tokenizer on (skipped with --tokenizer),
+the second encodes documents in batches on worker processes and appends the tokens to shard files in
+input order. Everything is written into a hidden staging directory that is renamed to --out only at the
+end, so an interrupted run leaves no output, and the same inputs always give byte-identical files.
+"""
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
+import multiprocessing
 import os
+import random
 import shutil
+import signal
 import tempfile
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
+from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
 from bigmodel_cli.errors import UserError
 
-SUFFIXES = (".txt", ".jsonl")
+FORMAT = "bigmodel-tokens-v2"
+BATCH_CHARS = 1 << 20  # characters handed to one worker at a time
+NO_TEXT = "the inputs hold no text: check the files (and --text-field for JSON, CSV and Parquet)"
+SAMPLE_SEED = 0  # the tokenizer's training sample is a seeded reservoir: same inputs, same tokenizer
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    inputs: tuple[Path, ...]  # .txt files (one document each) and .jsonl files (one document per line)
+    inputs: tuple[Path | str, ...]  # files, directories, glob patterns and hf:NAME[:CONFIG][@SPLIT] datasets
     out: Path  # output directory; must not exist or be empty
     vocab_size: int = 8000  # tokenizer size (ignored for char, which sizes itself)
     model_type: str = "bpe"  # bpe, unigram or char
     tokenizer: Path | None = None  # an existing SentencePiece .model instead of training one
-    val_fraction: float = 0.1  # share of tokens (from the end of the stream) held out for validation
-    text_field: str = "text"  # field of each JSONL record that holds the document
-
-
-def _expand(inputs: tuple[Path, ...]) -> list[Path]:
-    files = []
-    for path in inputs:
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-            if not found:
-                raise UserError(f"{path} holds no {' or '.join(SUFFIXES)} files: point at text files")
-            files += found
-        elif path.is_file():
-            if path.suffix not in SUFFIXES:
-                raise UserError(f"{path}: unsupported file type {path.suffix!r}; use .txt or .jsonl")
-            files.append(path)
-        else:
-            raise UserError(f"input {path} not found: check the path")
-    return files
-
-
-def read_documents(path: Path, text_field: str) -> list[str]:
-    """Documents of one file: the whole .txt, or each JSONL record's text field."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise UserError(f"{path} is not UTF-8 text (byte {err.start}): convert it or leave it out") from None
-    if "\x00" in text:
-        raise UserError(f"{path} looks binary (it holds NUL bytes): pass text files only")
-    if path.suffix == ".txt":
-        return [text] if text.strip() else []
-    docs = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number} is not valid JSON ({err.msg}): fix or remove the line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UserError(f"{path}:{number} has no string field {text_field!r}: pass --text-field NAME")
-        docs.append(record[text_field])
-    return docs
+    val_fraction: float = 0.1  # share of documents (or of tokens, for tiny corpora) held out for validation
+    text_field: str = "text"  # record field(s) holding the text: "a.b" nests, "title,body" joins several
+    txt_mode: str = "file"  # a .txt file is one document (file), one per line, or one per paragraph
+    byte_fallback: bool | None = None  # unknown characters as UTF-8 bytes; None = on for bpe/unigram, off for char
+    character_coverage: float = 0.0  # share of characters the vocabulary must cover; 0 = 0.9995 (1.0 for char)
+    max_sentences: int = 1_000_000  # the tokenizer trains on a sample of at most this many lines
+    special_tokens: tuple[str, ...] = ()  # strings that always become one token each, e.g. <|user|>
+    pack_documents: bool = False  # store document boundaries so batches carry segment_ids and positions
+    shard_tokens: int = 100_000_000  # tokens per output file (the last one of a split holds the rest)
+    workers: int = 0  # encoding processes; 0 = one per CPU core
 
 
 def run(cfg: PreprocessConfig) -> dict:
-    """Tokenize the inputs into cfg.out; returns the manifest."""
+    """Tokenize the inputs into cfg.out; returns the manifest.
+
+    The encoding workers import the caller's main module (forkserver): call this from a script under
+    `if __name__ == "__main__":`, or with workers=1."""
     if not 0 < cfg.val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if cfg.tokenizer is None and cfg.model_type not in tok.MODEL_TYPES:
+        raise UserError(f"--model-type must be one of {', '.join(tok.MODEL_TYPES)}; got {cfg.model_type!r}")
+    if cfg.max_sentences <= 0 or cfg.shard_tokens <= 0:
+        raise UserError("--max-sentences and the shard size must be positive")
     if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())):
         raise UserError(f"output {cfg.out} already exists and is not empty: choose a new --out directory")
-    files = _expand(cfg.inputs)
-    documents = [doc for path in files for doc in read_documents(path, cfg.text_field)]
-    if not documents:
-        raise UserError("the inputs hold no text: check the files (and --text-field for JSONL)")
+    opts = src_lib.ReadOptions(text_fields=src_lib.parse_text_fields(cfg.text_field), txt_mode=cfg.txt_mode)
+    if opts.txt_mode not in src_lib.TXT_MODES:
+        raise UserError(f"--txt-mode must be one of {', '.join(src_lib.TXT_MODES)}; got {opts.txt_mode!r}")
+    sources = src_lib.expand(cfg.inputs)
 
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would carry over to --out
     try:
-        manifest = _write(cfg, files, documents, staging)
+        manifest = _write(cfg, sources, opts, staging)
         if cfg.out.exists():
             cfg.out.rmdir()  # empty, checked above
         os.replace(staging, cfg.out)
@@ -92,26 +89,288 @@ def run(cfg: PreprocessConfig) -> dict:
     return manifest
 
 
-def _write(cfg: PreprocessConfig, files: list[Path], documents: list[str], staging: Path) -> dict:
-    tokenizer_file = staging / "tokenizer.model"
+# ---- pass 1: a tokenizer trained on a sample --------------------------------------------------
+
+
+def _all_pieces(sources: list[src_lib.Source], opts: src_lib.ReadOptions, docs: list[int] | None = None):
+    """Every source's pieces in order; counts each source's documents into docs."""
+    for i, source in enumerate(sources):
+        for text, last in source.pieces(opts):
+            if docs is not None and last:
+                docs[i] += 1
+            yield text, last
+
+
+def sample_lines(pieces: Iterator[src_lib.Piece], k: int, seed: int = SAMPLE_SEED) -> list[str]:
+    """A uniform sample of k training lines from a stream of any length (reservoir sampling, Li's algorithm L:
+    a few random draws per kept line, none per skipped one)."""
+    rng = random.Random(seed)
+
+    def u() -> float:  # uniform in (0, 1), never 0 or 1
+        return (rng.getrandbits(52) + 0.5) / 2**52
+
+    reservoir: list[str] = []
+    seen = 0  # lines of the stream before the current piece's remaining lines
+    w = math.exp(math.log(u()) / k)
+    nxt = k + math.floor(math.log(u()) / math.log1p(-w))  # index of the next line to keep
+    for text, _ in pieces:
+        lines = tok.training_lines(text)
+        if len(reservoir) < k:
+            take = lines[: k - len(reservoir)]
+            reservoir += take
+            seen += len(take)
+            lines = lines[len(take) :]
+        while lines and nxt < seen + len(lines):
+            reservoir[rng.randrange(k)] = lines[nxt - seen]
+            w *= math.exp(math.log(u()) / k)
+            nxt += math.floor(math.log(u()) / math.log1p(-w)) + 1
+        seen += len(lines)
+    return reservoir
+
+
+def _make_tokenizer(cfg: PreprocessConfig, sources, opts, tokenizer_file: Path) -> None:
     if cfg.tokenizer is not None:
         tok.Tokenizer(cfg.tokenizer)  # validates before copying
         shutil.copyfile(cfg.tokenizer, tokenizer_file)
-    else:
-        tok.train(documents, tokenizer_file, cfg.vocab_size, cfg.model_type)
+        return
+    lines = sample_lines(_all_pieces(sources, opts), cfg.max_sentences)
+    if not lines:
+        raise UserError(NO_TEXT)
+    tok.train(
+        lines,
+        tokenizer_file,
+        cfg.vocab_size,
+        cfg.model_type,
+        byte_fallback=cfg.byte_fallback,
+        character_coverage=cfg.character_coverage,
+        special_tokens=cfg.special_tokens,
+    )
+
+
+# ---- pass 2: encoding on worker processes -----------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(model_file: str, eos_id: int, dtype: str) -> None:
+    _WORKER.update(sp=spm.SentencePieceProcessor(model_file=model_file), eos=eos_id, dtype=np.dtype(dtype))
+
+
+def _init_pool_worker(model_file: str, eos_id: int, dtype: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    _init_worker(model_file, eos_id, dtype)
+
+
+def _encode_batch(texts: list[str], ends: list[bool], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of the pieces, flat, with EOS after each document's last piece; and each piece's length."""
+    ids = _WORKER["sp"].encode(texts, num_threads=num_threads)
+    eos = _WORKER["eos"]
+    if eos >= 0:
+        for piece, last in zip(ids, ends, strict=True):
+            if last:
+                piece.append(eos)
+    lengths = np.fromiter(map(len, ids), np.int64, len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), _WORKER["dtype"], int(lengths.sum()))
+    return flat, lengths
+
+
+def _batches(pieces: Iterator[src_lib.Piece]) -> Iterator[list[src_lib.Piece]]:
+    batch: list[src_lib.Piece] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def encode_stream(batches: Iterator[list[src_lib.Piece]], model_file: Path, eos_id: int, dtype: str, workers: int):
+    """(ends, tokens, lengths) per batch, in input order. A corpus of one batch is encoded here; a larger one on
+    `workers` processes with at most two batches each in flight, so memory stays constant."""
+    batches = iter(batches)
+    head = list(itertools.islice(batches, 2))
+    if workers <= 1 or len(head) < 2:
+        _init_worker(str(model_file), eos_id, dtype)
+        for batch in itertools.chain(head, batches):
+            ends = [last for _, last in batch]
+            yield (ends, *_encode_batch([t for t, _ in batch], ends, num_threads=os.cpu_count() or 1))
+        return
+    # forkserver: the workers do not inherit this process's threads (JAX, when run from the test suite).
+    context = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(
+        workers, mp_context=context, initializer=_init_pool_worker, initargs=(str(model_file), eos_id, dtype)
+    ) as pool:
+        pending: deque = deque()
+        try:
+            for batch in itertools.chain(head, batches):
+                ends = [last for _, last in batch]
+                pending.append((ends, pool.submit(_encode_batch, [t for t, _ in batch], ends)))
+                if len(pending) >= 2 * workers:
+                    ends, future = pending.popleft()
+                    yield (ends, *future.result())
+            while pending:
+                ends, future = pending.popleft()
+                yield (ends, *future.result())
+        except BrokenProcessPool:
+            raise UserError(
+                "an encoding worker process died: out of memory, or preprocess.run was called from a script "
+                "without `if __name__ == '__main__':` (the workers import the main module); or use workers=1"
+            ) from None
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+# ---- splitting and writing --------------------------------------------------------------------
+
+SPLITS = ("train", "val")
+
+
+def is_val(index: int, fraction: float) -> bool:
+    """Piece `index` goes to val: evenly spaced, the first one near 1/(2*fraction), so a stream of any length
+    holds out `fraction` of its pieces without knowing its length."""
+    return math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
+
+
+class Router:
+    """Assigns pieces to splits in stream order and finds where document segments start in each split.
+
+    A segment starts at each EOS (which opens the next document, as it opens generation from an empty prompt),
+    or, with no EOS in the tokenizer, at each document's first token; and wherever a split's stream jumps
+    (its previous piece of the same document went to the other split)."""
+
+    def __init__(self, fraction: float, eos_id: int):
+        self.fraction, self.eos = fraction, eos_id
+        self.index = 0  # global piece number
+        self.doc_start = True  # the next piece begins a document
+        self.last_piece = [-2, -2]  # per split: global number of its latest piece
+        self.after_eos = [False, False]  # per split: its stream ends with an EOS
+
+    def route(self, ends: list[bool], flat: np.ndarray, lengths: np.ndarray, split: list[int] | None = None):
+        """{split: (tokens, segment start offsets within them)} for one encoded batch."""
+        n = len(ends)
+        if split is None:
+            split = [int(is_val(self.index + j, self.fraction)) for j in range(n)]
+        pos, starts = [0, 0], ([], [])
+        for j, (s, length, last) in enumerate(zip(split, lengths.tolist(), ends, strict=True)):
+            i = self.index + j
+            continues = not self.doc_start and self.last_piece[s] == i - 1
+            if not continues and not self.after_eos[s]:
+                starts[s].append(pos[s])
+            eos_here = last and self.eos >= 0
+            if eos_here:
+                starts[s].append(pos[s] + length - 1)
+            self.last_piece[s], self.after_eos[s] = i, eos_here
+            pos[s] += length
+            self.doc_start = last
+        self.index += n
+        to_val = np.repeat(np.asarray(split, bool), lengths)
+        return {"train": (flat[~to_val], starts[0]), "val": (flat[to_val], starts[1])}
+
+
+class ShardWriter:
+    """Appends one split's tokens to files of at most shard_tokens tokens each, plus (packing) an index file
+    per shard of the int64 offsets in it where document segments start."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, index: bool):
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.shard_tokens, self.index = shard_tokens, index
+        self.files: list[dict] = []
+        self.tokens = 0
+        self._bin = self._idx = None
+        self._in_shard = 0
+        self._last_start = -1  # global offset of the last start written (no duplicates)
+
+    def _next_shard(self) -> None:
+        self._close_shard()
+        name = f"{self.split}-{len(self.files):05d}"
+        entry = {"file": f"{name}.bin", "tokens": 0}
+        self._bin = open(self.directory / entry["file"], "wb")  # noqa: SIM115 - closed in _close_shard
+        if self.index:
+            entry.update(index=f"{name}.idx", segments=0)
+            self._idx = open(self.directory / entry["index"], "wb")  # noqa: SIM115
+        self.files.append(entry)
+        self._in_shard = 0
+
+    def append(self, tokens: np.ndarray, starts: list[int]) -> None:
+        starts_arr = np.asarray(starts, np.int64)
+        pos = 0
+        while pos < len(tokens):
+            if self._bin is None or self._in_shard == self.shard_tokens:
+                self._next_shard()
+            take = min(len(tokens) - pos, self.shard_tokens - self._in_shard)
+            tokens[pos : pos + take].astype(self.dtype, copy=False).tofile(self._bin)
+            if self.index:
+                mine = starts_arr[(starts_arr >= pos) & (starts_arr < pos + take)] + (self.tokens - pos)
+                mine = np.unique(mine[mine > self._last_start])
+                if len(mine):
+                    (mine - (self.tokens - self._in_shard)).tofile(self._idx)
+                    self.files[-1]["segments"] += len(mine)
+                    self._last_start = int(mine[-1])
+            self._in_shard += take
+            self.files[-1]["tokens"] += take
+            self.tokens += take
+            pos += take
+
+    def _close_shard(self) -> None:
+        for f in (self._bin, self._idx):
+            if f is not None:
+                f.close()
+        self._bin = self._idx = None
+
+    def close(self) -> dict:
+        self._close_shard()
+        return {"tokens": self.tokens, "files": self.files}
+
+
+def _write(cfg: PreprocessConfig, sources, opts, staging: Path) -> dict:
+    tokenizer_file = staging / "tokenizer.model"
+    _make_tokenizer(cfg, sources, opts, tokenizer_file)
     tokenizer = tok.Tokenizer(tokenizer_file)
     eos = tokenizer.eos_id
-    ids = [i for doc in tokenizer.encode(documents, num_threads=os.cpu_count() or 1) for i in (*doc, eos)]
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-    stream = np.asarray(ids, dtype=dtype)
-    n_val = max(1, int(len(stream) * cfg.val_fraction))
-    splits = {"train": stream[:-n_val], "val": stream[-n_val:]}
-    for name, tokens in splits.items():
-        tokens.tofile(staging / f"{name}.bin")
-    counts = np.bincount(splits["train"], minlength=tokenizer.vocab_size).astype(np.float64)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
+    writers = {s: ShardWriter(staging, s, dtype, cfg.shard_tokens, cfg.pack_documents) for s in SPLITS}
+    counts = np.zeros(tokenizer.vocab_size, np.int64)  # train token frequencies, for the unigram entropy
+    docs = [0] * len(sources)
+    router = Router(cfg.val_fraction, eos)
+    workers = cfg.workers or os.cpu_count() or 1
+
+    pieces = _all_pieces(sources, opts, docs)
+    head = list(itertools.islice(pieces, math.ceil(1 / cfg.val_fraction)))
+    if len(head) < math.ceil(1 / cfg.val_fraction):
+        # Too few pieces to hold some out whole: split the token stream instead (the last val_fraction).
+        encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, eos, dtype.name, 1))
+        ends = [e for batch in encoded for e in batch[0]]
+        flat = np.concatenate([batch[1] for batch in encoded]) if encoded else np.zeros(0, dtype)
+        lengths = np.concatenate([batch[2] for batch in encoded]) if encoded else np.zeros(0, np.int64)
+        tokens, starts = router.route(ends, flat, lengths, split=[0] * len(ends))["train"]
+        n_val = max(1, int(len(tokens) * cfg.val_fraction))
+        cut = len(tokens) - n_val
+        starts = np.asarray(starts, np.int64)
+        writers["train"].append(tokens[:cut], starts[starts < cut].tolist())
+        writers["val"].append(tokens[cut:], [0, *(starts[starts >= cut] - cut).tolist()])
+        counts += np.bincount(tokens[:cut], minlength=tokenizer.vocab_size)
+    else:
+        for ends, flat, lengths in encode_stream(
+            _batches(itertools.chain(head, pieces)), tokenizer_file, eos, dtype.name, workers
+        ):
+            for split, (tokens, starts) in router.route(ends, flat, lengths).items():
+                writers[split].append(tokens, starts)
+                if split == "train":
+                    counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
+    if sum(docs) == 0:
+        raise UserError(NO_TEXT)
+    splits = {s: w.close() for s, w in writers.items()}
+    for name, info in splits.items():
+        if info["tokens"] < 2:
+            raise UserError(f"the {name} split got {info['tokens']} tokens: add data or change --val-fraction")
+
     probs = counts[counts > 0] / counts.sum()
     manifest = {
-        "format": "bigmodel-tokens-v1",
+        "format": FORMAT,
         "tokenizer": {
             "file": "tokenizer.model",
             "sha256": tok.sha256_file(tokenizer_file),
@@ -121,14 +380,28 @@ def _write(cfg: PreprocessConfig, files: list[Path], documents: list[str], stagi
             "eos_id": eos,
             "pad_id": tokenizer.pad_id,
         },
-        "dtype": np.dtype(dtype).name,
-        "splits": {name: {"file": f"{name}.bin", "tokens": int(len(t))} for name, t in splits.items()},
-        "documents": len(documents),
+        "dtype": dtype.name,
+        "splits": splits,
+        "pack_documents": cfg.pack_documents,
+        "documents": sum(docs),
         "unigram_entropy": float(-(probs * np.log(probs)).sum()),  # nats/token: the loss a model must beat
-        "inputs": [{"name": p.name, "bytes": p.stat().st_size, "sha256": tok.sha256_file(p)} for p in files],
+        "inputs": [{**s.fingerprint(), "documents": n} for s, n in zip(sources, docs, strict=True)],
+        "options": {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "out", "tokenizer", "workers")},
     }
-    (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+    text = json.dumps(manifest, indent=2, default=str) + "\n"
+    (staging / "manifest.json").write_text(text)
+    return json.loads(text)  # exactly what load_manifest will read
+
+
+# ---- reading it back --------------------------------------------------------------------------
+
+
+def split_files(manifest: dict, split: str) -> list[dict]:
+    """The files of a split as [{file, tokens, index?}], for both this format and the one-file v1."""
+    info = manifest["splits"][split]
+    if "files" in info:
+        return info["files"]
+    return [{"file": info["file"], "tokens": info["tokens"]}]
 
 
 def load_manifest(data_dir: Path) -> dict:
@@ -139,6 +412,25 @@ def load_manifest(data_dir: Path) -> dict:
     try:
         manifest = json.loads(manifest_file.read_text())
         _ = manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["tokens"]
+        for split in manifest["splits"]:
+            _ = [(f["file"], f["tokens"]) for f in split_files(manifest, split)]
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{manifest_file} is damaged: rerun bigmodel preprocess into a new directory") from None
     return manifest
+
+
+def check_compatible(manifest: dict, tokenizer_sha256: str | None, vocab_size: int, what: str = "the data") -> None:
+    """Refuse data made with another tokenizer, or with more token ids than the model has (one-line UserError).
+
+    tokenizer_sha256 None skips the tokenizer check (a model trained on synthetic tokens has none)."""
+    info = manifest["tokenizer"]
+    if tokenizer_sha256 is not None and info["sha256"] != tokenizer_sha256:
+        raise UserError(
+            f"{what} was tokenized with a different tokenizer (sha256 {info['sha256'][:12]}) than the model's "
+            f"({tokenizer_sha256[:12]}): preprocess it with --tokenizer MODEL_DIR/tokenizer.model"
+        )
+    if info["vocab_size"] > vocab_size:
+        raise UserError(
+            f"{what} has a vocabulary of {info['vocab_size']} tokens but the model only {vocab_size}: "
+            f"use data made with the model's tokenizer (or a model with model.vocab_size >= {info['vocab_size']})"
+        )

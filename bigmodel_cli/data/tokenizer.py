@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -13,6 +14,8 @@ from bigmodel_cli.errors import UserError
 MODEL_TYPES = ("bpe", "unigram", "char")
 # Newlines carry structure (verse, code, paragraphs); SentencePiece trains on lines and would drop them.
 NEWLINE = "\n"
+SPECIALS = 4  # <unk> <s> </s> <pad>, ids 0-3 of every tokenizer we train
+SAMPLE_LINE_CHARS = 2048  # longer training lines are cut (SentencePiece skips lines over max_sentence_length)
 
 
 def sha256_file(path: Path) -> str:
@@ -23,17 +26,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def train(documents: list[str], out_file: Path, vocab_size: int, model_type: str) -> Path:
-    """Train a tokenizer on the documents and write it to out_file (a .model file)."""
+def training_lines(text: str) -> list[str]:
+    """The non-empty lines of a text, long ones cut, as SentencePiece trains on them."""
+    lines = [line for line in text.split(NEWLINE) if line]
+    if lines and max(map(len, lines)) > SAMPLE_LINE_CHARS:
+        lines = [line[i : i + SAMPLE_LINE_CHARS] for line in lines for i in range(0, len(line), SAMPLE_LINE_CHARS)]
+    return lines
+
+
+def train(
+    documents: Iterable[str],
+    out_file: Path,
+    vocab_size: int,
+    model_type: str,
+    *,
+    byte_fallback: bool | None = None,
+    character_coverage: float = 0.0,
+    special_tokens: tuple[str, ...] = (),
+) -> Path:
+    """Train a tokenizer on the documents (or lines) and write it to out_file (a .model file).
+
+    byte_fallback None means on for bpe and unigram (no <unk> ever) and off for char (whose vocabulary is
+    exactly the corpus' characters); character_coverage 0 means 0.9995, or 1.0 for char. special_tokens
+    become single pieces wherever they appear in text (ids 5, 6, ... after the newline at 4)."""
     if model_type not in MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")
-    lines = [line for doc in documents for line in doc.split(NEWLINE) if line]
+    lines = [
+        line
+        for doc in documents
+        for line in (training_lines(doc) if NEWLINE in doc or len(doc) > SAMPLE_LINE_CHARS else [doc] if doc else [])
+    ]
     if not lines:
         raise UserError("the corpus holds no text to train a tokenizer on: check the input files")
-    special = 5  # <unk> <s> </s> <pad> and the newline symbol
-    if model_type == "char":
+    char = model_type == "char"
+    coverage = character_coverage or (1.0 if char else 0.9995)
+    if not 0 < coverage <= 1:
+        raise UserError(f"--character-coverage must be in (0, 1], got {character_coverage}")
+    fallback = not char if byte_fallback is None else byte_fallback
+    bad = [t for t in special_tokens if not t or any(c.isspace() for c in t)]
+    if bad or len(set(special_tokens)) != len(special_tokens):
+        raise UserError(f"--special-tokens must be distinct, non-empty and without spaces; got {special_tokens}")
+    symbols = [NEWLINE, *special_tokens]
+    if char:
         # A character vocabulary is exactly the corpus' characters: size it for the user.
-        vocab_size = len(set("".join(lines)) - {" "}) + special + 1
+        chars = set().union(*map(set, lines)) - {" "}  # (a space becomes the "▁" piece, counted below)
+        vocab_size = len(chars) + SPECIALS + len(symbols) + 1 + (256 if fallback else 0)
     model = io.BytesIO()
     try:
         # Sentences from memory and the model into memory: no temporary paths end up inside the
@@ -43,33 +80,35 @@ def train(documents: list[str], out_file: Path, vocab_size: int, model_type: str
             model_writer=model,
             model_type=model_type,
             vocab_size=vocab_size,
-            hard_vocab_limit=model_type != "char",
-            character_coverage=1.0 if model_type == "char" else 0.9995,
+            hard_vocab_limit=not char,
+            character_coverage=coverage,
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
-            add_dummy_prefix=model_type != "char",
-            byte_fallback=model_type == "bpe",
-            user_defined_symbols=[NEWLINE],
+            # No "▁" added before the text: a word at the start of a line then has the same pieces in
+            # training (one line per sentence) as after a newline inside a document, and encoding a
+            # document in pieces cut after newlines gives exactly the tokens of encoding it whole.
+            add_dummy_prefix=False,
+            byte_fallback=fallback,
+            user_defined_symbols=symbols,
             unk_id=0,
             bos_id=1,
             eos_id=2,
             pad_id=3,
-            input_sentence_size=2_000_000,
-            shuffle_input_sentence=False,  # keeps training (and so the output files) deterministic
-            num_threads=1,
+            input_sentence_size=0,  # the caller samples (preprocess: --max-sentences)
+            max_sentence_length=4 * SAMPLE_LINE_CHARS,  # bytes: no sampled line is ever skipped
+            shuffle_input_sentence=False,
+            num_threads=1,  # the result depends on the thread count: one keeps it the same on every machine
             minloglevel=2,
         )
     except RuntimeError as err:
-        raise UserError(
-            f"tokenizer training failed: {str(err).splitlines()[-1]} (adjust --vocab-size)"
-        ) from None
+        raise UserError(f"tokenizer training failed: {str(err).splitlines()[-1]} (adjust --vocab-size)") from None
     out_file.write_bytes(model.getvalue())
     return out_file
 
 
 class Tokenizer:
-    """A loaded SentencePiece model with the ids our data and generation need."""
+    """A loaded SentencePiece model with the ids our data and generation need (-1 where the model has none)."""
 
     def __init__(self, model_file: Path | str):
         model_file = Path(model_file)
@@ -81,6 +120,7 @@ class Tokenizer:
             raise UserError(f"{model_file} is not a SentencePiece model: pass a .model file") from None
         self.path = model_file
         self.vocab_size = self.sp.vocab_size()
+        # Read from the model, never assumed: Llama's has no pad (-1), others put eos at 1 or have none.
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
 
     def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:

@@ -47,8 +47,7 @@ def _pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.A
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
-def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, eos_id, *, max_new_tokens,
-            cache_len):
+def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, eos_id, *, max_new_tokens, cache_len):
     """prompts [B,P] right-padded, lengths [B] -> new tokens [B, max_new_tokens] (eos_id after an EOS)."""
     model = nnx.merge(graphdef, params)
     batch = prompts.shape[0]
@@ -70,8 +69,9 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
     return tokens.T  # [B, max_new_tokens]
 
 
-def generate_ids(loaded: modelio.LoadedModel, prompts: list[list[int]], sampling: Sampling,
-                 eos_id: int = -1, pad_to: int = 0) -> list[list[int]]:
+def generate_ids(
+    loaded: modelio.LoadedModel, prompts: list[list[int]], sampling: Sampling, eos_id: int = -1, pad_to: int = 0
+) -> list[list[int]]:
     """New token ids for each prompt, cut after the first EOS.
 
     pad_to fixes the padded prompt length (and so the compiled shapes) across calls with varying prompts."""
@@ -80,8 +80,10 @@ def generate_ids(loaded: modelio.LoadedModel, prompts: list[list[int]], sampling
     limit = loaded.model_cfg.max_seq_len
     longest = max(max(len(p) for p in prompts), pad_to)
     if longest + sampling.max_new_tokens > limit:
-        raise UserError(f"prompt ({longest} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the "
-                        f"model's {limit} positions: shorten the prompt or ask for fewer tokens")
+        raise UserError(
+            f"prompt ({longest} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the "
+            f"model's {limit} positions: shorten the prompt or ask for fewer tokens"
+        )
     if sampling.max_new_tokens == 0:
         return [[] for _ in prompts]
     padded = np.zeros((len(prompts), longest), np.int32)
@@ -90,17 +92,32 @@ def generate_ids(loaded: modelio.LoadedModel, prompts: list[list[int]], sampling
     lengths = np.array([len(p) for p in prompts], np.int32)
     cache_len = longest + sampling.max_new_tokens
     with parallel.activate(loaded.mesh):
-        tokens = _decode(loaded.graphdef, loaded.params, padded, lengths, jax.random.key(sampling.seed),
-                         sampling.temperature, sampling.top_k, sampling.top_p, eos_id,
-                         max_new_tokens=sampling.max_new_tokens, cache_len=cache_len)
+        tokens = _decode(
+            loaded.graphdef,
+            loaded.params,
+            padded,
+            lengths,
+            jax.random.key(sampling.seed),
+            sampling.temperature,
+            sampling.top_k,
+            sampling.top_p,
+            eos_id,
+            max_new_tokens=sampling.max_new_tokens,
+            cache_len=cache_len,
+        )
     out = []
     for row in np.asarray(tokens).tolist():
         out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
     return out
 
 
-def complete(loaded: modelio.LoadedModel, tokenizer: Tokenizer, prompts: list[str], sampling: Sampling,
-             stop: tuple[str, ...] = ()) -> list[str]:
+def complete(
+    loaded: modelio.LoadedModel,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    sampling: Sampling,
+    stop: tuple[str, ...] = (),
+) -> list[str]:
     """Continuations (without the prompts) of a batch of text prompts, cut at EOS and at any stop string."""
     ids = [p or [tokenizer.eos_id] for p in tokenizer.encode(prompts)]
     texts = []
@@ -111,8 +128,17 @@ def complete(loaded: modelio.LoadedModel, tokenizer: Tokenizer, prompts: list[st
     return texts
 
 
-def run(model: Path, prompt: str, *, max_new_tokens: int = 100, temperature: float = 0.8, top_k: int = 0,
-        top_p: float = 1.0, seed: int = 0, stop: tuple[str, ...] = ()) -> str:
+def run(
+    model: Path,
+    prompt: str,
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: tuple[str, ...] = (),
+) -> str:
     """Prompt + its continuation as text."""
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     loaded = modelio.load(model)

@@ -71,9 +71,7 @@ def squad_f1(prediction: str, ground_truths: str | Sequence[str], *, version: Sq
     # precision/recall path never sees a common token), v2.0 scores 1 so "no answer" can be right.
     both_empty = 1.0 if version == "2.0" else 0.0
     pred = normalize_answer(prediction).split()
-    return max(
-        _overlap_f1(pred, normalize_answer(g).split(), both_empty) for g in _as_gold_list(ground_truths)
-    )
+    return max(_overlap_f1(pred, normalize_answer(g).split(), both_empty) for g in _as_gold_list(ground_truths))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -300,9 +298,7 @@ def accuracy(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> float:
     return sum(p == g for p, g in zip(preds, golds, strict=True)) / len(golds)
 
 
-def macro_f1(
-    preds: Sequence[Hashable], golds: Sequence[Hashable], labels: Sequence[Hashable] | None = None
-) -> float:
+def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
     """Return the unweighted mean (0-1) of per-label F1 over the gold labels plus the given labels."""
     _check_pairs(preds, golds)
     predicted = set(preds)

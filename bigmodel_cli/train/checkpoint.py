@@ -73,15 +73,15 @@ class Checkpoints:
                 os.replace(directory, aside)
                 self.manager.reload()
                 reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-                warn(f"checkpoint {directory} is damaged ({type(err).__name__}: {reason}); moved to {aside.name}, "
-                     "using the previous one")
+                warn(
+                    f"checkpoint {directory} is damaged ({type(err).__name__}: {reason}); moved to {aside.name}, "
+                    "using the previous one"
+                )
         return 0, None, {}
 
     def restore_params(self, step: int, like_params: Any) -> tuple[Any, dict]:
         """Only the parameters (and meta), for evaluate/generate/export."""
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(like_params)), meta=ocp.args.JsonRestore()
-        )
+        args = ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(like_params)), meta=ocp.args.JsonRestore())
         out = self.manager.restore(step, args=args)
         return out["params"], dict(out["meta"])
 

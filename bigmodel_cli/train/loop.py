@@ -63,12 +63,14 @@ def make_state(cfg, mesh, initial=None) -> tuple[nnx.GraphDef, Any, dict]:
     return graphdef, tx, state
 
 
-def jit_train_step(graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0,
-                   dropout_seed: int | None = None):
+def jit_train_step(
+    graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0, dropout_seed: int | None = None
+):
     """The train step jitted once with explicit shardings and the state donated."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = functools.partial(train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at,
-                             dropout_seed=dropout_seed)
+    step = functools.partial(
+        train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at, dropout_seed=dropout_seed
+    )
     return jax.jit(
         step,
         in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
@@ -142,8 +144,9 @@ def train(inp: LoopInputs) -> dict:
     graphdef, tx, state = make_state(cfg, mesh, inp.initial)
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
-    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at,
-                             inp.dropout_seed)
+    step_fn = jit_train_step(
+        graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at, inp.dropout_seed
+    )
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
     ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
@@ -151,8 +154,10 @@ def train(inp: LoopInputs) -> dict:
     if ckpt.latest_step():
         start, restored, _ = ckpt.restore_latest_good(state, console.info)
         if restored is None:
-            raise UserError(f"no checkpoint in {inp.run_dir / 'checkpoints'} could be restored (all moved aside as "
-                            "*.corrupt-N): rerun to start from scratch, or use a new --run-dir")
+            raise UserError(
+                f"no checkpoint in {inp.run_dir / 'checkpoints'} could be restored (all moved aside as "
+                "*.corrupt-N): rerun to start from scratch, or use a new --run-dir"
+            )
         state = {**state, "step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
@@ -162,9 +167,7 @@ def train(inp: LoopInputs) -> dict:
     with parallel.activate(mesh):
         compiled = step_fn.lower(state, example).compile()
     compile_s = time.perf_counter() - t0
-    console.info(
-        f"model {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | step compiled in {compile_s:.1f}s"
-    )
+    console.info(f"model {n_params / 1e6:.2f}M params | mesh {dict(mesh.shape)} | step compiled in {compile_s:.1f}s")
 
     tokens_per_step = cfg.train.batch_size * inp.seq_len
     flops_per_step = flops_per_token(cfg.model, inp.seq_len) * tokens_per_step
@@ -260,13 +263,14 @@ def _check_finite(step: int, finite, cfg, inp: LoopInputs, console: Console) -> 
     if bool(finite):
         return 0
     indices = getattr(inp.train_batch, "indices", None)
-    where = f" (batch of data windows {indices(step).tolist()[:8]}...)" if indices else ""
+    shown = [i if isinstance(i, tuple) else int(i) for i in list(indices(step))[:8]] if indices else []
+    where = f" (batch of data windows {shown}...)" if indices else ""
     if cfg.train.on_nonfinite == "skip":
         console.info(f"step {step + 1}: non-finite loss or gradient norm{where}: update skipped")
         return 1
     raise UserError(
         f"non-finite loss or gradient norm at step {step + 1}{where}: stopped, the last good checkpoint is "
-        "kept; lower optim.lr, check the data, or set train.on_nonfinite = \"skip\""
+        'kept; lower optim.lr, check the data, or set train.on_nonfinite = "skip"'
     )
 
 

@@ -34,7 +34,11 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
     parts.append(
         optax.adamw(
-            schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+            schedule(cfg, total_steps),
+            b1=cfg.b1,
+            b2=cfg.b2,
+            eps=cfg.eps,
+            weight_decay=cfg.weight_decay,
             mask=_decay_mask,
         )
     )

@@ -65,13 +65,19 @@ def main() -> None:
         window[0, len(ids)] = token
         ids.append(token)
     recompute_s = (time.perf_counter() - t0) * args.new_tokens / steps
-    same = ids[len(prompt):] == cached[:steps]
+    same = ids[len(prompt) :] == cached[:steps]
     result = {
-        "preset": args.preset, "params_m": round(sum(x.size for x in jax.tree.leaves(loaded.params)) / 1e6, 1),
-        "prompt": args.prompt, "new_tokens": args.new_tokens, "kv_cache_s": round(cached_s, 2),
-        "kv_cache_tokens_per_s": round(args.new_tokens / cached_s, 1), "recompute_s": round(recompute_s, 2),
-        "recompute_tokens_per_s": round(args.new_tokens / recompute_s, 1), "recompute_steps_timed": steps,
-        "speedup": round(recompute_s / cached_s, 1), "identical_greedy_tokens": same,
+        "preset": args.preset,
+        "params_m": round(sum(x.size for x in jax.tree.leaves(loaded.params)) / 1e6, 1),
+        "prompt": args.prompt,
+        "new_tokens": args.new_tokens,
+        "kv_cache_s": round(cached_s, 2),
+        "kv_cache_tokens_per_s": round(args.new_tokens / cached_s, 1),
+        "recompute_s": round(recompute_s, 2),
+        "recompute_tokens_per_s": round(args.new_tokens / recompute_s, 1),
+        "recompute_steps_timed": steps,
+        "speedup": round(recompute_s / cached_s, 1),
+        "identical_greedy_tokens": same,
     }
     print(json.dumps(result))
     if not same:

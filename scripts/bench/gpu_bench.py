@@ -29,12 +29,18 @@ from bigmodel_cli.train.loop import jit_train_step, make_state  # noqa: E402
 from bigmodel_cli.utils import device_peak_flops  # noqa: E402
 
 
-def measure(preset: str, seq: int, batch: int, steps: int, attention: str, dtype: str, remat: str,
-            vocab: int = 32000) -> dict:
-    model = ModelConfig(**{**PRESETS[preset], "vocab_size": vocab, "max_seq_len": seq, "dtype": dtype,
-                           "attention": attention})
-    cfg = Config(model=model, optim=OptimConfig(lr=3e-4, warmup_steps=10),
-                 train=TrainConfig(steps=steps + 2, batch_size=batch, remat=remat), mesh=MeshConfig(data=1))
+def measure(
+    preset: str, seq: int, batch: int, steps: int, attention: str, dtype: str, remat: str, vocab: int = 32000
+) -> dict:
+    model = ModelConfig(
+        **{**PRESETS[preset], "vocab_size": vocab, "max_seq_len": seq, "dtype": dtype, "attention": attention}
+    )
+    cfg = Config(
+        model=model,
+        optim=OptimConfig(lr=3e-4, warmup_steps=10),
+        train=TrainConfig(steps=steps + 2, batch_size=batch, remat=remat),
+        mesh=MeshConfig(data=1),
+    )
     mesh = parallel.make_mesh(cfg.mesh, devices=jax.devices()[:1])
     graphdef, tx, state = make_state(cfg, mesh)
     step = jit_train_step(graphdef, tx, 1, state, mesh)
@@ -57,10 +63,20 @@ def measure(preset: str, seq: int, batch: int, steps: int, attention: str, dtype
     flops = flops_per_token(model, seq) * tokens
     peak = device_peak_flops(dtype)
     return {
-        "device": jax.devices()[0].device_kind, "preset": preset, "params": count_params(model)[0], "seq": seq,
-        "batch": batch, "dtype": dtype, "attention": attention, "remat": remat, "compile_s": round(compile_s, 1),
-        "step_ms": round(step_s * 1e3, 1), "tokens_per_s": round(tokens / step_s), "model_tflops": flops / step_s / 1e12,
-        "mfu": flops / step_s / peak, "loss": loss,
+        "device": jax.devices()[0].device_kind,
+        "preset": preset,
+        "params": count_params(model)[0],
+        "seq": seq,
+        "batch": batch,
+        "dtype": dtype,
+        "attention": attention,
+        "remat": remat,
+        "compile_s": round(compile_s, 1),
+        "step_ms": round(step_s * 1e3, 1),
+        "tokens_per_s": round(tokens / step_s),
+        "model_tflops": flops / step_s / 1e12,
+        "mfu": flops / step_s / peak,
+        "loss": loss,
     }
 
 
@@ -82,8 +98,9 @@ def main() -> None:
     results = []
     for attention in args.attention.split(","):
         try:
-            result = measure(args.preset, args.seq, args.batch, args.steps, attention.strip(), args.dtype, args.remat,
-                             args.vocab)
+            result = measure(
+                args.preset, args.seq, args.batch, args.steps, attention.strip(), args.dtype, args.remat, args.vocab
+            )
         except Exception as err:  # e.g. cudnn attention unavailable for this shape or device: report, go on
             result = {"attention": attention, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
         results.append(result)
@@ -93,8 +110,10 @@ def main() -> None:
         if "error" in r:
             print(f"{r['attention']:<10} {r['error']}")
         else:
-            print(f"{r['attention']:<10} {r['step_ms']:>9} {r['tokens_per_s']:>10} {r['model_tflops']:>8.1f} "
-                  f"{100 * r['mfu']:>5.1f}%")
+            print(
+                f"{r['attention']:<10} {r['step_ms']:>9} {r['tokens_per_s']:>10} {r['model_tflops']:>8.1f} "
+                f"{100 * r['mfu']:>5.1f}%"
+            )
     if any("error" in r for r in results) and all("error" in r for r in results):
         sys.exit(1)
 

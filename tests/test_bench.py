@@ -1,0 +1,125 @@
+"""The CPU benchmark against the PyTorch peer: matching recipes, the script's commands, a real run."""
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bigmodel_cli.config import load_config
+from bigmodel_cli.model.transformer import count_params, flops_per_token
+from tests.conftest import REPO, run_cli_subprocess
+
+PEER = REPO.parent / "shared" / "bench" / "torch_peer.py"
+SCRIPT = REPO / "scripts" / "bench" / "bench_vs_torch.py"
+# The peer's configurations, for when ../shared/bench/torch_peer.py is not there to read them from.
+PEER_CONFIGS = {
+    "tiny": dict(vocab=8000, d=128, layers=2, heads=4, ffn=512, T=128, B=8),
+    "35m": dict(vocab=8000, d=512, layers=8, heads=8, ffn=1536, T=512, B=8),
+}
+
+
+def peer_configs() -> dict:
+    """CONFIGS as written in torch_peer.py (parsed, not imported: no torch needed), else the constants."""
+    if not PEER.is_file():
+        return PEER_CONFIGS
+    tree = ast.parse(PEER.read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "CONFIGS" for t in node.targets):
+            return {
+                ast.literal_eval(k): {kw.arg: ast.literal_eval(kw.value) for kw in v.keywords}
+                for k, v in zip(node.value.keys, node.value.values, strict=True)
+            }
+    raise AssertionError(f"no CONFIGS in {PEER}")
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench_vs_torch", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", ["tiny", "35m"])
+def test_bench_recipe_matches_peer(name):
+    cfg = load_config(REPO / "recipes" / "bench" / f"{name}.toml")
+    want = peer_configs()[name]
+    m = cfg.model
+    got = dict(
+        vocab=m.vocab_size,
+        d=m.d_model,
+        layers=m.n_layers,
+        heads=m.n_heads,
+        ffn=m.d_ff,
+        T=cfg.data.seq_len or m.max_seq_len,
+        B=cfg.train.batch_size,
+    )
+    assert got == want
+    assert m.kv_heads == m.n_heads and m.dims_per_head * m.n_heads == m.d_model  # plain multi-head attention
+    assert not m.tie_embeddings and m.dtype == m.param_dtype == "float32" and m.norm_eps == 1e-6
+    assert cfg.data.synthetic and m.max_seq_len == want["T"]
+    o = cfg.optim
+    assert (o.lr, o.b1, o.b2, o.weight_decay, o.eps) == (3e-3, 0.9, 0.95, 0.1, 1e-8)
+    assert o.grad_clip == 0 and o.warmup_steps == 0 and o.min_lr_ratio == 1.0  # the peer's constant-lr AdamW
+    assert cfg.train.log_every == 1 and cfg.checkpoint.every >= 1000
+
+
+@pytest.mark.parametrize("name", ["tiny", "35m"])
+def test_bench_flops_agree_with_model(name):
+    """The script's copy of the peer's FLOP formula equals bigmodel's own count for the same model."""
+    bench = bench_module()
+    cfg = load_config(REPO / "recipes" / "bench" / f"{name}.toml")
+    d = bench.dims(name)
+    assert bench.peer_params(d) == count_params(cfg.model)[0]
+    tokens = d["B"] * d["T"]
+    assert bench.flops_per_step(d) == pytest.approx(flops_per_token(cfg.model, d["T"]) * tokens)
+
+
+def test_bench_script_dry_run(tmp_path):
+    peer = tmp_path / "peer.py"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--rounds", "2", "--steps", "4", "--peer", str(peer)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    for name in ("tiny", "35m"):
+        ours = [x for x in lines if f"recipes/bench/{name}.toml" in x]
+        theirs = [x for x in lines if str(peer) in x and f" {name} 4 eager" in x]
+        assert len(ours) == 1 and len(theirs) == 1, proc.stdout
+        assert "-m bigmodel_cli --quiet pretrain" in ours[0] and "train.steps=6" in ours[0]
+        assert "train.log_every=1" in ours[0]
+        assert ours[0].startswith("GLIBC_TUNABLES=") and theirs[0].startswith("GLIBC_TUNABLES=")
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--dry-run", "--configs", "tiny", "--no-tunables"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert proc.returncode == 0 and "GLIBC_TUNABLES" not in proc.stdout and "35m" not in proc.stdout
+
+
+def test_bench_tiny_pretrain_logs_speed(tmp_path):
+    run_dir = tmp_path / "run"
+    run_cli_subprocess(
+        "--quiet",
+        "pretrain",
+        REPO / "recipes" / "bench" / "tiny.toml",
+        "--run-dir",
+        run_dir,
+        "--set",
+        "train.steps=3",
+        env={"XLA_FLAGS": ""},
+        timeout=300,
+    )
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5
+        assert abs(r["loss"] - 8.99) < 0.3  # random tokens: ~ln(8000)

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 
@@ -22,10 +23,15 @@ def loaded():
 
 
 def _greedy_by_recompute(loaded, prompt, n):
+    """Reference decoder: a full forward over a fixed-length window for every new token."""
     model = nnx.merge(loaded.graphdef, loaded.params)
+    forward = jax.jit(lambda window, last: jnp.argmax(model(window)[0, last]))
+    window = np.zeros((1, CFG.max_seq_len), np.int32)
+    window[0, : len(prompt)] = prompt
     ids = list(prompt)
     for _ in range(n):
-        ids.append(int(jnp.argmax(model(jnp.array([ids]))[0, -1])))
+        ids.append(int(forward(window, len(ids) - 1)))
+        window[0, len(ids) - 1] = ids[-1]
     return ids[len(prompt) :]
 
 

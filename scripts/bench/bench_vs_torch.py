@@ -124,9 +124,7 @@ def peer_params(c: dict) -> int:
 
 def flops_per_step(c: dict) -> float:
     tokens = c["B"] * c["T"]
-    return (
-        6 * (peer_params(c) - c["vocab"] * c["d"]) * tokens + 12 * c["B"] * c["T"] ** 2 * c["d"] * c["layers"]
-    )
+    return 6 * (peer_params(c) - c["vocab"] * c["d"]) * tokens + 12 * c["B"] * c["T"] ** 2 * c["d"] * c["layers"]
 
 
 # ---- measurements -------------------------------------------------------------------------------
@@ -194,9 +192,7 @@ def run_measured(cmd: list[str], env: dict, cwd: Path) -> tuple[subprocess.Compl
 
 
 def _fail(what: str, proc: subprocess.CompletedProcess) -> None:
-    sys.stderr.write(
-        f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}\n"
-    )
+    sys.stderr.write(f"{what} failed (exit {proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}\n")
     raise SystemExit(1)
 
 
@@ -206,9 +202,7 @@ def run_bigmodel(cfg: str, steps: int, env: dict, c: dict, peak_gflops: float) -
         proc, info = run_measured(bigmodel_cmd(cfg, steps, run_dir), env, REPO)
         if proc.returncode != 0:
             _fail(f"bigmodel pretrain {cfg}", proc)
-        records = [
-            json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line
-        ]
+        records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line]
     tokens = c["B"] * c["T"]
     timed = [r for r in records if r["step"] > WARMUP_STEPS and r.get("tokens_per_s")]
     if not timed:
@@ -284,9 +278,7 @@ def table(summary: dict) -> str:
                 f"| {f['others_cores_max']:.2f} |"
             )
     lines.append("")
-    lines.append(
-        "| config | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |"
-    )
+    lines.append("| config | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |")
     lines.append("|---|---|---|")
     for name, s in summary.items():
         r = s["ratio_bigmodel_over_torch"]
@@ -326,9 +318,7 @@ def machine_info() -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated: tiny,35m (default both)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved A/B pairs per config (default 3)")
     p.add_argument(
@@ -337,21 +327,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"timed steps per run, after {WARMUP_STEPS} warm-up steps (default {DEFAULT_STEPS})",
     )
-    p.add_argument(
-        "--peer", default=None, help=f"torch_peer.py (default $BIGMODEL_TORCH_PEER or {DEFAULT_PEER})"
-    )
+    p.add_argument("--peer", default=None, help=f"torch_peer.py (default $BIGMODEL_TORCH_PEER or {DEFAULT_PEER})")
     p.add_argument("--peak", type=float, default=None, help="matmul peak GFLOP/s (default: measure it first)")
     p.add_argument("--json-out", type=Path, default=None, help="write all results to this JSON file")
     p.add_argument("--no-tunables", action="store_true", help="do not set GLIBC_TUNABLES in the subprocesses")
-    p.add_argument(
-        "--retry-busy", type=int, default=0, help="rerun a round up to N times if others were busy"
-    )
+    p.add_argument("--retry-busy", type=int, default=0, help="rerun a round up to N times if others were busy")
     p.add_argument(
         "--wait-idle", type=float, default=0, help="before each round, wait up to this many s for a quiet CPU"
     )
-    p.add_argument(
-        "--busy-limit", type=float, default=0.25, help="cores of other work that make a round busy"
-    )
+    p.add_argument("--busy-limit", type=float, default=0.25, help="cores of other work that make a round busy")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args(argv)
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -370,9 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     steps_for = {c: args.steps or DEFAULT_STEPS[c] for c in args.configs}
 
     if args.dry_run:
-        print(
-            f"# {args.rounds} round(s) per config, interleaved bigmodel / torch; matmul peak measured first"
-        )
+        print(f"# {args.rounds} round(s) per config, interleaved bigmodel / torch; matmul peak measured first")
         for c in args.configs:
             print(f"# {c}")
             print(shown(bigmodel_cmd(c, steps_for[c], "<tmp>/run"), tunables))

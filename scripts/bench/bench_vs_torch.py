@@ -12,10 +12,11 @@ Both report the median step time of their timed steps; tokens/s = B*T / median s
 fraction of peak uses the peer's FLOP formula: 6*(params - embedding)*tokens + 12*B*T^2*d*layers.
 
 Both subprocesses get GLIBC_TUNABLES (no mmap'd malloc, no trimming, one arena: see STACK-NOTES) unless
---no-tunables. Each run also records how many cores other processes kept busy meanwhile ("others"), from
-/proc/stat minus the child's own CPU time; with --retry-busy N a round where either side saw more than
---busy-limit cores of other work is run again (up to N times), and with --wait-idle S each round first
-waits (up to S seconds) for the CPU to be quiet. On a shared machine: --wait-idle 600 --retry-busy 2.
+--no-tunables, which also sets BIGMODEL_NO_REEXEC=1 (else the CLI re-executes itself with the tunables).
+Each run also records how many cores other processes kept busy meanwhile ("others"), from /proc/stat minus
+the child's own CPU time; with --retry-busy N a round where either side saw more than --busy-limit cores of
+other work is run again (up to N times), and with --wait-idle S each round first waits (up to S seconds)
+for the CPU to be quiet. On a shared machine: --wait-idle 900 --retry-busy 3.
 
 Usage:
   python scripts/bench/bench_vs_torch.py --rounds 3 [--configs tiny,35m] [--steps N] [--json-out FILE]
@@ -88,11 +89,12 @@ def child_env(tunables: bool) -> dict[str, str]:
         env["GLIBC_TUNABLES"] = TUNABLES
     else:
         env.pop("GLIBC_TUNABLES", None)
+        env["BIGMODEL_NO_REEXEC"] = "1"  # else the CLI re-executes itself with the tunables on a CPU host
     return env
 
 
 def shown(cmd: list[str], tunables: bool) -> str:
-    prefix = f"GLIBC_TUNABLES={TUNABLES} " if tunables else ""
+    prefix = f"GLIBC_TUNABLES={TUNABLES} " if tunables else "BIGMODEL_NO_REEXEC=1 "
     return prefix + " ".join(shlex.quote(c) for c in cmd)
 
 

@@ -177,7 +177,7 @@ def preprocess(
         shard_tokens=shard_tokens,
         workers=workers,
     )
-    manifest = stage.run(cfg)
+    manifest = stage.run(cfg, console=_console())
     splits = manifest["splits"]
     _console().result(
         {

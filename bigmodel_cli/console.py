@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 
 from rich.console import Console as RichConsole
@@ -108,10 +109,82 @@ class Console:
         else:
             yield bar
 
+    @contextlib.contextmanager
+    def throughput(self, name: str, every: float = 10.0) -> Iterator[_Throughput | _Silent]:
+        """A meter for a job of unknown length that reads bytes and makes tokens (preprocess)."""
+        if self.silent:
+            yield _Silent()
+            return
+        meter = _Throughput(self, name, every)
+        if meter.progress is not None:
+            with meter.progress:
+                yield meter
+        else:
+            yield meter
+        meter.emit()  # the totals and mean rates, as one line that stays in the log
+
 
 class _Silent:
     def update(self, step: int, metrics: dict) -> None:
         pass
+
+    def advance(self, nbytes: int, tokens: int) -> None:
+        pass
+
+
+class _Throughput:
+    """Bytes and tokens done so far, with their rates: a live line on a terminal, a log line every
+    `every` seconds otherwise (a JSON object in json mode), so long jobs show life in any log."""
+
+    def __init__(self, console: Console, name: str, every: float):
+        self.console, self.name, self.every = console, name, every
+        self.bytes = self.tokens = 0
+        self.start = self.last_line = time.perf_counter()
+        self.progress = None
+        if console.mode == "rich" and console.rich.is_terminal:
+            from rich.progress import SpinnerColumn
+
+            self.progress = Progress(
+                SpinnerColumn(),
+                TextColumn(f"[bold]{name}"),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                console=console.rich,
+                transient=True,
+            )
+            self.task = self.progress.add_task(name, total=None, info="")
+
+    def fields(self) -> dict:
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        return {
+            "bytes": self.bytes,
+            "tokens": self.tokens,
+            "bytes_per_s": self.bytes / seconds,
+            "tokens_per_s": self.tokens / seconds,
+            "seconds": seconds,
+        }
+
+    def text(self) -> str:
+        f = self.fields()
+        return (
+            f"{f['bytes'] / 1e6:,.1f} MB | {f['bytes_per_s'] / 1e6:,.2f} MB/s | "
+            f"{f['tokens']:,} tokens | {f['tokens_per_s']:,.0f} tok/s"
+        )
+
+    def advance(self, nbytes: int, tokens: int) -> None:
+        self.bytes += nbytes
+        self.tokens += tokens
+        if self.progress is not None:
+            self.progress.update(self.task, info=self.text())
+        elif time.perf_counter() - self.last_line >= self.every:
+            self.last_line = time.perf_counter()
+            self.emit()
+
+    def emit(self) -> None:
+        if self.console.mode == "json":
+            print(json.dumps({"event": "progress", "stage": self.name, **self.fields()}), flush=True)
+        else:
+            print(f"{self.name} | {self.text()}", flush=True)
 
 
 def err(message: str) -> None:

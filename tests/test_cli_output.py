@@ -1,7 +1,10 @@
 """What the CLI prints: plain text off a TTY, JSON lines on request, help with examples, report and runs."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 
 from tests.conftest import REPO, run_cli_subprocess
 
@@ -49,3 +52,50 @@ def test_help_shows_examples_and_version(cli):
         assert name in top
         assert "Example: bigmodel" in cli(name, "--help").stdout
     assert re.match(r"bigmodel \d+\.\d+\.\d+", cli("--version").stdout)
+
+
+def test_preprocess_reports_bytes_and_tokens_per_second(tmp_path):
+    text = "".join(f"第{i}段 paragraph {i} of a corpus, with some words.\n\n" for i in range(3000))
+    (tmp_path / "c.txt").write_text(text, encoding="utf-8")
+    common = ["preprocess", tmp_path / "c.txt", "--txt-mode", "paragraph", "--model-type", "char", "--workers", "1"]
+
+    js = run_cli_subprocess("--log-format", "json", *common, "--out", tmp_path / "js")
+    events = [json.loads(line) for line in js.stdout.strip().splitlines()]
+    progress = [e for e in events if e.get("event") == "progress"]
+    assert progress and progress[-1]["stage"] == "encode"
+    manifest = json.loads((tmp_path / "js" / "manifest.json").read_text())
+    splits = manifest["splits"]
+    # Every byte of text read and every token written, counted once (paragraph separators are not text).
+    assert progress[-1]["tokens"] == splits["train"]["tokens"] + splits["val"]["tokens"]
+    assert progress[-1]["bytes"] == len(text.replace("\n\n", "").encode("utf-8"))
+    assert progress[-1]["bytes_per_s"] > 0 and progress[-1]["tokens_per_s"] > 0
+
+    plain = run_cli_subprocess(*common, "--out", tmp_path / "plain")
+    assert re.search(r"encode \| [\d.]+ MB \| [\d.]+ MB/s \| [\d,]+ tokens \| [\d,]+ tok/s", plain.stdout)
+    assert not ANSI.search(plain.stdout + plain.stderr)
+
+    quiet = run_cli_subprocess("--quiet", *common, "--out", tmp_path / "quiet")
+    assert "MB/s" not in quiet.stdout and "train_tokens:" in quiet.stdout
+
+
+def test_progress_is_a_live_line_on_a_terminal(tmp_path):
+    (tmp_path / "c.txt").write_text("a small corpus of words and more words\n" * 2000, encoding="utf-8")
+    primary, secondary = os.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bigmodel_cli", "preprocess", str(tmp_path / "c.txt"), "--out", str(tmp_path / "o"),
+         "--txt-mode", "line", "--model-type", "char", "--workers", "1"],
+        stdout=secondary, stderr=secondary, env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
+    )  # fmt: skip
+    os.close(secondary)
+    chunks = []
+    while True:
+        try:
+            data = os.read(primary, 65536)
+        except OSError:  # the child closed its end
+            break
+        if not data:
+            break
+        chunks.append(data)
+    assert proc.wait(timeout=120) == 0
+    screen = b"".join(chunks).decode("utf-8", "replace")
+    assert ANSI.search(screen) and "tok/s" in screen and "train_tokens:" in screen

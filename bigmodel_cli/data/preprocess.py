@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from bigmodel_cli.console import Console
 from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
 from bigmodel_cli.errors import UserError
@@ -56,8 +57,8 @@ class PreprocessConfig:
     workers: int = 0  # encoding processes; 0 = one per CPU core
 
 
-def run(cfg: PreprocessConfig) -> dict:
-    """Tokenize the inputs into cfg.out; returns the manifest.
+def run(cfg: PreprocessConfig, console: Console | None = None) -> dict:
+    """Tokenize the inputs into cfg.out; returns the manifest. `console` shows bytes/s and tokens/s as it goes.
 
     The encoding workers import the caller's main module (forkserver): call this from a script under
     `if __name__ == "__main__":`, or with workers=1."""
@@ -80,7 +81,7 @@ def run(cfg: PreprocessConfig) -> dict:
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would carry over to --out
     try:
-        manifest = _write(cfg, sources, opts, staging)
+        manifest = _write(cfg, sources, opts, staging, console or Console("quiet"))
         if cfg.out.exists():
             cfg.out.rmdir()  # empty, checked above
         os.replace(staging, cfg.out)
@@ -187,16 +188,21 @@ def _batches(pieces: Iterator[src_lib.Piece]) -> Iterator[list[src_lib.Piece]]:
         yield batch
 
 
+def _utf8_bytes(batch: list[src_lib.Piece]) -> int:
+    return sum(len(text.encode("utf-8", "surrogatepass")) for text, _ in batch)
+
+
 def encode_stream(batches: Iterator[list[src_lib.Piece]], model_file: Path, eos_id: int, dtype: str, workers: int):
-    """(ends, tokens, lengths) per batch, in input order. A corpus of one batch is encoded here; a larger one on
-    `workers` processes with at most two batches each in flight, so memory stays constant."""
+    """(ends, tokens, lengths, utf8_bytes) per batch, in input order. A corpus of one batch is encoded here;
+    a larger one on `workers` processes with at most two batches each in flight, so memory stays constant."""
     batches = iter(batches)
     head = list(itertools.islice(batches, 2))
     if workers <= 1 or len(head) < 2:
         _init_worker(str(model_file), eos_id, dtype)
         for batch in itertools.chain(head, batches):
             ends = [last for _, last in batch]
-            yield (ends, *_encode_batch([t for t, _ in batch], ends, num_threads=os.cpu_count() or 1))
+            encoded = _encode_batch([t for t, _ in batch], ends, num_threads=os.cpu_count() or 1)
+            yield (ends, *encoded, _utf8_bytes(batch))
         return
     # forkserver: the workers do not inherit this process's threads (JAX, when run from the test suite).
     context = multiprocessing.get_context("forkserver")
@@ -207,20 +213,21 @@ def encode_stream(batches: Iterator[list[src_lib.Piece]], model_file: Path, eos_
         try:
             for batch in itertools.chain(head, batches):
                 ends = [last for _, last in batch]
-                pending.append((ends, pool.submit(_encode_batch, [t for t, _ in batch], ends)))
+                future = pool.submit(_encode_batch, [t for t, _ in batch], ends)
+                pending.append((ends, future, _utf8_bytes(batch)))
                 if len(pending) >= 2 * workers:
-                    ends, future = pending.popleft()
-                    yield (ends, *future.result())
+                    ends, future, nbytes = pending.popleft()
+                    yield (ends, *future.result(), nbytes)
             while pending:
-                ends, future = pending.popleft()
-                yield (ends, *future.result())
+                ends, future, nbytes = pending.popleft()
+                yield (ends, *future.result(), nbytes)
         except BrokenProcessPool:
             raise UserError(
                 "an encoding worker process died: out of memory, or preprocess.run was called from a script "
                 "without `if __name__ == '__main__':` (the workers import the main module); or use workers=1"
             ) from None
         finally:
-            for _, future in pending:
+            for _, future, _ in pending:
                 future.cancel()
 
 
@@ -326,8 +333,10 @@ class ShardWriter:
         return {"tokens": self.tokens, "files": self.files}
 
 
-def _write(cfg: PreprocessConfig, sources, opts, staging: Path) -> dict:
+def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console) -> dict:
     tokenizer_file = staging / "tokenizer.model"
+    if cfg.tokenizer is None:
+        console.info(f"training a {cfg.model_type} tokenizer on at most {cfg.max_sentences:,} sampled lines")
     _make_tokenizer(cfg, sources, opts, tokenizer_file)
     tokenizer = tok.Tokenizer(tokenizer_file)
     eos = tokenizer.eos_id
@@ -339,28 +348,31 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path) -> dict:
     workers = cfg.workers or os.cpu_count() or 1
 
     pieces = _all_pieces(sources, opts, docs)
-    head = list(itertools.islice(pieces, math.ceil(1 / cfg.val_fraction)))
-    if len(head) < math.ceil(1 / cfg.val_fraction):
-        # Too few pieces to hold some out whole: split the token stream instead (the last val_fraction).
-        encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, eos, dtype.name, 1))
-        ends = [e for batch in encoded for e in batch[0]]
-        flat = np.concatenate([batch[1] for batch in encoded]) if encoded else np.zeros(0, dtype)
-        lengths = np.concatenate([batch[2] for batch in encoded]) if encoded else np.zeros(0, np.int64)
-        tokens, starts = router.route(ends, flat, lengths, split=[0] * len(ends))["train"]
-        n_val = max(1, int(len(tokens) * cfg.val_fraction))
-        cut = len(tokens) - n_val
-        starts = np.asarray(starts, np.int64)
-        writers["train"].append(tokens[:cut], starts[starts < cut].tolist())
-        writers["val"].append(tokens[cut:], [0, *(starts[starts >= cut] - cut).tolist()])
-        counts += np.bincount(tokens[:cut], minlength=tokenizer.vocab_size)
-    else:
-        for ends, flat, lengths in encode_stream(
-            _batches(itertools.chain(head, pieces)), tokenizer_file, eos, dtype.name, workers
-        ):
-            for split, (tokens, starts) in router.route(ends, flat, lengths).items():
-                writers[split].append(tokens, starts)
-                if split == "train":
-                    counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
+    with console.throughput("encode") as meter:
+        head = list(itertools.islice(pieces, math.ceil(1 / cfg.val_fraction)))
+        if len(head) < math.ceil(1 / cfg.val_fraction):
+            # Too few pieces to hold some out whole: split the token stream instead (the last val_fraction).
+            encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, eos, dtype.name, 1))
+            meter.advance(sum(batch[3] for batch in encoded), sum(len(batch[1]) for batch in encoded))
+            ends = [e for batch in encoded for e in batch[0]]
+            flat = np.concatenate([batch[1] for batch in encoded]) if encoded else np.zeros(0, dtype)
+            lengths = np.concatenate([batch[2] for batch in encoded]) if encoded else np.zeros(0, np.int64)
+            tokens, starts = router.route(ends, flat, lengths, split=[0] * len(ends))["train"]
+            n_val = max(1, int(len(tokens) * cfg.val_fraction))
+            cut = len(tokens) - n_val
+            starts = np.asarray(starts, np.int64)
+            writers["train"].append(tokens[:cut], starts[starts < cut].tolist())
+            writers["val"].append(tokens[cut:], [0, *(starts[starts >= cut] - cut).tolist()])
+            counts += np.bincount(tokens[:cut], minlength=tokenizer.vocab_size)
+        else:
+            for ends, flat, lengths, nbytes in encode_stream(
+                _batches(itertools.chain(head, pieces)), tokenizer_file, eos, dtype.name, workers
+            ):
+                meter.advance(nbytes, len(flat))
+                for split, (tokens, starts) in router.route(ends, flat, lengths).items():
+                    writers[split].append(tokens, starts)
+                    if split == "train":
+                        counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
     if sum(docs) == 0:
         raise UserError(NO_TEXT)
     splits = {s: w.close() for s, w in writers.items()}

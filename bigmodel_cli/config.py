@@ -36,7 +36,8 @@ class ModelConfig:
     tie_embeddings: bool = False  # reuse the token embedding as the output head
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (bf16 pays off on GPU/TPU, not CPU)
     param_dtype: str = "float32"  # storage dtype of parameters and optimizer state
-    attention: str = "auto"  # jax.nn.dot_product_attention implementation: auto, xla or cudnn
+    attention: str = "auto"  # auto (chunked on CPU, else jax.nn.dot_product_attention's pick), chunked, xla, cudnn
+    attention_chunks: int = 0  # query chunks of the chunked attention; 0 = one per 64 queries, at most 8
     init_std: float = 0.02  # std of the normal initialiser of every matrix
 
     def __post_init__(self) -> None:
@@ -51,7 +52,9 @@ class ModelConfig:
             raise UserError(f"the head dimension must be even for RoPE, got {self.dims_per_head}")
         _check_choice("model.dtype", self.dtype, ("float32", "bfloat16"))
         _check_choice("model.param_dtype", self.param_dtype, ("float32", "bfloat16"))
-        _check_choice("model.attention", self.attention, ("auto", "xla", "cudnn"))
+        _check_choice("model.attention", self.attention, ("auto", "chunked", "xla", "cudnn"))
+        if self.attention_chunks < 0:
+            raise UserError(f"model.attention_chunks must be 0 (automatic) or positive, got {self.attention_chunks}")
 
     @property
     def kv_heads(self) -> int:

@@ -13,7 +13,14 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
-from bigmodel_cli.model.transformer import Transformer, apply_rope, count_params, dense, rope_tables
+from bigmodel_cli.model.transformer import (
+    Transformer,
+    apply_rope,
+    causal_attention,
+    count_params,
+    dense,
+    rope_tables,
+)
 from bigmodel_cli.train.loop import jit_train_step, make_state
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
@@ -32,6 +39,37 @@ def test_param_count_matches_the_model():
     assert count_params(SMALL)[0] == real
     tied = dataclasses.replace(SMALL, tie_embeddings=True)
     assert count_params(tied)[0] == real - SMALL.d_model * SMALL.vocab_size
+
+
+@pytest.mark.parametrize("chunks", [1, 3, 8])
+@pytest.mark.parametrize("packed", [False, True])
+def test_chunked_attention_equals_dot_product_attention_with_gradients(chunks, packed):
+    b, t, h, kv, e = 2, 50, 4, 2, 8  # GQA, and 50 queries that no chunk count divides evenly
+    keys = jax.random.split(jax.random.key(1), 4)
+    shapes = [(b, t, h, e), (b, t, kv, e), (b, t, kv, e), (b, t, h, e)]
+    q, k, v, g = (jax.random.normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
+    segments = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 4, (b, t)), axis=1)) if packed else None
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+
+    def ours(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, chunks, segments) * g)
+
+    def reference(q, k, v):
+        return jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla") * g)
+
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.value_and_grad(reference, argnums=(0, 1, 2))(q, k, v)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, w, atol=5e-5, rtol=1e-5)
+
+
+def test_attention_implementations_give_the_same_loss():
+    tokens = jnp.arange(2 * 16).reshape(2, 16) % SMALL.vocab_size
+    logits = {
+        name: Transformer(dataclasses.replace(SMALL, attention=name, attention_chunks=3), rngs=nnx.Rngs(0))(tokens)
+        for name in ("chunked", "xla")
+    }
+    np.testing.assert_allclose(logits["chunked"], logits["xla"], atol=1e-5)
 
 
 def test_attention_is_causal():

@@ -123,3 +123,18 @@ def test_bench_tiny_pretrain_logs_speed(tmp_path):
     for r in records:
         assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5
         assert abs(r["loss"] - 8.99) < 0.3  # random tokens: ~ln(8000)
+
+
+def test_chunked_attention_never_builds_the_full_score_matrix():
+    # The compiled train step itself: the chunked kernel leaves no [B,H,T,T] tensor and no matmul off
+    # XLA:CPU's fast path, and does less work than the masked full-matrix attention.
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench" / "hlo_attention.py"), "--json",
+         "--recipe", str(REPO / "recipes" / "bench" / "tiny.toml")],
+        capture_output=True, text=True, cwd=REPO, timeout=300, check=True,
+    )  # fmt: skip
+    results = {r["attention"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    chunked, xla = results["chunked"], results["xla"]
+    assert chunked["chunks"] == 2 and chunked["full_score_tensors"] == 0 and xla["full_score_tensors"] > 0
+    assert chunked["slow_dots"] == 0 and xla["slow_dots"] == 0
+    assert chunked["gflop_per_step"] < xla["gflop_per_step"]

@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--attention", default="xla,cudnn", help="comma-separated: auto, xla, cudnn")
+    parser.add_argument("--attention", default="xla,cudnn", help="comma-separated: auto, chunked, xla, cudnn")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     parser.add_argument("--vocab", type=int, default=32000)

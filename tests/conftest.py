@@ -18,6 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BIGMODEL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pretrain_args(run_dir, data, settings: dict, *extra, recipe: Path = REPO / "recipes" / "tiny.toml") -> list:
+    """`pretrain RECIPE --run-dir RUN_DIR --set data.path=DATA --set KEY=VALUE... EXTRA...` as CLI arguments."""
+    args = ["pretrain", recipe, "--run-dir", run_dir, "--set", f"data.path={data}"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    return [*args, *extra]
+
+
 def synthetic_text(n_lines: int = 3000, seed: int = 0) -> str:
     """A small learnable corpus (the quickstart's generator)."""
     from bigmodel_cli.quickstart import corpus

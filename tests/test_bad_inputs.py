@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import REPO, synthetic_text
+from tests.conftest import REPO, pretrain_args, synthetic_text
 
 TINY = REPO / "recipes" / "tiny.toml"
 
@@ -16,18 +16,7 @@ def world(cli, tiny_data, tmp_path_factory) -> dict:
     """Inputs the cases start from: a trained run, a second tokenizer's data, task files, odd files."""
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
-    cli(
-        "pretrain",
-        TINY,
-        "--run-dir",
-        run,
-        "--set",
-        f"data.path={tiny_data}",
-        "--set",
-        "train.steps=2",
-        "--set",
-        "checkpoint.every=2",
-    )
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 2, "checkpoint.every": 2}))
     (root / "other.txt").write_text("completely different text, other characters: XYZ 0123\n" * 200)
     cli("preprocess", root / "other.txt", "--out", root / "other_data", "--model-type", "char")
     (root / "text.txt").write_text(synthetic_text(50))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli_subprocess
+from tests.conftest import REPO, pretrain_args, run_cli_subprocess
 
 TINY = REPO / "recipes" / "tiny.toml"
 
@@ -21,20 +21,7 @@ def _metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_pretrain_evaluate_export_generate(cli, tiny_data, tmp_path):
     run = tmp_path / "run"
-    cli(
-        "pretrain",
-        TINY,
-        "--run-dir",
-        run,
-        "--set",
-        f"data.path={tiny_data}",
-        "--set",
-        "train.steps=60",
-        "--set",
-        "train.eval_every=30",
-        "--set",
-        "checkpoint.every=30",
-    )
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 60, "train.eval_every": 30, "checkpoint.every": 30}))
     rows = _metrics(run)
     assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
     vals = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -78,22 +65,8 @@ def test_pretrain_evaluate_export_generate(cli, tiny_data, tmp_path):
 
 
 def _pretrain_args(run_dir, data, steps=40):
-    return [
-        "pretrain",
-        TINY,
-        "--run-dir",
-        run_dir,
-        "--set",
-        f"data.path={data}",
-        "--set",
-        f"train.steps={steps}",
-        "--set",
-        "checkpoint.every=10",
-        "--set",
-        "train.log_every=10",
-        "--set",
-        "checkpoint.async_save=false",
-    ]
+    settings = {"train.steps": steps, "checkpoint.every": 10, "train.log_every": 10, "checkpoint.async_save": "false"}
+    return pretrain_args(run_dir, data, settings)
 
 
 @pytest.mark.slow

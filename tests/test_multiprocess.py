@@ -8,9 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
-
-TINY = REPO / "recipes" / "tiny.toml"
+from tests.conftest import pretrain_args
 
 
 def _free_port() -> int:
@@ -26,28 +24,8 @@ def _env(devices: int) -> dict:
 
 
 def _args(run_dir, data):
-    return [
-        "pretrain",
-        TINY,
-        "--run-dir",
-        run_dir,
-        "--set",
-        f"data.path={data}",
-        "--set",
-        "train.steps=5",
-        "--set",
-        "train.log_every=1",
-        "--set",
-        "train.eval_every=5",
-        "--set",
-        "checkpoint.every=5",
-        "--set",
-        "mesh.data=2",
-        "--set",
-        "mesh.fsdp=2",
-        "--set",
-        "mesh.tensor=2",
-    ]
+    settings = {"train.steps": 5, "train.log_every": 1, "train.eval_every": 5, "checkpoint.every": 5}
+    return pretrain_args(run_dir, data, {**settings, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
 
 
 def _losses(run_dir):

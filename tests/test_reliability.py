@@ -10,32 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli_subprocess
+from tests.conftest import pretrain_args, run_cli_subprocess
 
-TINY = REPO / "recipes" / "tiny.toml"
 STEPS = 60
 
 
 def _args(run_dir: Path, data: Path, *extra: str) -> list:
-    return [
-        "pretrain",
-        TINY,
-        "--run-dir",
-        run_dir,
-        "--set",
-        f"data.path={data}",
-        "--set",
-        f"train.steps={STEPS}",
-        "--set",
-        "checkpoint.every=10",
-        "--set",
-        "checkpoint.keep=3",
-        "--set",
-        "train.log_every=5",
-        "--set",
-        "train.eval_every=30",
-        *extra,
-    ]
+    settings = {"train.steps": STEPS, "checkpoint.every": 10, "checkpoint.keep": 3, "train.log_every": 5}
+    return pretrain_args(run_dir, data, {**settings, "train.eval_every": 30}, *extra)
 
 
 def _weights(run_dir: Path, out: Path) -> bytes:

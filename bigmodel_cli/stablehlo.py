@@ -1,8 +1,10 @@
-"""StableHLO export: the forward pass (tokens -> logits) serialised with jax.export, weights as arguments.
+"""StableHLO export: the model's functions serialised with jax.export, weights as arguments.
 
-A serving process needs jax, numpy and safetensors, not bigmodel: it deserialises forward.jax_export, loads
-weights.safetensors, and calls the function with the weights in manifest order followed by the tokens. The
-batch and length dimensions are symbolic, so one artifact serves every shape. Weights are arguments rather
+Two functions: forward (tokens -> logits) and decode (tokens, cache positions, KV cache -> logits, new KV
+cache), which serves generation: one call on the prompt with an empty cache (prefill), then one call per new
+token. A serving process needs jax, numpy and safetensors, not bigmodel: it deserialises a .jax_export file,
+loads weights.safetensors, and calls the function with the weights in manifest order followed by its inputs.
+Batch, length and cache length are symbolic, so one artifact serves every shape. Weights are arguments rather
 than constants, so the artifact stays small and the weights stay swappable (e.g. for a finetune).
 """
 
@@ -23,6 +25,7 @@ from bigmodel_cli.errors import UserError
 
 FORMAT = "bigmodel-stablehlo-v1"
 FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
+DECODE = "decode.jax_export"  # prefill and per-token decoding against an explicit KV cache
 MLIR = "forward.mlir"  # the same module as StableHLO text, for tools outside JAX; not needed to serve
 WEIGHTS = "weights.safetensors"
 MANIFEST = "manifest.json"
@@ -58,6 +61,28 @@ def write(loaded: modelio.LoadedModel, directory: Path, platforms: tuple[str, ..
         *specs, jax.ShapeDtypeStruct((batch, length), jnp.int32)
     )
     (directory / FUNCTION).write_bytes(exported.serialize())
+
+    def decode(*args):
+        # weights, then tokens [B,T], cache_pos [B] (where tokens[:, 0] goes), then per layer keys, values
+        params, (tokens, cache_pos, *flat_cache) = args[: len(specs)], args[len(specs) :]
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(param_tree, params))
+        cache = [{"k": k, "v": v} for k, v in zip(flat_cache[::2], flat_cache[1::2], strict=True)]
+        logits, cache = model.decode(tokens, cache, cache_pos)
+        return logits, *[layer[name] for layer in cache for name in ("k", "v")]
+
+    # Its own symbols: a constraint may only name dimensions of the function's arguments.
+    batch, length, cache_len = jax.export.symbolic_shape(
+        "batch, length, cache_length", constraints=["cache_length >= length"]
+    )
+    cache_shape = (batch, cache_len, cfg.kv_heads, cfg.dims_per_head)
+    cache_dtype = jnp.dtype(cfg.dtype)
+    exported_decode = jax.export.export(jax.jit(decode), platforms=platforms)(
+        *specs,
+        jax.ShapeDtypeStruct((batch, length), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+        *[jax.ShapeDtypeStruct(cache_shape, cache_dtype)] * (2 * cfg.n_layers),
+    )
+    (directory / DECODE).write_bytes(exported_decode.serialize())
     (directory / MLIR).write_text(exported.mlir_module())
     save_file(dict(zip(names, weights, strict=True)), directory / WEIGHTS)
     tokenizer = None
@@ -77,6 +102,28 @@ def write(loaded: modelio.LoadedModel, directory: Path, platforms: tuple[str, ..
         ),
         "inputs": [{"name": "tokens", "shape": ["batch", "length"], "dtype": "int32"}],
         "outputs": [{"name": "logits", "shape": ["batch", "length", cfg.vocab_size], "dtype": "float32"}],
+        "decode": {
+            "function": DECODE,
+            "call": (
+                "logits, *cache = f.call(*weights, tokens, cache_pos, *cache); prefill: cache of zeros and "
+                "cache_pos 0; then each new token [B,1] with cache_pos = tokens so far"
+            ),
+            "inputs": [
+                {"name": "tokens", "shape": ["batch", "length"], "dtype": "int32"},
+                {"name": "cache_pos", "shape": ["batch"], "dtype": "int32"},
+            ],
+            # Per layer, keys then values; length + cache_pos must not exceed cache_length.
+            "cache": {
+                "layers": cfg.n_layers,
+                "order": ["k", "v"],
+                "shape": ["batch", "cache_length", cfg.kv_heads, cfg.dims_per_head],
+                "dtype": cache_dtype.name,
+            },
+            "outputs": [
+                {"name": "logits", "shape": ["batch", "length", cfg.vocab_size], "dtype": "float32"},
+                {"name": "cache", "shape": "as the cache inputs"},
+            ],
+        },
         "params": [
             {"name": n, "shape": list(w.shape), "dtype": str(w.dtype)} for n, w in zip(names, weights, strict=True)
         ],

@@ -27,9 +27,9 @@ GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
 SMALL = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=16)
 
 
-def _cfg(**train) -> Config:
+def _cfg(model: ModelConfig = SMALL, **train) -> Config:
     return Config(
-        model=SMALL, optim=OptimConfig(lr=1e-2, warmup_steps=2), train=TrainConfig(steps=5, batch_size=8, **train)
+        model=model, optim=OptimConfig(lr=1e-2, warmup_steps=2), train=TrainConfig(steps=5, batch_size=8, **train)
     )
 
 
@@ -140,8 +140,9 @@ def test_meshes_match_single_device(shape):
     single = parallel.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
     mesh = parallel.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor))
     batches = SyntheticBatches(SMALL.vocab_size, 16, 8, seed=1)
-    reference, _ = _run_steps(_cfg(), single, batches, steps=5)
-    sharded, _ = _run_steps(_cfg(), mesh, batches, steps=5)
+    cfg = _cfg(dataclasses.replace(SMALL, attention_chunks=3))  # attention blocks split over sharded heads too
+    reference, _ = _run_steps(cfg, single, batches, steps=5)
+    sharded, _ = _run_steps(cfg, mesh, batches, steps=5)
     np.testing.assert_allclose(sharded, reference, atol=1e-5, rtol=0)
 
 

@@ -78,8 +78,7 @@ def _attention_probs(q, k, visible):
 
 @jax.custom_vjp
 def _attention_block(q, k, v, visible):
-    probs = _attention_probs(q, k, visible)
-    return jnp.einsum("bkgts,bkse->bkgte", probs.astype(v.dtype), v)
+    return _attention_block_fwd(q, k, v, visible)[0]
 
 
 def _attention_block_fwd(q, k, v, visible):

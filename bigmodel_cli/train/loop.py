@@ -259,7 +259,9 @@ def train(inp: LoopInputs) -> dict:
         ckpt.close()
         logger.close()
     if is_main:
-        write_json_atomic(status, {"state": "finished", "step": total_steps, "compile_s": compile_s, "trace_s": lower_s})
+        write_json_atomic(
+            status, {"state": "finished", "step": total_steps, "compile_s": compile_s, "trace_s": lower_s}
+        )
     return {"step": total_steps, **last}
 
 

@@ -7,15 +7,11 @@ directory; stablehlo: the forward pass serialised with jax.export, weights as ar
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import jax
 
-from bigmodel_cli import modelio
+from bigmodel_cli import atomic, modelio
 from bigmodel_cli.errors import UserError
 
 FORMATS = ("bigmodel", "hf", "stablehlo")
@@ -62,10 +58,14 @@ def export(
         from bigmodel_cli import hf
 
         limit = hf.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
-        return _into_new_dir(out, lambda d: hf.write(loaded, d, max_shard_bytes=limit))
+        with atomic.new_dir(out, "export directory") as staging:
+            hf.write(loaded, staging, max_shard_bytes=limit)
+        return out
     from bigmodel_cli import stablehlo
 
-    return _into_new_dir(out, lambda d: stablehlo.write(loaded, d))
+    with atomic.new_dir(out, "export directory") as staging:
+        stablehlo.write(loaded, staging)
+    return out
 
 
 def _cast(loaded: modelio.LoadedModel, dtype: str) -> modelio.LoadedModel:
@@ -73,20 +73,3 @@ def _cast(loaded: modelio.LoadedModel, dtype: str) -> modelio.LoadedModel:
     params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
     model_cfg = dataclasses.replace(loaded.model_cfg, param_dtype=dtype)
     return dataclasses.replace(loaded, params=params, model_cfg=model_cfg)
-
-
-def _into_new_dir(out: Path, write: Callable[[Path], None]) -> Path:
-    """Run write(staging) on a fresh sibling directory, then rename it to `out`: no half-written exports."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export directory {out} already exists and is not empty: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        write(staging)
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out

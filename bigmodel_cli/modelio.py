@@ -179,18 +179,14 @@ def plain(loaded: LoadedModel) -> LoadedModel:
 
 def export(loaded: LoadedModel, out: Path) -> Path:
     """Write safetensors weights, config.json and the tokenizer into a new directory, atomically."""
-    import os
     import shutil
-    import tempfile
 
     from safetensors.numpy import save_file
 
+    from bigmodel_cli import atomic
+
     loaded = plain(loaded)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"export directory {out} already exists and is not empty: choose a new --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic.new_dir(out, "export directory") as staging:
         flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
         save_file({param_name(p): np.asarray(jax.device_get(v)) for p, v in flat}, staging / EXPORT_WEIGHTS)
         info = {
@@ -203,9 +199,4 @@ def export(loaded: LoadedModel, out: Path) -> Path:
         (staging / EXPORT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         if loaded.tokenizer_file.is_file():
             shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.model")
-        if out.exists():
-            out.rmdir()
-        os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out

@@ -16,7 +16,6 @@ import os
 import random
 import shutil
 import signal
-import tempfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
+from bigmodel_cli import atomic
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
@@ -68,26 +68,14 @@ def run(cfg: PreprocessConfig, console: Console | None = None) -> dict:
         raise UserError(f"--model-type must be one of {', '.join(tok.MODEL_TYPES)}; got {cfg.model_type!r}")
     if cfg.max_sentences <= 0 or cfg.shard_tokens <= 0:
         raise UserError("--max-sentences and the shard size must be positive")
-    if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())):
-        raise UserError(f"output {cfg.out} already exists and is not empty: choose a new --out directory")
+    atomic.check_new_dir(cfg.out, "output")  # before reading any input: fail fast
     opts = src_lib.ReadOptions(text_fields=src_lib.parse_text_fields(cfg.text_field), txt_mode=cfg.txt_mode)
     if opts.txt_mode not in src_lib.TXT_MODES:
         raise UserError(f"--txt-mode must be one of {', '.join(src_lib.TXT_MODES)}; got {opts.txt_mode!r}")
     sources = src_lib.expand(cfg.inputs)
 
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.out.name}.tmp-", dir=cfg.out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would carry over to --out
-    try:
-        manifest = _write(cfg, sources, opts, staging, console or Console("quiet"))
-        if cfg.out.exists():
-            cfg.out.rmdir()  # empty, checked above
-        os.replace(staging, cfg.out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return manifest
+    with atomic.new_dir(cfg.out, "output") as staging:
+        return _write(cfg, sources, opts, staging, console or Console("quiet"))
 
 
 # ---- pass 1: a tokenizer trained on a sample --------------------------------------------------

@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import select
 import subprocess
 import sys
+import time
 
 from tests.conftest import REPO, run_cli_subprocess
 
@@ -87,8 +89,10 @@ def test_progress_is_a_live_line_on_a_terminal(tmp_path):
         stdout=secondary, stderr=secondary, env={**os.environ, "TERM": "xterm", "COLUMNS": "160"},
     )  # fmt: skip
     os.close(secondary)
-    chunks = []
-    while True:
+    chunks, deadline = [], time.monotonic() + 120  # a hung child fails the test instead of hanging the suite
+    while time.monotonic() < deadline:
+        if not select.select([primary], [], [], 1.0)[0]:
+            continue
         try:
             data = os.read(primary, 65536)
         except OSError:  # the child closed its end
@@ -96,6 +100,7 @@ def test_progress_is_a_live_line_on_a_terminal(tmp_path):
         if not data:
             break
         chunks.append(data)
-    assert proc.wait(timeout=120) == 0
+    os.close(primary)
+    assert proc.wait(timeout=5) == 0
     screen = b"".join(chunks).decode("utf-8", "replace")
     assert ANSI.search(screen) and "tok/s" in screen and "train_tokens:" in screen

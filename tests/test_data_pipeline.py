@@ -14,6 +14,7 @@ from bigmodel_cli.data import loader, mixture, sources
 from bigmodel_cli.data import preprocess as pp
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
+from tests.conftest import pretrain_args, synthetic_text
 
 POEMS = [
     {"chapter": "行宮", "author": "元稹", "paragraphs": ["寥落古行宮，宮花寂寞紅。", "白頭宮女在，閒坐說玄宗。"]},
@@ -303,6 +304,56 @@ def test_tiny_corpus_is_split_by_tokens(tmp_path):
     manifest, out = make(tmp_path, [tmp_path / "one.txt"])
     total = manifest["splits"]["train"]["tokens"] + manifest["splits"]["val"]["tokens"]
     assert manifest["splits"]["val"]["tokens"] == int(total * 0.1)
+
+
+def _preprocess(cli, *args) -> dict:
+    """`bigmodel --log-format json preprocess ARGS...`: its result line."""
+    return json.loads(
+        cli("--log-format", "json", "preprocess", *args, "--workers", "1").stdout.strip().splitlines()[-1]
+    )
+
+
+def test_val_fraction_0_and_1_keep_a_file_whole_through_the_cli(cli, tmp_path):
+    """0: all train (a corpus to train on, no val files); 1: all val (a held-out test file, evaluated whole)."""
+    (tmp_path / "c.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs(50)) + "\n")
+    (tmp_path / "one.txt").write_text("a single tiny document\n")  # whole even below 1/f documents
+    for inputs in ("c.jsonl", "one.txt"):
+        train_only, held_out = tmp_path / f"train-{inputs}", tmp_path / f"held-{inputs}"
+        result = _preprocess(cli, tmp_path / inputs, "--out", train_only, "--model-type", "char", "--val-fraction", "0")
+        assert result["val_tokens"] == 0 and result["train_tokens"] > 0
+        assert not list(train_only.glob("val-*")) and pp.load_manifest(train_only)["splits"].keys() == {"train"}
+        tokenizer = train_only / "tokenizer.model"
+        result = _preprocess(cli, tmp_path / inputs, "--out", held_out, "--tokenizer", tokenizer, "--val-fraction", "1")
+        assert result["train_tokens"] == 0 and not list(held_out.glob("train-*"))
+        assert pp.load_manifest(held_out)["splits"].keys() == {"val"}
+        # The same documents with the same tokenizer: the held-out split is the other's train split exactly.
+        assert all_tokens(held_out, "val").tobytes() == all_tokens(train_only, "train").tobytes()
+        with pytest.raises(UserError, match="has no 'train' split \\(has val\\)"):
+            loader.TokenWindows(held_out, "train", pp.load_manifest(held_out), 8)
+    for bad in ("-0.1", "1.5", "nan"):
+        result = cli("preprocess", tmp_path / "one.txt", "--out", tmp_path / "bad", "--val-fraction", bad, ok=False)
+        assert result.exit_code != 0 and "--val-fraction must be from 0" in result.stderr
+        assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.slow
+def test_pretrain_without_val_refuses_and_evaluate_reads_a_held_out_file(cli, tiny_data, tmp_path):
+    run = tmp_path / "run"
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 2, "checkpoint.every": 2}))
+    (tmp_path / "test.txt").write_text(synthetic_text(200, seed=1), encoding="utf-8")
+    tokenizer = run / "tokenizer.model"
+    _preprocess(cli, tmp_path / "test.txt", "--out", tmp_path / "held", "--tokenizer", tokenizer, "--val-fraction", "1")
+    metrics = json.loads(
+        cli("evaluate", run, "--data", tmp_path / "held", "--split", "val", "--json").stdout.strip().splitlines()[-1]
+    )
+    assert metrics["split"] == "val" and metrics["tokens"] > 0 and np.isfinite(metrics["loss"])
+    wrong = cli("evaluate", run, "--data", tmp_path / "held", "--split", "train", ok=False)
+    assert wrong.exit_code != 0 and "'train' is not in" in wrong.stderr
+
+    _preprocess(cli, tmp_path / "test.txt", "--out", tmp_path / "all", "--tokenizer", tokenizer, "--val-fraction", "0")
+    refused = cli(*pretrain_args(tmp_path / "run2", tmp_path / "all", {"train.steps": 2}), ok=False)
+    assert refused.exit_code != 0 and "has no 'val' split (has train)" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
 
 
 def test_interrupted_preprocess_leaves_nothing_and_reruns(tmp_path, monkeypatch):

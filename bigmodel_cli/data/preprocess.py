@@ -45,10 +45,10 @@ class PreprocessConfig:
     vocab_size: int = 8000  # tokenizer size (ignored for char, which sizes itself)
     model_type: str = "bpe"  # bpe, unigram or char
     tokenizer: Path | None = None  # an existing SentencePiece .model instead of training one
-    val_fraction: float = 0.1  # share of documents (or of tokens, for tiny corpora) held out for validation
+    val_fraction: float = 0.1  # share of documents (of tokens, for tiny corpora) held out; 0 none, 1 all (a test set)
     text_field: str = "text"  # record field(s) holding the text: "a.b" nests, "title,body" joins several
     txt_mode: str = "file"  # a .txt file is one document (file), one per line, or one per paragraph
-    byte_fallback: bool | None = None  # unknown characters as UTF-8 bytes; None = on for bpe/unigram, off for char
+    byte_fallback: bool | None = None  # unknown characters as UTF-8 bytes, not <unk>; None = on (every model type)
     character_coverage: float = 0.0  # share of characters the vocabulary must cover; 0 = 0.9995 (1.0 for char)
     max_sentences: int = 1_000_000  # the tokenizer trains on a sample of at most this many lines
     special_tokens: tuple[str, ...] = ()  # strings that always become one token each, e.g. <|user|>
@@ -62,8 +62,8 @@ def run(cfg: PreprocessConfig, console: Console | None = None) -> dict:
 
     The encoding workers import the caller's main module (forkserver): call this from a script under
     `if __name__ == "__main__":`, or with workers=1."""
-    if not 0 < cfg.val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {cfg.val_fraction}")
+    if not 0 <= cfg.val_fraction <= 1:
+        raise UserError(f"--val-fraction must be from 0 (no validation split) to 1 (all), got {cfg.val_fraction}")
     if cfg.tokenizer is None and cfg.model_type not in tok.MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(tok.MODEL_TYPES)}; got {cfg.model_type!r}")
     if cfg.max_sentences <= 0 or cfg.shard_tokens <= 0:
@@ -330,15 +330,19 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
     eos = tokenizer.eos_id
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
     writers = {s: ShardWriter(staging, s, dtype, cfg.shard_tokens, cfg.pack_documents) for s in SPLITS}
-    counts = np.zeros(tokenizer.vocab_size, np.int64)  # train token frequencies, for the unigram entropy
+    counts = np.zeros(tokenizer.vocab_size, np.int64)  # token frequencies, for the unigram entropy
+    # ...of the train split; of the val split when that is all there is (a test set: the baseline to beat)
+    counted = "train" if cfg.val_fraction < 1 else "val"
     docs = [0] * len(sources)
     router = Router(cfg.val_fraction, eos)
     workers = cfg.workers or os.cpu_count() or 1
 
     pieces = _all_pieces(sources, opts, docs)
+    # Pieces needed to hold some out whole; 0 and 1 hold out none or all of them, whatever the corpus size.
+    needed = math.ceil(1 / cfg.val_fraction) if 0 < cfg.val_fraction < 1 else 0
     with console.throughput("encode") as meter:
-        head = list(itertools.islice(pieces, math.ceil(1 / cfg.val_fraction)))
-        if len(head) < math.ceil(1 / cfg.val_fraction):
+        head = list(itertools.islice(pieces, needed))
+        if len(head) < needed:
             # Too few pieces to hold some out whole: split the token stream instead (the last val_fraction).
             encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, eos, dtype.name, 1))
             meter.advance(sum(batch[3] for batch in encoded), sum(len(batch[1]) for batch in encoded))
@@ -359,13 +363,14 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
                 meter.advance(nbytes, len(flat))
                 for split, (tokens, starts) in router.route(ends, flat, lengths).items():
                     writers[split].append(tokens, starts)
-                    if split == "train":
+                    if split == counted:
                         counts += np.bincount(tokens, minlength=tokenizer.vocab_size)
     if sum(docs) == 0:
         raise UserError(NO_TEXT)
     splits = {s: w.close() for s, w in writers.items()}
+    wanted = {"train": cfg.val_fraction < 1, "val": cfg.val_fraction > 0}
     for name, info in splits.items():
-        if info["tokens"] < 2:
+        if wanted[name] and info["tokens"] < 2:
             raise UserError(f"the {name} split got {info['tokens']} tokens: add data or change --val-fraction")
 
     probs = counts[counts > 0] / counts.sum()
@@ -384,7 +389,7 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
         "splits": splits,
         "pack_documents": cfg.pack_documents,
         "documents": sum(docs),
-        "unigram_entropy": float(-(probs * np.log(probs)).sum()),  # nats/token: the loss a model must beat
+        "unigram_entropy": float(-(probs * np.log(probs)).sum()),  # nats/token of `counted`: a loss to beat
         "inputs": [{**s.fingerprint(), "documents": n} for s, n in zip(sources, docs, strict=True)],
         "options": {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "out", "tokenizer", "workers")},
     }
@@ -405,15 +410,21 @@ def split_files(manifest: dict, split: str) -> list[dict]:
 
 
 def load_manifest(data_dir: Path) -> dict:
-    """Read and sanity-check a preprocess output directory's manifest."""
+    """Read and sanity-check a preprocess output directory's manifest, leaving out splits that hold no tokens.
+
+    The file lists both splits always (one may be empty, made with --val-fraction 0 or 1); a reader asking for
+    an empty one then gets "DIR has no 'val' split (has train)", not a complaint about sequence lengths."""
     manifest_file = Path(data_dir) / "manifest.json"
     if not manifest_file.is_file():
         raise UserError(f"{data_dir} is not a preprocessed data directory (no manifest.json): run bigmodel preprocess")
     try:
         manifest = json.loads(manifest_file.read_text())
-        _ = manifest["tokenizer"]["vocab_size"], manifest["splits"]["train"]["tokens"]
+        _ = manifest["tokenizer"]["vocab_size"]
         for split in manifest["splits"]:
             _ = [(f["file"], f["tokens"]) for f in split_files(manifest, split)]
+        manifest["splits"] = {name: info for name, info in manifest["splits"].items() if info["tokens"] > 0}
+        if not manifest["splits"]:
+            raise KeyError("splits")
     except (json.JSONDecodeError, KeyError, TypeError):
         raise UserError(f"{manifest_file} is damaged: rerun bigmodel preprocess into a new directory") from None
     return manifest

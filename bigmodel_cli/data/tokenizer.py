@@ -14,6 +14,10 @@ from bigmodel_cli.errors import UserError
 MODEL_TYPES = ("bpe", "unigram", "char")
 # Newlines carry structure (verse, code, paragraphs); SentencePiece trains on lines and would drop them.
 NEWLINE = "\n"
+# SentencePiece writes a space as this character ("▁", U+2581) before looking pieces up, and decodes the
+# piece back to a space. Without a "▁" piece (a corpus with no ASCII spaces, such as Chinese news), a space
+# would fall back to the UTF-8 bytes of "▁", which decode to "▁", not to a space: every tokenizer gets one.
+SPACE_PIECE = "\u2581"
 SPECIALS = 4  # <unk> <s> </s> <pad>, ids 0-3 of every tokenizer we train
 SAMPLE_LINE_CHARS = 2048  # longer training lines are cut (SentencePiece skips lines over max_sentence_length)
 
@@ -46,9 +50,9 @@ def train(
 ) -> Path:
     """Train a tokenizer on the documents (or lines) and write it to out_file (a .model file).
 
-    byte_fallback None means on for bpe and unigram (no <unk> ever) and off for char (whose vocabulary is
-    exactly the corpus' characters); character_coverage 0 means 0.9995, or 1.0 for char. special_tokens
-    become single pieces wherever they appear in text (ids 5, 6, ... after the newline at 4)."""
+    byte_fallback None means on, for every model type: characters outside the vocabulary become UTF-8 byte
+    pieces, never <unk>, so decode(encode(text)) == text; character_coverage 0 means 0.9995, or 1.0 for char.
+    special_tokens become single pieces wherever they appear in text (ids 5, 6, ... after the newline at 4)."""
     if model_type not in MODEL_TYPES:
         raise UserError(f"--model-type must be one of {', '.join(MODEL_TYPES)}; got {model_type!r}")
     lines = [
@@ -62,14 +66,17 @@ def train(
     coverage = character_coverage or (1.0 if char else 0.9995)
     if not 0 < coverage <= 1:
         raise UserError(f"--character-coverage must be in (0, 1], got {character_coverage}")
-    fallback = not char if byte_fallback is None else byte_fallback
+    # Byte fallback for char tokenizers too, at the cost of 256 ids: a character tokenizer trained on Chinese
+    # text must still read the ASCII of a prompt template ("Context:", digits) and the rare characters of
+    # unseen text, and <unk> would lose them silently. --no-byte-fallback gives the corpus-only vocabulary.
+    fallback = True if byte_fallback is None else byte_fallback
     bad = [t for t in special_tokens if not t or any(c.isspace() for c in t)]
     if bad or len(set(special_tokens)) != len(special_tokens):
         raise UserError(f"--special-tokens must be distinct, non-empty and without spaces; got {special_tokens}")
     symbols = [NEWLINE, *special_tokens]
     if char:
         # A character vocabulary is exactly the corpus' characters: size it for the user.
-        chars = set().union(*map(set, lines)) - {" "}  # (a space becomes the "▁" piece, counted below)
+        chars = set().union(*map(set, lines)) - {" ", SPACE_PIECE}  # both are the "▁" piece, counted below
         vocab_size = len(chars) + SPECIALS + len(symbols) + 1 + (256 if fallback else 0)
     model = io.BytesIO()
     try:
@@ -90,6 +97,8 @@ def train(
             # document in pieces cut after newlines gives exactly the tokens of encoding it whole.
             add_dummy_prefix=False,
             byte_fallback=fallback,
+            # A normal piece, not a user-defined symbol: "▁" must still merge into word pieces ("▁the").
+            required_chars=SPACE_PIECE,
             user_defined_symbols=symbols,
             unk_id=0,
             bos_id=1,

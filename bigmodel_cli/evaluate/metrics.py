@@ -1,282 +1,45 @@
-"""Pure metric functions behind `bigmodel evaluate --task ...` (QA, classification, generation, LM)."""
+"""Pure metric functions behind `bigmodel evaluate --task ...` (classification, generation, LM); QA is qa_metrics."""
 
 from __future__ import annotations
 
 import functools
 import math
 import re
-import string
-import unicodedata
 from collections import Counter
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from typing import Any, Literal
 
 # ---------------------------------------------------------------------------------------------------------
-# SQuAD (English)
+# Writing systems
 # ---------------------------------------------------------------------------------------------------------
 
-# Only ASCII punctuation: the official script uses string.punctuation, so "’" or "，" survive normalisation
-# there and must survive here too, or our numbers stop being comparable with published SQuAD results.
-_ASCII_PUNCT = frozenset(string.punctuation)
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
 
-SquadVersion = Literal["1.1", "2.0"]
-
-
-def normalize_answer(s: str) -> str:
-    """Normalise an answer exactly as the official SQuAD v1.1 evaluation script does."""
-    # The official order matters: punctuation is stripped before articles, so "the-end" -> "theend" keeps no
-    # article, and articles become a space (not "") so what surrounds them never glues together.
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in _ASCII_PUNCT)
-    s = _ARTICLES.sub(" ", s)
-    return " ".join(s.split())
-
-
-def _as_gold_list(ground_truths: str | Sequence[str]) -> list[str]:
-    """Return the gold answers as a non-empty list, "" standing for 'no answer'."""
-    # A bare str is itself a Sequence[str] of characters; scoring against each letter would silently
-    # inflate EM/F1, so treat it as a single answer instead.
-    if isinstance(ground_truths, str):
-        return [ground_truths]
-    golds = list(ground_truths)
-    # The official v2 script scores a question without gold answers against the empty string.
-    return golds or [""]
-
-
-def _overlap_f1(pred: Sequence[str], gold: Sequence[str], both_empty: float) -> float:
-    """Bag-of-tokens F1 between two token lists, with the given score when both are empty."""
-    if not pred and not gold:
-        return both_empty
-    same = sum((Counter(pred) & Counter(gold)).values())
-    if same == 0:
-        return 0.0
-    precision = same / len(pred)
-    recall = same / len(gold)
-    # Same expression shape as the official script so results agree bit-for-bit, not just to rounding.
-    return (2 * precision * recall) / (precision + recall)
-
-
-def squad_exact_match(prediction: str, ground_truths: str | Sequence[str]) -> float:
-    """Return 1.0 if the normalised prediction equals any normalised gold answer, else 0.0."""
-    pred = normalize_answer(prediction)
-    return max(float(pred == normalize_answer(g)) for g in _as_gold_list(ground_truths))
-
-
-def squad_f1(prediction: str, ground_truths: str | Sequence[str], *, version: SquadVersion = "2.0") -> float:
-    """Return the best SQuAD token F1 (0-1) of the prediction against any gold answer."""
-    if version not in ("1.1", "2.0"):
-        raise ValueError(f"version must be '1.1' or '2.0', got {version!r}")
-    # The two official scripts differ only when both sides normalise to nothing: v1.1 scores that 0 (its
-    # precision/recall path never sees a common token), v2.0 scores 1 so "no answer" can be right.
-    both_empty = 1.0 if version == "2.0" else 0.0
-    pred = normalize_answer(prediction).split()
-    return max(_overlap_f1(pred, normalize_answer(g).split(), both_empty) for g in _as_gold_list(ground_truths))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Chinese / CJK (CMRC 2018 style)
-# ---------------------------------------------------------------------------------------------------------
-
-# Listed explicitly because several (e.g. "～") are Unicode symbols, not punctuation, yet CMRC drops them.
-_CJK_PUNCT = frozenset("，。！？、；：「」『』（）《》〈〉【】〔〕“”‘’…—～·・")
-
-
-def _is_cjk(ch: str) -> bool:
-    """Return True for characters written without spaces between words (Han ideographs and kana)."""
-    cp = ord(ch)
+def _is_han(cp: int) -> bool:
+    """Return True for a code point of a Han ideograph block."""
     return (
         0x4E00 <= cp <= 0x9FFF  # CJK Unified Ideographs
         or 0x3400 <= cp <= 0x4DBF  # Extension A
         or 0x20000 <= cp <= 0x2FA1F  # Extensions B-F and compatibility supplement
         or 0xF900 <= cp <= 0xFAFF  # Compatibility ideographs
-        or 0x3040 <= cp <= 0x30FF  # Hiragana and katakana
     )
 
 
-def _is_punct(ch: str) -> bool:
-    """Return True for ASCII, CJK or any other Unicode punctuation character."""
-    return ch in _ASCII_PUNCT or ch in _CJK_PUNCT or unicodedata.category(ch).startswith("P")
-
-
-def char_tokenize(s: str) -> list[str]:
-    """Split text into single CJK characters and lowercased non-CJK runs, dropping whitespace/punctuation."""
-    # NFKC first so full-width "ＮＬＰ２０１８" and half-width "NLP2018" (both common in Chinese text)
-    # tokenise identically; it also folds full-width punctuation onto the ASCII set removed below.
-    s = unicodedata.normalize("NFKC", s).lower()
-    tokens: list[str] = []
-    run: list[str] = []
-    for ch in s:
-        if ch.isspace() or _is_cjk(ch):
-            if run:
-                tokens.append("".join(run))
-                run = []
-            if not ch.isspace():
-                tokens.append(ch)
-        elif _is_punct(ch):
-            # Dropped without ending the run, as SQuAD and CMRC both do: "3.14" -> "314", "U.S." -> "us".
-            continue
-        else:
-            run.append(ch)
-    if run:
-        tokens.append("".join(run))
-    return tokens
-
-
-def _longest_common_substring(a: Sequence[str], b: Sequence[str]) -> int:
-    """Return the length of the longest contiguous token run shared by a and b."""
-    best = 0
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0] * (len(b) + 1)
-        for j, y in enumerate(b, start=1):
-            if x == y:
-                cur[j] = prev[j - 1] + 1
-                best = max(best, cur[j])
-        prev = cur
-    return best
-
-
-def char_f1(prediction: str, ground_truths: str | Sequence[str]) -> float:
-    """Return the best CMRC-2018 character-level F1 (0-1) of the prediction against any gold answer."""
-    pred = char_tokenize(prediction)
-    best = 0.0
-    for gold_text in _as_gold_list(ground_truths):
-        gold = char_tokenize(gold_text)
-        if not pred or not gold:
-            # Empty vs empty is a correct "no answer" (as SQuAD v2); CMRC itself never has empty golds.
-            score = float(not pred and not gold)
-        else:
-            # CMRC counts the longest *contiguous* overlap, not a bag of characters, so a prediction with
-            # the right characters in the wrong order ("大学北京" vs "北京大学") is not rewarded as correct.
-            common = _longest_common_substring(pred, gold)
-            if common == 0:
-                score = 0.0
-            else:
-                precision = common / len(pred)
-                recall = common / len(gold)
-                score = (2 * precision * recall) / (precision + recall)
-        best = max(best, score)
-    return best
-
-
-def char_exact_match(prediction: str, ground_truths: str | Sequence[str]) -> float:
-    """Return 1.0 if the prediction's CJK tokens equal any gold answer's, ignoring spaces and punctuation."""
-    # Comparing token lists (not joined strings) ignores spaces between CJK characters while still telling
-    # "new york" from "newyork", and guarantees EM=1 implies F1=1.
-    pred = char_tokenize(prediction)
-    return max(float(pred == char_tokenize(g)) for g in _as_gold_list(ground_truths))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SQuAD-format dataset scoring
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _iter_qas(dataset: Mapping[str, Any] | Sequence[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (context, qa) for every question of a parsed SQuAD-format JSON file."""
-    # Accept the whole file or just its "data" list, which is what the official scripts pass around.
-    articles = dataset["data"] if isinstance(dataset, Mapping) else dataset
-    for article in articles:
-        for paragraph in article["paragraphs"]:
-            for qa in paragraph["qas"]:
-                yield paragraph.get("context", ""), qa
-
-
-def detect_language(dataset: Mapping[str, Any] | Sequence[Any]) -> Literal["en", "zh"]:
-    """Return "zh" when most letters/digits in the contexts and answers are CJK, else "en"."""
-    cjk = other = 0
-    seen_contexts: set[int] = set()
-    for context, qa in _iter_qas(dataset):
-        texts = [a.get("text", "") for a in qa.get("answers", [])]
-        # Every question of a paragraph shares the same context object; count it once.
-        if id(context) not in seen_contexts:
-            seen_contexts.add(id(context))
-            texts.append(context)
-        for text in texts:
-            for ch in text:
-                if _is_cjk(ch):
-                    cjk += 1
-                elif ch.isalnum():
-                    other += 1
-    return "zh" if cjk > other else "en"
-
-
-def squad_scores(
-    dataset: Mapping[str, Any] | Sequence[Any],
-    predictions: Mapping[str, str],
-    language: Literal["en", "zh", "auto"] = "auto",
-) -> dict[str, float | int]:
-    """Score {qid: answer} against a SQuAD v1.1/v2.0-format dataset; EM and F1 are percentages (0-100)."""
-    if language == "auto":
-        language = detect_language(dataset)
-    if language not in ("en", "zh"):
-        raise ValueError(f"language must be 'en', 'zh' or 'auto', got {language!r}")
-    qas = list(_iter_qas(dataset))
-    if not qas:
-        raise ValueError("dataset contains no questions")
-    # v2.0 files mark every question with is_impossible; the v2 script then drops gold answers that
-    # normalise to nothing, which v1.1 does not, so the two must be told apart to reproduce both exactly.
-    is_v2 = any("is_impossible" in qa for _, qa in qas)
-
-    def has_content(text: str) -> bool:
-        return bool(char_tokenize(text)) if language == "zh" else bool(normalize_answer(text))
-
-    exact_sum = f1_sum = 0.0
-    missing = 0
-    groups = {True: [0.0, 0.0, 0], False: [0.0, 0.0, 0]}  # has_answer -> [exact_sum, f1_sum, count]
-    for _, qa in qas:
-        golds = [a["text"] for a in qa.get("answers", [])]
-        if qa.get("is_impossible", False):
-            golds = []
-        elif is_v2:
-            golds = [g for g in golds if has_content(g)]
-        has_answer = bool(golds)
-        golds = golds or [""]
-
-        prediction = predictions.get(qa["id"])
-        if prediction is None:
-            # Official v1.1 scores an unanswered question 0 (and prints a notice); we count it instead.
-            missing += 1
-            exact = f1 = 0.0
-        elif language == "zh":
-            exact = char_exact_match(prediction, golds)
-            f1 = char_f1(prediction, golds)
-        else:
-            exact = squad_exact_match(prediction, golds)
-            # v1.1 rules for answerable questions reproduce the v1.1 script; unanswerable ones need v2's
-            # "empty matches empty" (for v2 files the two agree, since empty golds were filtered above).
-            f1 = squad_f1(prediction, golds, version="1.1" if has_answer else "2.0")
-        exact_sum += exact
-        f1_sum += f1
-        group = groups[has_answer]
-        group[0] += exact
-        group[1] += f1
-        group[2] += 1
-
-    total = len(qas)
-    scores: dict[str, float | int] = {
-        "exact_match": 100.0 * exact_sum / total,
-        "f1": 100.0 * f1_sum / total,
-        "total": total,
-        "missing": missing,
-    }
-    no_ans_exact, no_ans_f1, no_ans_total = groups[False]
-    if no_ans_total:
-        has_exact, has_f1, has_total = groups[True]
-        # Like the official v2 script, a split is reported only when it has questions (no 0/0 scores).
-        if has_total:
-            scores.update(
-                HasAns_exact=100.0 * has_exact / has_total,
-                HasAns_f1=100.0 * has_f1 / has_total,
-                HasAns_total=int(has_total),
-            )
-        scores.update(
-            NoAns_exact=100.0 * no_ans_exact / no_ans_total,
-            NoAns_f1=100.0 * no_ans_f1 / no_ans_total,
-            NoAns_total=int(no_ans_total),
-        )
-    return scores
+def cjk_language(texts: Iterable[str]) -> Literal["zh", "ja"] | None:
+    """Return "ja" or "zh" when most letters and digits of the texts are kana or Han, else None."""
+    han = kana = other = 0
+    for text in texts:
+        for ch in text:
+            cp = ord(ch)
+            if 0x3040 <= cp <= 0x30FF:  # hiragana and katakana
+                kana += 1
+            elif _is_han(cp):
+                han += 1
+            elif ch.isalnum():
+                other += 1
+    if han + kana <= other:
+        return None
+    # Japanese writes its grammar in kana and Chinese uses none, so a modest share of kana is decisive.
+    return "ja" if 10 * kana >= han + kana else "zh"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -331,12 +94,62 @@ def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable], labels: Seque
 # fraction of a second to import and most `bigmodel` commands never need them.
 
 
-def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Return corpus BLEU (0-100) from sacrebleu with its default settings, one reference per hypothesis."""
-    import sacrebleu
+# Language names and codes (ISO 639-1/2/3, English and native names) whose text needs its own BLEU tokenizer.
+_CJK_NAMES: dict[str, Literal["zh", "ja"]] = {
+    **dict.fromkeys(["zh", "zho", "chi", "cmn", "yue", "chinese", "mandarin", "cantonese"], "zh"),
+    **dict.fromkeys(["中文", "汉语", "漢語", "华语", "華語", "普通话", "简体中文", "繁體中文", "粤语", "粵語"], "zh"),
+    **dict.fromkeys(["ja", "jpn", "japanese", "日本語", "日本语", "日语", "日文"], "ja"),
+}
+# Values that name no language ("und" is BCP 47's "undetermined"): the references' script decides instead.
+_NO_LANGUAGE = frozenset(["", "auto", "und", "unknown", "none"])
+
+
+def _named_cjk_language(language: str) -> Literal["zh", "ja"] | None:
+    """Return "zh" or "ja" when the name or code ("Chinese", "zh-CN", "中文", "ja_JP"...) says so, else None."""
+    # Any word of the name counts, so "zh-Hant", "Simplified Chinese" and "Chinese (Traditional)" all do.
+    words = re.split(r"[\s\-_()（）,/]+", language.lower())
+    return next((_CJK_NAMES[w] for w in words if w in _CJK_NAMES), None)
+
+
+@functools.cache
+def _mecab_works() -> bool:
+    """Return True when sacrebleu's ja-mecab tokenizer can be built (MeCab and the IPA dictionary installed)."""
+    from sacrebleu.metrics import BLEU
+
+    # sacrebleu raises RuntimeError when mecab-python3 or ipadic is missing and AssertionError for a non-IPA
+    # dictionary; a broken native library surfaces as other errors. Any of them means "use char".
+    try:
+        BLEU(tokenize="ja-mecab")
+    except Exception:
+        return False
+    return True
+
+
+def bleu_tokenizer(language: str | None, references: Sequence[str]) -> str:
+    """Return the sacrebleu tokenizer for the target language: zh, ja-mecab (else char) or 13a.
+
+    The language is a name or code; when it is None or names no language ("", "auto", "und"), the
+    references' script decides. Any other name is trusted: "German" gets 13a whatever the references hold.
+    """
+    name = (language or "").strip().lower()
+    lang = cjk_language(references) if name in _NO_LANGUAGE else _named_cjk_language(name)
+    if lang == "zh":
+        return "zh"
+    if lang == "ja":
+        # Japanese has no spaces between words: without MeCab, 13a would see each sentence as one long word.
+        return "ja-mecab" if _mecab_works() else "char"
+    return "13a"
+
+
+def bleu(hypotheses: Sequence[str], references: Sequence[str], language: str | None = None) -> dict[str, Any]:
+    """Return {"bleu": corpus BLEU (0-100), "bleu_signature": sacrebleu's signature} for the target language."""
+    from sacrebleu.metrics import BLEU
 
     _check_pairs(hypotheses, references)
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)]).score)
+    metric = BLEU(tokenize=bleu_tokenizer(language, references))
+    score = metric.corpus_score(list(hypotheses), [list(references)])
+    # The signature (nrefs, case, tokenizer, smoothing, version) is what makes a BLEU number comparable.
+    return {"bleu": float(score.score), "bleu_signature": str(metric.get_signature())}
 
 
 def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:

@@ -32,18 +32,6 @@ Overrides = Annotated[
 ]
 
 
-def _task_only():
-    from dataclasses import dataclass, field
-
-    from bigmodel_cli.data.tasks import TaskOptions
-
-    @dataclass(frozen=True)
-    class TaskOnly:
-        task: TaskOptions = field(default_factory=TaskOptions)
-
-    return TaskOnly
-
-
 def _version(value: bool) -> None:
     if value:
         print(f"bigmodel {__version__}")
@@ -63,6 +51,9 @@ def global_options(
 ) -> None:
     """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
     _options.update(debug=debug, quiet=quiet, log_format=log_format)
+    from bigmodel_cli.console import set_track_mode
+
+    set_track_mode("quiet" if quiet else log_format)
 
 
 def _console():
@@ -125,7 +116,9 @@ def preprocess(
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (char sizes itself).")] = 8000,
     model_type: Annotated[str, typer.Option(help="Tokenizer kind: bpe, unigram or char.")] = "bpe",
     tokenizer: Annotated[Path | None, typer.Option(help="Use this SentencePiece .model instead of training.")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Share of documents held out for validation.")] = 0.1,
+    val_fraction: Annotated[
+        float, typer.Option(help="Share of documents held out for validation: 0 = none, 1 = all (a test file).")
+    ] = 0.1,
     text_field: Annotated[
         str, typer.Option(help="Record field(s) with the text: a.b for nested ones, title,body to join several.")
     ] = "text",
@@ -136,7 +129,7 @@ def preprocess(
         bool | None,
         typer.Option(
             "--byte-fallback/--no-byte-fallback",
-            help="Unknown characters as UTF-8 bytes (default: on for bpe and unigram, off for char).",
+            help="Characters outside the vocabulary as UTF-8 bytes, so any text round-trips (default: on).",
         ),
     ] = None,
     character_coverage: Annotated[
@@ -286,15 +279,29 @@ def evaluate(
         Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")
     ] = None,
     data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
+    text: Annotated[
+        Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
+    ] = None,
     task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where predictions.jsonl and metrics.json go.")] = None,
-    overrides: Overrides = None,
-    split: Annotated[str, typer.Option(help="Which split to evaluate: val or train.")] = "val",
-    batch_size: Annotated[int, typer.Option(help="Sequences per batch.")] = 8,
-    max_batches: Annotated[int, typer.Option(help="Evaluate at most this many batches.")] = 50,
-    max_examples: Annotated[int, typer.Option(help="With --task: score only the first N examples; 0 = all.")] = 0,
+    metric: Annotated[
+        str | None, typer.Option(help="qa: squad or cmrc2018 (default: cmrc2018 for Chinese data, else squad).")
+    ] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json (and predictions.jsonl) go.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="With --task: override a task option, e.g. task.target_lang=Chinese."),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="With --data DIR: the split to evaluate, val or train.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default 8).")] = None,
+    max_batches: Annotated[
+        int | None, typer.Option(help="With --data DIR: evaluate at most this many batches (default 50; 0 = all).")
+    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
@@ -302,22 +309,18 @@ def evaluate(
 ) -> None:
     """Validation loss and perplexity of a model, or task metrics with --task; written to metrics.json.
 
-    Example: bigmodel evaluate runs/tiny --json; bigmodel evaluate runs/finetune-qa --task qa --data dev.json
+    Example: bigmodel evaluate runs/tiny --json; bigmodel evaluate runs/tiny --text test.txt;
+    bigmodel evaluate runs/finetune-qa --task qa --data dev.json
     """
     import json
 
+    _check_evaluate_options(locals())
     _setup_jax(coordinator, num_processes, process_id)
-    if batch_size <= 0 or max_batches <= 0 or max_examples < 0:
-        raise UserError("--batch-size and --max-batches must be positive, --max-examples >= 0")
     if task:
-        from bigmodel_cli import config
         from bigmodel_cli.evaluate import task_eval
 
-        if data is None:
-            raise UserError("--task needs --data FILE (the task's data)")
-        opts = None
-        if overrides:
-            opts = config.load_config(None, overrides, cls=_task_only()).task
+        if columns is not None:
+            overrides = [*(overrides or []), f"task.columns={columns}"]
         metrics = task_eval.run(
             task,
             data,
@@ -325,20 +328,71 @@ def evaluate(
             data2=data2,
             predictions=predictions,
             out=out,
-            opts=opts,
-            batch_size=batch_size,
-            max_examples=max_examples,
+            overrides=overrides,
+            metric=metric or "auto",
+            batch_size=batch_size or 8,
+            max_examples=max_examples or 0,
         )
     else:
         from bigmodel_cli.evaluate import lm as stage
 
-        if model is None:
-            raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
-        metrics = stage.run(model, data=data, split=split, batch_size=batch_size, max_batches=max_batches)
+        if text is not None:
+            metrics = stage.run_text(model, text, batch_size=batch_size or 8, out=out)
+        else:
+            metrics = stage.run(
+                model,
+                data=data,
+                split=split or "val",
+                batch_size=batch_size or 8,
+                max_batches=50 if max_batches is None else max_batches,
+                out=out,
+            )
     if json_out:
-        print(json.dumps(metrics))
+        print(json.dumps(metrics, ensure_ascii=False))
     else:
         _console().result(metrics)
+
+
+# Options that belong to one mode of `evaluate`: given in another, they would do nothing, so they are refused.
+_LM_ONLY = {"split": "--split", "max_batches": "--max-batches", "text": "--text"}
+_TASK_ONLY = {
+    "data2": "--data2",
+    "predictions": "--predictions",
+    "metric": "--metric",
+    "columns": "--columns",
+    "overrides": "--set",
+    "max_examples": "--max-examples",
+}
+
+
+def _check_evaluate_options(given: dict) -> None:
+    """Refuse every option that would have no effect in the mode the others select, in one line."""
+    if given["batch_size"] is not None and given["batch_size"] <= 0:
+        raise UserError(f"--batch-size must be positive, got {given['batch_size']}")
+    if given["max_batches"] is not None and given["max_batches"] < 0:
+        raise UserError(f"--max-batches must be >= 0 (0 = all), got {given['max_batches']}")
+    if given["max_examples"] is not None and given["max_examples"] <= 0:
+        raise UserError(f"--max-examples must be positive, got {given['max_examples']}")
+    if given["task"]:
+        stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
+        if stray:
+            raise UserError(f"{stray[0]} is for language-model evaluation, not --task: remove it")
+        if given["data"] is None:
+            raise UserError("--task needs --data FILE (the task's data)")
+        if given["predictions"] is not None and given["batch_size"] is not None:
+            raise UserError("--batch-size has no effect with --predictions (no model runs): remove it")
+        return
+    stray = [flag for name, flag in _TASK_ONLY.items() if given[name]]
+    if stray:
+        raise UserError(f"{stray[0]} applies with --task only: add --task or remove it")
+    if given["model"] is None:
+        raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
+    if given["text"] is not None:
+        clash = [
+            flag for name, flag in (("data", "--data"), *_LM_ONLY.items()) if name != "text" and given[name] is not None
+        ]
+        if clash:
+            raise UserError(f"--text evaluates a whole file: {clash[0]} does not apply, remove it")
 
 
 @command
@@ -351,8 +405,11 @@ def generate(
     top_p: Annotated[float, typer.Option(help="Sample from the smallest set of tokens reaching probability p.")] = 1.0,
     stop: Annotated[list[str] | None, typer.Option(help="Stop at this string (repeatable).")] = None,
     seed: Annotated[int, typer.Option(help="Sampling seed: the same seed gives the same text.")] = 0,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="Instruct models: continue the prompt as plain text, not as a chat turn.")
+    ] = False,
 ) -> None:
-    """Continue a prompt with a trained model (KV-cache decoding).
+    """Continue a prompt with a trained model (KV-cache decoding); an instruct model replies to it as a chat.
 
     Example: bigmodel generate runs/tiny --prompt "ROMEO:" --max-new-tokens 200 --top-p 0.9
     """
@@ -368,6 +425,7 @@ def generate(
         top_p=top_p,
         seed=seed,
         stop=tuple(stop or ()),
+        raw=raw,
     )
     print(text)
 

@@ -191,10 +191,42 @@ def err(message: str) -> None:
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
-def track(iterable, description: str, total: int | None = None):
-    """A progress bar over `iterable` on a terminal (with ETA); the bare iterable in logs and pipes."""
-    if not sys.stderr.isatty() or _rank() != 0:
-        return iterable
-    from rich.progress import track as rich_track
+_track_mode = {"mode": "rich"}  # set by the CLI's global options: rich, json or quiet
 
-    return rich_track(iterable, description=description, total=total, transient=True, console=RichConsole(stderr=True))
+
+def set_track_mode(mode: str) -> None:
+    _track_mode["mode"] = mode
+
+
+def track(iterable, description: str, total: int | None = None, every: float = 10.0):
+    """A progress bar over `iterable` on a terminal (with ETA); elsewhere a line on stderr every `every`
+    seconds (a JSON object with --log-format json), so a long evaluation shows life in any log."""
+    mode = _track_mode["mode"]
+    if mode == "quiet" or _rank() != 0:
+        return iterable
+    if sys.stderr.isatty() and mode == "rich":
+        from rich.progress import track as rich_track
+
+        return rich_track(
+            iterable, description=description, total=total, transient=True, console=RichConsole(stderr=True)
+        )
+    return _logged(iterable, description, total, every)
+
+
+def _logged(iterable, description: str, total: int | None, every: float):
+    start = last = time.perf_counter()
+    done = 0
+    for item in iterable:
+        yield item
+        done += 1
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            elapsed = now - start
+            fields = {"stage": description, "done": done, "total": total, "seconds": round(elapsed, 1)}
+            if _track_mode["mode"] == "json":
+                print(json.dumps({"event": "progress", **fields}), file=sys.stderr, flush=True)
+            else:
+                eta = f" | ETA {elapsed / done * (total - done):.0f} s" if total else ""
+                of = f"/{total}" if total else ""
+                print(f"{description} | {done}{of} | {elapsed:.0f} s{eta}", file=sys.stderr, flush=True)

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio
+from bigmodel_cli import modelio, taskinfo
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
 
@@ -85,6 +85,20 @@ def write(loaded: modelio.LoadedModel, directory: Path, max_shard_bytes: int = D
     config = hf_config(loaded.model_cfg, max(loaded.seq_len, loaded.model_cfg.max_seq_len), dtypes.pop(), ids)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (directory / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    _write_task(loaded.home, directory)
+
+
+def _write_task(home: Path, directory: Path) -> None:
+    """The finetuned task's task.json, and an instruct model's chat template where transformers reads it."""
+    info = taskinfo.read(home)
+    if info is None:
+        return
+    taskinfo.copy(home, directory)
+    tokenizer_config = directory / "tokenizer_config.json"
+    if info.chat_template and tokenizer_config.is_file():
+        config = json.loads(tokenizer_config.read_text())
+        config["chat_template"] = info.chat_template
+        tokenizer_config.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def hf_config(cfg: ModelConfig, max_positions: int, dtype: str, token_ids: dict[str, int | None]) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import parallel
+from bigmodel_cli import parallel, taskinfo
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig
 from bigmodel_cli.errors import UserError
 
@@ -199,4 +199,5 @@ def export(loaded: LoadedModel, out: Path) -> Path:
         (staging / EXPORT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         if loaded.tokenizer_file.is_file():
             shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.model")
+        taskinfo.copy(loaded.home, staging)
     return out

@@ -70,6 +70,11 @@ def run(
     console = console or Console()
     cfg, manifest = resolve(cfg)
     loop.check_layout(cfg)  # before the run directory exists: a bad mesh leaves nothing behind
+    if manifest is not None and not cfg.data.mixture and "train" not in manifest["splits"]:
+        raise UserError(
+            f"{cfg.data.path} has no train split (preprocessed with --val-fraction 1, for evaluation only): "
+            "preprocess the training text with a smaller --val-fraction"
+        )
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, process_rows(cfg.train.batch_size)
     meta: dict = {"stage": "pretrain"}
@@ -84,7 +89,9 @@ def run(
         else:
             data_dir = Path(cfg.data.path)
             train_windows = loader.TokenWindows(data_dir, "train", manifest, seq_len)
-            val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len)
+            # --val-fraction 0 data has no val split: the run trains without validation.
+            has_val = "val" in manifest["splits"]
+            val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len) if has_val else None
         if (run_dir / "tokenizer.model").is_file():  # resuming: the data must fit the run's tokenizer
             check_compatible(
                 manifest,
@@ -96,6 +103,8 @@ def run(
 
         def val_batches():
             return loader.eval_batches(val_windows, batch_size, cfg.train.eval_batches, rows)
+
+        val_batches = val_batches if val_windows is not None else None
 
         tokenizer_file = data_dir / manifest["tokenizer"]["file"]
         if jax.process_index() == 0:

@@ -69,7 +69,7 @@ def test_preprocess_is_deterministic_and_char_vocab_sizes_itself(tmp_path):
     for name in ("train-00000.bin", "val-00000.bin", "tokenizer.model", "manifest.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     chars = set(synthetic_text(400)) - {" ", "\n"}
-    assert first["tokenizer"]["vocab_size"] == len(chars) + 6  # specials, newline, word boundary
+    assert first["tokenizer"]["vocab_size"] == len(chars) + 6 + 256  # specials, newline, word boundary, bytes
     assert first["dtype"] == "uint16"
     assert first["inputs"][0]["sha256"] and first["splits"]["val"]["tokens"] > 0
 

@@ -337,7 +337,7 @@ def test_val_fraction_0_and_1_keep_a_file_whole_through_the_cli(cli, tmp_path):
 
 
 @pytest.mark.slow
-def test_pretrain_without_val_refuses_and_evaluate_reads_a_held_out_file(cli, tiny_data, tmp_path):
+def test_pretrain_without_val_trains_and_evaluate_reads_a_held_out_file(cli, tiny_data, tmp_path):
     run = tmp_path / "run"
     cli(*pretrain_args(run, tiny_data, {"train.steps": 2, "checkpoint.every": 2}))
     (tmp_path / "test.txt").write_text(synthetic_text(200, seed=1), encoding="utf-8")
@@ -351,9 +351,12 @@ def test_pretrain_without_val_refuses_and_evaluate_reads_a_held_out_file(cli, ti
     assert wrong.exit_code != 0 and "'train' is not in" in wrong.stderr
 
     _preprocess(cli, tmp_path / "test.txt", "--out", tmp_path / "all", "--tokenizer", tokenizer, "--val-fraction", "0")
-    refused = cli(*pretrain_args(tmp_path / "run2", tmp_path / "all", {"train.steps": 2}), ok=False)
-    assert refused.exit_code != 0 and "has no 'val' split (has train)" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
+    cli(*pretrain_args(tmp_path / "run2", tmp_path / "all", {"train.steps": 2, "checkpoint.every": 2}))
+    rows = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and not any("val_loss" in r for r in rows)  # trains, without validation
+    refused = cli(*pretrain_args(tmp_path / "run3", tmp_path / "held", {"train.steps": 2}), ok=False)
+    assert refused.exit_code != 0 and "has no train split" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "run3").exists()
 
 
 def test_interrupted_preprocess_leaves_nothing_and_reruns(tmp_path, monkeypatch):

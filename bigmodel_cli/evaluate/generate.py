@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import modelio, parallel
+from bigmodel_cli import modelio, parallel, taskinfo
+from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 
@@ -138,11 +139,17 @@ def run(
     top_p: float = 1.0,
     seed: int = 0,
     stop: tuple[str, ...] = (),
+    raw: bool = False,
 ) -> str:
-    """Prompt + its continuation as text."""
+    """Prompt + its continuation as text; for a model finetuned on chats (and not raw), its reply alone."""
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     loaded = modelio.load(model)
     if not loaded.tokenizer_file.is_file():
         raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
     tokenizer = Tokenizer(loaded.tokenizer_file)
+    info = taskinfo.read(loaded.home)
+    if info is not None and info.chat_template and not raw:
+        # The prompt becomes a user turn and the reply ends at the end-of-turn marker, as in finetuning.
+        chat = tasks.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return complete(loaded, tokenizer, [chat], sampling, (*stop, tasks.END_OF_TURN))[0]
     return prompt + complete(loaded, tokenizer, [prompt], sampling, stop)[0]

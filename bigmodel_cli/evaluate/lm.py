@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import functools
+import gzip
+import math
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from bigmodel_cli import modelio, parallel
 from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.preprocess import check_compatible, load_manifest
-from bigmodel_cli.data.tokenizer import sha256_file
+from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.metrics import perplexity
 from bigmodel_cli.train.step import eval_step
@@ -19,9 +22,15 @@ from bigmodel_cli.utils import write_json_atomic
 
 
 def run(
-    model: Path, *, data: Path | None = None, split: str = "val", batch_size: int = 8, max_batches: int = 50
+    model: Path,
+    *,
+    data: Path | None = None,
+    split: str = "val",
+    batch_size: int = 8,
+    max_batches: int = 50,
+    out: Path | None = None,
 ) -> dict:
-    """Evaluate the model on a preprocessed split; writes metrics.json next to the model and returns it."""
+    """Evaluate the model on a preprocessed split (max_batches 0 = all of it); writes metrics.json."""
     loaded = modelio.load(model)
     data_dir = Path(data) if data is not None else Path(loaded.data_path) if loaded.data_path else None
     if data_dir is None or not data_dir.is_dir():
@@ -35,14 +44,9 @@ def run(
     if batch_size % dp:
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")
     windows = loader.TokenWindows(data_dir, split, manifest, loaded.seq_len)
-    batch_sharding = parallel.batch_sharding(loaded.mesh)
-    step = jax.jit(functools.partial(eval_step, loaded.graphdef))
-    total, count = 0.0, 0.0
-    with parallel.activate(loaded.mesh):
-        n_batches = -(-min(windows.count, batch_size * max_batches) // batch_size)
-        for batch in track(loader.eval_batches(windows, batch_size, max_batches), "evaluate", n_batches):
-            loss_sum, n = step(loaded.params, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
-            total, count = total + float(loss_sum), count + float(n)
+    max_batches = max_batches or -(-windows.count // batch_size)
+    n_batches = -(-min(windows.count, batch_size * max_batches) // batch_size)
+    total, count = _loss_sums(loaded, loader.eval_batches(windows, batch_size, max_batches), n_batches)
     loss = total / count
     metrics = {
         "loss": loss,
@@ -52,6 +56,97 @@ def run(
         "step": loaded.step,
         "data": str(data_dir),
     }
-    if modelio.locate(model)[0] != "hf":  # a Hugging Face directory is the user's (maybe read-only): leave it be
-        write_json_atomic(loaded.home / "metrics.json", metrics)
+    _write(model, loaded, out, metrics)
     return metrics
+
+
+def _loss_sums(loaded: modelio.LoadedModel, batches, n_batches: int) -> tuple[float, float]:
+    """(sum of token losses in nats, counted tokens) over the batches."""
+    batch_sharding = parallel.batch_sharding(loaded.mesh)
+    step = jax.jit(functools.partial(eval_step, loaded.graphdef))
+    total, count = 0.0, 0.0
+    with parallel.activate(loaded.mesh):
+        for batch in track(batches, "evaluate", n_batches):
+            loss_sum, n = step(loaded.params, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
+            total, count = total + float(loss_sum), count + float(n)
+    return total, count
+
+
+def _write(model: Path, loaded: modelio.LoadedModel, out: Path | None, metrics: dict) -> None:
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(out) / "metrics.json", metrics)
+    elif modelio.locate(model)[0] != "hf":  # a Hugging Face directory is the user's (maybe read-only)
+        write_json_atomic(loaded.home / "metrics.json", metrics)
+
+
+def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | None = None) -> dict:
+    """Loss, perplexity and bits per byte of every token of a raw text file, as one document.
+
+    The text is cut into consecutive windows of the model's sequence length (each token is predicted once,
+    from the tokens before it in its window, as nanoGPT's evaluation does), after the end-of-document token
+    that separates documents in training. Bits per byte divide the summed loss by the text's UTF-8 bytes,
+    so that models with different tokenizers compare."""
+    text = read_text_file(Path(text_file))
+    loaded = modelio.load(model)
+    if not loaded.tokenizer_file.is_file():
+        raise UserError(f"{loaded.home} has no tokenizer.model: --text needs the model's tokenizer")
+    tokenizer = Tokenizer(loaded.tokenizer_file)
+    if tokenizer.vocab_size > loaded.model_cfg.vocab_size:
+        raise UserError(
+            f"{loaded.tokenizer_file} has {tokenizer.vocab_size} tokens but the model only "
+            f"{loaded.model_cfg.vocab_size}: pass the model's own directory"
+        )
+    dp = parallel.data_parallel_size(loaded.mesh)
+    if batch_size % dp:
+        raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")
+    start = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    ids = np.asarray(start + tokenizer.encode([text])[0], np.int32)
+    seq_len = loaded.seq_len
+    n_windows = -(-(len(ids) - 1) // seq_len)
+    n_batches = -(-n_windows // batch_size)
+    total, count = _loss_sums(loaded, _text_batches(ids, seq_len, batch_size, n_batches), n_batches)
+    n_bytes = len(text.encode("utf-8"))
+    loss = total / count
+    metrics = {
+        "loss": loss,
+        "perplexity": perplexity(loss),
+        "bits_per_byte": total / math.log(2) / n_bytes,
+        "tokens": int(count),
+        "bytes": n_bytes,
+        "step": loaded.step,
+        "text": str(text_file),
+    }
+    _write(model, loaded, out, metrics)
+    return metrics
+
+
+def _text_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int):
+    """[B, T] batches of consecutive windows over ids; the tail window and missing rows get weight 0."""
+    targets = len(ids) - 1
+    for b in range(n_batches):
+        windows = np.zeros((batch_size, seq_len + 1), np.int32)
+        weights = np.zeros((batch_size, seq_len), np.float32)
+        for row in range(batch_size):
+            first = (b * batch_size + row) * seq_len
+            if first >= targets:
+                windows[row] = windows[0]  # a repeat of a real window, weighted 0: no row is all padding
+                continue
+            piece = ids[first : first + seq_len + 1]
+            windows[row, : len(piece)] = piece
+            weights[row, : len(piece) - 1] = 1.0
+        yield loader.as_batch(windows, weights)
+
+
+def read_text_file(path: Path) -> str:
+    """A whole UTF-8 text file (gzip when it ends in .gz), or a UserError naming the fix."""
+    if not path.is_file():
+        raise UserError(f"--text {path} not found: pass a UTF-8 text file")
+    try:
+        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        text = raw.decode("utf-8-sig")
+    except (OSError, EOFError, UnicodeDecodeError) as err:
+        raise UserError(f"--text {path} is not readable UTF-8 text ({err}): convert it to UTF-8") from None
+    if not text:
+        raise UserError(f"--text {path} is empty: pass a file with text")
+    return text

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -13,21 +16,19 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bigmodel_cli import modelio
+from bigmodel_cli import config, modelio, taskinfo
 from bigmodel_cli.console import track
 from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate import metrics as M
+from bigmodel_cli.evaluate import qa_metrics
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.utils import write_json_atomic
 
 
-def score(task: str, examples: list, predictions: dict[str, str], data_file: Path, labels: list[str]) -> dict:
-    """The task's metrics for {example id: predicted text}."""
-    if task == "qa":
-        dataset = json.loads(Path(data_file).read_text(encoding="utf-8"))
-        return M.squad_scores(dataset, predictions, language="auto")
+def score(task: str, examples: list, predictions: dict[str, str], labels: list[str], opts: tasks.TaskOptions) -> dict:
+    """The metrics of a classify, summarize or translate task for {example id: predicted text}."""
     preds = [predictions.get(e.id, "") for e in examples]
     golds = [e.references[0] if e.references else "" for e in examples]
     if task == "classify":
@@ -39,8 +40,23 @@ def score(task: str, examples: list, predictions: dict[str, str], data_file: Pat
     if task == "summarize":
         return {**M.rouge(preds, golds), "total": len(examples)}
     if task == "translate":
-        return {"bleu": M.bleu(preds, golds), "chrf": M.chrf(preds, golds), "total": len(examples)}
+        # A language name we can't place (the default "German" on a Chinese test set) yields to the script
+        # of the references: Chinese or Japanese references are never cut into words by 13a.
+        named = opts.target_lang if M.bleu_tokenizer(opts.target_lang, golds) != "13a" else None
+        return {**M.bleu(preds, golds, named), "chrf": M.chrf(preds, golds), "total": len(examples)}
     raise UserError(f"--predictions is not supported for --task {task}: it is scored by loss and perplexity")
+
+
+def _question_ids(dataset: dict | list) -> list[str]:
+    """Every question id of a SQuAD-format file, in file order (as tasks.load_examples numbers them)."""
+    articles = dataset.get("data", []) if isinstance(dataset, dict) else dataset
+    ids, n = [], 0
+    for article in articles:
+        for paragraph in article.get("paragraphs", []):
+            for qa in paragraph.get("qas", []):
+                n += 1
+                ids.append(str(qa.get("id", n)))
+    return ids
 
 
 def read_predictions(task: str, path: Path) -> dict[str, str]:
@@ -66,7 +82,9 @@ def read_predictions(task: str, path: Path) -> dict[str, str]:
     return out
 
 
-def _logprobs(loaded, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[tuple[float, int]]:
+def _logprobs(
+    loaded, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: str = ""
+) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each continuation after its prompt, batched at one shape."""
     length = loaded.model_cfg.max_seq_len
     model = nnx.merge(loaded.graphdef, loaded.params)
@@ -77,7 +95,8 @@ def _logprobs(loaded, pairs: list[tuple[list[int], list[int]]], batch_size: int 
         return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
 
     out = []
-    for start in range(0, len(pairs), batch_size):
+    starts = range(0, len(pairs), batch_size)
+    for start in track(starts, progress, len(starts)) if progress else starts:
         chunk = pairs[start : start + batch_size]
         tokens = np.zeros((batch_size, length + 1), np.int32)
         spans = []
@@ -102,7 +121,7 @@ def _classify(loaded, tokenizer, examples, labels: list[str], batch_size: int) -
             full = tokenizer.encode([e.prompt + " " + label])[0]
             same = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
             pairs.append(([tokenizer.eos_id, *full[:same]], [*full[same:], tokenizer.eos_id]))
-    scores = [total for total, _ in _logprobs(loaded, pairs, batch_size)]
+    scores = [total for total, _ in _logprobs(loaded, pairs, batch_size, progress="score labels")]
     k = len(labels)
     return {e.id: labels[int(np.argmax(scores[i * k : (i + 1) * k]))] for i, e in enumerate(examples)}
 
@@ -165,6 +184,20 @@ def _write(out_dir: Path, examples, predictions: dict[str, str] | None, metrics:
     write_json_atomic(out_dir / "metrics.json", metrics)
 
 
+@dataclass(frozen=True)
+class TaskOverrides:
+    """The sections `evaluate --task ... --set KEY=VALUE` may override: the task's prompt options."""
+
+    task: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
+
+
+def task_options(task: str, info: taskinfo.TaskInfo | None, overrides: list[str]) -> tasks.TaskOptions:
+    """The options the model was finetuned with (when it was, for this task), with `--set task.*` on top."""
+    base = info.options if info is not None and info.task == task else tasks.TaskOptions()
+    raw = {"task": dataclasses.asdict(base)}
+    return config.build_config(raw, config.parse_overrides(overrides), TaskOverrides, Path.cwd(), "--set").task
+
+
 def run(
     task: str,
     data: Path,
@@ -173,29 +206,43 @@ def run(
     data2: Path | None = None,
     predictions: Path | None = None,
     out: Path | None = None,
-    opts: tasks.TaskOptions | None = None,
+    overrides: list[str] | None = None,
+    metric: str = "auto",
     batch_size: int = 8,
     max_examples: int = 0,
 ) -> dict:
     """Score predictions (given, or generated by the model) for a task file; writes metrics.json."""
     if task not in tasks.TASKS:
         raise UserError(f"unknown task {task!r}: choose one of {', '.join(tasks.TASKS)}")
+    if metric not in qa_metrics.QA_METRICS:
+        raise UserError(f"--metric must be one of {', '.join(qa_metrics.QA_METRICS)}; got {metric!r}")
+    if metric != "auto" and task != "qa":
+        raise UserError(f"--metric chooses the qa metric (squad or cmrc2018); --task {task} has fixed metrics")
     if model is None and predictions is None:
         raise UserError("pass a MODEL to generate predictions, or --predictions FILE to score existing ones")
     loaded = modelio.load(model) if model is not None else None
     home = loaded.home if loaded is not None else Path(predictions).parent
-    opts = opts or _run_task_options(home)
-    labels = _run_labels(home)
+    info = taskinfo.read(home)
+    opts = task_options(task, info, overrides or [])
+    labels = list(info.labels) if info is not None and info.task == task else []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", tasks.TaskWarning)
-        examples, info = tasks.load_examples(task, Path(data), opts, path2=data2)
+        examples, data_info = tasks.load_examples(task, Path(data), opts, path2=data2)
     for warning in caught:
-        print(f"warning: {warning.message}")
-    if max_examples:
+        print(f"warning: {warning.message}", file=sys.stderr)
+    question_ids = None
+    if task == "qa":
+        dataset = json.loads(Path(data).read_text(encoding="utf-8"))
+        question_ids = _question_ids(dataset)
+        question_ids = question_ids[:max_examples] if max_examples else question_ids
+        wanted = set(question_ids)
+        examples = [e for e in examples if e.id in wanted]
+    elif max_examples:
         examples = examples[:max_examples]
     if task == "classify" and labels:
         tasks.check_labels(examples, labels)
-    labels = labels or info.get("labels", [])
+    labels = labels or data_info.get("labels", [])
+    seq_len = (info.seq_len if info is not None and info.task == task else 0) or (loaded.seq_len if loaded else 0)
     if predictions is not None:
         preds = read_predictions(task, predictions)
     elif task == "instruct":
@@ -204,28 +251,14 @@ def run(
         preds = _classify(loaded, Tokenizer(loaded.tokenizer_file), examples, labels, batch_size)
     else:
         tokenizer = Tokenizer(loaded.tokenizer_file)
-        preds = _generate(loaded, tokenizer, examples, opts, loaded.seq_len, batch_size)
+        preds = _generate(loaded, tokenizer, examples, opts, seq_len, batch_size)
     if preds is None:
         tokenizer = Tokenizer(loaded.tokenizer_file)
-        metrics = _loss(loaded, tokenizer, examples, opts, loaded.seq_len, batch_size)
+        metrics = _loss(loaded, tokenizer, examples, opts, seq_len, batch_size)
+    elif task == "qa":
+        metrics = qa_metrics.qa_scores(dataset, preds, metric=metric, question_ids=question_ids)
     else:
-        metrics = score(task, examples, preds, Path(data), labels)
+        metrics = score(task, examples, preds, labels, opts)
     metrics = {"task": task, "data": str(data), **metrics}
     _write(out or home / f"eval-{task}", examples, preds, metrics)
     return metrics
-
-
-def _run_task_options(home: Path) -> tasks.TaskOptions:
-    """The [task] options the model was finetuned with (field names, label words), else the defaults."""
-    config_file = home / "config.toml"
-    if config_file.is_file() and "[finetune]" in config_file.read_text():
-        from bigmodel_cli import config as config_lib
-        from bigmodel_cli.finetune import FinetuneConfig
-
-        return config_lib.load_config(config_file, cls=FinetuneConfig, base_dir=home).task
-    return tasks.TaskOptions()
-
-
-def _run_labels(home: Path) -> list[str]:
-    task_file = home / "task.json"
-    return list(json.loads(task_file.read_text()).get("labels", [])) if task_file.is_file() else []

@@ -1,0 +1,84 @@
+"""What a finetuned model was trained for, kept in `task.json` beside its weights and carried into exports.
+
+Evaluation and generation need the task's prompt options (languages, field names, label words), its label
+set, its sequence length and, for instruct models, its chat format. A run directory, a bigmodel export and a
+Hugging Face export all hold the same `task.json`, so the three give the same prompts and predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from bigmodel_cli.data import tasks
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.utils import write_json_atomic
+
+TASK_FILE = "task.json"
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    task: str  # one of tasks.TASKS
+    options: tasks.TaskOptions  # the [task] section the model was finetuned with
+    labels: tuple[str, ...] = ()  # classify: the label words, in the order they were scored
+    seq_len: int = 0  # the sequence length of finetuning (prompts are cut and windowed to it); 0 = unknown
+    chat_template: str = ""  # instruct: the Jinja chat template of the prompts (Hugging Face's chat_template)
+
+
+def write(run_dir: Path, task: str, options: tasks.TaskOptions, seq_len: int, data_info: dict) -> None:
+    """Record the task a run is finetuned for; `data_info` is what loading the task file found."""
+    record = json.loads(json.dumps(data_info, default=str))  # counts and file names, for people reading it
+    record.update(
+        task=task,
+        options=dataclasses.asdict(options),
+        labels=list(data_info.get("labels", [])),
+        seq_len=seq_len,
+        chat_template=tasks.CHAT_TEMPLATE if task == "instruct" else "",
+    )
+    write_json_atomic(Path(run_dir) / TASK_FILE, record)
+
+
+def read(home: Path) -> TaskInfo | None:
+    """The task a model directory was finetuned for, or None for a pretrained (or foreign) model."""
+    path = Path(home) / TASK_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        task = str(record["task"])
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a bigmodel task file: re-export the model or remove the file") from None
+    if "options" in record:
+        options = _options(record["options"])
+    else:  # written before task.json carried the options: they are in the run's config.toml
+        options = _options_from_config(Path(home))
+    return TaskInfo(
+        task=task,
+        options=options,
+        labels=tuple(str(x) for x in record.get("labels", [])),
+        seq_len=int(record.get("seq_len", 0)),
+        chat_template=str(record.get("chat_template", "")),
+    )
+
+
+def _options_from_config(home: Path) -> tasks.TaskOptions:
+    config_file = home / "config.toml"
+    section = tomllib.loads(config_file.read_text(encoding="utf-8")).get("task", {}) if config_file.is_file() else {}
+    return _options(section)
+
+
+def _options(values: dict) -> tasks.TaskOptions:
+    known = {f.name for f in dataclasses.fields(tasks.TaskOptions)}
+    return tasks.TaskOptions(**{k: v for k, v in values.items() if k in known})
+
+
+def copy(home: Path, out_dir: Path) -> None:
+    """Carry a model's task.json (when it has one) into an export directory."""
+    source = Path(home) / TASK_FILE
+    if source.is_file():
+        shutil.copyfile(source, Path(out_dir) / TASK_FILE)

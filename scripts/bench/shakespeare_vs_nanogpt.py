@@ -1,0 +1,99 @@
+"""bigmodel against nanoGPT on nanoGPT's own Tiny Shakespeare split, on this machine, wall time included.
+
+nanoGPT's data/shakespeare_char/prepare.py trains on the first 90% of the characters and validates on the
+last 10%. Here bigmodel trains on exactly the first 90% (`preprocess --val-fraction 0`, recipes/
+shakespeare_char.toml) and scores the whole last 10% with `evaluate --text`. nanoGPT runs its README's CPU
+"baby" command from a local checkout (no download: its input.txt is the same file) with eval_iters=200 for a
+less noisy estimate; both evaluate only at the start and the end, so their wall times compare.
+
+    python scripts/bench/shakespeare_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT [--work /tmp/shakespeare-bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TEXT = (
+    Path(os.environ.get("BIGMODEL_SHARED_DATA", REPO.parent / "shared" / "data")) / "pretrain" / "tinyshakespeare.txt"
+)
+BABY = [  # nanoGPT README's CPU command, with evaluation only at the start and the end
+    "--device=cpu",
+    "--compile=False",
+    "--eval_iters=200",
+    "--eval_interval=2000",
+    "--log_interval=100",
+    "--block_size=64",
+    "--batch_size=12",
+    "--n_layer=4",
+    "--n_head=4",
+    "--n_embd=128",
+    "--max_iters=2000",
+    "--lr_decay_iters=2000",
+    "--dropout=0.0",
+]
+
+
+def timed(cmd: list, cwd: Path | None = None) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(list(map(str, cmd)), cwd=cwd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - start, proc.stdout + proc.stderr
+
+
+def bigmodel(work: Path) -> dict:
+    text = TEXT.read_text(encoding="utf-8")
+    cut = int(len(text) * 0.9)  # nanoGPT's split, in characters
+    (work / "train.txt").write_text(text[:cut], encoding="utf-8")
+    (work / "val.txt").write_text(text[cut:], encoding="utf-8")
+    exe = [sys.executable, "-m", "bigmodel_cli"]
+    prep, _ = timed([*exe, "preprocess", work / "train.txt", "--out", work / "data", "--model-type", "char",
+                     "--val-fraction", "0"])  # fmt: skip
+    train, _ = timed([*exe, "pretrain", REPO / "recipes" / "shakespeare_char.toml", "--run-dir", work / "run",
+                      "--set", f"data.path={work / 'data'}", "--set", "train.eval_every=0"])  # fmt: skip
+    _, out = timed([*exe, "evaluate", work / "run", "--text", work / "val.txt", "--json"])
+    metrics = json.loads(out.strip().splitlines()[-1])
+    return {"val_loss": metrics["loss"], "bits_per_byte": metrics["bits_per_byte"], "train_s": train, "prep_s": prep}
+
+
+def nanogpt(checkout: Path, work: Path) -> dict:
+    repo = work / "nanoGPT"
+    shutil.copytree(checkout, repo, ignore=shutil.ignore_patterns(".git"))
+    data = repo / "data" / "shakespeare_char"
+    shutil.copyfile(TEXT, data / "input.txt")  # prepare.py downloads only when input.txt is missing
+    prep, _ = timed([sys.executable, "prepare.py"], cwd=data)
+    train, out = timed([sys.executable, "train.py", "config/train_shakespeare_char.py", *BABY], cwd=repo)
+    final = re.findall(r"step 2000: train loss ([\d.]+), val loss ([\d.]+)", out)
+    if not final:
+        sys.exit(f"no step-2000 evaluation in nanoGPT's output:\n{out[-2000:]}")
+    return {"val_loss": float(final[-1][1]), "train_s": train, "prep_s": prep}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/shakespeare-bench"))
+    parser.add_argument("--only", choices=("bigmodel", "nanogpt"), default=None)
+    args = parser.parse_args()
+    if args.work.exists():
+        shutil.rmtree(args.work)
+    args.work.mkdir(parents=True)
+    results = {}
+    if args.only in (None, "bigmodel"):
+        results["bigmodel"] = bigmodel(args.work)
+    if args.only in (None, "nanogpt"):
+        results["nanoGPT"] = nanogpt(args.nanogpt, args.work)
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,267 @@
+"""`bigmodel evaluate`: every option takes effect or is refused; whole text files give perplexity and bits/byte."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import typer
+
+from bigmodel_cli.data.tokenizer import Tokenizer
+from tests.conftest import pretrain_args, synthetic_text
+
+
+@pytest.fixture(scope="module")
+def world(cli, tiny_data, tmp_path_factory) -> dict:
+    """A tiny pretrained run plus task files and predictions that need no model to score."""
+    root = tmp_path_factory.mktemp("evaluate")
+    run = root / "run"
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 4, "checkpoint.every": 4}))
+    (root / "held_out.txt").write_text(synthetic_text(40, seed=7), encoding="utf-8")
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "北京是中国的首都，有２１个区。",
+                        "qas": [
+                            {"id": "a", "question": "首都？", "answers": [{"text": "北京", "answer_start": 0}]},
+                            # a wrong answer_start: still scored
+                            {"id": "b", "question": "几个区？", "answers": [{"text": "２１", "answer_start": 0}]},
+                            {"id": "c", "question": "哪国？", "answers": [{"text": "中国", "answer_start": 3}]},
+                        ],
+                    }
+                ]
+            }
+        ]
+    }
+    (root / "cmrc.json").write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
+    (root / "cmrc_preds.json").write_text(json.dumps({"a": "北京", "b": "21", "c": "中国"}, ensure_ascii=False))
+    (root / "zh.jsonl").write_text(
+        "".join(
+            json.dumps({"id": str(i), "source": "the cat sleeps", "target": t}, ensure_ascii=False) + "\n"
+            for i, t in enumerate(["猫在睡觉。", "狗在跑步。", "我们去北京。"])
+        ),
+        encoding="utf-8",
+    )
+    (root / "zh_preds.jsonl").write_text(
+        "".join(
+            json.dumps({"id": str(i), "prediction": p}, ensure_ascii=False) + "\n"
+            for i, p in enumerate(["猫在睡觉。", "狗在跑。", "我们去上海。"])
+        ),
+        encoding="utf-8",
+    )
+    (root / "en.txt").write_text("the cat sleeps\nthe dog runs\n")
+    (root / "de.txt").write_text("die Katze schläft\nder Hund läuft\n")
+    (root / "de_preds.jsonl").write_text(
+        '{"id": "1", "prediction": "die Katze schläft"}\n{"id": "2", "prediction": "der Hund"}\n'
+    )
+    (root / "agnews.tsv").write_text("3\tWall St. Bears Claw Back\n4\tNew chip is fast\n3\tOil prices rise\n")
+    (root / "agnews_preds.jsonl").write_text(
+        "".join(json.dumps({"id": str(i), "prediction": p}) + "\n" for i, p in enumerate(["3", "3", "3"], start=1))
+    )
+    return {"root": root, "run": run, "data": tiny_data}
+
+
+def _json(result) -> dict:
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _refused(cli, *args, mentions: str) -> None:
+    result = cli(*args, ok=False)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and mentions in lines[0] and "Traceback" not in result.output, result.stderr
+
+
+def _qa(w, *extra):
+    r = w["root"]
+    return ["evaluate", "--task", "qa", "--data", r / "cmrc.json", "--predictions", r / "cmrc_preds.json", *extra]
+
+
+# For every option of `evaluate`: a check that it changes the result, or that it is refused where it can't.
+def _model(cli, w):
+    _refused(cli, "evaluate", mentions="MODEL")
+    assert _json(cli("evaluate", w["run"], "--json"))["step"] == 4
+
+
+def _data(cli, w):
+    assert _json(cli("evaluate", w["run"], "--data", w["data"], "--json"))["data"] == str(w["data"])
+    _refused(cli, "evaluate", w["run"], "--data", w["data"], "--text", w["root"] / "held_out.txt", mentions="--data")
+
+
+def _text(cli, w):
+    metrics = _json(cli("evaluate", w["run"], "--text", w["root"] / "held_out.txt", "--json"))
+    assert {"bits_per_byte", "bytes"} <= set(metrics)
+    _refused(cli, *_qa(w, "--text", w["root"] / "held_out.txt"), mentions="--text")
+
+
+def _task(cli, w):
+    assert _json(cli(*_qa(w, "--json")))["task"] == "qa"
+    _refused(cli, "evaluate", w["run"], "--task", "poetry", "--data", w["root"] / "cmrc.json", mentions="poetry")
+
+
+def _data2(cli, w):
+    r = w["root"]
+    args = ["--task", "translate", "--data", r / "en.txt", "--predictions", r / "de_preds.jsonl", "--json"]
+    assert _json(cli("evaluate", *args, "--data2", r / "de.txt"))["total"] == 2
+    _refused(cli, "evaluate", *args, mentions="second path")
+    _refused(cli, "evaluate", w["run"], "--data2", r / "de.txt", mentions="--data2")
+
+
+def _predictions(cli, w):
+    assert _json(cli(*_qa(w, "--json")))["total"] == 3
+    _refused(cli, "evaluate", w["run"], "--predictions", w["root"] / "cmrc_preds.json", mentions="--predictions")
+
+
+def _metric(cli, w):
+    auto = _json(cli(*_qa(w, "--json")))
+    squad = _json(cli(*_qa(w, "--metric", "squad", "--json")))
+    assert auto["metric"] == "cmrc2018" and squad["metric"] == "squad"
+    _refused(cli, *_qa(w, "--metric", "bleu"), mentions="--metric")
+    _refused(cli, "evaluate", w["run"], "--metric", "squad", mentions="--metric")
+
+
+def _columns(cli, w):
+    r = w["root"]
+    args = ["evaluate", "--task", "classify", "--data", r / "agnews.tsv", "--predictions", r / "agnews_preds.jsonl"]
+    metrics = _json(cli(*args, "--columns", "label,text", "--json"))
+    assert metrics["total"] == 3 and metrics["accuracy"] == pytest.approx(200 / 3)
+    headerless = cli(*args, ok=False)
+    assert headerless.exit_code == 2 and "--columns" in headerless.stderr
+    _refused(cli, "evaluate", w["run"], "--columns", "label,text", mentions="--columns")
+
+
+def _out(cli, w, tmp_path):
+    cli(*_qa(w, "--out", tmp_path / "qa_out"))
+    assert {p.name for p in (tmp_path / "qa_out").iterdir()} == {"metrics.json", "predictions.jsonl"}
+    cli("evaluate", w["run"], "--out", tmp_path / "lm_out")
+    assert json.loads((tmp_path / "lm_out" / "metrics.json").read_text())["step"] == 4
+
+
+def _set(cli, w):
+    r = w["root"]
+    args = ["evaluate", "--task", "translate", "--data", r / "en.txt", "--data2", r / "de.txt"]
+    args += ["--predictions", r / "de_preds.jsonl"]
+    japanese = _json(cli(*args, "--set", "task.target_lang=Japanese", "--json"))
+    german = _json(cli(*args, "--json"))
+    assert "tok:char" in japanese["bleu_signature"] and "tok:13a" in german["bleu_signature"]
+    _refused(cli, *args, "--set", "task.target_langg=Chinese", mentions="target_lang")
+    _refused(cli, "evaluate", w["run"], "--set", "data.seq_len=256", mentions="--set")
+
+
+def test_bleu_tokenizer_follows_the_target_language(cli, world):
+    r = world["root"]
+    args = ["evaluate", "--task", "translate", "--data", r / "zh.jsonl", "--predictions", r / "zh_preds.jsonl"]
+    named = _json(cli(*args, "--set", "task.target_lang=Chinese", "--json"))
+    default = _json(cli(*args, "--json"))  # "German" by default: the Chinese references decide
+    assert "tok:zh" in named["bleu_signature"] and default["bleu"] == named["bleu"]
+    import sacrebleu
+
+    hyps = ["猫在睡觉。", "狗在跑。", "我们去上海。"]
+    refs = ["猫在睡觉。", "狗在跑步。", "我们去北京。"]
+    assert named["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs], tokenize="zh").score)
+
+
+def _split(cli, w):
+    val = _json(cli("evaluate", w["run"], "--split", "val", "--max-batches", "1", "--json"))
+    train = _json(cli("evaluate", w["run"], "--split", "train", "--max-batches", "1", "--json"))
+    assert val["split"] == "val" and train["split"] == "train" and val["loss"] != train["loss"]
+    _refused(cli, *_qa(w, "--split", "train"), mentions="--split")
+
+
+def _batch_size(cli, w):
+    small = _json(cli("evaluate", w["run"], "--batch-size", "8", "--max-batches", "1", "--json"))
+    large = _json(cli("evaluate", w["run"], "--batch-size", "16", "--max-batches", "1", "--json"))
+    assert large["tokens"] == 2 * small["tokens"]
+    _refused(cli, *_qa(w, "--batch-size", "4"), mentions="--batch-size")
+    _refused(cli, "evaluate", w["run"], "--batch-size", "0", mentions="--batch-size")
+
+
+def _max_batches(cli, w):
+    one = _json(cli("evaluate", w["run"], "--max-batches", "1", "--json"))
+    every = _json(cli("evaluate", w["run"], "--max-batches", "0", "--json"))
+    assert every["tokens"] > one["tokens"]
+    _refused(cli, *_qa(w, "--max-batches", "1"), mentions="--max-batches")
+
+
+def _max_examples(cli, w):
+    two = _json(cli(*_qa(w, "--max-examples", "2", "--json")))
+    assert two["total"] == 2
+    _refused(cli, "evaluate", w["run"], "--max-examples", "2", mentions="--max-examples")
+
+
+def _json_out(cli, w):
+    plain = cli("evaluate", w["run"]).stdout
+    assert "loss: " in plain and _json(cli("evaluate", w["run"], "--json"))["loss"] > 0
+
+
+def _multi_process(cli, w):
+    # The multi-process options run a real 2-process evaluation in test_multiprocess.py; alone they are refused.
+    _refused(cli, "evaluate", w["run"], "--num-processes", "2", mentions="--coordinator")
+
+
+OPTION_CHECKS = {
+    "model": _model,
+    "data": _data,
+    "text": _text,
+    "task": _task,
+    "data2": _data2,
+    "predictions": _predictions,
+    "metric": _metric,
+    "columns": _columns,
+    "out": _out,
+    "overrides": _set,
+    "split": _split,
+    "batch_size": _batch_size,
+    "max_batches": _max_batches,
+    "max_examples": _max_examples,
+    "json_out": _json_out,
+    "coordinator": _multi_process,
+    "num_processes": _multi_process,
+    "process_id": _multi_process,
+}
+
+
+@pytest.mark.slow
+def test_every_evaluate_option_takes_effect_or_is_refused(cli, world, tmp_path):
+    from bigmodel_cli.cli import app
+
+    command = typer.main.get_command(app).commands["evaluate"]
+    assert {p.name for p in command.params} == set(OPTION_CHECKS), "a new evaluate option needs a check here"
+    for name, check in OPTION_CHECKS.items():
+        if check is _out:
+            check(cli, world, tmp_path)
+        else:
+            check(cli, world)
+
+
+def test_qa_subset_divides_by_n_and_scores_every_question(cli, world):
+    first = _json(cli(*_qa(world, "--max-examples", "1", "--json")))
+    assert first["total"] == 1 and first["exact_match"] == 100.0
+    whole = _json(cli(*_qa(world, "--json")))
+    # "b" has a wrong answer_start and is still scored: "21" against "２１" is 0 under CMRC's rules.
+    assert whole["total"] == 3 and whole["missing"] == 0
+    assert whole["exact_match"] == pytest.approx(200 / 3)
+
+
+@pytest.mark.slow
+def test_text_scores_every_token_of_a_whole_file(cli, world):
+    text_file = world["root"] / "held_out.txt"
+    metrics = _json(cli("evaluate", world["run"], "--text", text_file, "--json"))
+    text = text_file.read_text(encoding="utf-8")
+    n_tokens = len(Tokenizer(world["run"] / "tokenizer.model").encode([text])[0])
+    assert metrics["tokens"] == n_tokens  # every token predicted once (the first after end-of-document)
+    assert metrics["bytes"] == len(text.encode("utf-8"))
+    bits = metrics["loss"] * metrics["tokens"] / math.log(2) / metrics["bytes"]
+    assert metrics["bits_per_byte"] == pytest.approx(bits, rel=1e-9)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-9)
+    # The same text evaluated twice gives the same numbers; another batch size changes nothing but speed.
+    again = _json(cli("evaluate", world["run"], "--text", text_file, "--batch-size", "16", "--json"))
+    assert again["tokens"] == metrics["tokens"] and again["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+
+
+def test_text_refuses_a_missing_or_undecodable_file(cli, world, tmp_path):
+    _refused(cli, "evaluate", world["run"], "--text", tmp_path / "nope.txt", mentions="not found")
+    Path(tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    _refused(cli, "evaluate", world["run"], "--text", tmp_path / "latin1.txt", mentions="UTF-8")

@@ -218,8 +218,10 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", tasks.TaskWarning)
         train, val, info = _examples(cfg)
-        encoded = tasks.encode(train, tokenizer, seq_len, cfg.task)
-        encoded_val = tasks.encode(val, tokenizer, seq_len, cfg.task)
+        ft = cfg.finetune
+        encoded = tasks.encode(train, tokenizer, seq_len, cfg.task, source=ft.train_file)
+        val_source = ft.val_file or f"{ft.train_file} (validation share)"
+        encoded_val = tasks.encode(val, tokenizer, seq_len, cfg.task, source=val_source)
     for warning in caught:  # skipped or cut data: one line each, not a Python warning with source lines
         console.info(f"warning: {warning.message}")
     tasks.check_masks(encoded)

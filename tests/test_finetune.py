@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from bigmodel_cli import modelio
+from bigmodel_cli import config, finetune, modelio
 from tests.conftest import synthetic_text
 
 PROMPT_WORDS = (
@@ -164,6 +164,53 @@ def test_show_examples_marks_trained_tokens(cli, base_model, tmp_path):
     assert out.count("--- example") == 2
     assert out.count("Label:⟦ positiv") + out.count("Label:⟦ negativ") == 2  # only the label is trained on
     assert not (Path.cwd() / "runs" / "finetune-classify").exists()
+
+
+AG_NEWS = [
+    ("3", "Wall St. Bears Claw Back", "Short-sellers are seeing green again."),
+    ("4", "New chip", "The chip doubles the speed."),
+    ("1", "Talks resume", "Diplomats met again on Monday."),
+    ("2", "Late goal", "The home side won the cup."),
+] * 3
+
+
+def _ag_news_csv(path: Path, empty_row: int | None = None) -> Path:
+    """AG News' shape: quoted label,title,text rows and no header row (one text emptied on request)."""
+    rows = [(lab, title, "" if i == empty_row else text) for i, (lab, title, text) in enumerate(AG_NEWS)]
+    path.write_text("".join(",".join(f'"{cell}"' for cell in row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_classify_label_sets_come_from_the_training_file(tmp_path):
+    """The shipped classify recipe names no labels: AG News' integers and a JSONL's words are both inferred."""
+    recipe = finetune.default_recipe("classify")
+
+    def load(path: Path, *sets: str) -> dict:
+        sets = ("finetune.task=classify", f"finetune.train_file={path}", *sets)
+        cfg = config.load_config(recipe, list(sets), cls=finetune.FinetuneConfig)
+        assert cfg.task.label_names == ""
+        return finetune._examples(cfg)[2]
+
+    tsv = tmp_path / "ag_news_train.tsv"
+    tsv.write_text("".join("\t".join(row) + "\n" for row in AG_NEWS), encoding="utf-8")
+    assert load(tsv, "task.columns=label,title,text")["labels"] == ["1", "2", "3", "4"]
+    words = ["world", "sports", "business", "sports"] * 3
+    jsonl = tmp_path / "news.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": f"story {i}", "label": w}) + "\n" for i, w in enumerate(words)))
+    assert load(jsonl)["labels"] == ["business", "sports", "world"]
+
+
+def test_headerless_file_error_columns_and_warnings_that_name_the_file(cli, base_model, tmp_path):
+    data = _ag_news_csv(tmp_path / "ag_news.csv", empty_row=3)
+    args = ["finetune", "--task", "classify", "--init-from", base_model, "--data", data, "--show-examples", "1"]
+    refused = cli(*args, ok=False)
+    assert refused.exit_code == 2 and refused.stderr.count("\n") == 1
+    assert "seems to have no header row" in refused.stderr and "--columns label,col2,text" in refused.stderr
+    out = cli(*args, "--set", "task.columns=label,title,text", "--set", "task.max_target_tokens=1").stdout
+    assert f"warning: {data}: skipped 1 rows with an empty text (lines: 4)" in out
+    assert f"warning: {data}: 10 targets cut to task.max_target_tokens=1" in out  # " 3" is two characters
+    assert f"warning: {data} (validation share): 1 targets cut" in out
+    assert "Text: Short-sellers are seeing green again.\nLabel:⟦" in out
 
 
 @pytest.mark.slow

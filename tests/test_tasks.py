@@ -167,7 +167,7 @@ def test_qa_windows_keep_the_answer_and_generation_sees_every_window(tmp_path, t
     )
 
 
-def test_qa_bad_answer_start_is_skipped_counted_and_warned_once(tmp_path, tok):
+def test_qa_keeps_every_question_and_only_training_needs_the_answer_start(tmp_path, tok):
     ctx = "Paris is in France. Rome is in Italy."
     qas = [
         qa_item("good", "Where is Rome?", ctx, "Italy"),
@@ -178,16 +178,24 @@ def test_qa_bad_answer_start_is_skipped_counted_and_warned_once(tmp_path, tok):
             "answers": [{"text": "Paris", "answer_start": 9}, {"text": "Paris", "answer_start": 0}],
         },
     ]
+    path = write(tmp_path / "q.json", json.dumps(squad([(ctx, qas)])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading drops nothing, so it has nothing to warn about
+        examples, info = tasks.load_examples("qa", path, TaskOptions())
+    assert [e.id for e in examples] == ["good", "bad", "mixed"]  # evaluation generates and scores all three
+    assert info["bad_answer_starts"] == 2 and info["no_answer_position"] == 1
+    assert examples[1].meta["answer_start"] is None and examples[1].references == ("France",)
+    assert examples[2].target == " Paris" and examples[2].references == ("Paris", "Paris")
+    assert len(tasks.generation_prompts(examples, tok, 64, TaskOptions(max_target_tokens=8))) == 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples, info = tasks.load_examples(
-            "qa", write(tmp_path / "q.json", json.dumps(squad([(ctx, qas)]))), TaskOptions()
-        )
-    assert [e.id for e in examples] == ["good", "mixed"]
-    assert info["skipped_bad_answers"] == 2 and info["skipped_questions"] == 1
+        enc = tasks.encode(examples, tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
+    assert enc["example_index"].tolist() == [0, 2]  # training leaves out the question it cannot place
     assert len(caught) == 1 and issubclass(caught[0].category, tasks.TaskWarning)
-    assert "2 answers" in str(caught[0].message) and "\n" not in str(caught[0].message)
-    assert examples[1].target == " Paris" and examples[1].references == ("Paris", "Paris")
+    message = str(caught[0].message)
+    assert message.startswith(f"{path}: 1 of 3 questions left out of training") and "\n" not in message
+    with pytest.raises(UserError, match="q.json: no question has an answer whose answer_start"):
+        tasks.encode(examples[1:2], tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
 
 
 def test_qa_v2_unanswerable_questions_train_on_the_word_unanswerable(tmp_path, tok):
@@ -257,8 +265,9 @@ def test_long_documents_are_cut_and_long_targets_lose_their_eos(tmp_path, tok):
     path = write(tmp_path / "s.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     examples, _ = tasks.load_examples("summarize", path, TaskOptions())
     opts = TaskOptions(max_target_tokens=16)
-    with pytest.warns(tasks.TaskWarning, match="1 targets cut"):
-        enc = tasks.encode(examples, tok, 64, opts)
+    with pytest.warns(tasks.TaskWarning) as caught:
+        enc = tasks.encode(examples, tok, 64, opts, source=str(path))
+    assert [str(w.message) for w in caught] == [f"{path}: 1 targets cut to task.max_target_tokens=16"]
     assert enc["weights"][0].any() and trained_text(enc, 0, tok) == ("short one", True)
     assert tok.decode(row_tokens(enc, 0)).rstrip().endswith("Summary: short one")
     text, ends_with_eos = trained_text(enc, 1, tok)
@@ -286,6 +295,139 @@ def test_translate_two_files_gzip_jsonl_and_mismatch(tmp_path, tok):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Real data: empty fields (CMRC 2018, AG News, Tatoeba, Alpaca shapes) and CSV/TSV files without a header row
+# ---------------------------------------------------------------------------------------------------------
+
+
+def empty_field_files(tmp_path: Path) -> dict[str, tuple[Path, Path | None, TaskOptions, str]]:
+    """Per task: a file in a public dataset's shape with empty required fields, and the one warning expected."""
+    cmrc = {
+        "version": "v1.0",
+        "data": [
+            {
+                "id": f"TRAIN_{n}",
+                "title": "长城",
+                "paragraphs": [
+                    {
+                        "id": f"TRAIN_{n}",
+                        "context": CHINESE,
+                        "qas": [
+                            {
+                                "id": f"TRAIN_{n}_QUERY_{k}",
+                                "question": q,
+                                "answers": [{"text": "北京", "answer_start": 0}],
+                            }
+                            for k, q in qs
+                        ],
+                    }
+                ],
+            }
+            for n, qs in ((186, [(0, "中国的首都是哪里？"), (3, "")]), (20, [(1, "  "), (2, "长城长吗？")]))
+        ],
+    }
+    qa = write(tmp_path / "cmrc2018_train.json", json.dumps(cmrc, ensure_ascii=False))
+    ag = write(
+        tmp_path / "ag_news.csv",
+        '"3","Wall St. Bears Claw Back","Reuters - Short-sellers are seeing green again."\n'
+        '"2","Title only",""\n"1","Talks resume","Diplomats met again on Monday."\n',
+    )
+    docs = [{"id": f"x{i}", "document": FILLER if i else "", "summary": f"A river {i}."} for i in range(1, 4)]
+    docs[0]["document"] = ""
+    summarize = write(tmp_path / "s.jsonl", "".join(json.dumps(r) + "\n" for r in docs))
+    zh = write(tmp_path / "tatoeba.zh", "我们走吧。\n你好。\n他在看书。\n")
+    en = write(tmp_path / "tatoeba.en", "Let's go.\n\nHe is reading a book.\n")
+    alpaca = [
+        {"instruction": "Say hello.", "input": "", "output": "hello"},
+        {"instruction": "Give three tips for staying healthy.", "input": "", "output": ""},
+        {"instruction": "", "input": "some input", "output": "an answer"},
+        {"instruction": "Name a colour.", "input": "", "output": "red"},
+    ]
+    instruct = write(tmp_path / "alpaca_data.json", json.dumps(alpaca))
+    return {
+        "qa": (
+            qa,
+            None,
+            TaskOptions(),
+            "2 questions with an empty question (ids: TRAIN_186_QUERY_3, TRAIN_20_QUERY_1)",
+        ),
+        "classify": (ag, None, TaskOptions(columns="label,title,text"), "1 rows with an empty text (lines: 2)"),
+        "summarize": (summarize, None, TaskOptions(), "1 records with an empty document (ids: x1)"),
+        "translate": (
+            zh,
+            en,
+            TaskOptions(source_lang="Chinese", target_lang="English"),
+            "1 pairs with an empty English line (lines: 2)",
+        ),
+        "instruct": (
+            instruct,
+            None,
+            TaskOptions(),
+            "2 records with an empty output or an empty instruction (ids: 2, 3)",
+        ),
+    }
+
+
+@pytest.mark.parametrize("task", tasks.TASKS)
+def test_empty_required_fields_are_skipped_with_one_warning_naming_the_file(task, tmp_path):
+    path, path2, opts, expected = empty_field_files(tmp_path)[task]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        examples, info = tasks.load_examples(task, path, opts, path2=path2)
+    assert [str(w.message) for w in caught] == [f"{path}: skipped {expected}"]
+    assert all(issubclass(w.category, tasks.TaskWarning) for w in caught)
+    assert info["skipped_empty"] == int(expected.split()[0]) and len(examples) == 2
+
+
+AG_NEWS_ROWS = [
+    ("3", "Wall St. Bears Claw Back Into the Black (Reuters)", "Reuters - Short-sellers are seeing green again."),
+    ("4", "New chip is fast", "The company said the chip doubles the speed, at half the power."),
+    ("1", "Talks resume", "Diplomats met again on Monday, a spokesman said."),
+    ("2", "Late goal wins it", "The home side scored in the last minute to win the cup."),
+]
+
+
+def test_headerless_ag_news_csv_and_tsv_read_with_task_columns(tmp_path):
+    csv_text = "".join(",".join(f'"{cell}"' for cell in row) + "\n" for row in AG_NEWS_ROWS)
+    tsv_text = "".join("\t".join(row) + "\n" for row in AG_NEWS_ROWS)
+    opts = TaskOptions(columns="label,title,text")  # text_field and label_field keep their defaults
+    for path in (write(tmp_path / "train.csv", csv_text), write(tmp_path / "train.tsv", tsv_text)):
+        examples, info = tasks.load_examples("classify", path, opts)
+        assert info["labels"] == ["1", "2", "3", "4"]  # from the data, sorted as numbers
+        assert [e.id for e in examples] == ["1", "2", "3", "4"]  # line numbers: the first row is data
+        assert examples[0].prompt == f"Text: {AG_NEWS_ROWS[0][2]}\nLabel:" and examples[0].target == " 3"
+    titled, _ = tasks.load_examples(
+        "classify", tmp_path / "train.tsv", TaskOptions(columns=opts.columns, text_field="title")
+    )
+    assert titled[1].references == ("4",) and "New chip is fast" in titled[1].prompt
+    with_header = write(tmp_path / "h.tsv", "label\ttitle\ttext\n" + tsv_text)
+    examples, _ = tasks.load_examples("classify", with_header, opts)
+    assert len(examples) == 4  # a header row that repeats task.columns is not read as data
+    with pytest.raises(UserError, match=r"task.columns \(label,title,body\) has no 'text'.*task.text_field"):
+        tasks.load_examples("classify", tmp_path / "train.tsv", TaskOptions(columns="label,title,body"))
+    with pytest.raises(UserError, match="task.columns must be distinct names"):
+        TaskOptions(columns="label,,text")
+
+
+@pytest.mark.parametrize(
+    "name, content, guess",
+    [
+        ("ag_news.csv", "".join(",".join(f'"{c}"' for c in row) + "\n" for row in AG_NEWS_ROWS), "label,col2,text"),
+        ("ag_news.tsv", "".join("\t".join(row) + "\n" for row in AG_NEWS_ROWS), "label,col2,text"),
+        ("sst2.tsv", "hide new secretions from the parental units\t0\ncontains no wit\t0\n", "text,label"),
+    ],
+)
+def test_a_file_without_header_row_is_one_error_naming_the_columns_option(name, content, guess, tmp_path):
+    path = write(tmp_path / name, content)
+    with pytest.raises(UserError) as err:
+        tasks.load_examples("classify", path, TaskOptions())
+    message = str(err.value)
+    assert message.startswith(f"{path} seems to have no header row") and "\n" not in message
+    assert f"--columns {guess} (or --set task.columns={guess})" in message
+    examples, info = tasks.load_examples("classify", path, TaskOptions(columns=guess))
+    assert len(examples) == len(content.splitlines()) and info["labels"]
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Instruct
 # ---------------------------------------------------------------------------------------------------------
 
@@ -303,9 +445,9 @@ def test_chat_trains_on_every_assistant_turn_and_nothing_else(tmp_path, tok):
     }
     no_reply = {"messages": [{"role": "user", "content": "hello?"}]}
     path = write(tmp_path / "chat.jsonl", json.dumps(chat) + "\n\n" + json.dumps(no_reply) + "\n")
-    with pytest.warns(tasks.TaskWarning, match="1 records without"):
+    with pytest.warns(tasks.TaskWarning, match="skipped 1 records with no .non-empty. assistant reply"):
         examples, info = tasks.load_examples("instruct", path, TaskOptions())
-    assert info["skipped_no_reply"] == 1 and len(examples) == 1
+    assert info["skipped_empty"] == 1 and len(examples) == 1
     example = examples[0]
     assert example.target == "seven<|end|>" and example.references == ("seven",)
     assert example.prompt.endswith("<|user|>\nand three more?<|end|>\n<|assistant|>\n")
@@ -429,7 +571,7 @@ def test_synthetic_qa_is_deterministic_learnable_squad(tmp_path):
         warnings.simplefilter("error")  # every answer_start must match
         train, info = tasks.load_examples("qa", outs[0] / "train.json", TaskOptions())
         test, _ = tasks.load_examples("qa", outs[0] / "test.json", TaskOptions())
-    assert (len(train), len(test)) == (40, 10) and info["skipped_bad_answers"] == 0
+    assert (len(train), len(test)) == (40, 10) and info["bad_answer_starts"] == 0
     assert not {e.meta["context"] for e in train} & {e.meta["context"] for e in test}
     corpus = (outs[0] / "corpus.txt").read_text()
     assert len(corpus.splitlines()) == 50 and "Answer:" not in corpus

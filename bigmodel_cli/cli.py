@@ -220,6 +220,9 @@ def finetune(
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     val_data: Annotated[Path | None, typer.Option(help="Held-out task data (default: 10% of --data).")] = None,
     val_data2: Annotated[Path | None, typer.Option(help="translate: target-language file for --val-data.")] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
+    ] = None,
     run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<task>).")] = None,
     overrides: Overrides = None,
     show_examples: Annotated[
@@ -247,6 +250,8 @@ def finetune(
         "val_file2": val_data2,
     }
     cli_sets = [f"finetune.{key}={value}" for key, value in given.items() if value]
+    if columns is not None:
+        cli_sets.append(f"task.columns={columns}")
     if recipe is None:
         if not task:
             raise UserError("pass --task (qa, classify, summarize, translate, instruct) or a recipe")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import modelio, parallel
+from bigmodel_cli import modelio, parallel, taskinfo
 from bigmodel_cli.config import (
     CheckpointConfig,
     Config,
@@ -232,7 +232,7 @@ def run(
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     if jax.process_index() == 0:
         shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
-        write_json_atomic(run_dir / "task.json", {"task": cfg.finetune.task, **_jsonable(info)})
+        taskinfo.write(run_dir, cfg.finetune.task, cfg.task, seq_len, info)
         write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
 
     lora = cfg.lora if cfg.lora.rank else None
@@ -274,10 +274,6 @@ def _trainable_count(model_cfg, lora: LoraConfig) -> int:
     abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
     adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
-
-
-def _jsonable(info: dict) -> dict:
-    return json.loads(json.dumps(info, default=str))
 
 
 def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:

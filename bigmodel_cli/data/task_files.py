@@ -94,7 +94,7 @@ class Example:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path, what: str) -> str:
+def read_text(path: Path, what: str) -> str:
     """A whole text file (gzip when it ends in .gz), or a UserError naming the fix."""
     path = Path(path)
     if not path.is_file():
@@ -116,7 +116,7 @@ def _kind(path: Path) -> str:
 
 
 def _read_json(path: Path, what: str) -> Any:
-    text = _read_text(path, what)
+    text = read_text(path, what)
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -126,7 +126,7 @@ def _read_json(path: Path, what: str) -> Any:
 def _read_jsonl(path: Path, what: str) -> list[tuple[str, dict]]:
     """(where, record) for every non-blank line; `where` is 'file:line' for error messages."""
     records = []
-    for number, line in enumerate(_read_text(path, what).splitlines(), start=1):
+    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -151,7 +151,7 @@ def _records(path: Path, what: str, opts: TaskOptions, needed: Sequence[tuple[st
         )
     # GLUE-style TSVs are unquoted and contain stray quote characters, so quoting is off for TSV only.
     quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(_read_text(path, what)), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
+    reader = csv.reader(io.StringIO(read_text(path, what)), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
     rows = [(reader.line_num, [cell.strip() for cell in cells]) for cells in reader if cells]
     names = opts.column_names()
     if names:
@@ -392,8 +392,8 @@ def _simple(task: str, id_: str, prompt: tuple[str, str, str], target: str) -> E
 
 def _load_translate(path: Path, opts: TaskOptions, info: dict, path2: Path | None) -> list[Example]:
     if path2 is not None:
-        sources = _read_text(path, f"{opts.source_lang} text").splitlines()
-        targets = _read_text(path2, f"{opts.target_lang} text").splitlines()
+        sources = read_text(path, f"{opts.source_lang} text").splitlines()
+        targets = read_text(path2, f"{opts.target_lang} text").splitlines()
         if len(sources) != len(targets):
             raise UserError(
                 f"{path} has {len(sources)} lines but {path2} has {len(targets)}: the two translate files "

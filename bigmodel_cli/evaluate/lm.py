@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import gzip
 import math
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import numpy as np
 
 from bigmodel_cli import modelio, parallel
 from bigmodel_cli.console import track
-from bigmodel_cli.data import loader
+from bigmodel_cli.data import loader, task_files
 from bigmodel_cli.data.preprocess import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
@@ -87,7 +86,7 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     from the tokens before it in its window, as nanoGPT's evaluation does), after the end-of-document token
     that separates documents in training. Bits per byte divide the summed loss by the text's UTF-8 bytes,
     so that models with different tokenizers compare."""
-    text = read_text_file(Path(text_file))
+    text = task_files.read_text(Path(text_file), "--text")
     loaded = modelio.load(model)
     if not loaded.tokenizer_file.is_file():
         raise UserError(f"{loaded.home} has no tokenizer.model: --text needs the model's tokenizer")
@@ -136,17 +135,3 @@ def _text_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int
             windows[row, : len(piece)] = piece
             weights[row, : len(piece) - 1] = 1.0
         yield loader.as_batch(windows, weights)
-
-
-def read_text_file(path: Path) -> str:
-    """A whole UTF-8 text file (gzip when it ends in .gz), or a UserError naming the fix."""
-    if not path.is_file():
-        raise UserError(f"--text {path} not found: pass a UTF-8 text file")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise UserError(f"--text {path} is not readable UTF-8 text ({err}): convert it to UTF-8") from None
-    if not text:
-        raise UserError(f"--text {path} is empty: pass a file with text")
-    return text

@@ -151,8 +151,8 @@ def _generate(loaded, tokenizer, examples, opts: tasks.TaskOptions, seq_len: int
     return predictions
 
 
-def _loss(loaded, tokenizer, examples, opts, seq_len: int, batch_size: int) -> dict:
-    encoded = tasks.encode(examples, tokenizer, seq_len, opts)
+def _loss(loaded, tokenizer, examples, opts, seq_len: int, batch_size: int, source: str) -> dict:
+    encoded = tasks.encode(examples, tokenizer, seq_len, opts, source=source)
     model = nnx.merge(loaded.graphdef, loaded.params)
 
     @jax.jit
@@ -228,37 +228,37 @@ def run(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", tasks.TaskWarning)
         examples, data_info = tasks.load_examples(task, Path(data), opts, path2=data2)
-    for warning in caught:
+        question_ids = None
+        if task == "qa":
+            dataset = json.loads(Path(data).read_text(encoding="utf-8"))
+            question_ids = _question_ids(dataset)
+            question_ids = question_ids[:max_examples] if max_examples else question_ids
+            wanted = set(question_ids)
+            examples = [e for e in examples if e.id in wanted]
+        elif max_examples:
+            examples = examples[:max_examples]
+        if task == "classify" and labels:
+            tasks.check_labels(examples, labels)
+        labels = labels or data_info.get("labels", [])
+        seq_len = (info.seq_len if info is not None and info.task == task else 0) or (loaded.seq_len if loaded else 0)
+        if predictions is not None:
+            preds = read_predictions(task, predictions)
+        elif task == "instruct":
+            preds = None
+        elif task == "classify":
+            preds = _classify(loaded, Tokenizer(loaded.tokenizer_file), examples, labels, batch_size)
+        else:
+            tokenizer = Tokenizer(loaded.tokenizer_file)
+            preds = _generate(loaded, tokenizer, examples, opts, seq_len, batch_size)
+        if preds is None:
+            tokenizer = Tokenizer(loaded.tokenizer_file)
+            metrics = _loss(loaded, tokenizer, examples, opts, seq_len, batch_size, str(data))
+        elif task == "qa":
+            metrics = qa_metrics.qa_scores(dataset, preds, metric=metric, question_ids=question_ids)
+        else:
+            metrics = score(task, examples, preds, labels, opts)
+    for warning in caught:  # skipped or cut data: one line each, after the results are in
         print(f"warning: {warning.message}", file=sys.stderr)
-    question_ids = None
-    if task == "qa":
-        dataset = json.loads(Path(data).read_text(encoding="utf-8"))
-        question_ids = _question_ids(dataset)
-        question_ids = question_ids[:max_examples] if max_examples else question_ids
-        wanted = set(question_ids)
-        examples = [e for e in examples if e.id in wanted]
-    elif max_examples:
-        examples = examples[:max_examples]
-    if task == "classify" and labels:
-        tasks.check_labels(examples, labels)
-    labels = labels or data_info.get("labels", [])
-    seq_len = (info.seq_len if info is not None and info.task == task else 0) or (loaded.seq_len if loaded else 0)
-    if predictions is not None:
-        preds = read_predictions(task, predictions)
-    elif task == "instruct":
-        preds = None
-    elif task == "classify":
-        preds = _classify(loaded, Tokenizer(loaded.tokenizer_file), examples, labels, batch_size)
-    else:
-        tokenizer = Tokenizer(loaded.tokenizer_file)
-        preds = _generate(loaded, tokenizer, examples, opts, seq_len, batch_size)
-    if preds is None:
-        tokenizer = Tokenizer(loaded.tokenizer_file)
-        metrics = _loss(loaded, tokenizer, examples, opts, seq_len, batch_size)
-    elif task == "qa":
-        metrics = qa_metrics.qa_scores(dataset, preds, metric=metric, question_ids=question_ids)
-    else:
-        metrics = score(task, examples, preds, labels, opts)
     metrics = {"task": task, "data": str(data), **metrics}
     _write(out or home / f"eval-{task}", examples, preds, metrics)
     return metrics

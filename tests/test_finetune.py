@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from bigmodel_cli import config, finetune, modelio
+from bigmodel_cli.data import tasks
 from tests.conftest import synthetic_text
 
 PROMPT_WORDS = (
@@ -156,6 +157,27 @@ def test_each_task_finetunes_and_evaluates(cli, base_model, tmp_path, case):
         assert len(preds) == metrics["total"] or task == "qa"
     if case == "classify":
         assert {json.loads(p)["prediction"] for p in preds} <= {"negative", "positive"}
+
+    # The run, its export and its Hugging Face export carry the task (options, labels, length, chat format):
+    # all three give the same predictions and metrics with no --set repeated.
+    for fmt in ("bigmodel", "hf"):
+        exported = tmp_path / f"export-{fmt}"
+        cli("export", run, "--out", exported, "--format", fmt)
+        model = exported if fmt == "bigmodel" else f"hf:{exported}"
+        again = json.loads(cli("evaluate", model, "--task", task, *data_args, "--json").stdout.strip().splitlines()[-1])
+        assert again == metrics, fmt
+        if task != "instruct":
+            assert (exported / f"eval-{task}" / "predictions.jsonl").read_text().splitlines() == preds, fmt
+    if task == "instruct":
+        tokenizer_config = json.loads((tmp_path / "export-hf" / "tokenizer_config.json").read_text())
+        assert tokenizer_config["chat_template"] == tasks.CHAT_TEMPLATE
+        # generate answers an instruct model's prompt as a chat turn and stops at the end of its reply
+        reply = cli("generate", run, "--prompt", "count to three", "--max-new-tokens", "40", "--temperature", "0")
+        raw = cli(
+            "generate", run, "--prompt", "count to three", "--max-new-tokens", "40", "--temperature", "0", "--raw"
+        )
+        assert raw.stdout.startswith("count to three") and not reply.stdout.startswith("count to three")
+        assert tasks.END_OF_TURN not in reply.stdout
 
 
 def test_show_examples_marks_trained_tokens(cli, base_model, tmp_path):

@@ -9,12 +9,15 @@ import json
 import math
 import os
 import tempfile
+import tomllib
 from pathlib import Path
 from typing import Any
 
 from bigmodel_cli.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
+STATUS_FILE = "status.json"
+CONFIG_FILE = "config.toml"
 FORMATS = (".png", ".html")
 Table = tuple[list[str], list[list[str]]]  # header, rows
 
@@ -58,6 +61,35 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def _status(run_dir: Path) -> dict[str, Any]:
+    """status.json ({"state", "step"}), or state "starting" while a run that has just (re)started has not written it."""
+    # Training rewrites config.toml first thing, but writes status.json only once the model is built and its
+    # step compiled (seconds on tiny models, minutes on big ones or when loading a base model): until then, a
+    # config newer than both the status and the metrics is a starting run. A run without status.json that
+    # logged after its config was written is one whose state is not recorded.
+    config = _mtime(run_dir / CONFIG_FILE)
+    since = [_mtime(run_dir / name) for name in (STATUS_FILE, METRICS_FILE)]
+    if config is not None and all(t is None or t < config for t in since):
+        return {"state": "starting"}
+    return _read_json(run_dir / STATUS_FILE)
+
+
+def _target_steps(run_dir: Path) -> int | None:
+    """train.steps from the run's config.toml, or None when it cannot be read."""
+    try:
+        steps = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("train", {}).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Run dirs (holding metrics.jsonl or config.toml) at most two levels under root, with their progress."""
     root = Path(root)
@@ -68,11 +100,15 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     for d in sorted(candidates):
         if not d.is_dir() or any(part.startswith(".") for part in d.relative_to(root).parts):
             continue
-        if not ((d / METRICS_FILE).is_file() or (d / "config.toml").is_file()):
+        if not ((d / METRICS_FILE).is_file() or (d / CONFIG_FILE).is_file()):
             continue
         rows = read_metrics(d) if (d / METRICS_FILE).is_file() else []
-        status = _read_json(d / "status.json").get("state", "unknown")
-        runs.append(_summary(d, rows) | {"status": str(status)})
+        status = _status(d)
+        row = _summary(d, rows) | {"total_steps": _target_steps(d), "status": str(status.get("state", "unknown"))}
+        if row["step"] is None:  # nothing logged yet: the step the run started from, if it says
+            step = status.get("step", 0 if row["status"] == "starting" else None)
+            row["step"] = step if isinstance(step, int) else None
+        runs.append(row)
     return runs
 
 

@@ -67,3 +67,47 @@ def tiny_data(tmp_path_factory, cli) -> Path:
     (root / "corpus.txt").write_text(synthetic_text(), encoding="utf-8")
     cli("preprocess", root / "corpus.txt", "--out", root / "data", "--model-type", "char")
     return root / "data"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tolerances between differently compiled f32 computations
+# ----------------------------------------------------------------------------------------------------------
+# Two compilations of the same f32 math (another host's vector width, XLA with and without optimisations,
+# another mesh, torch against jax) add in different orders, fuse differently and round at different points.
+# How far apart may they be?
+# - A length-K f32 sum rounds at every addition, each time by at most u = eps/2 relative. The worst case is
+#   K*u, but with terms of mixed sign the rounding errors behave like independent random signs and grow
+#   like sqrt(K)*u times the size of the partial sums (Higham, "Accuracy and Stability of Numerical
+#   Algorithms", 2nd ed., sections 2.8 and 4.2). Two programs each carry such an error: they differ by up to
+#   2*u*sqrt(K) = eps*sqrt(K), relative.
+# - A result reached through n reductions one after another (a norm, a matmul, a softmax sum, a matmul...)
+#   carries the error of each: n times that, using the longest reduction for all of them.
+# - Relative to what? Normalisation keeps the error of each stage relative to that stage's scale, and the
+#   last stage's scale is the size of the result: max|reference|. Not each element's own size: an element
+#   that cancels to near zero keeps the absolute error of its terms, which is why a per-element rtol
+#   (the old 1e-5) fails by chance on a few elements out of thousands.
+# So atol = eps * sqrt(K_max) * n * max|reference|, with rtol = 0. On the tests' small models that is 5 to
+# 1000 times the differences observed between hosts and compilations, and still below what the bugs those
+# tests guard against do (a norm epsilon of 1e-6 for 1e-5: 5 times; a wrong RoPE base, a missing layer, a
+# non-causal mask: thousands of times). Each use states its numbers.
+
+import numpy as np  # noqa: E402
+
+F32_EPS = float(np.finfo(np.float32).eps)  # 2**-23: the gap between 1.0 and the next f32
+
+
+def f32_tolerance(reference, *reductions: int, chained: int = 1) -> float:
+    """The atol for `reference` against the same f32 math compiled differently: eps*sqrt(K)*chained*max|ref|."""
+    return F32_EPS * float(np.sqrt(max(reductions))) * chained * float(np.max(np.abs(np.asarray(reference))))
+
+
+def model_tolerance(reference, cfg, seq_len: int, loss_tokens: int = 0) -> float:
+    """f32_tolerance of a Transformer's logits over seq_len positions, or of its loss over loss_tokens tokens."""
+    # Each layer chains 9 reductions: input norm (D), q/k/v (D), q.k (E), softmax sum (T), p.v (T), output
+    # projection (H*E), second norm (D), gate/up (D), down (F); then the final norm (D) and the head (D).
+    reductions = [cfg.d_model, cfg.d_ff, cfg.n_heads * cfg.dims_per_head, seq_len]
+    chained = 9 * cfg.n_layers + 2
+    if loss_tokens:  # then the log-sum-exp over the vocabulary and the sum over the counted tokens
+        reductions += [cfg.vocab_size, loss_tokens]
+        chained += 2
+    return f32_tolerance(reference, *reductions, chained=chained)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import pretrain_args
+from bigmodel_cli import config as config_lib
+from tests.conftest import model_tolerance, pretrain_args
 
 
 def _free_port() -> int:
@@ -73,8 +74,15 @@ def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path):
     single_losses, single_val = _losses(single)
     multi_losses, multi_val = _losses(multi)
     assert len(multi_losses) == 5
-    assert max(abs(a - b) for a, b in zip(single_losses, multi_losses, strict=False)) <= 1e-5
-    assert abs(single_val - multi_val) <= 1e-5
+    # Collectives through gloo add in another order than one process does. Here: 4.8e-7 and 0 (2.4e-7 for the
+    # one-device evaluation), against 4.8e-4 and 7.0e-4.
+    cfg = config_lib.load_config(single / "config.toml", base_dir=single)
+    seq_len = cfg.data.seq_len or cfg.model.max_seq_len
+    train_tolerance = model_tolerance(single_losses, cfg.model, seq_len, loss_tokens=cfg.train.batch_size * seq_len)
+    assert max(abs(a - b) for a, b in zip(single_losses, multi_losses, strict=True)) <= train_tolerance
+    val_tokens = cfg.train.eval_batches * cfg.train.batch_size * seq_len
+    val_tolerance = model_tolerance(single_val, cfg.model, seq_len, loss_tokens=val_tokens)
+    assert abs(single_val - multi_val) <= val_tolerance
 
     # The two-process checkpoint restores in one process on one device to the same evaluation loss.
     out = subprocess.run(
@@ -86,4 +94,4 @@ def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path):
         timeout=300,
     )
     restored = json.loads(out.stdout.strip().splitlines()[-1])
-    assert abs(restored["loss"] - multi_val) <= 1e-5
+    assert abs(restored["loss"] - multi_val) <= val_tolerance

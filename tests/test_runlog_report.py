@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -177,7 +179,7 @@ def test_list_runs(tmp_path: Path) -> None:
     a = _fake_run(tmp_path / "a")
     b = _fake_run(tmp_path / "sweep" / "b", steps=100)
     (b / "status.json").write_text(json.dumps({"state": "finished", "step": 96}))
-    configured = tmp_path / "sweep" / "c"  # configured but not started yet
+    configured = tmp_path / "sweep" / "c"  # training wrote its config, and nothing yet
     configured.mkdir()
     (configured / "config.toml").write_text("")
     (tmp_path / "x" / "y" / "too-deep").mkdir(parents=True)
@@ -191,6 +193,38 @@ def test_list_runs(tmp_path: Path) -> None:
     last_val = [r["val_loss"] for r in _jsonl(a / "metrics.jsonl") if "val_loss" in r][-1]
     assert ra["val_loss"] == pytest.approx(last_val)
     assert rb["step"] == 96 and rb["status"] == "finished" and rb["loss"] > 2.0
-    assert rc == {"path": configured, "step": None, "loss": None, "val_loss": None, "status": "unknown"}
+    assert rc == {
+        "path": configured,
+        "step": 0,
+        "loss": None,
+        "val_loss": None,
+        "total_steps": None,
+        "status": "starting",
+    }
     with pytest.raises(UserError):
         report.list_runs(tmp_path / "nope")
+
+
+def test_runs_show_a_run_that_has_just_started_or_restarted(tmp_path: Path) -> None:
+    from bigmodel_cli import config as config_lib
+    from bigmodel_cli.train.loop import prepare_run_dir
+    from bigmodel_cli.utils import write_json_atomic
+
+    run = tmp_path / "run"
+    cfg = config_lib.load_config(None, ["train.steps=7"])
+    prepare_run_dir(run, cfg, "auto", False)  # what training does first, long before its step is compiled
+    (row,) = report.list_runs(tmp_path)
+    assert (row["status"], row["step"], row["total_steps"], row["loss"]) == ("starting", 0, 7, None)
+
+    write_json_atomic(run / "status.json", {"state": "running", "step": 0})  # the step is compiled
+    assert [(r["status"], r["step"]) for r in report.list_runs(tmp_path)] == [("running", 0)]
+    with RunLogger(run, tensorboard=False) as log:
+        log.log(5, {"loss": 3.0})
+    write_json_atomic(run / "status.json", {"state": "stopped", "step": 5})
+    assert [(r["status"], r["step"]) for r in report.list_runs(tmp_path)] == [("stopped", 5)]
+
+    earlier = time.time() - 60  # the stopped run's files, a minute before it is started again
+    for name in ("status.json", "metrics.jsonl"):
+        os.utime(run / name, (earlier, earlier))
+    prepare_run_dir(run, cfg, "auto", False)
+    assert [(r["status"], r["step"], r["loss"]) for r in report.list_runs(tmp_path)] == [("starting", 5, 3.0)]

@@ -1,22 +1,18 @@
-"""Finetuning task files -> Examples: read SQuAD JSON, JSONL, CSV/TSV or line-aligned text and parse each task.
+"""Finetuning task files -> Examples: parse SQuAD JSON, JSONL, CSV/TSV or line-aligned text for each task.
 
-Records with an empty required field are skipped and reported in one TaskWarning line per file (count and
-first ids); a missing field or an unreadable file is a one-line UserError naming the fix. How an Example
-becomes tokens is data/tasks.py's business.
+Records with an empty required field are skipped and reported in one warning line per file (count and first
+ids); a missing field or an unreadable file is a one-line UserError naming the fix. data/task_records.py reads
+the files; how an Example becomes tokens is data/tasks.py's business.
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
-import io
-import json
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli.data import task_records as R
 from bigmodel_cli.errors import UserError
 
 TASKS = ("qa", "classify", "summarize", "translate", "instruct")
@@ -32,10 +28,6 @@ CHAT_TEMPLATE = (
     "<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}{% if messages %}\n{% endif %}<|assistant|>\n{% endif %}"
 )
-
-
-class TaskWarning(UserWarning):
-    """Data that was skipped or cut, reported as one line per file (never fatal)."""
 
 
 @dataclass(frozen=True)
@@ -90,168 +82,6 @@ class Example:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Reading files
-# ---------------------------------------------------------------------------------------------------------
-
-
-def read_text(path: Path, what: str) -> str:
-    """A whole text file (gzip when it ends in .gz), or a UserError naming the fix."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found: pass an existing {what} file")
-    try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not readable UTF-8 text ({err}): pass a UTF-8 {what} file") from None
-    if not text.strip():
-        raise UserError(f"{path} is empty: pass a {what} file with data")
-    return text
-
-
-def _kind(path: Path) -> str:
-    """The format suffix, ignoring a trailing .gz: 'json', 'jsonl', 'csv', 'tsv', ..."""
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    return suffixes[-1].lstrip(".") if suffixes else ""
-
-
-def _read_json(path: Path, what: str) -> Any:
-    text = read_text(path, what)
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise UserError(f"{path}:{err.lineno}: not valid JSON ({err.msg}): fix the file") from None
-
-
-def _read_jsonl(path: Path, what: str) -> list[tuple[str, dict]]:
-    """(where, record) for every non-blank line; `where` is 'file:line' for error messages."""
-    records = []
-    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}:{number}: not valid JSON ({err.msg}): fix or remove the line") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: expected a JSON object per line, got {type(record).__name__}")
-        records.append((f"{path}:{number}", record))
-    return records
-
-
-def _records(path: Path, what: str, opts: TaskOptions, needed: Sequence[tuple[str, str]]) -> list[tuple[str, dict]]:
-    """Rows of a JSONL, CSV or TSV file as (where, dict); CSV/TSV columns are named by the first row or by
-    task.columns. `needed` holds (field, option) pairs that the columns must include."""
-    kind = _kind(path)
-    if kind == "jsonl":
-        return _read_jsonl(path, what)  # records name their fields: task.columns does not apply
-    if kind not in ("csv", "tsv"):
-        raise UserError(
-            f"{path}: {what} files must be .jsonl, .csv or .tsv (optionally .gz), got {kind or 'no suffix'!r}"
-        )
-    # GLUE-style TSVs are unquoted and contain stray quote characters, so quoting is off for TSV only.
-    quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL
-    reader = csv.reader(io.StringIO(read_text(path, what)), delimiter="\t" if kind == "tsv" else ",", quoting=quoting)
-    rows = [(reader.line_num, [cell.strip() for cell in cells]) for cells in reader if cells]
-    names = opts.column_names()
-    if names:
-        if rows and rows[0][1] == names:
-            rows = rows[1:]  # the file has the header after all: it is not data
-        for name, option in needed:
-            if name not in names:
-                raise UserError(
-                    f"{path}: task.columns ({opts.columns}) has no {name!r}: name that column {name} there, "
-                    f"or set task.{option} to one of its names"
-                )
-    elif rows:
-        names, rows = rows[0][1], rows[1:]
-        missing = [(name, option) for name, option in needed if name not in names]
-        if missing and any(_looks_like_data(cell) for cell in names):
-            guess = _guess_columns([names] + [cells for _, cells in rows[:20]], needed)
-            raise UserError(
-                f"{path} seems to have no header row (its first row {_short(names)} looks like data): name its "
-                f"columns with --columns {guess} (or --set task.columns={guess})"
-            )
-        if missing:
-            raise _no_field(f"{path}:1", names, *missing[0])
-    # Missing cells read as "" (the row is then skipped as empty); cells beyond the named columns are ignored.
-    return [(f"{path}:{line}", dict(zip(names, [*cells, *[""] * len(names)], strict=False))) for line, cells in rows]
-
-
-def _looks_like_data(cell: str) -> bool:
-    """A header cell no header would hold: a number, or a phrase of several words."""
-    try:
-        float(cell)
-        return True
-    except ValueError:
-        return len(cell.split()) > 3
-
-
-def _guess_columns(rows: list[list[str]], needed: Sequence[tuple[str, str]]) -> str:
-    """Column names for headerless rows: the label on the shortest column, other fields on the longest ones."""
-    width = len(rows[0])
-    length = [sum(len(row[i]) for row in rows if i < len(row)) for i in range(width)]  # total, over the rows
-    names = [f"col{i}" for i in range(1, width + 1)]
-    free = list(range(width))
-    for name, option in sorted(needed, key=lambda n: n[1] != "label_field"):
-        if not free:
-            break
-        at = (min if option == "label_field" else max)(free, key=lambda i: length[i])
-        names[at] = name
-        free.remove(at)
-    return ",".join(names)
-
-
-def _short(cells: list[str]) -> str:
-    """A row for a one-line message: its cells, each cut to 30 characters."""
-    return "[" + ", ".join(repr(c if len(c) <= 30 else c[:27] + "...") for c in cells) + "]"
-
-
-def _no_field(where: str, fields: Sequence, name: str, option: str) -> UserError:
-    shown = ", ".join(map(str, fields)) or "none"
-    return UserError(f"{where}: no field {name!r} (fields: {shown}): set task.{option} to the right name")
-
-
-def _field(where: str, record: dict, name: str, option: str) -> str:
-    """record[name] as stripped text, or a UserError naming the option that selects the field."""
-    if name not in record:
-        raise _no_field(where, list(record), name, option)
-    return _text(record[name])
-
-
-def _text(value: Any) -> str:
-    return "" if value is None else str(value).strip()
-
-
-class _Skipped:
-    """Records left out for an empty required field: counted, and reported as one warning line per file."""
-
-    def __init__(self, path: Path, things: str, ids: str = "ids"):
-        self.path, self.things, self.label = path, things, ids
-        self.ids: list[str] = []
-        self.reasons: list[str] = []  # e.g. "an empty question", in order of first appearance
-
-    def add(self, id_: str, reason: str) -> None:
-        self.ids.append(id_)
-        if reason not in self.reasons:
-            self.reasons.append(reason)
-
-    def report(self, info: dict) -> None:
-        """Store the count in the task info and warn once (naming the file and the first ids) if any."""
-        info["skipped_empty"] = len(self.ids)
-        if self.ids:
-            shown = ", ".join(self.ids[:3]) + (", ..." if len(self.ids) > 3 else "")
-            _warn(
-                f"{self.path}: skipped {len(self.ids)} {self.things} with {' or '.join(self.reasons)} "
-                f"({self.label}: {shown})"
-            )
-
-
-def _warn(message: str) -> None:
-    warnings.warn(message, TaskWarning, stacklevel=3)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Parsing each task into Examples
 # ---------------------------------------------------------------------------------------------------------
 
@@ -265,13 +95,13 @@ def _answer_found(context: str, answer: dict) -> bool:
 
 
 def _load_qa(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
-    data = _read_json(path, "SQuAD-format JSON")
+    data = R.read_json(path, "SQuAD-format JSON")
     articles = data.get("data") if isinstance(data, dict) else data
     shape = '{"data": [{"paragraphs": [{"context": ..., "qas": [...]}]}]}'
     if not isinstance(articles, list) or not all(isinstance(a, dict) for a in articles):
         raise UserError(f"{path} is not SQuAD-format JSON: expected {shape}")
     examples: list[Example] = []
-    skipped = _Skipped(path, "questions")
+    skipped = R.Skipped(path, "questions")
     bad_starts = no_position = unanswerable = questions = 0
     is_v2 = False
     for article in articles:
@@ -283,7 +113,7 @@ def _load_qa(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
             for qa in paragraph.get("qas", []):
                 questions += 1
                 qid = str(qa.get("id", questions))
-                question = _text(qa.get("question"))
+                question = R.text(qa.get("question"))
                 if not question or not context.strip():
                     skipped.add(qid, "an empty question" if not question else "an empty context")
                     continue
@@ -298,7 +128,7 @@ def _load_qa(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
                 no_position += not impossible and not good
                 unanswerable += impossible
                 first = (good or answers or [None])[0]
-                answer = _text(first.get("text")) if first else ""
+                answer = R.text(first.get("text")) if first else ""
                 examples.append(
                     Example(
                         task="qa",
@@ -340,10 +170,10 @@ def _load_classify(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
     names = opts.label_map()
     needed = [(opts.text_field, "text_field"), (opts.label_field, "label_field")]
     examples = []
-    skipped = _Skipped(path, "rows", ids="lines")
-    for where, row in _records(path, "classification", opts, needed):
-        text = _field(where, row, opts.text_field, "text_field")
-        label = _field(where, row, opts.label_field, "label_field")
+    skipped = R.Skipped(path, "rows", ids="lines")
+    for where, row in R.records(path, "classification", opts.column_names(), needed):
+        text = R.field(where, row, opts.text_field, "text_field")
+        label = R.field(where, row, opts.label_field, "label_field")
         line = where.rpartition(":")[2]
         if not text or not label:
             skipped.add(line, f"an empty {opts.text_field if not text else opts.label_field}")
@@ -362,11 +192,11 @@ def _load_classify(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
 def _load_summarize(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
     needed = [(opts.document_field, "document_field"), (opts.summary_field, "summary_field")]
     examples = []
-    skipped = _Skipped(path, "records")
-    for where, record in _records(path, "summarization", opts, needed):
-        document = _field(where, record, opts.document_field, "document_field")
-        summary = _field(where, record, opts.summary_field, "summary_field")
-        rid = _text(record.get("id")) or where.rpartition(":")[2]
+    skipped = R.Skipped(path, "records")
+    for where, record in R.records(path, "summarization", opts.column_names(), needed):
+        document = R.field(where, record, opts.document_field, "document_field")
+        summary = R.field(where, record, opts.summary_field, "summary_field")
+        rid = R.text(record.get("id")) or where.rpartition(":")[2]
         if not document or not summary:
             skipped.add(rid, f"an empty {opts.document_field if not document else opts.summary_field}")
             continue
@@ -392,23 +222,23 @@ def _simple(task: str, id_: str, prompt: tuple[str, str, str], target: str) -> E
 
 def _load_translate(path: Path, opts: TaskOptions, info: dict, path2: Path | None) -> list[Example]:
     if path2 is not None:
-        sources = read_text(path, f"{opts.source_lang} text").splitlines()
-        targets = read_text(path2, f"{opts.target_lang} text").splitlines()
+        sources = R.read_text(path, f"{opts.source_lang} text").splitlines()
+        targets = R.read_text(path2, f"{opts.target_lang} text").splitlines()
         if len(sources) != len(targets):
             raise UserError(
                 f"{path} has {len(sources)} lines but {path2} has {len(targets)}: the two translate files "
                 "must be line-aligned (line i of one translates line i of the other)"
             )
         pairs = [(str(i), s.strip(), t.strip()) for i, (s, t) in enumerate(zip(sources, targets, strict=True), start=1)]
-        skipped = _Skipped(path, "pairs", ids="lines")
+        skipped = R.Skipped(path, "pairs", ids="lines")
         names = (f"{opts.source_lang} line", f"{opts.target_lang} line")
-    elif _kind(path) == "jsonl":
+    elif R.file_kind(path) == "jsonl":
         pairs = []
-        for where, record in _read_jsonl(path, "translation"):
-            source = _field(where, record, opts.source_field, "source_field")
-            target = _field(where, record, opts.target_field, "target_field")
-            pairs.append((_text(record.get("id")) or where.rpartition(":")[2], source, target))
-        skipped = _Skipped(path, "pairs")
+        for where, record in R.read_jsonl(path, "translation"):
+            source = R.field(where, record, opts.source_field, "source_field")
+            target = R.field(where, record, opts.target_field, "target_field")
+            pairs.append((R.text(record.get("id")) or where.rpartition(":")[2], source, target))
+        skipped = R.Skipped(path, "pairs")
         names = (opts.source_field, opts.target_field)
     else:
         raise UserError(
@@ -455,28 +285,28 @@ def _chat_messages(where: str, record: dict) -> list[dict]:
                 f"{where}: no field {name!r}: instruct records are Alpaca {{instruction, input, output}} "
                 "or chat {messages: [{role, content}]}"
             )
-    prompt = _text(record["instruction"])
-    if _text(record.get("input")):
-        prompt += "\n\n" + _text(record["input"])
-    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": _text(record["output"])}]
+    prompt = R.text(record["instruction"])
+    if R.text(record.get("input")):
+        prompt += "\n\n" + R.text(record["input"])
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": R.text(record["output"])}]
 
 
 def _load_instruct(path: Path, opts: TaskOptions, info: dict) -> list[Example]:
-    if _kind(path) == "jsonl":
-        records = _read_jsonl(path, "instruction")
+    if R.file_kind(path) == "jsonl":
+        records = R.read_jsonl(path, "instruction")
     else:
-        data = _read_json(path, "instruction JSON")
+        data = R.read_json(path, "instruction JSON")
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise UserError(f"{path}: expected a JSON list of Alpaca records {{instruction, input, output}}")
         records = [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
     examples = []
-    skipped = _Skipped(path, "records")
+    skipped = R.Skipped(path, "records")
     for number, (where, record) in enumerate(records, start=1):
-        rid = _text(record.get("id")) or str(number)
+        rid = R.text(record.get("id")) or str(number)
         messages = _chat_messages(where, record)
         replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         alpaca = "messages" not in record
-        if alpaca and not _text(record["instruction"]):
+        if alpaca and not R.text(record["instruction"]):
             skipped.add(rid, "an empty instruction")
             continue
         if not replies or not messages[replies[-1]]["content"].strip():

@@ -38,11 +38,11 @@ from bigmodel_cli.data.task_files import (
     UNANSWERABLE,
     Example,
     TaskOptions,
-    TaskWarning,
     check_labels,
     load_examples,
     render_chat,
 )
+from bigmodel_cli.data.task_records import TaskWarning
 from bigmodel_cli.errors import UserError
 
 # Reading and parsing task files lives in task_files.py; callers get the whole task API from this module.

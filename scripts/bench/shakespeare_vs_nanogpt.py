@@ -56,8 +56,10 @@ def bigmodel(work: Path) -> dict:
     (work / "train.txt").write_text(text[:cut], encoding="utf-8")
     (work / "val.txt").write_text(text[cut:], encoding="utf-8")
     exe = [sys.executable, "-m", "bigmodel_cli"]
+    # nanoGPT's vocabulary is the text's 65 characters: no byte-fallback ids either (the first 90% holds
+    # every character of the last 10%, so nothing maps to <unk>).
     prep, _ = timed([*exe, "preprocess", work / "train.txt", "--out", work / "data", "--model-type", "char",
-                     "--val-fraction", "0"])  # fmt: skip
+                     "--val-fraction", "0", "--no-byte-fallback"])  # fmt: skip
     train, _ = timed([*exe, "pretrain", REPO / "recipes" / "shakespeare_char.toml", "--run-dir", work / "run",
                       "--set", f"data.path={work / 'data'}", "--set", "train.eval_every=0"])  # fmt: skip
     _, out = timed([*exe, "evaluate", work / "run", "--text", work / "val.txt", "--json"])
@@ -75,7 +77,31 @@ def nanogpt(checkout: Path, work: Path) -> dict:
     final = re.findall(r"step 2000: train loss ([\d.]+), val loss ([\d.]+)", out)
     if not final:
         sys.exit(f"no step-2000 evaluation in nanoGPT's output:\n{out[-2000:]}")
-    return {"val_loss": float(final[-1][1]), "train_s": train, "prep_s": prep}
+    _, whole = timed([sys.executable, "-c", WHOLE_VAL], cwd=repo)
+    return {"val_loss": float(final[-1][1]), "val_loss_whole": float(whole.split()[-1]), "train_s": train,
+            "prep_s": prep}  # fmt: skip
+
+
+# nanoGPT's saved model scored like `evaluate --text`: consecutive 64-character windows over all of val.bin,
+# every character after the first predicted once (its own estimate above samples 200 random batches).
+WHOLE_VAL = """
+import numpy as np, torch
+from model import GPT, GPTConfig
+ckpt = torch.load("out-shakespeare-char/ckpt.pt", map_location="cpu")
+model = GPT(GPTConfig(**ckpt["model_args"]))
+model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+model.eval()
+ids = torch.from_numpy(np.fromfile("data/shakespeare_char/val.bin", dtype=np.uint16).astype(np.int64))
+T, total, count = 64, 0.0, 0
+with torch.no_grad():
+    for start in range(0, len(ids) - 1, T):
+        x, y = ids[start : start + T], ids[start + 1 : start + T + 1]
+        x = x[: len(y)]
+        logits, _ = model(x[None], y[None])
+        total += torch.nn.functional.cross_entropy(logits[0], y, reduction="sum").item()
+        count += len(y)
+print(total / count)
+"""
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -226,19 +227,34 @@ def _coerce(where: str, value: Any, kind: type) -> Any:
     """Check a TOML value (or parse a --set string) against the dataclass field's type."""
     if isinstance(value, str) and kind is not str:
         text = value.strip()
+        if not text.isascii():  # int() and float() also read other scripts' digits: full-width "１２" would be 12
+            raise UserError(f"{where} must be {kind.__name__} in ASCII characters, got {value!r}")
         try:
             if kind is bool:
                 if text.lower() not in ("true", "false", "1", "0"):
                     raise ValueError
                 return text.lower() in ("true", "1")
-            return kind(text)
+            value = kind(text)
         except ValueError:
             raise UserError(f"{where} must be {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise UserError(f"{where} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    if kind is float and not math.isfinite(value):  # no field has a use for inf or nan: they surface after compiling
+        raise UserError(f"{where} must be a finite number, got {value!r}")
+    if kind is str and not _is_utf8(value):
+        raise UserError(f"{where} is not valid UTF-8 text ({value!r}): config.toml could not hold it")
     return value
+
+
+def _is_utf8(text: str) -> bool:
+    """False for the surrogate escapes Python makes of command-line bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _section_classes(cls: type) -> dict[str, type]:
@@ -306,13 +322,13 @@ def _build_section(
     for key, value in values.items():
         merged[key] = _coerce(f"{where}: {name}.{key}", value, _field_type(section_cls, key))
         if fields[key].metadata.get("path"):
-            merged[key] = _resolve_path(merged[key], recipe_dir)
+            merged[key] = _resolve_path(f"{where}: {name}.{key}", merged[key], recipe_dir)
         if fields[key].metadata.get("mixture") and merged[key]:
             merged[key] = resolve_mixture(merged[key], recipe_dir)
     for key, value in overrides.items():
         merged[key] = _coerce(f"--set {name}.{key}", value, _field_type(section_cls, key))
         if fields[key].metadata.get("path"):
-            merged[key] = _resolve_path(merged[key], Path.cwd())  # typed on the command line: relative to cwd
+            merged[key] = _resolve_path(f"--set {name}.{key}", merged[key], Path.cwd())  # typed here: relative to cwd
         if fields[key].metadata.get("mixture") and merged[key]:
             merged[key] = resolve_mixture(merged[key], Path.cwd())
     if section_cls is ModelConfig and merged.get("preset"):
@@ -323,8 +339,10 @@ def _build_section(
     return section_cls(**merged)
 
 
-def _resolve_path(value: str, base: Path) -> str:
+def _resolve_path(where: str, value: str, base: Path) -> str:
     """Absolute form of a path value; URLs (gs://...) stay as they are, hf:DIR keeps its prefix."""
+    if "\0" in value:  # the one character no path can hold; os calls would fail with a bare ValueError
+        raise UserError(f"{where} contains a NUL character, which no path can hold: {value!r}")
     if not value or "://" in value:
         return value
     if value.startswith("hf:"):
@@ -347,14 +365,21 @@ def dumps(cfg: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
+# TOML's short escapes; every other control character needs \uXXXX inside a basic string.
+_TOML_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r", '"': '\\"', "\\": "\\\\"}
+
+
+def _toml_char(char: str) -> str:
+    return f"\\u{ord(char):04X}" if char < " " or char == "\x7f" else char
+
+
 def _toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
     if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
+        return '"' + "".join(_TOML_ESCAPES.get(c) or _toml_char(c) for c in value) + '"'
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {value!r} to TOML")

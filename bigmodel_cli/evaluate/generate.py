@@ -4,6 +4,7 @@ temperature, top-k and top-p sampling, EOS and stop strings, and batched prompts
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +28,15 @@ class Sampling:
     seed: int = 0  # the same seed gives the same text
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0 or self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
-            raise UserError("--max-new-tokens, --temperature and --top-k must be >= 0 and --top-p in (0, 1]")
+        if self.max_new_tokens <= 0:
+            raise UserError(f"--max-new-tokens must be positive, got {self.max_new_tokens}")
+        # Written as ranges a value must fall in: nan fails every comparison, so `x < 0` alone would let it through
+        if not 0 <= self.temperature < math.inf:
+            raise UserError(f"--temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise UserError(f"--top-k must be >= 0 (0 = all tokens), got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
 def _pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
@@ -85,8 +93,6 @@ def generate_ids(
             f"prompt ({longest} tokens) + --max-new-tokens {sampling.max_new_tokens} exceeds the "
             f"model's {limit} positions: shorten the prompt or ask for fewer tokens"
         )
-    if sampling.max_new_tokens == 0:
-        return [[] for _ in prompts]
     padded = np.zeros((len(prompts), longest), np.int32)
     for row, ids in enumerate(prompts):
         padded[row, : len(ids)] = ids
@@ -129,6 +135,19 @@ def complete(
     return texts
 
 
+def _check_utf8(option: str, text: str) -> None:
+    """Refuse text holding the surrogate escapes Python makes of command-line bytes that are not UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = text[err.start]  # "\udcff" stands for the byte 0xff
+        what = f"byte {ord(bad) - 0xDC00:#04x}" if "\udc80" <= bad <= "\udcff" else repr(bad)
+        raise UserError(
+            f"{option} is not valid UTF-8 text ({what} at character {err.start}): "
+            "pass UTF-8 text (is the terminal set to another encoding?)"
+        ) from None
+
+
 def run(
     model: Path,
     prompt: str,
@@ -143,6 +162,8 @@ def run(
 ) -> str:
     """Prompt + its continuation as text; for a model finetuned on chats (and not raw), its reply alone."""
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
+        _check_utf8(option, text)
     loaded = modelio.load(model)
     if not loaded.tokenizer_file.is_file():
         raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -72,11 +73,16 @@ def _loss_sums(loaded: modelio.LoadedModel, batches, n_batches: int) -> tuple[fl
 
 
 def _write(model: Path, loaded: modelio.LoadedModel, out: Path | None, metrics: dict) -> None:
-    if out is not None:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(Path(out) / "metrics.json", metrics)
-    elif modelio.locate(model)[0] != "hf":  # a Hugging Face directory is the user's (maybe read-only)
-        write_json_atomic(loaded.home / "metrics.json", metrics)
+    """metrics.json in --out, else beside the model; a directory that refuses it costs a warning, not the results."""
+    if out is None and modelio.locate(model)[0] == "hf":  # a Hugging Face directory is the user's (maybe read-only)
+        return
+    target = Path(out) if out is not None else loaded.home
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(target / "metrics.json", metrics)
+    except OSError as err:
+        hint = "choose a writable --out DIR" if out is not None else "pass --out DIR to save them"
+        print(f"warning: could not write {target / 'metrics.json'} ({err.strerror or err}): {hint}", file=sys.stderr)
 
 
 def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | None = None) -> dict:

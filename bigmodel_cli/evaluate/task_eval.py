@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -173,15 +174,24 @@ def _loss(loaded, tokenizer, examples, opts, seq_len: int, batch_size: int, sour
 
 
 def _write(out_dir: Path, examples, predictions: dict[str, str] | None, metrics: dict) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if predictions is not None:
-        tmp = out_dir / ".predictions.jsonl.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for e in examples:
-                row = {"id": e.id, "prediction": predictions.get(e.id, ""), "references": list(e.references)}
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, out_dir / "predictions.jsonl")
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    """predictions.jsonl and metrics.json in out_dir; a directory that refuses them costs a warning, not the results."""
+    tmp = out_dir / ".predictions.jsonl.tmp"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if predictions is not None:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for e in examples:
+                    row = {"id": e.id, "prediction": predictions.get(e.id, ""), "references": list(e.references)}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            os.replace(tmp, out_dir / "predictions.jsonl")
+        write_json_atomic(out_dir / "metrics.json", metrics)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        print(
+            f"warning: could not write metrics.json in {out_dir} ({err.strerror or err}): pass --out DIR to save them",
+            file=sys.stderr,
+        )
 
 
 @dataclass(frozen=True)

@@ -149,7 +149,7 @@ CASES = {
         "p8",
     ),
     "preprocess_bad_val_fraction": (
-        lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p9", "--val-fraction", "0"],
+        lambda w: ["preprocess", w["root"] / "text.txt", "--out", w["root"] / "p9", "--val-fraction", "1.5"],
         "val-fraction",
         "p9",
     ),

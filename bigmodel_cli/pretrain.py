@@ -17,6 +17,11 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.train import loop
 
 
+def data_dir(cfg: Config) -> Path:
+    """The directory whose tokenizer the run takes: data.path, or a mixture's first part."""
+    return loader.load_mixture(cfg.data.mixture)[0][0] if cfg.data.mixture else Path(cfg.data.path)
+
+
 def resolve(cfg: Config) -> tuple[Config, dict | None]:
     """Fill in what the data decides (vocab size, sequence length) and check the two agree."""
     manifest = None
@@ -33,6 +38,8 @@ def resolve(cfg: Config) -> tuple[Config, dict | None]:
             raise UserError(f"data.path {cfg.data.path} not found: run bigmodel preprocess ... --out DIR first")
         manifest = load_manifest(Path(cfg.data.path))
     if manifest is not None:
+        # The run copies this file: a damaged one would be found only by generate or export, much later.
+        loader.check_tokenizer(data_dir(cfg), manifest)
         data_vocab = manifest["tokenizer"]["vocab_size"]
         if vocab == 0:
             vocab = data_vocab
@@ -58,6 +65,23 @@ def process_rows(batch_size: int) -> slice:
     return slice(i * per, (i + 1) * per)
 
 
+def open_data(cfg: Config, manifest: dict, run_dir: Path):
+    """The train and val (None without one) windows, every file checksummed and its token ids checked; when
+    resuming, the data checked against the run's tokenizer. Reads only: done before run_dir is touched."""
+    seq_len, vocab = cfg.data.seq_len, cfg.model.vocab_size
+    if cfg.data.mixture:
+        train = loader.open_mixture(cfg.data.mixture, "train", seq_len)
+        val = loader.open_mixture(cfg.data.mixture, "val", seq_len)
+    else:
+        path = Path(cfg.data.path)
+        train = loader.TokenWindows(path, "train", manifest, seq_len, vocab)
+        # --val-fraction 0 data has no val split: the run trains without validation.
+        val = loader.TokenWindows(path, "val", manifest, seq_len, vocab) if "val" in manifest["splits"] else None
+    if (run_dir / "tokenizer.model").is_file():  # resuming: the data must fit the run's tokenizer
+        check_compatible(manifest, sha256_file(run_dir / "tokenizer.model"), vocab, cfg.data.mixture or cfg.data.path)
+    return train, val
+
+
 def run(
     cfg: Config,
     run_dir: Path,
@@ -75,6 +99,8 @@ def run(
             f"{cfg.data.path} has no train split (preprocessed with --val-fraction 1, for evaluation only): "
             "preprocess the training text with a smaller --val-fraction"
         )
+    # Damaged data is found before the run directory is created or its config rewritten.
+    train_windows, val_windows = open_data(cfg, manifest, run_dir) if manifest is not None else (None, None)
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, process_rows(cfg.train.batch_size)
     meta: dict = {"stage": "pretrain"}
@@ -82,23 +108,6 @@ def run(
         train_batch = loader.SyntheticBatches(cfg.model.vocab_size, seq_len, batch_size, cfg.train.seed, rows)
         val_batches = None
     else:
-        if cfg.data.mixture:
-            data_dir = loader.load_mixture(cfg.data.mixture)[0][0]
-            train_windows = loader.open_mixture(cfg.data.mixture, "train", seq_len)
-            val_windows = loader.open_mixture(cfg.data.mixture, "val", seq_len)
-        else:
-            data_dir = Path(cfg.data.path)
-            train_windows = loader.TokenWindows(data_dir, "train", manifest, seq_len)
-            # --val-fraction 0 data has no val split: the run trains without validation.
-            has_val = "val" in manifest["splits"]
-            val_windows = loader.TokenWindows(data_dir, "val", manifest, seq_len) if has_val else None
-        if (run_dir / "tokenizer.model").is_file():  # resuming: the data must fit the run's tokenizer
-            check_compatible(
-                manifest,
-                sha256_file(run_dir / "tokenizer.model"),
-                cfg.model.vocab_size,
-                cfg.data.mixture or cfg.data.path,
-            )
         train_batch = loader.TrainBatches(train_windows, batch_size, cfg.train.seed, rows)
 
         def val_batches():
@@ -106,9 +115,9 @@ def run(
 
         val_batches = val_batches if val_windows is not None else None
 
-        tokenizer_file = data_dir / manifest["tokenizer"]["file"]
+        tokenizer_file = data_dir(cfg) / manifest["tokenizer"]["file"]
         if jax.process_index() == 0:
-            shutil.copyfile(tokenizer_file, run_dir / "tokenizer.model")  # the run is self-contained
+            shutil.copyfile(tokenizer_file, run_dir / "tokenizer.model")  # the run is self-contained (checked)
         meta["tokenizer_sha256"] = manifest["tokenizer"]["sha256"]
         meta["unigram_entropy"] = manifest.get("unigram_entropy")
     return loop.train(

@@ -4,13 +4,19 @@ The order of training sequences is Grain's: `MapDataset.range(n).shuffle(seed).r
 permutation reseeded each epoch, so sequence k of the run is computed directly, never by replaying the ones
 before it; `MapDataset.mix` interleaves several data sets by weight the same way. Tokens are read from
 memory-mapped shard files, and a Grain iterator builds the next batches on a background thread.
+
+Each shard file is checked once when a split is opened: its sha256 against the manifest's and its token ids
+against the vocabulary, in one read per file, files on parallel threads (docs/benchmarks.md has the cost).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grain
@@ -18,6 +24,7 @@ import numpy as np
 
 from bigmodel_cli.data.mixture import parse_mixture
 from bigmodel_cli.data.preprocess import load_manifest, split_files
+from bigmodel_cli.data.tokenizer import sha256_file
 from bigmodel_cli.errors import UserError
 
 # Grain's index shuffle costs about 65536/n cycle-walking rounds per call for an epoch of n < 65536 sequences
@@ -56,28 +63,102 @@ def _tag(part: int, index: int) -> tuple[int, int]:
     return part, int(index)
 
 
-class TokenWindows:
-    """Non-overlapping windows of seq_len + 1 tokens over one split's token files, read across file ends."""
+# ---- integrity: checksums and token ids ---------------------------------------------------------
 
-    def __init__(self, data_dir: Path, split: str, manifest: dict, seq_len: int):
+SCAN_BYTES = 1 << 22  # read per step when checking a file: hashing speed is flat from about 1 MB up
+
+
+def _scan(path: Path, dtype: np.dtype | None) -> tuple[str, int]:
+    """A file's sha256 and, for token files (dtype given), its largest token id (-1 if none), in one read."""
+    digest, top = hashlib.sha256(), -1
+    buf = bytearray(SCAN_BYTES)
+    with open(path, "rb") as f:  # buffered: readinto fills buf whole until the end of the file
+        while n := f.readinto(buf):
+            digest.update(memoryview(buf)[:n])
+            if dtype is not None and n >= dtype.itemsize:
+                top = max(top, int(np.frombuffer(buf, dtype, n // dtype.itemsize).max()))
+    return digest.hexdigest(), top
+
+
+def _check_file(path: Path, expected: str | None, dtype: np.dtype | None, vocab_size: int) -> None:
+    """Refuse a file whose sha256 differs from the manifest's, or a token file with ids >= vocab_size."""
+    if not path.is_file():
+        raise UserError(f"{path} is missing: rerun bigmodel preprocess into a new directory")
+    actual, top = _scan(path, dtype)
+    # Manifests written before shard checksums have none (expected None): such shards still load, with only
+    # their sizes and token ids checked.
+    if expected is not None and actual != expected:
+        raise UserError(
+            f"{path} is damaged (its sha256 {actual[:12]} is not the manifest's {expected[:12]}): "
+            "rerun bigmodel preprocess into a new directory"
+        )
+    if top >= vocab_size:
+        ids = np.memmap(path, dtype=dtype, mode="r")
+        bad = np.flatnonzero(ids >= vocab_size)
+        raise UserError(
+            f"{path} holds {len(bad)} token ids beyond the vocabulary of {vocab_size} (the first {ids[bad[0]]} "
+            f"at token {bad[0]}, the largest {top}): it was not made by bigmodel preprocess with this "
+            "tokenizer; rerun bigmodel preprocess"
+        )
+
+
+def check_files(checks: list[tuple[Path, str | None, np.dtype | None]], vocab_size: int) -> None:
+    """_check_file on each (path, sha256, token dtype or None), files on parallel threads (hashlib and NumPy
+    release the GIL); the first failure in list order is raised."""
+    if len(checks) <= 1:
+        for path, expected, dtype in checks:
+            _check_file(path, expected, dtype, vocab_size)
+        return
+    with ThreadPoolExecutor(min(len(checks), os.cpu_count() or 1)) as pool:
+        futures = [pool.submit(_check_file, *check, vocab_size) for check in checks]
+        for future in futures:
+            future.result()
+
+
+def check_tokenizer(data_dir: Path, manifest: dict) -> Path:
+    """The data directory's tokenizer file, refused unless its sha256 is the manifest's; returns its path."""
+    path = Path(data_dir) / manifest["tokenizer"]["file"]
+    if not path.is_file():
+        raise UserError(f"{path} is missing: rerun bigmodel preprocess into a new directory")
+    actual, expected = sha256_file(path), manifest["tokenizer"]["sha256"]
+    if actual != expected:
+        raise UserError(
+            f"{path} is damaged or was replaced (its sha256 {actual[:12]} is not the manifest's {expected[:12]}): "
+            "rerun bigmodel preprocess into a new directory"
+        )
+    return path
+
+
+class TokenWindows:
+    """Non-overlapping windows of seq_len + 1 tokens over one split's token files, read across file ends.
+
+    Token ids must be below the tokenizer's vocabulary size and the model's (vocab_size, when given)."""
+
+    def __init__(self, data_dir: Path, split: str, manifest: dict, seq_len: int, vocab_size: int | None = None):
         if split not in manifest["splits"]:
             raise UserError(f"{data_dir} has no {split!r} split (has {', '.join(manifest['splits'])})")
         dtype = np.dtype(manifest["dtype"])
         self.data_dir, self.seq_len = Path(data_dir), seq_len
         self.packed = bool(manifest.get("pack_documents"))
         self.shards: list[np.memmap] = []
-        bounds, starts = [0], []
+        bounds, starts, checks = [0], [], []
         for info in split_files(manifest, split):
             path = self.data_dir / info["file"]
             if not path.is_file():
                 raise UserError(f"{path} is missing: rerun bigmodel preprocess")
             if path.stat().st_size != info["tokens"] * dtype.itemsize:
                 raise UserError(f"{path} does not hold the {info['tokens']} tokens of its manifest: rerun preprocess")
+            checks.append((path, info.get("sha256"), dtype))
+            if self.packed:
+                checks.append((self.data_dir / info["index"], info.get("index_sha256"), None))
+        vocab = manifest["tokenizer"]["vocab_size"]
+        check_files(checks, vocab if vocab_size is None else min(vocab, vocab_size))
+        for info in split_files(manifest, split):
             if info["tokens"] == 0:
                 continue
             if self.packed:
                 starts.append(np.fromfile(self.data_dir / info["index"], np.int64) + bounds[-1])
-            self.shards.append(np.memmap(path, dtype=dtype, mode="r"))
+            self.shards.append(np.memmap(self.data_dir / info["file"], dtype=dtype, mode="r"))
             bounds.append(bounds[-1] + info["tokens"])
         self.bounds = np.asarray(bounds, np.int64)  # shard i holds global offsets bounds[i] .. bounds[i+1]-1
         self.total = int(self.bounds[-1])

@@ -8,6 +8,7 @@ end, so an interrupted run leaves no output, and the same inputs always give byt
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -268,7 +269,8 @@ class Router:
 
 class ShardWriter:
     """Appends one split's tokens to files of at most shard_tokens tokens each, plus (packing) an index file
-    per shard of the int64 offsets in it where document segments start."""
+    per shard of the int64 offsets in it where document segments start. Each file's sha256 goes into its
+    manifest entry, hashed as it is written (no second read), for the loader to verify."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, shard_tokens: int, index: bool):
         self.directory, self.split, self.dtype = directory, split, dtype
@@ -276,6 +278,7 @@ class ShardWriter:
         self.files: list[dict] = []
         self.tokens = 0
         self._bin = self._idx = None
+        self._hashes = (hashlib.sha256(), hashlib.sha256())  # of the open .bin and .idx
         self._in_shard = 0
         self._last_start = -1  # global offset of the last start written (no duplicates)
 
@@ -287,6 +290,7 @@ class ShardWriter:
         if self.index:
             entry.update(index=f"{name}.idx", segments=0)
             self._idx = open(self.directory / entry["index"], "wb")  # noqa: SIM115
+        self._hashes = (hashlib.sha256(), hashlib.sha256())
         self.files.append(entry)
         self._in_shard = 0
 
@@ -297,12 +301,16 @@ class ShardWriter:
             if self._bin is None or self._in_shard == self.shard_tokens:
                 self._next_shard()
             take = min(len(tokens) - pos, self.shard_tokens - self._in_shard)
-            tokens[pos : pos + take].astype(self.dtype, copy=False).tofile(self._bin)
+            part = tokens[pos : pos + take].astype(self.dtype, copy=False)
+            part.tofile(self._bin)
+            self._hashes[0].update(part)
             if self.index:
                 mine = starts_arr[(starts_arr >= pos) & (starts_arr < pos + take)] + (self.tokens - pos)
                 mine = np.unique(mine[mine > self._last_start])
                 if len(mine):
-                    (mine - (self.tokens - self._in_shard)).tofile(self._idx)
+                    offsets = mine - (self.tokens - self._in_shard)
+                    offsets.tofile(self._idx)
+                    self._hashes[1].update(offsets)
                     self.files[-1]["segments"] += len(mine)
                     self._last_start = int(mine[-1])
             self._in_shard += take
@@ -311,6 +319,10 @@ class ShardWriter:
             pos += take
 
     def _close_shard(self) -> None:
+        if self._bin is not None:
+            self.files[-1]["sha256"] = self._hashes[0].hexdigest()
+            if self.index:
+                self.files[-1]["index_sha256"] = self._hashes[1].hexdigest()
         for f in (self._bin, self._idx):
             if f is not None:
                 f.close()

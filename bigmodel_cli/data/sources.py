@@ -151,6 +151,43 @@ def expand(inputs: tuple[str | Path, ...] | list[str | Path]) -> list[Source]:
 # ---- reading files ----------------------------------------------------------------------------
 
 
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file's frames decompressed one after another, refusing a file that ends inside a frame: the
+    zstandard stream reader returns a truncated file's start as if it were the whole file."""
+
+    def __init__(self, raw, decompressor):
+        self._raw, self._zstd = raw, decompressor
+        self._frame = None  # the decompressor of the frame being read; None between frames
+        self._out, self._pos = b"", 0  # decompressed bytes not yet handed on
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while self._pos == len(self._out):
+            data = self._raw.read(1 << 15)  # small: what it decompresses to is held whole (text packs ~10x)
+            if not data:
+                if self._frame is not None:
+                    raise EOFError("Compressed file ended before the end of its last zstd frame was reached")
+                return 0
+            self._out, self._pos = b"", 0
+            while data:  # one read may end a frame and start the next
+                if self._frame is None:
+                    self._frame = self._zstd.decompressobj()
+                self._out += self._frame.decompress(data)
+                data = b""
+                if self._frame.eof:
+                    data, self._frame = self._frame.unused_data, None
+        n = min(len(buf), len(self._out) - self._pos)
+        buf[:n] = self._out[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
 def _open_binary(src: Source):
     raw = open(src.path, "rb")  # noqa: SIM115 - closed by the wrapper that owns it
     if src.compression == ".gz":
@@ -164,7 +201,7 @@ def _open_binary(src: Source):
             import zstandard
         except ImportError:
             raise UserError(f"{src.name}: reading .zst needs the zstandard package: pip install zstandard") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=True)
+        return _ZstdFrames(raw, zstandard.ZstdDecompressor())
     return raw
 
 

@@ -43,7 +43,8 @@ def run(
     dp = parallel.data_parallel_size(loaded.mesh)
     if batch_size % dp:
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")
-    windows = loader.TokenWindows(data_dir, split, manifest, loaded.seq_len)
+    # Ids beyond the model's vocabulary would make the loss nan: refused as the split is opened.
+    windows = loader.TokenWindows(data_dir, split, manifest, loaded.seq_len, loaded.model_cfg.vocab_size)
     max_batches = max_batches or -(-windows.count // batch_size)
     n_batches = -(-min(windows.count, batch_size * max_batches) // batch_size)
     total, count = _loss_sums(loaded, loader.eval_batches(windows, batch_size, max_batches), n_batches)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from bigmodel_cli.data import loader, mixture, sources
+from bigmodel_cli.data import hf_datasets, loader, mixture, sources
 from bigmodel_cli.data import preprocess as pp
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
@@ -198,7 +198,7 @@ def test_hf_datasets_offline_fail_fast_with_one_clear_error(tmp_path, monkeypatc
         else:  # no offline flag, and no network: the probe answers (here, stubbed) that the Hub is unreachable
             monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
             monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-            monkeypatch.setattr(sources, "hub_reachable", lambda timeout=0: False)
+            monkeypatch.setattr(hf_datasets, "hub_reachable", lambda timeout=0: False)
         t0 = time.monotonic()
         with pytest.raises(UserError, match=r"cannot be reached \(offline\).*not in the local datasets cache"):
             make(tmp_path, ["hf:bigmodel-test/does-not-exist@train"], name=f"hf{offline}")

@@ -12,15 +12,13 @@ import io
 import itertools
 import json
 import lzma
-import os
-import socket
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli.data import hf_datasets
 from bigmodel_cli.errors import UserError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
@@ -30,7 +28,6 @@ TXT_MODES = ("file", "line", "paragraph")
 # 1 GB one-document file streams like any other. The pieces of a document follow each other with no
 # separator; only a line longer than this is cut inside, where its tokens may differ from an uncut encoding.
 PIECE_CHARS = 1 << 16
-HUB_PROBE_S = 3.0  # how long to wait for the Hugging Face Hub before treating it as unreachable
 
 Piece = tuple[str, bool]  # (text, is this the last piece of its document)
 
@@ -64,7 +61,7 @@ class Source:
         if self.kind == "txt":
             return _txt_pieces(self, opts.txt_mode)
         if self.kind == "hf":
-            return _record_pieces(self, _hf_records(self, opts.text_fields), opts.text_fields)
+            return _record_pieces(self, hf_datasets.records(self.hf, self.name, opts.text_fields), opts.text_fields)
         readers = {"jsonl": _jsonl_records, "json": _json_records, "parquet": _parquet_records}
         if self.kind in ("csv", "tsv"):
             return _csv_pieces(self, opts.text_fields)
@@ -73,7 +70,7 @@ class Source:
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this input's content: size and sha256 of a file, the cache fingerprint of a dataset."""
         if self.path is None:
-            return {"name": self.name, "fingerprint": _hf_load(self)._fingerprint}
+            return {"name": self.name, "fingerprint": hf_datasets.load(self.hf, self.name)._fingerprint}
         digest = hashlib.sha256()
         with open(self.path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -452,71 +449,3 @@ def _csv_pieces(src: Source, fields: tuple[str, ...]) -> Iterator[Piece]:
             yield from _doc_pieces(record_text({f: row[f] for f in fields}, fields, f"{src.name}:{number}"))
     except csv.Error as err:
         raise UserError(f"{src.name}:{rows.line_num} is not valid {src.kind.upper()} ({err}): fix it") from None
-
-
-# ---- Hugging Face datasets --------------------------------------------------------------------
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
-    """Whether the Hub answers a TCP connect in time; the probe runs on a thread so DNS cannot hang us."""
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    result: list[bool] = []
-
-    def probe():
-        try:
-            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            result.append(False)
-
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout + 0.5)
-    return bool(result and result[0])
-
-
-_HF_CACHE: dict[tuple, Any] = {}
-
-
-def _hf_load(src: Source):
-    """Load (download or take from the local cache) a Hugging Face dataset split; never waits on a dead network."""
-    if src.hf in _HF_CACHE:
-        return _HF_CACHE[src.hf]
-    name, config, split = src.hf
-    import datasets
-    import huggingface_hub.constants as hub_constants
-
-    offline = _env_true("HF_DATASETS_OFFLINE") or _env_true("HF_HUB_OFFLINE") or not hub_reachable()
-    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
-    if offline:  # only the local cache: load_dataset would otherwise retry the network for minutes
-        datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
-    try:
-        ds = datasets.load_dataset(name, config, split=split)
-    except Exception as err:
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        if offline:
-            raise UserError(
-                f"{src.name}: the Hugging Face Hub cannot be reached (offline) and {name} is not in the local "
-                f"datasets cache: run once with network access, or pass local files"
-            ) from None
-        raise UserError(f"{src.name}: could not load {name} ({first}): check the name, config and split") from None
-    finally:
-        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
-    _HF_CACHE[src.hf] = ds
-    return ds
-
-
-def _hf_records(src: Source, fields: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
-    ds = _hf_load(src)
-    columns = ds.column_names
-    missing = [f.split(".")[0] for f in fields if f.split(".")[0] not in columns]
-    if missing:
-        raise UserError(f"{src.name} has no column {missing[0]!r} (columns: {', '.join(columns)}): pass --text-field")
-    for i, record in enumerate(ds):
-        yield record, f"{src.name} row {i}"

@@ -287,22 +287,21 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
     ).model
     ckpt = Checkpoints(home / "checkpoints", read_only=True)
     try:
-        step = step if step is not None else ckpt.latest_step()
-        if step is None:
+        if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
         if cfg.lora.rank:
             base = modelio.load(Path(cfg.finetune.init_from), mesh_cfg=None)
             graphdef, shardings = lora_graph(model_cfg, cfg.lora, base.mesh)
             adapter_shardings, _ = split_lora(shardings)
             like = _abstract_like(graphdef, model_cfg, cfg.lora, adapter_shardings)
-            adapters, _ = ckpt.restore_params(step, like)
+            step, adapters, _ = ckpt.restore_params(like, modelio.warn, step)
             from bigmodel_cli.train.step import merge_params
 
             params = merge_params(modelio.merged_params(base), adapters)
             mesh = base.mesh
         else:
             graphdef, like = modelio.abstract_params(model_cfg, mesh)
-            params, _ = ckpt.restore_params(step, like)
+            step, params, _ = ckpt.restore_params(like, modelio.warn, step)
     finally:
         ckpt.close()
     seq_len = cfg.data.seq_len or model_cfg.max_seq_len

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,19 +105,22 @@ def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
     cfg: Config = config_lib.load_config(home / "config.toml", base_dir=home)
     ckpt = Checkpoints(home / "checkpoints", read_only=True)
     try:
-        step = step if step is not None else ckpt.latest_step()
-        if step is None:
+        if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: train it first (bigmodel pretrain ...)")
         graphdef, like = abstract_params(cfg.model, mesh)
-        try:
-            params, _ = ckpt.restore_params(step, like)
-        except (ValueError, KeyError, FileNotFoundError) as err:
-            raise UserError(f"checkpoint {home}/checkpoints/{step} does not fit this model ({err})") from None
+        # A step the user named is that checkpoint or an error; otherwise the newest good one.
+        step, params, _ = ckpt.restore_params(like, warn, step)
     finally:
         ckpt.close()
     return LoadedModel(
         cfg.model, graphdef, params, mesh, home, step, cfg.data.seq_len or cfg.model.max_seq_len, cfg.data.path
     )
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr from the first process: stdout may carry the command's result."""
+    if jax.process_index() == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _load_export(home: Path, mesh) -> LoadedModel:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bigmodel_cli import __version__
+from bigmodel_cli import __version__, rundir
 from bigmodel_cli.errors import UserError
 
 app = typer.Typer(
@@ -72,20 +74,27 @@ def _setup_jax(coordinator: str = "", num_processes: int = 0, process_id: int = 
 
 
 def command(fn):
-    """Register a subcommand whose UserErrors print as one line and exit 2 (tracebacks only with --debug)."""
+    """Register a subcommand whose end is one line and an exit code: 0 done, 2 a UserError, 1 an internal or
+    I/O error, 128 + the signal when stopped (130 SIGINT, 143 SIGTERM); the table is in rundir."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        ended = ("failed", "")  # how to mark a run directory that the command still holds when it ends
+        previous = _stop_on_sigterm()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
+            ended = ("", "")
+            return result
         except UserError as err:
+            ended = ("failed", str(err))
             if _options["debug"]:
                 raise
             print(f"error: {err}", file=sys.stderr)
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or rundir.Stopped: a signal stopped a run (getattr: either)
+            ended = ("stopped", "")
+            print(getattr(err, "message", "interrupted"), file=sys.stderr)
+            raise typer.Exit(getattr(err, "exit_code", 130)) from None
         except OSError as err:
             if _options["debug"]:
                 raise
@@ -99,8 +108,20 @@ def command(fn):
                 f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr
             )
             raise typer.Exit(1) from None
+        finally:
+            rundir.release_all(*ended)
+            if previous is not None:  # None as the old handler: one set outside Python, i.e. the default
+                signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
 
     return app.command()(wrapper)
+
+
+def _stop_on_sigterm() -> tuple | None:
+    """Make SIGTERM raise rundir.Stopped (exit 143, a true status.json) rather than kill the process mid-write;
+    returns (the previous handler,) to restore, or None off the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return (signal.signal(signal.SIGTERM, rundir.raise_stopped),)
 
 
 @command

@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, device peak FLOP/s, the compilation cache."""
+"""Small shared helpers: atomic writes, device peak FLOP/s and memory, the compilation cache."""
 
 from __future__ import annotations
 
@@ -60,6 +60,35 @@ def device_peak_flops(dtype: str = "bfloat16") -> float:
             # fp32 matmuls run at roughly half the bf16 rate on TPUs (and through TF32 on GPUs)
             return PEAK_FLOPS[name] * (1.0 if dtype == "bfloat16" else 0.5)
     return float("nan")
+
+
+def host_memory_bytes() -> int:
+    """Physical RAM, or less when a container's memory limit (cgroup v2 or v1) says so."""
+    limits = [os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")]
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) means no limit; v1 writes a huge number instead, which min() drops
+            limits.append(int(text))
+    return min(limits)
+
+
+def device_memory() -> tuple[int, str] | None:
+    """(bytes one local device may use, what sets that limit), or None when the backend does not say.
+
+    CPU devices (also the fake ones of --xla_force_host_platform_device_count) share the host's RAM.
+    """
+    device = jax.local_devices()[0]
+    if device.platform == "cpu":
+        ram, n = host_memory_bytes(), jax.local_device_count()
+        shared = f" shared by {n} CPU devices" if n > 1 else ""
+        return ram // n, f"a device has {ram / n / 2**30:.2f} GiB ({ram / 2**30:.1f} GiB of host RAM{shared})"
+    limit = (device.memory_stats() or {}).get("bytes_limit")
+    if not limit:
+        return None
+    return int(limit), f"a device has {limit / 2**30:.2f} GiB ({device.device_kind})"
 
 
 def enable_compilation_cache() -> str:

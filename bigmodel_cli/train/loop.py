@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import parallel
+from bigmodel_cli import parallel, plan, rundir
 from bigmodel_cli.console import Console
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.transformer import Transformer, count_params, flops_per_token
@@ -25,7 +28,7 @@ from bigmodel_cli.runlog import RunLogger
 from bigmodel_cli.train import optim
 from bigmodel_cli.train.checkpoint import Checkpoints
 from bigmodel_cli.train.step import eval_step, merge_params, train_step
-from bigmodel_cli.utils import device_peak_flops, write_json_atomic
+from bigmodel_cli.utils import device_memory, device_peak_flops
 
 
 def init_params(model_cfg, mesh, seed: int, remat: str = "none"):
@@ -111,6 +114,17 @@ def check_layout(cfg):
     return mesh
 
 
+def _check_memory(cfg, mesh, state: dict, seq_len: int) -> None:
+    """Refuse in one line a run whose state and activations cannot fit a device, as `plan` would (estimated)."""
+    limit = device_memory()
+    if limit is None:
+        return
+    micro = cfg.train.batch_size // cfg.train.grad_accum // parallel.data_parallel_size(mesh)
+    activations = plan.activation_bytes(cfg.model, micro, seq_len, cfg.train.remat, mesh.shape["tensor"])
+    per_device = plan.memory_per_device((state["params"], state.get("frozen")), state["opt_state"], activations)
+    plan.refuse_unless_fits(per_device, *limit, what=f"train.batch_size={cfg.train.batch_size} needs at least")
+
+
 class _Preempted:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -125,7 +139,8 @@ class _Preempted:
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+            name = signal.Signals(signum).name
+            raise rundir.Stopped(signum, f"{name} again: stopped at once; rerun the same command to resume")
         self.signum = signum
 
     def __exit__(self, *exc):
@@ -134,7 +149,58 @@ class _Preempted:
 
 
 def train(inp: LoopInputs) -> dict:
-    """Run (or resume) training to cfg.train.steps; returns the final metrics."""
+    """Run (or resume) training to cfg.train.steps; returns the final metrics.
+
+    However it ends, status.json says how (see the table in rundir), no half-written checkpoint stays behind,
+    the run directory's lock is released, and disk full or out of memory is a one-line UserError.
+    """
+    status = rundir.RunStatus(inp.run_dir, enabled=jax.process_index() == 0)
+    try:
+        with _quiet_background_errors():
+            return _train(inp, status)
+    except KeyboardInterrupt as err:  # Ctrl-C, or rundir.Stopped by a signal
+        if status.state != "stopped":  # not the graceful stop, which wrote its checkpoint's step
+            status.end("stopped", str(err) or "interrupted")
+        raise
+    except BaseException as err:
+        problem = rundir.explain_failure(err, inp.run_dir)
+        status.end("failed", problem or str(err).strip().split("\n")[0][:300] or type(err).__name__)
+        if problem:
+            raise UserError(problem) from err
+        raise
+    finally:
+        rundir.unlock(inp.run_dir)
+
+
+@contextlib.contextmanager
+def _quiet_background_errors():
+    """Keep a failed checkpoint write to the one line that train() prints.
+
+    Orbax's writer threads log each failure with a traceback, and asyncio reports every write still pending
+    when Orbax closed its event loop; the same error is raised again in the main thread.
+    """
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    if not getattr(sys.unraisablehook, "bigmodel_filter", False):  # kept after train: stragglers come late
+        sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _drop_closed_loop_reports(hook):
+    def filtered(unraisable) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+            hook(unraisable)
+
+    filtered.bigmodel_filter = True
+    return filtered
+
+
+def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
+    """train() without its handling of how the run ends."""
     cfg, console = inp.cfg, inp.console
     mesh = check_layout(cfg)
     is_main = jax.process_index() == 0
@@ -142,6 +208,7 @@ def train(inp: LoopInputs) -> dict:
 
     # ---- model and optimizer state, created sharded; the compiled step ---------------------
     graphdef, tx, state = make_state(cfg, mesh, inp.initial)
+    _check_memory(cfg, mesh, state, inp.seq_len)  # before batches are built and the step compiled: minutes
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
     step_fn = jit_train_step(
@@ -198,9 +265,7 @@ def train(inp: LoopInputs) -> dict:
         raise UserError(str(err)) from None
     logger.truncate_after(start)
     last: dict[str, Any] = {}
-    status = inp.run_dir / "status.json"
-    if is_main:
-        write_json_atomic(status, {"state": "running", "step": start})
+    status.write("running", start)
     schedule = optim.schedule(cfg.optim, total_steps)
     skipped = 0
     try:
@@ -246,22 +311,14 @@ def train(inp: LoopInputs) -> dict:
                 if preempted.signum and not is_last:
                     ckpt.wait()
                     name = signal.Signals(preempted.signum).name
-                    console.info(f"{name}: saved a checkpoint at step {done}; rerun the same command to resume")
-                    if is_main:
-                        write_json_atomic(status, {"state": "stopped", "step": done})
-                    return {"step": done, **last, "stopped": name}
+                    message = f"{name}: saved a checkpoint at step {done}; rerun the same command to resume"
+                    status.write("stopped", done, message=message)
+                    raise rundir.Stopped(preempted.signum, message)  # the CLI exits 128 + signum, not 0
         ckpt.wait()
-    except UserError:
-        if is_main:
-            write_json_atomic(status, {"state": "failed", "step": int(state["step"])})
-        raise
     finally:
         ckpt.close()
         logger.close()
-    if is_main:
-        write_json_atomic(
-            status, {"state": "finished", "step": total_steps, "compile_s": compile_s, "trace_s": lower_s}
-        )
+    status.write("finished", total_steps, compile_s=compile_s, trace_s=lower_s)
     return {"step": total_steps, **last}
 
 
@@ -292,33 +349,59 @@ def _prefetch(make_batch, steps: range):
 
 
 def prepare_run_dir(run_dir: Path, cfg: Any, resume: str, allow_config_change: bool) -> None:
-    """Create or reuse a run directory, refusing to silently mix two different recipes in one."""
+    """Create or reuse a run directory and lock it for this process, refusing to mix two recipes in one.
+
+    Nothing in it is written before every check has passed: the resume mode, the lock (another process may
+    be writing here), and the changes from the run's config.toml (rundir.MAY_CHANGE_ON_RESUME).
+    """
     if resume not in ("auto", "never", "must"):
         raise UserError(f"--resume must be auto, never or must; got {resume!r}")
-    config_file = run_dir / "config.toml"
-    has_ckpt = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
-    if resume == "must" and not has_ckpt:
-        raise UserError(f"--resume must: {run_dir} holds no checkpoint to resume from")
-    if resume == "never" and run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"--resume never: {run_dir} is not empty; choose a new --run-dir")
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"--run-dir {run_dir} is a file: choose a directory")
-    if config_file.is_file():
-        old = config_lib.load_config(config_file, base_dir=run_dir, cls=type(cfg))
-        changed = config_lib.diff(config_lib.to_dict(old), config_lib.to_dict(cfg))
-        if changed and not allow_config_change:
-            raise UserError(
-                f"{run_dir} was started with a different config ({'; '.join(changed)}): use a new --run-dir "
-                "or pass --allow-config-change"
-            )
+    if resume == "must" and rundir.latest_checkpoint(run_dir) == 0:
+        raise UserError(f"--resume must: {run_dir} holds no checkpoint to resume from")
+    if resume == "never" and run_dir.exists() and any(not rundir.is_lock_file(p) for p in run_dir.iterdir()):
+        raise UserError(f"--resume never: {run_dir} is not empty; choose a new --run-dir")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create run directory {run_dir}: {err.strerror}") from None
+    rundir.lock(run_dir, jax.process_index())  # held until train() ends, or the process does
+    try:
+        _check_config_change(run_dir, cfg, allow_config_change)
+    except BaseException:  # released now, so that the command's end does not mark the run failed
+        rundir.unlock(run_dir)
+        raise
     if jax.process_index() == 0:
+        rundir.remove_partial_checkpoints(run_dir)  # a killed writer's: nobody else writes here now
+        config_file = run_dir / "config.toml"
         tmp = config_file.with_suffix(".toml.tmp")
         tmp.write_text(config_lib.dumps(cfg))
         os.replace(tmp, config_file)
+        rundir.RunStatus(run_dir).write("starting")
+
+
+def _check_config_change(run_dir: Path, cfg: Any, allow_config_change: bool) -> None:
+    """Refuse a config that differs from the run's, unless allowed and a resume can take every change."""
+    config_file = run_dir / "config.toml"
+    if not config_file.is_file():
+        return
+    old = config_lib.load_config(config_file, base_dir=run_dir, cls=type(cfg))
+    old_dict, new_dict = config_lib.to_dict(old), config_lib.to_dict(cfg)
+    changed = config_lib.diff(old_dict, new_dict)
+    if changed and not allow_config_change:
+        raise UserError(
+            f"{run_dir} was started with a different config ({'; '.join(changed)}): use a new --run-dir "
+            "or pass --allow-config-change"
+        )
+    if not changed or rundir.latest_checkpoint(run_dir) == 0:
+        return  # nothing to resume: the run starts again with the new config
+    blocked = rundir.resume_blockers(old_dict, new_dict)
+    if blocked:
+        raise UserError(
+            f"--allow-config-change cannot resume {run_dir} with {'; '.join(blocked)}: fixed for the life of a "
+            "run, since its checkpoints were made with it; use a new --run-dir"
+        )
 
 
 def read_json(path: Path) -> dict:

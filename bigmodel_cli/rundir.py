@@ -1,0 +1,231 @@
+"""The run directory's life: one writer at a time, a status.json that tells the truth, and how a run ends.
+
+How a training command ends, as its exit code and status.json (what a scheduler and `bigmodel runs` see):
+
+| exit | status.json | what happened |
+| ---- | ----------- | ------------- |
+| 0    | finished    | the run reached train.steps |
+| 1    | failed      | an internal error (a bug; rerun with --debug for the traceback), or an I/O error |
+| 2    | failed      | a one-line error the user can act on: bad input or config, a config change that cannot resume, |
+|      |             | the run directory locked by another process, a batch that cannot fit in memory, disk full, |
+|      |             | out of memory, a non-finite loss; after the fix, a rerun resumes from the last checkpoint |
+| 130  | stopped     | SIGINT (Ctrl-C): checkpointed at the next step boundary; a second SIGINT stops at once |
+| 143  | stopped     | SIGTERM (preemption, a scheduler's stop): the same; 128 + the signal number |
+
+status.json also holds "step" (for stopped and failed: the checkpoint a rerun resumes from) and, for those two,
+"message": the line the command printed. A run being set up is "starting", a training one "running".
+A refusal before the run directory is written (a bad recipe, a config change that cannot resume, the lock held
+by another process) exits 2 and leaves status.json as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import time
+from pathlib import Path
+
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.report import STATUS_FILE
+
+LOCK_FILE = "bigmodel.lock"
+PARTIAL_CHECKPOINT = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here, then renames it to <step>
+
+# ---- config changes on resume ----------------------------------------------------------------------------
+# --allow-config-change may change these keys when a run resumes from a checkpoint. They shape only the steps
+# still to come: the optimizer's hyperparameters, the data (read with the same tokenizer), the batch, the mesh,
+# how often to log, evaluate and save. Every other key is fixed for the life of a run, because the checkpoint
+# was made with it: the parameter tree and its dtype (model shape, vocabulary, LoRA rank and targets, the
+# starting model) or the tokenizer (synthetic tokens or not). A new key is fixed until it is listed here.
+MAY_CHANGE_ON_RESUME: dict[str, str] = {
+    "model.preset": "a name: the shape keys it sets are checked one by one",
+    "model.max_seq_len": "RoPE has no learned positions",
+    "model.rope_theta": "RoPE frequencies are computed, not stored",
+    "model.norm_eps": "a constant of the computation",
+    "model.dtype": "the compute dtype; parameters keep model.param_dtype",
+    "model.attention": "an implementation choice",
+    "model.attention_chunks": "an implementation choice",
+    "model.init_std": "used only when a run starts",
+    "data.path": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
+    "data.mixture": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
+    "data.seq_len": "RoPE has no learned positions",
+    "optim.*": "hyperparameters (optim.grad_clip only between positive values: 0 removes a stage of the optimizer)",
+    "train.*": "steps, batch, accumulation, seed of the data order, remat, cadence of logs and evaluations",
+    "mesh.*": "checkpoints restore onto any mesh",
+    "checkpoint.*": "cadence, how many to keep, async saving",
+    "task.*": "how task files are read",
+    "finetune.train_file": "task data",
+    "finetune.train_file2": "task data",
+    "finetune.val_file": "task data",
+    "finetune.val_file2": "task data",
+    "finetune.val_fraction": "task data",
+    "lora.alpha": "a scale of the adapters' output",
+    "lora.dropout": "used only in training",
+}
+
+
+def resume_blockers(old: dict, new: dict) -> list[str]:
+    """'section.key: old -> new' for each change that a resume from a checkpoint made with `old` cannot take."""
+    blocked = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section, {}), new.get(section, {})
+        for key in sorted(set(a) | set(b)):
+            name = f"{section}.{key}"
+            if a.get(key) == b.get(key):
+                continue
+            allowed = name in MAY_CHANGE_ON_RESUME or f"{section}.*" in MAY_CHANGE_ON_RESUME
+            if name == "optim.grad_clip" and ((a.get(key) or 0) > 0) != ((b.get(key) or 0) > 0):
+                allowed = False
+            if not allowed:
+                blocked.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
+    return blocked
+
+
+# ---- one writer per run directory ------------------------------------------------------------------------
+_held: dict[Path, tuple[int, bool]] = {}  # resolved run dir -> (lock file descriptor, writes status.json)
+
+
+def lock(run_dir: Path, process_index: int = 0) -> None:
+    """Hold RUN_DIR's exclusive lock until unlock() or exit; a UserError names the host and PID that hold it.
+
+    The OS releases a flock when its holder dies, however it dies, so the lock of a killed run is free at once
+    and the next holder rewrites the host and PID. In a multi-process run each process locks its own file (all
+    of them write checkpoint shards), so a second job is refused by every one of its processes.
+    """
+    # TODO(gs:// run directories): no flock there; create the lock object with an if-generation-match=0
+    # precondition, refresh it while running, and take over one whose holder stopped refreshing it.
+    key = Path(run_dir).resolve()
+    if key in _held:  # this process already holds it (prepare_run_dir, then train)
+        return
+    path = key / (LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = _read_holder(fd)
+        os.close(fd)
+        if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
+            return  # a filesystem without locks (some network mounts): run unlocked rather than not at all
+        raise UserError(
+            f"{run_dir} is in use by another bigmodel process ({holder}): wait for it to end or stop it, "
+            "or choose another --run-dir"
+        ) from None
+    since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since}) + "\n"
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, info.encode(), 0)
+    _held[key] = (fd, process_index == 0)
+
+
+def _read_holder(fd: int) -> str:
+    """'pid N on host H, since T' from a lock file, as well as it can be read."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its host and PID are not recorded yet"
+
+
+def unlock(run_dir: Path) -> None:
+    """Release RUN_DIR's lock if this process holds it. The file stays: deleting it would let two holders in."""
+    fd, _ = _held.pop(Path(run_dir).resolve(), (None, False))
+    if fd is not None:
+        os.close(fd)
+
+
+def release_all(state: str = "", message: str = "") -> None:
+    """At the end of a command, release the run directories it still holds, first ending their status as
+    `state` (stopped or failed): the command ended between preparing a run and training it."""
+    for run_dir, (_, writes_status) in list(_held.items()):
+        if state:
+            RunStatus(run_dir, enabled=writes_status).end(state, message)
+        unlock(run_dir)
+
+
+def is_lock_file(path: Path) -> bool:
+    return path.name.startswith(LOCK_FILE)
+
+
+# ---- status.json and checkpoints left half-written -------------------------------------------------------
+class RunStatus:
+    """RUN_DIR/status.json: starting, running, stopped, failed or finished, with a step; written by process 0."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True):
+        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.state = ""
+
+    def write(self, state: str, step: int | None = None, **extra) -> None:
+        from bigmodel_cli.utils import write_json_atomic  # utils imports jax: not at CLI start-up
+
+        self.state = state
+        if self.enabled:
+            step = latest_checkpoint(self.run_dir) if step is None else step
+            write_json_atomic(self.run_dir / STATUS_FILE, {"state": state, "step": step, **extra})
+
+    def end(self, state: str, message: str = "") -> None:
+        """The last write of a run that did not finish: step is the checkpoint a rerun resumes from."""
+        if self.enabled:
+            remove_partial_checkpoints(self.run_dir)  # first: on a full disk this frees the room to write
+        with contextlib.suppress(OSError):  # a status that cannot be written must not hide the error itself
+            self.write(state, **({"message": message} if message else {}))
+
+
+def latest_checkpoint(run_dir: Path) -> int:
+    """The newest complete checkpoint's step (0 when there is none): where a rerun resumes."""
+    directory = Path(run_dir) / "checkpoints"
+    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    return max(steps, default=0)
+
+
+def remove_partial_checkpoints(run_dir: Path) -> None:
+    """Delete checkpoints that a dead or failed writer left half-written; only the lock holder may call this."""
+    directory = Path(run_dir) / "checkpoints"
+    if directory.is_dir():
+        for partial in directory.glob(PARTIAL_CHECKPOINT):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+# ---- how a run ends ----------------------------------------------------------------------------------------
+class Stopped(KeyboardInterrupt):
+    """A run stopped by a signal. A KeyboardInterrupt, so that every `except Exception` lets it through, and
+    code that cleans up after Ctrl-C does so after SIGTERM too. The CLI exits with 128 + the signal number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        self.signum = signum
+        self.message = message or f"{signal.Signals(signum).name}: stopped"
+        super().__init__(self.message)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def raise_stopped(signum: int, frame) -> None:
+    """A signal handler: stop the program with Stopped (a true status, the right exit code) instead of dying."""
+    raise Stopped(signum)
+
+
+def explain_failure(err: BaseException, run_dir: Path) -> str | None:
+    """One line for a failure the user can act on (disk full, out of memory), or None for anything else."""
+    seen: list[BaseException] = []
+    while err is not None and len(seen) < 8:  # Orbax and XLA wrap the OS error: look down the chain
+        seen.append(err)
+        err = err.__cause__ or err.__context__
+    text = " ".join(str(e) for e in seen)
+    resume = f"rerun the same command to resume from step {latest_checkpoint(run_dir)}"
+    if any(isinstance(e, OSError) and e.errno == errno.ENOSPC for e in seen) or "No space left on device" in text:
+        return f"disk full while writing {run_dir}: free some space (or lower checkpoint.keep), then {resume}"
+    if any(isinstance(e, OSError) and e.errno == errno.EDQUOT for e in seen) or "quota exceeded" in text.lower():
+        return f"disk quota exceeded while writing {run_dir}: free some space, then {resume}"
+    if any(isinstance(e, MemoryError) for e in seen) or "out of memory" in text.lower():
+        return (
+            "out of memory while training: lower train.batch_size, raise train.grad_accum, set train.remat=full "
+            f"or add devices to mesh.fsdp, then {resume}"
+        )
+    return None

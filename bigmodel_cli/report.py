@@ -70,10 +70,10 @@ def _mtime(path: Path) -> float | None:
 
 def _status(run_dir: Path) -> dict[str, Any]:
     """status.json ({"state", "step"}), or state "starting" while a run that has just (re)started has not written it."""
-    # Training rewrites config.toml first thing, but writes status.json only once the model is built and its
-    # step compiled (seconds on tiny models, minutes on big ones or when loading a base model): until then, a
-    # config newer than both the status and the metrics is a starting run. A run without status.json that
-    # logged after its config was written is one whose state is not recorded.
+    # Training writes status.json ("starting") right after config.toml. Between the two writes, and in runs made
+    # by versions that wrote the status only after compiling, a config newer than both the status and the
+    # metrics is a starting run. A run without status.json that logged after its config was written is one
+    # whose state is not recorded.
     config = _mtime(run_dir / CONFIG_FILE)
     since = [_mtime(run_dir / name) for name in (STATUS_FILE, METRICS_FILE)]
     if config is not None and all(t is None or t < config for t in since):

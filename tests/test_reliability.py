@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,11 +27,16 @@ def _weights(run_dir: Path, out: Path) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
-    """Final weights of an uninterrupted run."""
+def reference_run(tiny_data, tmp_path_factory) -> tuple[Path, bytes]:
+    """An uninterrupted run, finished, and its final weights."""
     root = tmp_path_factory.mktemp("reference")
     run_cli_subprocess(*_args(root / "run", tiny_data))
-    return _weights(root / "run", root / "export")
+    return root / "run", _weights(root / "run", root / "export")
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> bytes:
+    return reference_run[1]
 
 
 def _start(run_dir, data):
@@ -99,9 +105,10 @@ def _break_metadata(ckpt: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_remove_chunks, _empty_chunks, _break_metadata], ids=lambda f: f.__name__)
-def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_data, tmp_path, reference, damage):
+def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_data, tmp_path, reference_run, damage):
     run = tmp_path / "run"
-    run_cli_subprocess(*_args(run, tiny_data))
+    shutil.copytree(reference_run[0], run)  # a finished run, as training left it
+    reference = reference_run[1]
     damage(run / "checkpoints" / str(STEPS))
     again = run_cli_subprocess(*_args(run, tiny_data))
     lines = [line for line in again.stdout.splitlines() if "is damaged" in line]

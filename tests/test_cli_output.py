@@ -104,3 +104,29 @@ def test_progress_is_a_live_line_on_a_terminal(tmp_path):
     assert proc.wait(timeout=5) == 0
     screen = b"".join(chunks).decode("utf-8", "replace")
     assert ANSI.search(screen) and "tok/s" in screen and "train_tokens:" in screen
+
+
+def test_long_evaluations_log_progress_lines_off_a_terminal(capsys):
+    from bigmodel_cli import console
+
+    try:
+        console.set_track_mode("rich")  # stderr is captured here, so not a terminal: plain lines
+        assert list(console.track(range(3), "generate", 3, every=0)) == [0, 1, 2]
+        lines = capsys.readouterr().err.splitlines()
+        assert [line.split(" | ")[:2] for line in lines] == [
+            ["generate", "1/3"],
+            ["generate", "2/3"],
+            ["generate", "3/3"],
+        ]
+        console.set_track_mode("json")
+        list(console.track(range(2), "score labels", 2, every=0))
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert [(e["event"], e["stage"], e["done"], e["total"]) for e in events] == [
+            ("progress", "score labels", 1, 2),
+            ("progress", "score labels", 2, 2),
+        ]
+        console.set_track_mode("quiet")
+        list(console.track(range(2), "generate", 2, every=0))
+        assert capsys.readouterr().err == ""
+    finally:
+        console.set_track_mode("rich")

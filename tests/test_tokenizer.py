@@ -8,8 +8,7 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
-from bigmodel_cli import hf
-from bigmodel_cli.data import tasks
+from bigmodel_cli.data import tasks, tokenizer_formats
 from bigmodel_cli.data import tokenizer as tok
 
 # Newspaper-style Chinese (full-width punctuation, Arabic digits, no ASCII space anywhere), and plain English.
@@ -159,7 +158,7 @@ def test_qa_parts_cut_from_the_whole_keep_the_answer_text(trained):
 
 def test_hugging_face_tokenizer_json_encodes_and_decodes_the_same(trained):
     kind, corpus, tk = trained
-    fast = tokenizers.Tokenizer.from_str(json.dumps(hf.tokenizer_json(tk.path.read_bytes())))
+    fast = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_formats.tokenizer_json(tk.path.read_bytes())))
     for text in SAMPLES:
         ids = tk.encode([text])[0]
         assert fast.encode(text, add_special_tokens=False).ids == ids, (kind, corpus, text)

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import jax
 
-from bigmodel_cli import atomic, modelio
+from bigmodel_cli import atomic, hf, modelio
 from bigmodel_cli.errors import UserError
 
 FORMATS = ("bigmodel", "hf", "stablehlo")
-DTYPES = ("float32", "bfloat16")
 
 
 def run(
@@ -34,8 +33,8 @@ def check_options(format: str, dtype: str | None) -> None:
     """Refuse a bad --format or --dtype before loading anything."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
-    if dtype and dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if dtype and dtype not in hf.DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(hf.DTYPES)}; got {dtype!r}")
 
 
 def export(
@@ -55,8 +54,6 @@ def export(
     if format == "bigmodel":
         return modelio.export(loaded, out)
     if format == "hf":
-        from bigmodel_cli import hf
-
         limit = hf.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
         with atomic.new_dir(out, "export directory") as staging:
             hf.write(loaded, staging, max_shard_bytes=limit)

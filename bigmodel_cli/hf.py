@@ -20,12 +20,13 @@ import numpy as np
 
 from bigmodel_cli import modelio, taskinfo
 from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.errors import UserError
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 MAX_IMPORT_SEQ_LEN = 4096  # cap on the context taken from max_position_embeddings (generation pads to it)
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's --dtype choices)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
@@ -72,8 +73,6 @@ def write(loaded: modelio.LoadedModel, directory: Path, max_shard_bytes: int = D
     _write_weights(flat, directory, max_shard_bytes)
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     if loaded.tokenizer_file.is_file():
-        from bigmodel_cli.data.tokenizer import Tokenizer
-
         tokenizer = Tokenizer(loaded.tokenizer_file)
         _write_tokenizer(loaded.tokenizer_file, tokenizer, directory, loaded.seq_len)
         ids = {

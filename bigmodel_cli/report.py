@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.runlog import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.toml"
 FORMATS = (".png", ".html")

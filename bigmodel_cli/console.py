@@ -187,10 +187,6 @@ class _Throughput:
             print(f"{self.name} | {self.text()}", flush=True)
 
 
-def err(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr, flush=True)
-
-
 _track_mode = {"mode": "rich"}  # set by the CLI's global options: rich, json or quiet
 
 

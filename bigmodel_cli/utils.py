@@ -10,7 +10,6 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched on jax's device_kind.
 PEAK_FLOPS = {
@@ -98,7 +97,3 @@ def enable_compilation_cache() -> str:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
-
-
-def as_numpy(tree):
-    return jax.tree.map(np.asarray, tree)

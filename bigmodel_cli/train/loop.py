@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import os
 import signal
@@ -402,7 +401,3 @@ def _check_config_change(run_dir: Path, cfg: Any, allow_config_change: bool) -> 
             f"--allow-config-change cannot resume {run_dir} with {'; '.join(blocked)}: fixed for the life of a "
             "run, since its checkpoints were made with it; use a new --run-dir"
         )
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())

@@ -164,36 +164,6 @@ class CheckpointConfig:
             raise UserError(f"checkpoint.every and checkpoint.keep must be positive, got {self.every}, {self.keep}")
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LORA_GROUPS = {"attention": LORA_TARGETS[:4], "mlp": LORA_TARGETS[4:], "all": LORA_TARGETS}
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 0  # rank of the low-rank adapters; 0 = full finetuning (the default)
-    alpha: float = 16.0  # adapter output is scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapter's input during training
-    targets: str = "attention"  # projections to adapt: attention, mlp, all, or names like "q_proj,v_proj"
-
-    def __post_init__(self) -> None:
-        if self.rank < 0 or not 0 <= self.dropout < 1:
-            raise UserError(f"lora.rank must be >= 0 and lora.dropout in [0, 1); got {self.rank}, {self.dropout}")
-        for name in self.target_names:
-            if name not in LORA_TARGETS:
-                raise UserError(f"lora.targets: unknown projection {name!r}{_closest(name, list(LORA_TARGETS))}")
-
-    @property
-    def target_names(self) -> tuple[str, ...]:
-        names: list[str] = []
-        for part in (p.strip() for p in self.targets.split(",") if p.strip()):
-            names += LORA_GROUPS.get(part, (part,))
-        return tuple(dict.fromkeys(names))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank if self.rank else 0.0
-
-
 @dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -7,6 +7,7 @@ trainable, or frozen under LoRA adapters), builds loss-masked batches and hands 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 import warnings
@@ -15,14 +16,12 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from flax import nnx
 
-from bigmodel_cli import modelio, parallel, taskinfo
+from bigmodel_cli import modelio, taskinfo
 from bigmodel_cli.config import (
     CheckpointConfig,
     Config,
     DataConfig,
-    LoraConfig,
     MeshConfig,
     OptimConfig,
     TrainConfig,
@@ -32,6 +31,8 @@ from bigmodel_cli.console import Console
 from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import lora as lora_lib
+from bigmodel_cli.model.lora import LoraConfig
 from bigmodel_cli.model.transformer import Transformer, count_params
 from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.train import loop
@@ -76,47 +77,9 @@ def default_recipe(task: str) -> Path:
     return RECIPES / f"{task}.toml"
 
 
-def is_lora_param(path) -> bool:
-    return any("_lora_" in str(getattr(k, "key", k)) for k in path)
-
-
-def split_lora(params: dict) -> tuple[dict, dict]:
-    """(adapters, base) parts of a params dict."""
-
-    def pick(tree: dict, want: bool, prefix=()) -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                sub = pick(value, want, prefix + (key,))
-                if sub:
-                    out[key] = sub
-            elif ("_lora_" in str(key)) == want:
-                out[key] = value
-        return out
-
-    return pick(params, True), pick(params, False)
-
-
-def lora_graph(model_cfg, lora: LoraConfig, mesh):
-    """Graph and abstract (sharded) params of the model with adapters."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
-    graphdef, state = nnx.split(abstract)
-    shardings = parallel.param_shardings(state, mesh)
-    return graphdef, shardings
-
-
-def init_adapters(model_cfg, lora: LoraConfig, mesh, seed: int):
-    """(graphdef, adapters): freshly initialised LoRA weights, created in their shardings."""
-    graphdef, shardings = lora_graph(model_cfg, lora, mesh)
-    adapter_shardings, _ = split_lora(shardings)
-
-    def make():
-        model = Transformer(model_cfg, rngs=nnx.Rngs(seed), lora=lora)
-        return split_lora(nnx.to_pure_dict(nnx.state(model)))[0]
-
-    with parallel.activate(mesh):
-        adapters = jax.jit(make, out_shardings=adapter_shardings)()
-    return graphdef, adapters
+def _with_adapters(model_cfg, lora: LoraConfig) -> lora_lib.Build:
+    """The builder of the model with LoRA adapters that lora.py's functions take."""
+    return functools.partial(Transformer, model_cfg, lora=lora)
 
 
 class ExampleBatches:
@@ -236,16 +199,16 @@ def run(
         write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
 
     lora = cfg.lora if cfg.lora.rank else None
-    base_params = modelio.merged_params(base)
+    base_params = lora_lib.fold(base.params, base.lora)
 
     def initial(mesh):
         if lora is None:
             return base.graphdef, base_params, None
-        graphdef, adapters = init_adapters(base.model_cfg, lora, mesh, cfg.train.seed)
+        graphdef, adapters = lora_lib.init_adapters(_with_adapters(base.model_cfg, lora), mesh, cfg.train.seed)
         return graphdef, adapters, base_params
 
     base_count, _ = count_params(base.model_cfg)
-    trainable = _trainable_count(base.model_cfg, lora) if lora is not None else base_count
+    trainable = lora_lib.trainable_count(_with_adapters(base.model_cfg, lora)) if lora is not None else base_count
     total = base_count + (trainable if lora is not None else 0)
     console.info(
         f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
@@ -270,12 +233,6 @@ def run(
     return {**result, "trainable_params": trainable}
 
 
-def _trainable_count(model_cfg, lora: LoraConfig) -> int:
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
-    adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(adapters))
-
-
 def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
     """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
     from bigmodel_cli import config as config_lib
@@ -291,13 +248,9 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
         if cfg.lora.rank:
             base = modelio.load(Path(cfg.finetune.init_from), mesh_cfg=None)
-            graphdef, shardings = lora_graph(model_cfg, cfg.lora, base.mesh)
-            adapter_shardings, _ = split_lora(shardings)
-            like = _abstract_like(graphdef, model_cfg, cfg.lora, adapter_shardings)
+            graphdef, like = lora_lib.abstract_adapters(_with_adapters(model_cfg, cfg.lora), base.mesh)
             step, adapters, _ = ckpt.restore_params(like, modelio.warn, step)
-            from bigmodel_cli.train.step import merge_params
-
-            params = merge_params(modelio.merged_params(base), adapters)
+            params = lora_lib.merge_params(lora_lib.fold(base.params, base.lora), adapters)
             mesh = base.mesh
         else:
             graphdef, like = modelio.abstract_params(model_cfg, mesh)
@@ -308,9 +261,3 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
     return modelio.LoadedModel(
         model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
     )
-
-
-def _abstract_like(graphdef, model_cfg, lora, adapter_shardings):
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0), lora=lora))
-    adapters, _ = split_lora(nnx.to_pure_dict(nnx.state(abstract)))
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), adapters, adapter_shardings)

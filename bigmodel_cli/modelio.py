@@ -17,6 +17,7 @@ from bigmodel_cli import config as config_lib
 from bigmodel_cli import parallel, taskinfo
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import lora
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
@@ -154,31 +155,12 @@ def _load_export(home: Path, mesh) -> LoadedModel:
     )
 
 
-def merged_params(loaded: LoadedModel) -> Any:
-    """The parameters with any LoRA adapters folded in: W + (alpha / rank) * A @ B, adapters dropped."""
-    if loaded.lora is None:
-        return loaded.params
-    scale = loaded.lora.scale
-
-    def fold(tree: dict) -> dict:
-        out = {}
-        for key, value in tree.items():
-            if isinstance(value, dict):
-                out[key] = fold(value)
-            elif "_lora_" not in str(key):
-                a, b = tree.get(f"{key}_lora_a"), tree.get(f"{key}_lora_b")
-                out[key] = value if a is None else (value + scale * (a @ b)).astype(value.dtype)
-        return out
-
-    return jax.jit(fold)(loaded.params)
-
-
 def plain(loaded: LoadedModel) -> LoadedModel:
     """The same model without adapters (merged), as export and further finetuning want it."""
     if loaded.lora is None:
         return loaded
     graphdef, _ = abstract_params(loaded.model_cfg, loaded.mesh)
-    return dataclasses.replace(loaded, graphdef=graphdef, params=merged_params(loaded), lora=None)
+    return dataclasses.replace(loaded, graphdef=graphdef, params=lora.fold(loaded.params, loaded.lora), lora=None)
 
 
 def export(loaded: LoadedModel, out: Path) -> Path:

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from bigmodel_cli.config import LoraConfig, ModelConfig
+from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.model.lora import LoraConfig, adapter, attach, input_dropout
 from bigmodel_cli.parallel import constrain
 
 
@@ -117,36 +118,20 @@ def uses_chunked_attention(cfg: ModelConfig) -> bool:
 
 
 class Projections(nnx.Module):
-    """Base for modules made of [in, out] kernels, each optionally with a LoRA adapter beside it."""
+    """Base for modules made of [in, out] kernels, each optionally with a LoRA adapter beside it (see lora.py)."""
 
     def _add(self, rngs, name, shape, axes, cfg: ModelConfig, lora: LoraConfig | None):
         pd = jnp.dtype(cfg.param_dtype)
         setattr(self, name, _param(rngs, shape, axes, cfg.init_std, pd))
-        if lora is not None and lora.rank and name in lora.target_names:
-            # A starts random and B at zero, so the adapted model starts exactly as the base model.
-            a = jax.random.normal(rngs.params(), (shape[0], lora.rank), pd) / lora.rank**0.5
-            setattr(self, f"{name}_lora_a", nnx.Param(a, logical_axes=(axes[0], None)))
-            setattr(
-                self, f"{name}_lora_b", nnx.Param(jnp.zeros((lora.rank, shape[1]), pd), logical_axes=(None, axes[1]))
-            )
-            self.lora_scale, self.lora_dropout = lora.scale, lora.dropout
+        attach(self, rngs, name, shape, axes, pd, lora)
 
     def project(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        dt = x.dtype
-        y = dense(x, getattr(self, name)[...].astype(dt))
-        if hasattr(self, f"{name}_lora_a"):
-            h = x
-            if dropout_key is not None and self.lora_dropout > 0:
-                key = jax.random.fold_in(dropout_key, LORA_INDEX[name])
-                h = jnp.where(jax.random.bernoulli(key, 1 - self.lora_dropout, x.shape), x / (1 - self.lora_dropout), 0)
-            a, b = getattr(self, f"{name}_lora_a")[...].astype(dt), getattr(self, f"{name}_lora_b")[...].astype(dt)
-            y = y + self.lora_scale * dense(dense(h, a), b)
+        y = dense(x, getattr(self, name)[...].astype(x.dtype))
+        low_rank = adapter(self, name, x.dtype)
+        if low_rank is not None:
+            a, b = low_rank
+            y = y + self.lora_scale * dense(dense(input_dropout(self, name, x, dropout_key), a), b)
         return y
-
-
-LORA_INDEX = {
-    name: i for i, name in enumerate(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
-}
 
 
 class RMSNorm(nnx.Module):

@@ -10,22 +10,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from bigmodel_cli.model.lora import merge_params
+
 # A batch is a dict of [B, T] arrays: `inputs` (token ids), `targets` (next tokens) and `weights`
 # (1.0 where the target counts towards the loss, 0.0 for padding and, in finetuning, prompt tokens);
 # packed data adds `positions` and `segment_ids` so attention stays inside each document.
 Batch = dict[str, jax.Array]
-
-
-def merge_params(frozen: Any, trainable: Any) -> Any:
-    """One params dict from the frozen (base) and trainable (e.g. LoRA) parts; either may be empty."""
-    if not frozen:
-        return trainable
-    if not isinstance(frozen, dict):
-        return frozen
-    out = dict(frozen)
-    for key, value in trainable.items():
-        out[key] = merge_params(frozen.get(key), value) if key in frozen else value
-    return out
 
 
 @jax.custom_vjp

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.lora import LoraConfig, adapter, attach, input_dropout
 from bigmodel_cli.parallel import constrain
 
@@ -252,7 +253,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", lora: LoraConfig | None = None):
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (it normally comes from the data's manifest)")
+            raise UserError("model.vocab_size is 0: preprocess data first (the size comes from its manifest) or --set it")
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
         self.layers = nnx.List([Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.n_layers)])

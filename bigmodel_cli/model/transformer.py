@@ -253,7 +253,7 @@ class Transformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, remat: str = "none", lora: LoraConfig | None = None):
         if cfg.vocab_size <= 0:
-            raise UserError("model.vocab_size is 0: preprocess data first (the size comes from its manifest) or --set it")
+            raise UserError("model.vocab_size is 0: preprocess data first (its manifest sets it) or --set it")
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
         self.layers = nnx.List([Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.n_layers)])

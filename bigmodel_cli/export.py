@@ -13,6 +13,7 @@ import jax
 
 from bigmodel_cli import atomic, hf, modelio
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel
 
 FORMATS = ("bigmodel", "hf", "stablehlo")
 
@@ -38,7 +39,7 @@ def check_options(format: str, dtype: str | None) -> None:
 
 
 def export(
-    loaded: modelio.LoadedModel,
+    loaded: LoadedModel,
     out: Path,
     format: str = "bigmodel",
     dtype: str | None = None,
@@ -65,7 +66,7 @@ def export(
     return out
 
 
-def _cast(loaded: modelio.LoadedModel, dtype: str) -> modelio.LoadedModel:
+def _cast(loaded: LoadedModel, dtype: str) -> LoadedModel:
     """The same model with parameters stored in `dtype` (the config says so too, so reloads agree)."""
     params = jax.tree.map(lambda x: x.astype(dtype), loaded.params)
     model_cfg = dataclasses.replace(loaded.model_cfg, param_dtype=dtype)

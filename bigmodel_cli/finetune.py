@@ -33,6 +33,7 @@ from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model import lora as lora_lib
 from bigmodel_cli.model.lora import LoraConfig
+from bigmodel_cli.model.params import LoadedModel, abstract_params
 from bigmodel_cli.model.transformer import Transformer, count_params
 from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.train import loop
@@ -134,7 +135,7 @@ def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
     return train, val, info
 
 
-def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, modelio.LoadedModel, Tokenizer]:
+def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel, Tokenizer]:
     """The starting model, its tokenizer, and the loop's config (model sizes come from the model)."""
     ft = cfg.finetune
     if not ft.task:
@@ -233,7 +234,7 @@ def run(
     return {**result, "trainable_params": trainable}
 
 
-def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
+def load_run(home: Path, step: int | None, mesh) -> LoadedModel:
     """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
     from bigmodel_cli import config as config_lib
     from bigmodel_cli.train.checkpoint import Checkpoints
@@ -253,11 +254,11 @@ def load_run(home: Path, step: int | None, mesh) -> modelio.LoadedModel:
             params = lora_lib.merge_params(lora_lib.fold(base.params, base.lora), adapters)
             mesh = base.mesh
         else:
-            graphdef, like = modelio.abstract_params(model_cfg, mesh)
+            graphdef, like = abstract_params(model_cfg, mesh)
             step, params, _ = ckpt.restore_params(like, modelio.warn, step)
     finally:
         ckpt.close()
     seq_len = cfg.data.seq_len or model_cfg.max_seq_len
-    return modelio.LoadedModel(
+    return LoadedModel(
         model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
     )

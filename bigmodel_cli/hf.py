@@ -18,11 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio, taskinfo
+from bigmodel_cli import taskinfo
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 MAX_IMPORT_SEQ_LEN = 4096  # cap on the context taken from max_position_embeddings (generation pads to it)
@@ -54,16 +55,16 @@ def _is_kernel(name: str) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def write(loaded: modelio.LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
+def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
     """Write config, generation config, safetensors weights and tokenizer files into an empty directory.
 
     Tensors keep the parameters' dtype (bigmodel_cli.export casts them for --dtype).
     """
     if max_shard_bytes <= 0:
         raise UserError(f"--max-shard-bytes must be positive, got {max_shard_bytes}")
-    flat = {modelio.param_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
-    _, like = modelio.abstract_params(loaded.model_cfg, loaded.mesh)
-    expected = {modelio.param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    flat = {param_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
+    _, like = abstract_params(loaded.model_cfg, loaded.mesh)
+    expected = {param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
     if set(flat) != expected:
         odd = sorted(set(flat) ^ expected)[0]
         raise UserError(f"parameter {odd} does not fit a Llama model (LoRA adapters?): export the merged model")
@@ -311,7 +312,7 @@ def _refuse_pickles(home: Path) -> None:
         )
 
 
-def load(home: Path, mesh) -> modelio.LoadedModel:
+def load(home: Path, mesh) -> LoadedModel:
     """A Hugging Face Llama-architecture directory (safetensors, one file or sharded) as a LoadedModel."""
     from safetensors import safe_open
 
@@ -333,15 +334,15 @@ def load(home: Path, mesh) -> modelio.LoadedModel:
             raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
         # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
         model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
-        graphdef, like = modelio.abstract_params(model_cfg, mesh)
-        wanted = {hf_name(modelio.param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+        graphdef, like = abstract_params(model_cfg, mesh)
+        wanted = {hf_name(param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
         ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
         extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
         if extra:
             raise UserError(f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain Llama checkpoint")
 
         def take(path, spec):
-            name = modelio.param_name(path)
+            name = param_name(path)
             array = open_for(hf_name(name)).get_tensor(hf_name(name))
             expected = spec.shape[::-1] if _is_kernel(name) else spec.shape
             if array.shape != expected:
@@ -352,4 +353,4 @@ def load(home: Path, mesh) -> modelio.LoadedModel:
             return jax.device_put(np.ascontiguousarray(array.astype(spec.dtype)), spec.sharding)
 
         params = jax.tree_util.tree_map_with_path(take, like)
-    return modelio.LoadedModel(model_cfg, graphdef, params, mesh, home, 0, seq_len, "")
+    return LoadedModel(model_cfg, graphdef, params, mesh, home, 0, seq_len, "")

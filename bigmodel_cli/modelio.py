@@ -5,46 +5,23 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
+from bigmodel_cli import atomic, hf, parallel, taskinfo
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import parallel, taskinfo
-from bigmodel_cli.config import Config, MeshConfig, ModelConfig
+from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model import lora
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.train.checkpoint import Checkpoints
 
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 EXPORT_FORMAT = "bigmodel-export-v1"
 HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face Llama directory (see bigmodel_cli/hf.py)
-
-
-@dataclass
-class LoadedModel:
-    model_cfg: ModelConfig
-    graphdef: nnx.GraphDef
-    params: Any  # pure dict of jax arrays, laid out on `mesh`
-    mesh: Any
-    home: Path  # the run or export directory: where tokenizer.model and metrics.json live
-    step: int
-    seq_len: int  # the sequence length the model was trained with
-    data_path: str  # the data it was trained on ("" if unknown)
-    lora: Any = None  # the LoraConfig when params hold adapters beside the (frozen) base weights
-
-    @property
-    def tokenizer_file(self) -> Path:
-        return self.home / "tokenizer.model"
-
-
-def param_name(path: tuple) -> str:
-    """'layers.0.self_attn.q_proj' for a params-dict path: the key used in safetensors files."""
-    return ".".join(str(getattr(k, "key", k)) for k in path)
 
 
 def locate(path: Path) -> tuple[str, Path, int | None]:
@@ -72,21 +49,6 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
     )
 
 
-def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
-    """Graph and shape/dtype/sharding tree of the parameters, without allocating them."""
-    abstract = nnx.eval_shape(lambda: _model(model_cfg))
-    graphdef, state = nnx.split(abstract)
-    shardings = parallel.param_shardings(state, mesh)
-    shapes = nnx.to_pure_dict(state)
-    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def _model(model_cfg: ModelConfig):
-    from bigmodel_cli.model.transformer import Transformer
-
-    return Transformer(model_cfg, rngs=nnx.Rngs(0))
-
-
 def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
     """Load parameters for evaluation, generation or export (no optimizer state)."""
     kind, home, step = locate(path)
@@ -94,11 +56,7 @@ def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
     if kind == "export":
         return _load_export(home, mesh)
     if kind == "hf":
-        from bigmodel_cli import hf
-
         return hf.load(home, mesh)
-    from bigmodel_cli.train.checkpoint import Checkpoints
-
     if "[finetune]" in (home / "config.toml").read_text():
         from bigmodel_cli import finetune
 
@@ -168,8 +126,6 @@ def export(loaded: LoadedModel, out: Path) -> Path:
     import shutil
 
     from safetensors.numpy import save_file
-
-    from bigmodel_cli import atomic
 
     loaded = plain(loaded)
     with atomic.new_dir(out, "export directory") as staging:

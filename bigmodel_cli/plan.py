@@ -10,10 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio, parallel
+from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, ModelConfig
 from bigmodel_cli.data.preprocess import load_manifest
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import abstract_params, param_name
 from bigmodel_cli.model.transformer import count_params, flops_per_token
 from bigmodel_cli.train import optim
 from bigmodel_cli.train.step import train_step
@@ -89,7 +90,7 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
     cfg, note = _with_vocab(cfg)
     mesh = parallel.make_mesh(cfg.mesh)
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
-    graphdef, params = modelio.abstract_params(cfg.model, mesh)
+    graphdef, params = abstract_params(cfg.model, mesh)
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     with parallel.activate(mesh):
         init = jax.jit(tx.init).lower(params).compile()
@@ -121,7 +122,7 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
     per_device = memory_per_device(params, opt_state, getattr(memory, "temp_size_in_bytes", 0))
     table = [
         {
-            "name": modelio.param_name(path),
+            "name": param_name(path),
             "shape": list(leaf.shape),
             "dtype": str(leaf.dtype),
             "sharding": str(leaf.sharding.spec),

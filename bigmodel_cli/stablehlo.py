@@ -20,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import modelio
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel, param_name
 
 FORMAT = "bigmodel-stablehlo-v1"
 FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
@@ -33,14 +33,14 @@ MANIFEST = "manifest.json"
 PLATFORMS = ("cpu", "cuda", "tpu")
 
 
-def write(loaded: modelio.LoadedModel, directory: Path, platforms: tuple[str, ...] = PLATFORMS) -> None:
+def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLATFORMS) -> None:
     """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and tokenizer.model)."""
     from safetensors.numpy import save_file
 
     from bigmodel_cli.model.transformer import Transformer
 
     flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
-    names = [modelio.param_name(path) for path, _ in flat]
+    names = [param_name(path) for path, _ in flat]
     weights = [np.asarray(jax.device_get(value)) for _, value in flat]
     # The XLA attention lowers on every platform; "auto" would pick an implementation for this machine only.
     cfg = dataclasses.replace(loaded.model_cfg, attention="xla")

@@ -22,11 +22,12 @@ from bigmodel_cli import export, hf, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 from bigmodel_cli.parallel import make_mesh
 from tests.conftest import model_tolerance
 
 
-def tiny_loaded(home: Path, vocab_size: int = 96, tie: bool = False, seed: int = 0) -> modelio.LoadedModel:
+def tiny_loaded(home: Path, vocab_size: int = 96, tie: bool = False, seed: int = 0) -> LoadedModel:
     """A random GQA model on one device, with norms perturbed so that every tensor's layout matters."""
     # init_std 0.3 spreads the logits, so greedy decoding has no near-ties that rounding could flip.
     cfg = ModelConfig(
@@ -41,16 +42,16 @@ def tiny_loaded(home: Path, vocab_size: int = 96, tie: bool = False, seed: int =
         init_std=0.3,
     )
     mesh = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
-    graphdef, like = modelio.abstract_params(cfg, mesh)
+    graphdef, like = abstract_params(cfg, mesh)
     rng = np.random.default_rng(seed)
 
     def init(path, spec):  # numpy, not jax ops: no compilation per parameter
-        norm = "norm" in modelio.param_name(path)
+        norm = "norm" in param_name(path)
         value = 1.0 + 0.1 * rng.standard_normal(spec.shape) if norm else 0.3 * rng.standard_normal(spec.shape)
         return jax.device_put(value.astype(spec.dtype), spec.sharding)
 
     params = jax.tree_util.tree_map_with_path(init, like)
-    return modelio.LoadedModel(cfg, graphdef, params, mesh, home, 0, 64, "")
+    return LoadedModel(cfg, graphdef, params, mesh, home, 0, 64, "")
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -58,11 +59,11 @@ def _forward(graphdef, params, tokens):
     return nnx.merge(graphdef, params)(tokens)
 
 
-def ours(loaded: modelio.LoadedModel, tokens: np.ndarray) -> np.ndarray:
+def ours(loaded: LoadedModel, tokens: np.ndarray) -> np.ndarray:
     return np.asarray(_forward(loaded.graphdef, loaded.params, jnp.asarray(tokens, jnp.int32)))
 
 
-def ours_greedy(loaded: modelio.LoadedModel, prompt: list[int], n: int) -> list[int]:
+def ours_greedy(loaded: LoadedModel, prompt: list[int], n: int) -> list[int]:
     """Greedy decoding that recomputes the whole sequence each step (right-padded to one fixed shape)."""
     ids = list(prompt)
     window = np.zeros((1, len(prompt) + n), np.int32)

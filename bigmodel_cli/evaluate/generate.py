@@ -17,6 +17,7 @@ from bigmodel_cli import modelio, parallel, taskinfo
 from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
 
 
 def generate_ids(
-    loaded: modelio.LoadedModel, prompts: list[list[int]], sampling: Sampling, eos_id: int = -1, pad_to: int = 0
+    loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, eos_id: int = -1, pad_to: int = 0
 ) -> list[list[int]]:
     """New token ids for each prompt, cut after the first EOS.
 
@@ -119,7 +120,7 @@ def generate_ids(
 
 
 def complete(
-    loaded: modelio.LoadedModel,
+    loaded: LoadedModel,
     tokenizer: Tokenizer,
     prompts: list[str],
     sampling: Sampling,

@@ -17,6 +17,7 @@ from bigmodel_cli.data.preprocess import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.metrics import perplexity
+from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.train.step import eval_step
 from bigmodel_cli.utils import write_json_atomic
 
@@ -61,7 +62,7 @@ def run(
     return metrics
 
 
-def _loss_sums(loaded: modelio.LoadedModel, batches, n_batches: int) -> tuple[float, float]:
+def _loss_sums(loaded: LoadedModel, batches, n_batches: int) -> tuple[float, float]:
     """(sum of token losses in nats, counted tokens) over the batches."""
     batch_sharding = parallel.batch_sharding(loaded.mesh)
     step = jax.jit(functools.partial(eval_step, loaded.graphdef))
@@ -73,7 +74,7 @@ def _loss_sums(loaded: modelio.LoadedModel, batches, n_batches: int) -> tuple[fl
     return total, count
 
 
-def _write(model: Path, loaded: modelio.LoadedModel, out: Path | None, metrics: dict) -> None:
+def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) -> None:
     """metrics.json in --out, else beside the model; a directory that refuses it costs a warning, not the results."""
     if out is None and modelio.locate(model)[0] == "hf":  # a Hugging Face directory is the user's (maybe read-only)
         return

@@ -1,0 +1,50 @@
+"""A model's parameters as every stage holds them: the LoadedModel, parameter names, and the one place that
+builds the abstract (shape, dtype, sharding) parameter tree."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from bigmodel_cli import parallel
+from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.model.transformer import Transformer
+
+
+@dataclass
+class LoadedModel:
+    model_cfg: ModelConfig
+    graphdef: nnx.GraphDef
+    params: Any  # pure dict of jax arrays, laid out on `mesh`
+    mesh: Any
+    home: Path  # the run or export directory: where tokenizer.model and metrics.json live
+    step: int
+    seq_len: int  # the sequence length the model was trained with
+    data_path: str  # the data it was trained on ("" if unknown)
+    lora: Any = None  # the LoraConfig when params hold adapters beside the (frozen) base weights
+
+    @property
+    def tokenizer_file(self) -> Path:
+        return self.home / "tokenizer.model"
+
+
+def param_name(path: tuple) -> str:
+    """'layers.0.self_attn.q_proj' for a params-dict path: the key used in safetensors files."""
+    return ".".join(str(getattr(k, "key", k)) for k in path)
+
+
+def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
+    """Graph and shape/dtype/sharding tree of the parameters, without allocating them."""
+    abstract = nnx.eval_shape(lambda: _model(model_cfg))
+    graphdef, state = nnx.split(abstract)
+    shardings = parallel.param_shardings(state, mesh)
+    shapes = nnx.to_pure_dict(state)
+    return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def _model(model_cfg: ModelConfig) -> Transformer:
+    return Transformer(model_cfg, rngs=nnx.Rngs(0))

@@ -175,18 +175,20 @@ def train(inp: LoopInputs) -> dict:
 def _quiet_background_errors():
     """Keep a failed checkpoint write to the one line that train() prints.
 
-    Orbax's writer threads log each failure with a traceback, and asyncio reports every write still pending
-    when Orbax closed its event loop; the same error is raised again in the main thread.
+    Orbax's writer threads log each failure with a traceback (through absl), asyncio logs every write task
+    whose exception nobody retrieved, and reports those still pending when Orbax closed its event loop; the
+    same error is raised again in the main thread. After a failure the loggers stay quiet: the writer threads'
+    stragglers come after train() has returned, while the process prints its one line and exits.
     """
-    absl = logging.getLogger("absl")
-    level = absl.level
-    absl.setLevel(logging.CRITICAL)
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     if not getattr(sys.unraisablehook, "bigmodel_filter", False):  # kept after train: stragglers come late
         sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
-    try:
-        yield
-    finally:
-        absl.setLevel(level)
+    yield
+    for logger, level in zip(loggers, levels, strict=True):  # reached only when training did not fail
+        logger.setLevel(level)
 
 
 def _drop_closed_loop_reports(hook):

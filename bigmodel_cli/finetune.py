@@ -7,11 +7,8 @@ trainable, or frozen under LoRA adapters), builds loss-masked batches and hands 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import shutil
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -19,22 +16,16 @@ import numpy as np
 
 from bigmodel_cli import modelio, taskinfo
 from bigmodel_cli.config import (
-    CheckpointConfig,
     Config,
-    DataConfig,
-    MeshConfig,
-    OptimConfig,
-    TrainConfig,
-    _path_field,
 )
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa: F401 (callers use finetune.*)
 from bigmodel_cli.model import lora as lora_lib
-from bigmodel_cli.model.lora import LoraConfig
-from bigmodel_cli.model.params import LoadedModel, abstract_params
-from bigmodel_cli.model.transformer import Transformer, count_params
+from bigmodel_cli.model.params import LoadedModel, with_adapters
+from bigmodel_cli.model.transformer import count_params
 from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.train import loop
 from bigmodel_cli.utils import write_json_atomic
@@ -42,45 +33,11 @@ from bigmodel_cli.utils import write_json_atomic
 RECIPES = Path(__file__).parent / "recipes" / "finetune"
 
 
-@dataclass(frozen=True)
-class FinetuneSection:
-    task: str = ""  # qa, classify, summarize, translate or instruct
-    init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export or hf:DIR to start from
-    train_file: str = _path_field(doc="task data")  # task data to train on (format per task)
-    train_file2: str = _path_field(doc="translate")  # translate: target-language file, line-aligned with train_file
-    val_file: str = _path_field(doc="held-out task data")  # held-out data; "" = a share of train_file
-    val_file2: str = _path_field(doc="translate")  # translate: target-language file for val_file
-    val_fraction: float = 0.1  # share of train_file's examples held out when val_file is not given
-
-    def __post_init__(self) -> None:
-        if self.task and self.task not in tasks.TASKS:
-            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(tasks.TASKS)}")
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    finetune: FinetuneSection = field(default_factory=FinetuneSection)
-    task: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    mesh: MeshConfig = field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-
-
 def default_recipe(task: str) -> Path:
     """The recipe shipped for a task (installed with the package)."""
     if task not in tasks.TASKS:
         raise UserError(f"unknown task {task!r}: choose one of {', '.join(tasks.TASKS)}")
     return RECIPES / f"{task}.toml"
-
-
-def _with_adapters(model_cfg, lora: LoraConfig) -> lora_lib.Build:
-    """The builder of the model with LoRA adapters that lora.py's functions take."""
-    return functools.partial(Transformer, model_cfg, lora=lora)
 
 
 class ExampleBatches:
@@ -205,11 +162,11 @@ def run(
     def initial(mesh):
         if lora is None:
             return base.graphdef, base_params, None
-        graphdef, adapters = lora_lib.init_adapters(_with_adapters(base.model_cfg, lora), mesh, cfg.train.seed)
+        graphdef, adapters = lora_lib.init_adapters(with_adapters(base.model_cfg, lora), mesh, cfg.train.seed)
         return graphdef, adapters, base_params
 
     base_count, _ = count_params(base.model_cfg)
-    trainable = lora_lib.trainable_count(_with_adapters(base.model_cfg, lora)) if lora is not None else base_count
+    trainable = lora_lib.trainable_count(with_adapters(base.model_cfg, lora)) if lora is not None else base_count
     total = base_count + (trainable if lora is not None else 0)
     console.info(
         f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
@@ -232,33 +189,3 @@ def run(
         )
     )
     return {**result, "trainable_params": trainable}
-
-
-def load_run(home: Path, step: int | None, mesh) -> LoadedModel:
-    """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
-    from bigmodel_cli import config as config_lib
-    from bigmodel_cli.train.checkpoint import Checkpoints
-
-    cfg: FinetuneConfig = config_lib.load_config(home / "config.toml", cls=FinetuneConfig, base_dir=home)
-    model_cfg = config_lib.build_config(
-        {"model": json.loads((home / "model.json").read_text())}, {}, Config, home
-    ).model
-    ckpt = Checkpoints(home / "checkpoints", read_only=True)
-    try:
-        if step is None and ckpt.latest_step() is None:
-            raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
-        if cfg.lora.rank:
-            base = modelio.load(Path(cfg.finetune.init_from), mesh_cfg=None)
-            graphdef, like = lora_lib.abstract_adapters(_with_adapters(model_cfg, cfg.lora), base.mesh)
-            step, adapters, _ = ckpt.restore_params(like, modelio.warn, step)
-            params = lora_lib.merge_params(lora_lib.fold(base.params, base.lora), adapters)
-            mesh = base.mesh
-        else:
-            graphdef, like = abstract_params(model_cfg, mesh)
-            step, params, _ = ckpt.restore_params(like, modelio.warn, step)
-    finally:
-        ckpt.close()
-    seq_len = cfg.data.seq_len or model_cfg.max_seq_len
-    return LoadedModel(
-        model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
-    )

@@ -14,8 +14,9 @@ from bigmodel_cli import atomic, hf, parallel, taskinfo
 from bigmodel_cli import config as config_lib
 from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name, with_adapters
 from bigmodel_cli.train.checkpoint import Checkpoints
 
 EXPORT_WEIGHTS = "model.safetensors"
@@ -57,10 +58,8 @@ def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
         return _load_export(home, mesh)
     if kind == "hf":
         return hf.load(home, mesh)
-    if "[finetune]" in (home / "config.toml").read_text():
-        from bigmodel_cli import finetune
-
-        return finetune.load_run(home, step, mesh)
+    if taskinfo.read(home) is not None:  # finetuning runs record their task (and their model) beside the config
+        return _load_finetune_run(home, step, mesh)
     cfg: Config = config_lib.load_config(home / "config.toml", base_dir=home)
     ckpt = Checkpoints(home / "checkpoints", read_only=True)
     try:
@@ -143,3 +142,30 @@ def export(loaded: LoadedModel, out: Path) -> Path:
             shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.model")
         taskinfo.copy(loaded.home, staging)
     return out
+
+
+def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
+    """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
+    cfg: FinetuneConfig = config_lib.load_config(home / "config.toml", cls=FinetuneConfig, base_dir=home)
+    model_cfg = config_lib.build_config(
+        {"model": json.loads((home / "model.json").read_text())}, {}, Config, home
+    ).model
+    ckpt = Checkpoints(home / "checkpoints", read_only=True)
+    try:
+        if step is None and ckpt.latest_step() is None:
+            raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
+        if cfg.lora.rank:
+            base = load(Path(cfg.finetune.init_from), mesh_cfg=None)
+            graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), base.mesh)
+            step, adapters, _ = ckpt.restore_params(like, warn, step)
+            params = lora.merge_params(lora.fold(base.params, base.lora), adapters)
+            mesh = base.mesh
+        else:
+            graphdef, like = abstract_params(model_cfg, mesh)
+            step, params, _ = ckpt.restore_params(like, warn, step)
+    finally:
+        ckpt.close()
+    seq_len = cfg.data.seq_len or model_cfg.max_seq_len
+    return LoadedModel(
+        model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
+    )

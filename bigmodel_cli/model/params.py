@@ -3,6 +3,7 @@ builds the abstract (shape, dtype, sharding) parameter tree."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from flax import nnx
 
 from bigmodel_cli import parallel
 from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.model.lora import Build, LoraConfig
 from bigmodel_cli.model.transformer import Transformer
 
 
@@ -48,3 +50,8 @@ def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
 
 def _model(model_cfg: ModelConfig) -> Transformer:
     return Transformer(model_cfg, rngs=nnx.Rngs(0))
+
+
+def with_adapters(model_cfg: ModelConfig, lora: LoraConfig) -> Build:
+    """The builder of the model with LoRA adapters, which model/lora.py's functions take."""
+    return functools.partial(Transformer, model_cfg, lora=lora)

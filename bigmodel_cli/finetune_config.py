@@ -1,0 +1,50 @@
+"""The recipe of a finetuning run (`bigmodel finetune`): the pretraining sections plus [finetune], [task] and [lora].
+
+It sits below the stages, so that whatever opens a finetuning run (modelio) reads its config without importing
+the finetune stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bigmodel_cli.config import (
+    CheckpointConfig,
+    DataConfig,
+    MeshConfig,
+    OptimConfig,
+    TrainConfig,
+    _path_field,
+)
+from bigmodel_cli.data import tasks
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.lora import LoraConfig
+
+
+@dataclass(frozen=True)
+class FinetuneSection:
+    task: str = ""  # qa, classify, summarize, translate or instruct
+    init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export or hf:DIR to start from
+    train_file: str = _path_field(doc="task data")  # task data to train on (format per task)
+    train_file2: str = _path_field(doc="translate")  # translate: target-language file, line-aligned with train_file
+    val_file: str = _path_field(doc="held-out task data")  # held-out data; "" = a share of train_file
+    val_file2: str = _path_field(doc="translate")  # translate: target-language file for val_file
+    val_fraction: float = 0.1  # share of train_file's examples held out when val_file is not given
+
+    def __post_init__(self) -> None:
+        if self.task and self.task not in tasks.TASKS:
+            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(tasks.TASKS)}")
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    task: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

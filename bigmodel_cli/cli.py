@@ -1,127 +1,30 @@
-"""The `bigmodel` command: each subcommand parses its arguments and calls one stage's run()."""
+"""The `bigmodel` command: each subcommand parses its arguments and calls one stage's run().
+
+Shared options and the error/exit-code wrapper are in cli_app.py; `evaluate` is in cli_evaluate.py and the
+commands that inspect recipes and runs in cli_runs.py. They are registered here, in the order `--help` lists.
+"""
 
 from __future__ import annotations
 
-import functools
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from bigmodel_cli import __version__, rundir
-from bigmodel_cli.errors import UserError
-
-app = typer.Typer(
-    name="bigmodel",
-    help="Raw text to a pretrained, evaluated and exported Llama-style Transformer.\n\nExample: bigmodel quickstart",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
+from bigmodel_cli import cli_evaluate, cli_runs
+from bigmodel_cli.cli_app import (
+    Coordinator,
+    NumProcesses,
+    Overrides,
+    ProcessId,
+    _console,
+    _setup_jax,
+    app,
+    command,
 )
-
-_options = {"debug": False, "log_format": "rich", "quiet": False}
-
-Coordinator = Annotated[str, typer.Option(help="Multi-process run: HOST:PORT of process 0 (or BIGMODEL_COORDINATOR).")]
-NumProcesses = Annotated[int, typer.Option(help="Multi-process run: how many processes (or BIGMODEL_NUM_PROCESSES).")]
-ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's index (or BIGMODEL_PROCESS_ID).")]
-
-Overrides = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
-]
-
-
-def _version(value: bool) -> None:
-    if value:
-        print(f"bigmodel {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def global_options(
-    version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
-    ] = False,
-    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only final results.")] = False,
-    log_format: Annotated[
-        str, typer.Option("--log-format", help="rich (default) or json: one object per line.")
-    ] = "rich",
-) -> None:
-    """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
-    _options.update(debug=debug, quiet=quiet, log_format=log_format)
-    from bigmodel_cli.console import set_track_mode
-
-    set_track_mode("quiet" if quiet else log_format)
-
-
-def _console():
-    from bigmodel_cli.console import Console
-
-    if _options["log_format"] not in ("rich", "json"):
-        raise UserError(f"--log-format must be rich or json, got {_options['log_format']!r}")
-    return Console("quiet" if _options["quiet"] else _options["log_format"])
-
-
-def _setup_jax(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
-    from bigmodel_cli import parallel, utils
-
-    utils.enable_compilation_cache()
-    parallel.init_distributed(coordinator, num_processes, process_id)
-
-
-def command(fn):
-    """Register a subcommand whose end is one line and an exit code: 0 done, 2 a UserError, 1 an internal or
-    I/O error, 128 + the signal when stopped (130 SIGINT, 143 SIGTERM); the table is in rundir."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        ended = ("failed", "")  # how to mark a run directory that the command still holds when it ends
-        previous = _stop_on_sigterm()
-        try:
-            result = fn(*args, **kwargs)
-            ended = ("", "")
-            return result
-        except UserError as err:
-            ended = ("failed", str(err))
-            if _options["debug"]:
-                raise
-            print(f"error: {err}", file=sys.stderr)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt as err:  # Ctrl-C, or rundir.Stopped: a signal stopped a run (getattr: either)
-            ended = ("stopped", "")
-            print(getattr(err, "message", "interrupted"), file=sys.stderr)
-            raise typer.Exit(getattr(err, "exit_code", 130)) from None
-        except OSError as err:
-            if _options["debug"]:
-                raise
-            where = f" {err.filename}" if err.filename else ""
-            print(f"error:{where}: {err.strerror or err} (check the path and free disk space)", file=sys.stderr)
-            raise typer.Exit(1) from None
-        except Exception as err:  # a bug, not bad input: say so, and how to see the traceback
-            if _options["debug"]:
-                raise
-            print(
-                f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr
-            )
-            raise typer.Exit(1) from None
-        finally:
-            rundir.release_all(*ended)
-            if previous is not None:  # None as the old handler: one set outside Python, i.e. the default
-                signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
-
-    return app.command()(wrapper)
-
-
-def _stop_on_sigterm() -> tuple | None:
-    """Make SIGTERM raise rundir.Stopped (exit 143, a true status.json) rather than kill the process mid-write;
-    returns (the previous handler,) to restore, or None off the main thread, where handlers cannot be set."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return (signal.signal(signal.SIGTERM, rundir.raise_stopped),)
+from bigmodel_cli.errors import UserError
 
 
 @command
@@ -299,126 +202,7 @@ def finetune(
         )
 
 
-@command
-def evaluate(
-    model: Annotated[
-        Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")
-    ] = None,
-    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
-    text: Annotated[
-        Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
-    ] = None,
-    task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
-    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
-    predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
-    metric: Annotated[
-        str | None, typer.Option(help="qa: squad or cmrc2018 (default: cmrc2018 for Chinese data, else squad).")
-    ] = None,
-    columns: Annotated[
-        str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Where metrics.json (and predictions.jsonl) go.")] = None,
-    overrides: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="With --task: override a task option, e.g. task.target_lang=Chinese."),
-    ] = None,
-    split: Annotated[str | None, typer.Option(help="With --data DIR: the split to evaluate, val or train.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default 8).")] = None,
-    max_batches: Annotated[
-        int | None, typer.Option(help="With --data DIR: evaluate at most this many batches (default 50; 0 = all).")
-    ] = None,
-    max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
-    coordinator: Coordinator = "",
-    num_processes: NumProcesses = 0,
-    process_id: ProcessId = -1,
-) -> None:
-    """Validation loss and perplexity of a model, or task metrics with --task; written to metrics.json.
-
-    Example: bigmodel evaluate runs/tiny --json; bigmodel evaluate runs/tiny --text test.txt;
-    bigmodel evaluate runs/finetune-qa --task qa --data dev.json
-    """
-    import json
-
-    _check_evaluate_options(locals())
-    _setup_jax(coordinator, num_processes, process_id)
-    if task:
-        from bigmodel_cli.evaluate import task_eval
-
-        if columns is not None:
-            overrides = [*(overrides or []), f"task.columns={columns}"]
-        metrics = task_eval.run(
-            task,
-            data,
-            model=model,
-            data2=data2,
-            predictions=predictions,
-            out=out,
-            overrides=overrides,
-            metric=metric or "auto",
-            batch_size=batch_size or 8,
-            max_examples=max_examples or 0,
-        )
-    else:
-        from bigmodel_cli.evaluate import lm as stage
-
-        if text is not None:
-            metrics = stage.run_text(model, text, batch_size=batch_size or 8, out=out)
-        else:
-            metrics = stage.run(
-                model,
-                data=data,
-                split=split or "val",
-                batch_size=batch_size or 8,
-                max_batches=50 if max_batches is None else max_batches,
-                out=out,
-            )
-    if json_out:
-        print(json.dumps(metrics, ensure_ascii=False))
-    else:
-        _console().result(metrics)
-
-
-# Options that belong to one mode of `evaluate`: given in another, they would do nothing, so they are refused.
-_LM_ONLY = {"split": "--split", "max_batches": "--max-batches", "text": "--text"}
-_TASK_ONLY = {
-    "data2": "--data2",
-    "predictions": "--predictions",
-    "metric": "--metric",
-    "columns": "--columns",
-    "overrides": "--set",
-    "max_examples": "--max-examples",
-}
-
-
-def _check_evaluate_options(given: dict) -> None:
-    """Refuse every option that would have no effect in the mode the others select, in one line."""
-    if given["batch_size"] is not None and given["batch_size"] <= 0:
-        raise UserError(f"--batch-size must be positive, got {given['batch_size']}")
-    if given["max_batches"] is not None and given["max_batches"] < 0:
-        raise UserError(f"--max-batches must be >= 0 (0 = all), got {given['max_batches']}")
-    if given["max_examples"] is not None and given["max_examples"] <= 0:
-        raise UserError(f"--max-examples must be positive, got {given['max_examples']}")
-    if given["task"]:
-        stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
-        if stray:
-            raise UserError(f"{stray[0]} is for language-model evaluation, not --task: remove it")
-        if given["data"] is None:
-            raise UserError("--task needs --data FILE (the task's data)")
-        if given["predictions"] is not None and given["batch_size"] is not None:
-            raise UserError("--batch-size has no effect with --predictions (no model runs): remove it")
-        return
-    stray = [flag for name, flag in _TASK_ONLY.items() if given[name]]
-    if stray:
-        raise UserError(f"{stray[0]} applies with --task only: add --task or remove it")
-    if given["model"] is None:
-        raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
-    if given["text"] is not None:
-        clash = [
-            flag for name, flag in (("data", "--data"), *_LM_ONLY.items()) if name != "text" and given[name] is not None
-        ]
-        if clash:
-            raise UserError(f"--text evaluates a whole file: {clash[0]} does not apply, remove it")
+evaluate = command(cli_evaluate.evaluate)
 
 
 @command
@@ -494,100 +278,9 @@ def quickstart(
     stage.run(out, steps=steps, console=_console())
 
 
-@command
-def plan(
-    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
-    overrides: Overrides = None,
-    devices: Annotated[int, typer.Option(help="Plan for N devices (on CPU: N fake devices).")] = 0,
-    memory_budget_gb: Annotated[float, typer.Option(help="Refuse a recipe needing more GiB per device.")] = 0.0,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
-) -> None:
-    """Compile the train step for a recipe's mesh without training: sizes, memory per device, FLOPs, shardings.
-
-    Example: bigmodel plan recipes/base.toml --devices 8 --memory-budget-gb 16
-    """
-    import json
-
-    if devices and "jax" not in sys.modules:  # fake CPU devices must be requested before jax starts
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-    import jax
-
-    from bigmodel_cli import config
-    from bigmodel_cli import plan as stage
-
-    if devices and jax.device_count() != devices:
-        raise UserError(f"--devices {devices}: this process already has {jax.device_count()} devices")
-    cfg = config.load_config(recipe, overrides or [])
-    _setup_jax()
-    result = stage.run(cfg, memory_budget_gb)
-    if json_out:
-        print(json.dumps(result))
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    if result["note"]:
-        out.print(f"note: {result['note']}")
-    gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
-    out.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
-    out.print(
-        f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
-        f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}"
-    )
-    out.print(
-        f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
-        f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
-        f"{result['tokens_per_step']:,} tokens per step"
-    )
-    table = Table("parameter", "shape", "dtype", "sharding")
-    for row in result["parameters"]:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
-    out.print(table)
-
-
-@command
-def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories to compare.")],
-    out: Annotated[Path, typer.Option("--out", help="report.png or report.html")] = Path("report.png"),
-) -> None:
-    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
-
-    Example: bigmodel report runs/a runs/b --out report.html
-    """
-    from bigmodel_cli import report as stage
-
-    path = stage.run(list(run_dirs), out)
-    _console().result({"out": str(path)})
-
-
-@command
-def runs(root: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
-    """List runs under a directory with their step, last loss and status.
-
-    Example: bigmodel runs runs/
-    """
-    import json
-
-    from bigmodel_cli.report import list_runs
-
-    found = list_runs(root)
-    if _options["log_format"] == "json":
-        for row in found:
-            print(json.dumps({k: (str(v) if k == "path" else v) for k, v in row.items()}))
-        return
-    if not found:
-        print(f"no runs under {root}")
-        return
-    width = max(len(str(r["path"])) for r in found)
-    print(f"{'run':<{width}}  {'step':>7}  {'loss':>8}  {'val_loss':>8}  status")
-    for r in found:
-        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(
-            f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
-            f"{r['status']}"
-        )
+plan = command(cli_runs.plan)
+report = command(cli_runs.report)
+runs = command(cli_runs.runs)
 
 
 # XLA:CPU allocates its scratch buffers afresh every step and glibc serves them from new mmap pages: about

@@ -1,0 +1,123 @@
+"""The Typer app behind `bigmodel`: global options, the option types commands share, and `command`, which gives
+every subcommand its one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+import threading
+from typing import Annotated
+
+import typer
+
+from bigmodel_cli import __version__, rundir
+from bigmodel_cli.errors import UserError
+
+app = typer.Typer(
+    name="bigmodel",
+    help="Raw text to a pretrained, evaluated and exported Llama-style Transformer.\n\nExample: bigmodel quickstart",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+_options = {"debug": False, "log_format": "rich", "quiet": False}
+
+Coordinator = Annotated[str, typer.Option(help="Multi-process run: HOST:PORT of process 0 (or BIGMODEL_COORDINATOR).")]
+NumProcesses = Annotated[int, typer.Option(help="Multi-process run: how many processes (or BIGMODEL_NUM_PROCESSES).")]
+ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's index (or BIGMODEL_PROCESS_ID).")]
+
+Overrides = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"bigmodel {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def global_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show Python tracebacks for errors.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only final results.")] = False,
+    log_format: Annotated[
+        str, typer.Option("--log-format", help="rich (default) or json: one object per line.")
+    ] = "rich",
+) -> None:
+    """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
+    _options.update(debug=debug, quiet=quiet, log_format=log_format)
+    from bigmodel_cli.console import set_track_mode
+
+    set_track_mode("quiet" if quiet else log_format)
+
+
+def _console():
+    from bigmodel_cli.console import Console
+
+    if _options["log_format"] not in ("rich", "json"):
+        raise UserError(f"--log-format must be rich or json, got {_options['log_format']!r}")
+    return Console("quiet" if _options["quiet"] else _options["log_format"])
+
+
+def _setup_jax(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> None:
+    from bigmodel_cli import parallel, utils
+
+    utils.enable_compilation_cache()
+    parallel.init_distributed(coordinator, num_processes, process_id)
+
+
+def command(fn):
+    """Register a subcommand whose end is one line and an exit code: 0 done, 2 a UserError, 1 an internal or
+    I/O error, 128 + the signal when stopped (130 SIGINT, 143 SIGTERM); the table is in rundir."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ended = ("failed", "")  # how to mark a run directory that the command still holds when it ends
+        previous = _stop_on_sigterm()
+        try:
+            result = fn(*args, **kwargs)
+            ended = ("", "")
+            return result
+        except UserError as err:
+            ended = ("failed", str(err))
+            if _options["debug"]:
+                raise
+            print(f"error: {err}", file=sys.stderr)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt as err:  # Ctrl-C, or rundir.Stopped: a signal stopped a run (getattr: either)
+            ended = ("stopped", "")
+            print(getattr(err, "message", "interrupted"), file=sys.stderr)
+            raise typer.Exit(getattr(err, "exit_code", 130)) from None
+        except OSError as err:
+            if _options["debug"]:
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            print(f"error:{where}: {err.strerror or err} (check the path and free disk space)", file=sys.stderr)
+            raise typer.Exit(1) from None
+        except Exception as err:  # a bug, not bad input: say so, and how to see the traceback
+            if _options["debug"]:
+                raise
+            print(
+                f"error: internal error {type(err).__name__}: {err} (rerun with --debug for details)", file=sys.stderr
+            )
+            raise typer.Exit(1) from None
+        finally:
+            rundir.release_all(*ended)
+            if previous is not None:  # None as the old handler: one set outside Python, i.e. the default
+                signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
+
+    return app.command()(wrapper)
+
+
+def _stop_on_sigterm() -> tuple | None:
+    """Make SIGTERM raise rundir.Stopped (exit 143, a true status.json) rather than kill the process mid-write;
+    returns (the previous handler,) to restore, or None off the main thread, where handlers cannot be set."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return (signal.signal(signal.SIGTERM, rundir.raise_stopped),)

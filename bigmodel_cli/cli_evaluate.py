@@ -1,0 +1,138 @@
+"""`bigmodel evaluate`: its options, and the rule that an option which would do nothing in a mode is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bigmodel_cli.cli_app import (
+    Coordinator,
+    NumProcesses,
+    ProcessId,
+    _console,
+    _setup_jax,
+)
+from bigmodel_cli.errors import UserError
+
+
+def evaluate(
+    model: Annotated[
+        Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
+    text: Annotated[
+        Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
+    ] = None,
+    task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
+    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
+    predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
+    metric: Annotated[
+        str | None, typer.Option(help="qa: squad or cmrc2018 (default: cmrc2018 for Chinese data, else squad).")
+    ] = None,
+    columns: Annotated[
+        str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Where metrics.json (and predictions.jsonl) go.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="With --task: override a task option, e.g. task.target_lang=Chinese."),
+    ] = None,
+    split: Annotated[str | None, typer.Option(help="With --data DIR: the split to evaluate, val or train.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default 8).")] = None,
+    max_batches: Annotated[
+        int | None, typer.Option(help="With --data DIR: evaluate at most this many batches (default 50; 0 = all).")
+    ] = None,
+    max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    coordinator: Coordinator = "",
+    num_processes: NumProcesses = 0,
+    process_id: ProcessId = -1,
+) -> None:
+    """Validation loss and perplexity of a model, or task metrics with --task; written to metrics.json.
+
+    Example: bigmodel evaluate runs/tiny --json; bigmodel evaluate runs/tiny --text test.txt;
+    bigmodel evaluate runs/finetune-qa --task qa --data dev.json
+    """
+    import json
+
+    _check_evaluate_options(locals())
+    _setup_jax(coordinator, num_processes, process_id)
+    if task:
+        from bigmodel_cli.evaluate import task_eval
+
+        if columns is not None:
+            overrides = [*(overrides or []), f"task.columns={columns}"]
+        metrics = task_eval.run(
+            task,
+            data,
+            model=model,
+            data2=data2,
+            predictions=predictions,
+            out=out,
+            overrides=overrides,
+            metric=metric or "auto",
+            batch_size=batch_size or 8,
+            max_examples=max_examples or 0,
+        )
+    else:
+        from bigmodel_cli.evaluate import lm as stage
+
+        if text is not None:
+            metrics = stage.run_text(model, text, batch_size=batch_size or 8, out=out)
+        else:
+            metrics = stage.run(
+                model,
+                data=data,
+                split=split or "val",
+                batch_size=batch_size or 8,
+                max_batches=50 if max_batches is None else max_batches,
+                out=out,
+            )
+    if json_out:
+        print(json.dumps(metrics, ensure_ascii=False))
+    else:
+        _console().result(metrics)
+
+
+# Options that belong to one mode of `evaluate`: given in another, they would do nothing, so they are refused.
+_LM_ONLY = {"split": "--split", "max_batches": "--max-batches", "text": "--text"}
+_TASK_ONLY = {
+    "data2": "--data2",
+    "predictions": "--predictions",
+    "metric": "--metric",
+    "columns": "--columns",
+    "overrides": "--set",
+    "max_examples": "--max-examples",
+}
+
+
+def _check_evaluate_options(given: dict) -> None:
+    """Refuse every option that would have no effect in the mode the others select, in one line."""
+    if given["batch_size"] is not None and given["batch_size"] <= 0:
+        raise UserError(f"--batch-size must be positive, got {given['batch_size']}")
+    if given["max_batches"] is not None and given["max_batches"] < 0:
+        raise UserError(f"--max-batches must be >= 0 (0 = all), got {given['max_batches']}")
+    if given["max_examples"] is not None and given["max_examples"] <= 0:
+        raise UserError(f"--max-examples must be positive, got {given['max_examples']}")
+    if given["task"]:
+        stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
+        if stray:
+            raise UserError(f"{stray[0]} is for language-model evaluation, not --task: remove it")
+        if given["data"] is None:
+            raise UserError("--task needs --data FILE (the task's data)")
+        if given["predictions"] is not None and given["batch_size"] is not None:
+            raise UserError("--batch-size has no effect with --predictions (no model runs): remove it")
+        return
+    stray = [flag for name, flag in _TASK_ONLY.items() if given[name]]
+    if stray:
+        raise UserError(f"{stray[0]} applies with --task only: add --task or remove it")
+    if given["model"] is None:
+        raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
+    if given["text"] is not None:
+        clash = [
+            flag for name, flag in (("data", "--data"), *_LM_ONLY.items()) if name != "text" and given[name] is not None
+        ]
+        if clash:
+            raise UserError(f"--text evaluates a whole file: {clash[0]} does not apply, remove it")

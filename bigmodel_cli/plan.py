@@ -12,7 +12,7 @@ import numpy as np
 
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, ModelConfig
-from bigmodel_cli.data.preprocess import load_manifest
+from bigmodel_cli.data.manifest import load_manifest
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import abstract_params, param_name
 from bigmodel_cli.model.transformer import count_params, flops_per_token

@@ -11,7 +11,7 @@ import jax
 from bigmodel_cli.config import Config
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.preprocess import check_compatible, load_manifest
+from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import sha256_file
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.train import loop

@@ -8,7 +8,8 @@ import pytest
 
 from bigmodel_cli import config
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.preprocess import PreprocessConfig, load_manifest
+from bigmodel_cli.data.manifest import load_manifest
+from bigmodel_cli.data.preprocess import PreprocessConfig
 from bigmodel_cli.data.preprocess import run as preprocess
 from bigmodel_cli.errors import UserError
 from tests.conftest import REPO, synthetic_text
@@ -77,8 +78,11 @@ def test_preprocess_is_deterministic_and_char_vocab_sizes_itself(tmp_path):
 def test_preprocess_jsonl_and_bpe(tmp_path):
     lines = [json.dumps({"body": t}) for t in synthetic_text(300).splitlines()]
     (tmp_path / "docs.jsonl").write_text("\n".join(lines) + "\n")
-    manifest = preprocess(PreprocessConfig(inputs=(tmp_path / "docs.jsonl",), out=tmp_path / "out",
-                                           vocab_size=400, model_type="bpe", text_field="body"))
+    manifest = preprocess(
+        PreprocessConfig(
+            inputs=(tmp_path / "docs.jsonl",), out=tmp_path / "out", vocab_size=400, model_type="bpe", text_field="body"
+        )
+    )
     assert manifest["documents"] == 300 and manifest["tokenizer"]["vocab_size"] == 400
     tokens = np.fromfile(tmp_path / "out" / "train-00000.bin", dtype=np.uint16)
     assert (tokens == manifest["tokenizer"]["eos_id"]).sum() >= 250  # an EOS after every document

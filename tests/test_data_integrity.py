@@ -14,7 +14,8 @@ import pytest
 import zstandard
 
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.preprocess import PreprocessConfig, load_manifest
+from bigmodel_cli.data.manifest import load_manifest
+from bigmodel_cli.data.preprocess import PreprocessConfig
 from bigmodel_cli.data.preprocess import run as preprocess
 from bigmodel_cli.errors import UserError
 from tests.conftest import pretrain_args, synthetic_text

@@ -11,6 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from bigmodel_cli.data import hf_datasets, loader, mixture, sources
+from bigmodel_cli.data import manifest as manifest_lib
 from bigmodel_cli.data import preprocess as pp
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
@@ -39,8 +40,8 @@ def make(tmp_path: Path, inputs, name="out", **kw) -> tuple[dict, Path]:
 
 
 def all_tokens(out: Path, split: str) -> np.ndarray:
-    manifest = pp.load_manifest(out)
-    files = pp.split_files(manifest, split)
+    manifest = manifest_lib.load_manifest(out)
+    files = manifest_lib.split_files(manifest, split)
     return np.concatenate([np.fromfile(out / f["file"], dtype=manifest["dtype"]) for f in files])
 
 
@@ -321,15 +322,17 @@ def test_val_fraction_0_and_1_keep_a_file_whole_through_the_cli(cli, tmp_path):
         train_only, held_out = tmp_path / f"train-{inputs}", tmp_path / f"held-{inputs}"
         result = _preprocess(cli, tmp_path / inputs, "--out", train_only, "--model-type", "char", "--val-fraction", "0")
         assert result["val_tokens"] == 0 and result["train_tokens"] > 0
-        assert not list(train_only.glob("val-*")) and pp.load_manifest(train_only)["splits"].keys() == {"train"}
+        assert not list(train_only.glob("val-*")) and manifest_lib.load_manifest(train_only)["splits"].keys() == {
+            "train"
+        }
         tokenizer = train_only / "tokenizer.model"
         result = _preprocess(cli, tmp_path / inputs, "--out", held_out, "--tokenizer", tokenizer, "--val-fraction", "1")
         assert result["train_tokens"] == 0 and not list(held_out.glob("train-*"))
-        assert pp.load_manifest(held_out)["splits"].keys() == {"val"}
+        assert manifest_lib.load_manifest(held_out)["splits"].keys() == {"val"}
         # The same documents with the same tokenizer: the held-out split is the other's train split exactly.
         assert all_tokens(held_out, "val").tobytes() == all_tokens(train_only, "train").tobytes()
         with pytest.raises(UserError, match="has no 'train' split \\(has val\\)"):
-            loader.TokenWindows(held_out, "train", pp.load_manifest(held_out), 8)
+            loader.TokenWindows(held_out, "train", manifest_lib.load_manifest(held_out), 8)
     for bad in ("-0.1", "1.5", "nan"):
         result = cli("preprocess", tmp_path / "one.txt", "--out", tmp_path / "bad", "--val-fraction", bad, ok=False)
         assert result.exit_code != 0 and "--val-fraction must be from 0" in result.stderr
@@ -380,12 +383,12 @@ def test_interrupted_preprocess_leaves_nothing_and_reruns(tmp_path, monkeypatch)
 
 def test_check_compatible_names_the_mismatch(tmp_path):
     manifest = {"tokenizer": {"sha256": "a" * 64, "vocab_size": 500}}
-    pp.check_compatible(manifest, "a" * 64, 512)
-    pp.check_compatible(manifest, None, 500)
+    manifest_lib.check_compatible(manifest, "a" * 64, 512)
+    manifest_lib.check_compatible(manifest, None, 500)
     with pytest.raises(UserError, match="different tokenizer"):
-        pp.check_compatible(manifest, "b" * 64, 512)
+        manifest_lib.check_compatible(manifest, "b" * 64, 512)
     with pytest.raises(UserError, match="vocabulary of 500 tokens but the model only 400"):
-        pp.check_compatible(manifest, "a" * 64, 400)
+        manifest_lib.check_compatible(manifest, "a" * 64, 400)
 
 
 # ---- loader: packing, mixtures, resume ---------------------------------------------------------

@@ -22,8 +22,8 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from bigmodel_cli.data.manifest import load_manifest, split_files
 from bigmodel_cli.data.mixture import parse_mixture
-from bigmodel_cli.data.preprocess import load_manifest, split_files
 from bigmodel_cli.data.tokenizer import sha256_file
 from bigmodel_cli.errors import UserError
 

@@ -3,26 +3,21 @@ glob patterns and Hugging Face datasets, each read as a stream of text pieces in
 
 from __future__ import annotations
 
-import bz2
 import csv
 import glob
-import gzip
 import hashlib
-import io
 import itertools
 import json
-import lzma
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bigmodel_cli.data import hf_datasets
+from bigmodel_cli.data import compressed, hf_datasets
 from bigmodel_cli.errors import UserError
 
 KINDS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
-COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
 TXT_MODES = ("file", "line", "paragraph")
 # A long document is handed on in pieces of at most this many characters, cut after a newline, so that a
 # 1 GB one-document file streams like any other. The pieces of a document follow each other with no
@@ -53,7 +48,7 @@ class Source:
     name: str  # shown in errors and the manifest (no absolute path, so manifests do not depend on cwd)
     kind: str  # txt, jsonl, json, csv, tsv, parquet or hf
     path: Path | None = None
-    compression: str = ""  # one of COMPRESSIONS, or ""
+    compression: str = ""  # one of compressed.COMPRESSIONS, or ""
     hf: tuple[str, str | None, str] | None = None  # (dataset, config, split)
 
     def pieces(self, opts: ReadOptions) -> Iterator[Piece]:
@@ -84,7 +79,7 @@ class Source:
 def _file_kind(path: Path) -> tuple[str, str] | None:
     """(kind, compression) from the name, e.g. x.jsonl.zst -> ('jsonl', '.zst'); None if unknown."""
     suffixes = [s.lower() for s in path.suffixes]
-    compression = suffixes.pop() if suffixes and suffixes[-1] in COMPRESSIONS else ""
+    compression = suffixes.pop() if suffixes and suffixes[-1] in compressed.COMPRESSIONS else ""
     kind = KINDS.get(suffixes[-1]) if suffixes else None
     if kind is None or (kind == "parquet" and compression):
         return None
@@ -97,7 +92,7 @@ def _file_source(path: Path, name: str) -> Source:
         known = ", ".join(KINDS)
         raise UserError(
             f"{path}: unsupported file type {''.join(path.suffixes)!r}; use {known} (text kinds may end in "
-            f"{', '.join(COMPRESSIONS)})"
+            f"{', '.join(compressed.COMPRESSIONS)})"
         )
     return Source(name=name, kind=found[0], path=path, compression=found[1])
 
@@ -148,79 +143,8 @@ def expand(inputs: tuple[str | Path, ...] | list[str | Path]) -> list[Source]:
 # ---- reading files ----------------------------------------------------------------------------
 
 
-class _ZstdFrames(io.RawIOBase):
-    """A .zst file's frames decompressed one after another, refusing a file that ends inside a frame: the
-    zstandard stream reader returns a truncated file's start as if it were the whole file."""
-
-    def __init__(self, raw, decompressor):
-        self._raw, self._zstd = raw, decompressor
-        self._frame = None  # the decompressor of the frame being read; None between frames
-        self._out, self._pos = b"", 0  # decompressed bytes not yet handed on
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        while self._pos == len(self._out):
-            data = self._raw.read(1 << 15)  # small: what it decompresses to is held whole (text packs ~10x)
-            if not data:
-                if self._frame is not None:
-                    raise EOFError("Compressed file ended before the end of its last zstd frame was reached")
-                return 0
-            self._out, self._pos = b"", 0
-            while data:  # one read may end a frame and start the next
-                if self._frame is None:
-                    self._frame = self._zstd.decompressobj()
-                self._out += self._frame.decompress(data)
-                data = b""
-                if self._frame.eof:
-                    data, self._frame = self._frame.unused_data, None
-        n = min(len(buf), len(self._out) - self._pos)
-        buf[:n] = self._out[self._pos : self._pos + n]
-        self._pos += n
-        return n
-
-    def close(self) -> None:
-        self._raw.close()
-        super().close()
-
-
-def _open_binary(src: Source):
-    raw = open(src.path, "rb")  # noqa: SIM115 - closed by the wrapper that owns it
-    if src.compression == ".gz":
-        return gzip.GzipFile(fileobj=raw)
-    if src.compression == ".bz2":
-        return bz2.BZ2File(raw)
-    if src.compression == ".xz":
-        return lzma.LZMAFile(raw)
-    if src.compression == ".zst":
-        try:
-            import zstandard
-        except ImportError:
-            raise UserError(f"{src.name}: reading .zst needs the zstandard package: pip install zstandard") from None
-        return _ZstdFrames(raw, zstandard.ZstdDecompressor())
-    return raw
-
-
 def _read(src: Source, block: int | None) -> Iterator[str]:
-    """A (maybe compressed) UTF-8 text file as lines (block None) or blocks of that many characters, newlines
-    normalised to \\n; bad input raises a UserError."""
-    try:
-        with io.TextIOWrapper(io.BufferedReader(_open_binary(src)), encoding="utf-8", newline=None) as f:
-            for text in f if block is None else iter(lambda: f.read(block), ""):
-                if "\x00" in text:
-                    raise UserError(f"{src.name} looks binary (it holds NUL bytes): pass text files only")
-                yield text
-    except UnicodeDecodeError:
-        raise UserError(f"{src.name} is not UTF-8 text: convert it (e.g. iconv -t utf-8) or leave it out") from None
-    except (OSError, EOFError, lzma.LZMAError) as err:
-        if isinstance(err, FileNotFoundError | PermissionError):
-            raise
-        raise UserError(f"{src.name} is not a valid {src.compression or 'text'} file ({err}): check it") from None
-    except Exception as err:  # zstandard.ZstdError
-        if type(err).__module__.startswith("zstandard"):
-            raise UserError(f"{src.name} is not a valid .zst file ({err}): check it") from None
-        raise
+    return compressed.read_text(src.path, src.compression, src.name, block)
 
 
 def _lines(src: Source) -> Iterator[str]:

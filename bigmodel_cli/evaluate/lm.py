@@ -13,7 +13,7 @@ import numpy as np
 from bigmodel_cli import modelio, parallel
 from bigmodel_cli.console import track
 from bigmodel_cli.data import loader, task_records
-from bigmodel_cli.data.preprocess import check_compatible, load_manifest
+from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.metrics import perplexity

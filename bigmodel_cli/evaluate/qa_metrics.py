@@ -186,6 +186,11 @@ def _iter_qas(dataset: Mapping[str, Any] | Sequence[Any]) -> Iterator[tuple[str,
                 yield paragraph.get("context", ""), str(qa.get("id", number)), qa
 
 
+def question_ids(dataset: Mapping[str, Any] | Sequence[Any]) -> list[str]:
+    """Every question id of a SQuAD-format file, in file order."""
+    return [qid for _, qid, _ in _iter_qas(dataset)]
+
+
 def detect_language(dataset: Mapping[str, Any] | Sequence[Any]) -> Literal["en", "zh"]:
     """Return "zh" when most letters/digits in the contexts and answers are Han or kana, else "en"."""
     texts: list[str] = []

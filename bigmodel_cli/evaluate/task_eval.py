@@ -19,7 +19,7 @@ from flax import nnx
 
 from bigmodel_cli import config, modelio, taskinfo
 from bigmodel_cli.console import track
-from bigmodel_cli.data import tasks
+from bigmodel_cli.data import task_records, tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate import metrics as M
@@ -46,18 +46,6 @@ def score(task: str, examples: list, predictions: dict[str, str], labels: list[s
         named = opts.target_lang if M.bleu_tokenizer(opts.target_lang, golds) != "13a" else None
         return {**M.bleu(preds, golds, named), "chrf": M.chrf(preds, golds), "total": len(examples)}
     raise UserError(f"--predictions is not supported for --task {task}: it is scored by loss and perplexity")
-
-
-def _question_ids(dataset: dict | list) -> list[str]:
-    """Every question id of a SQuAD-format file, in file order (as tasks.load_examples numbers them)."""
-    articles = dataset.get("data", []) if isinstance(dataset, dict) else dataset
-    ids, n = [], 0
-    for article in articles:
-        for paragraph in article.get("paragraphs", []):
-            for qa in paragraph.get("qas", []):
-                n += 1
-                ids.append(str(qa.get("id", n)))
-    return ids
 
 
 def read_predictions(task: str, path: Path) -> dict[str, str]:
@@ -240,8 +228,8 @@ def run(
         examples, data_info = tasks.load_examples(task, Path(data), opts, path2=data2)
         question_ids = None
         if task == "qa":
-            dataset = json.loads(Path(data).read_text(encoding="utf-8"))
-            question_ids = _question_ids(dataset)
+            dataset = task_records.read_json(Path(data), "SQuAD-format JSON")  # as load_examples read it
+            question_ids = qa_metrics.question_ids(dataset)
             question_ids = question_ids[:max_examples] if max_examples else question_ids
             wanted = set(question_ids)
             examples = [e for e in examples if e.id in wanted]

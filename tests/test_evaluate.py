@@ -130,6 +130,8 @@ def _columns(cli, w):
     headerless = cli(*args, ok=False)
     assert headerless.exit_code == 2 and "--columns" in headerless.stderr
     _refused(cli, "evaluate", w["run"], "--columns", "label,text", mentions="--columns")
+    jsonl = ["evaluate", "--task", "translate", "--data", r / "zh.jsonl", "--predictions", r / "zh_preds.jsonl"]
+    _refused(cli, *jsonl, "--columns", "source,target", mentions="--columns")  # JSONL names its fields
 
 
 def _out(cli, w, tmp_path):
@@ -265,3 +267,14 @@ def test_text_refuses_a_missing_or_undecodable_file(cli, world, tmp_path):
     _refused(cli, "evaluate", world["run"], "--text", tmp_path / "nope.txt", mentions="not found")
     Path(tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
     _refused(cli, "evaluate", world["run"], "--text", tmp_path / "latin1.txt", mentions="UTF-8")
+
+
+def test_the_training_files_columns_do_not_carry_into_evaluation():
+    from bigmodel_cli import taskinfo
+    from bigmodel_cli.data import tasks
+    from bigmodel_cli.evaluate import task_eval
+
+    info = taskinfo.TaskInfo(task="classify", options=tasks.TaskOptions(columns="label,body", text_field="body"))
+    carried = task_eval.task_options("classify", info, [])
+    assert carried.columns == "" and carried.text_field == "body"  # the prompt options do carry
+    assert task_eval.task_options("classify", info, ["task.columns=label,body"]).columns == "label,body"

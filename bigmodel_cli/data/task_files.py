@@ -335,6 +335,11 @@ def load_examples(task: str, path: Path, opts: TaskOptions, *, path2: Path | Non
     if path2 is not None and task != "translate":
         raise UserError(f"a second data file is only for --task translate (line-aligned target file), not {task}")
     path = Path(path)
+    if opts.columns and R.file_kind(path) not in ("csv", "tsv"):
+        raise UserError(
+            f"--columns (task.columns) names the columns of a CSV/TSV file without a header row; {path} is not "
+            "one: remove it"
+        )
     info: dict[str, Any] = {"task": task, "path": str(path)}
     if task == "qa":
         examples = _load_qa(path, opts, info)

@@ -192,6 +192,8 @@ class TaskOverrides:
 def task_options(task: str, info: taskinfo.TaskInfo | None, overrides: list[str]) -> tasks.TaskOptions:
     """The options the model was finetuned with (when it was, for this task), with `--set task.*` on top."""
     base = info.options if info is not None and info.task == task else tasks.TaskOptions()
+    # task.columns describes the training file, not the model: a file evaluated now names its own (--columns).
+    base = dataclasses.replace(base, columns="")
     raw = {"task": dataclasses.asdict(base)}
     return config.build_config(raw, config.parse_overrides(overrides), TaskOverrides, Path.cwd(), "--set").task
 

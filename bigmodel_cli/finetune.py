@@ -27,7 +27,6 @@ from bigmodel_cli.model.params import LoadedModel, with_adapters
 from bigmodel_cli.model.transformer import count_params
 from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.tasks import masks, taskinfo
-from bigmodel_cli.tasks.base import Task
 from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop
 from bigmodel_cli.utils import write_json_atomic
@@ -75,9 +74,9 @@ def val_batches(encoded: dict, batch_size: int, max_batches: int, rows: slice):
         yield {k: v[rows] for k, v in batch.items()}
 
 
-def _examples(cfg: FinetuneConfig, kind: Task) -> tuple[list, list, dict]:
+def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
     ft = cfg.finetune
-    opts = cfg.task
+    kind, opts = tasks.get(ft.task), cfg.task
     path2 = Path(ft.train_file2) if ft.train_file2 else None
     train, info = kind.load(Path(ft.train_file), opts, path2=path2)
     if ft.val_file:
@@ -137,8 +136,8 @@ def run(
     seq_len = loop_cfg.data.seq_len
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TaskWarning)
+        train, val, info = _examples(cfg)
         kind = tasks.get(cfg.finetune.task)
-        train, val, info = _examples(cfg, kind)
         ft = cfg.finetune
         encoded = kind.encode(train, tokenizer, seq_len, cfg.task, source=ft.train_file)
         val_source = ft.val_file or f"{ft.train_file} (validation share)"

@@ -22,6 +22,7 @@ from bigmodel_cli.console import track
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.tasks.base import EvalSettings, Task
 from bigmodel_cli.tasks.metrics import perplexity
@@ -62,7 +63,7 @@ def _logprobs(
 class _ModelPredictor:
     """A loaded model's predictions for Task.predict: greedy generation, or the likeliest of some continuations."""
 
-    loaded: modelio.LoadedModel
+    loaded: LoadedModel
     tokenizer: Tokenizer
     opts: TaskOptions
     seq_len: int

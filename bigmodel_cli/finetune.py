@@ -1,6 +1,6 @@
 """`bigmodel finetune --task ...`: adapt a pretrained model to a task with the pretraining train step.
 
-The prompt/target formats live in data/tasks.py; this module starts from a model's weights (all of them
+The prompt/target formats live in tasks/; this module starts from a model's weights (all of them
 trainable, or frozen under LoRA adapters), builds loss-masked batches and hands them to the shared loop.
 """
 
@@ -14,12 +14,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio, taskinfo
+from bigmodel_cli import modelio, tasks
 from bigmodel_cli.config import (
     Config,
 )
 from bigmodel_cli.console import Console
-from bigmodel_cli.data import tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa: F401 (callers use finetune.*)
@@ -27,6 +26,8 @@ from bigmodel_cli.model import lora as lora_lib
 from bigmodel_cli.model.params import LoadedModel, with_adapters
 from bigmodel_cli.model.transformer import count_params
 from bigmodel_cli.pretrain import process_rows
+from bigmodel_cli.tasks import masks, taskinfo
+from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop
 from bigmodel_cli.utils import write_json_atomic
 
@@ -35,9 +36,7 @@ RECIPES = Path(__file__).parent / "recipes" / "finetune"
 
 def default_recipe(task: str) -> Path:
     """The recipe shipped for a task (installed with the package)."""
-    if task not in tasks.TASKS:
-        raise UserError(f"unknown task {task!r}: choose one of {', '.join(tasks.TASKS)}")
-    return RECIPES / f"{task}.toml"
+    return RECIPES / f"{tasks.get(task).name}.toml"
 
 
 class ExampleBatches:
@@ -77,18 +76,17 @@ def val_batches(encoded: dict, batch_size: int, max_batches: int, rows: slice):
 
 def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
     ft = cfg.finetune
-    task, opts = ft.task, cfg.task
+    kind, opts = tasks.get(ft.task), cfg.task
     path2 = Path(ft.train_file2) if ft.train_file2 else None
-    train, info = tasks.load_examples(task, Path(ft.train_file), opts, path2=path2)
+    train, info = kind.load(Path(ft.train_file), opts, path2=path2)
     if ft.val_file:
-        val, _ = tasks.load_examples(task, Path(ft.val_file), opts, path2=Path(ft.val_file2) if ft.val_file2 else None)
+        val, _ = kind.load(Path(ft.val_file), opts, path2=Path(ft.val_file2) if ft.val_file2 else None)
     else:
         n_val = max(1, int(len(train) * ft.val_fraction))
         if len(train) < 2:
             raise UserError(f"{ft.train_file} has {len(train)} example(s): add data or pass --val-data")
         train, val = train[:-n_val], train[-n_val:]
-    if task == "classify":
-        tasks.check_labels(val, info.get("labels", []))
+    kind.check_labels(val, info.get("labels", []))
     return train, val, info
 
 
@@ -96,7 +94,7 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
     """The starting model, its tokenizer, and the loop's config (model sizes come from the model)."""
     ft = cfg.finetune
     if not ft.task:
-        raise UserError(f"no task: pass --task ({', '.join(tasks.TASKS)})")
+        raise UserError(f"no task: pass --task ({', '.join(tasks.NAMES)})")
     if not ft.init_from:
         raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR")
     if not ft.train_file:
@@ -137,23 +135,24 @@ def run(
     loop_cfg, base, tokenizer = resolve(cfg, console)
     seq_len = loop_cfg.data.seq_len
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", tasks.TaskWarning)
+        warnings.simplefilter("always", TaskWarning)
         train, val, info = _examples(cfg)
+        kind = tasks.get(cfg.finetune.task)
         ft = cfg.finetune
-        encoded = tasks.encode(train, tokenizer, seq_len, cfg.task, source=ft.train_file)
+        encoded = kind.encode(train, tokenizer, seq_len, cfg.task, source=ft.train_file)
         val_source = ft.val_file or f"{ft.train_file} (validation share)"
-        encoded_val = tasks.encode(val, tokenizer, seq_len, cfg.task, source=val_source)
+        encoded_val = kind.encode(val, tokenizer, seq_len, cfg.task, source=val_source)
     for warning in caught:  # skipped or cut data: one line each, not a Python warning with source lines
         console.info(f"warning: {warning.message}")
-    tasks.check_masks(encoded)
+    masks.check_masks(encoded)
     if show_examples:
-        print(tasks.show_examples(encoded, tokenizer, show_examples))
+        print(masks.show_examples(encoded, tokenizer, show_examples))
         return {}
     loop.check_layout(loop_cfg)  # before the run directory exists
     loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
     if jax.process_index() == 0:
         shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
-        taskinfo.write(run_dir, cfg.finetune.task, cfg.task, seq_len, info)
+        taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
         write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
 
     lora = cfg.lora if cfg.lora.rank else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bigmodel_cli import tasks
 from bigmodel_cli.config import (
     CheckpointConfig,
     DataConfig,
@@ -16,9 +17,9 @@ from bigmodel_cli.config import (
     TrainConfig,
     _path_field,
 )
-from bigmodel_cli.data import tasks
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.lora import LoraConfig
+from bigmodel_cli.tasks.options import TaskOptions
 
 
 @dataclass(frozen=True)
@@ -32,8 +33,8 @@ class FinetuneSection:
     val_fraction: float = 0.1  # share of train_file's examples held out when val_file is not given
 
     def __post_init__(self) -> None:
-        if self.task and self.task not in tasks.TASKS:
-            raise UserError(f"unknown task {self.task!r}: choose one of {', '.join(tasks.TASKS)}")
+        if self.task:
+            tasks.get(self.task)  # an unknown name is a UserError listing the kinds
         if not 0 < self.val_fraction < 1:
             raise UserError(f"finetune.val_fraction must be in (0, 1), got {self.val_fraction}")
 
@@ -41,7 +42,7 @@ class FinetuneSection:
 @dataclass(frozen=True)
 class FinetuneConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
-    task: tasks.TaskOptions = field(default_factory=tasks.TaskOptions)
+    task: TaskOptions = field(default_factory=TaskOptions)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -18,12 +18,12 @@ from typing import Any
 import jax
 import numpy as np
 
-from bigmodel_cli import taskinfo
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.tasks import taskinfo
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 MAX_IMPORT_SEQ_LEN = 4096  # cap on the context taken from max_position_embeddings (generation pads to it)

@@ -10,13 +10,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import atomic, hf, parallel, taskinfo
+from bigmodel_cli import atomic, hf, parallel
 from bigmodel_cli import config as config_lib
 from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name, with_adapters
+from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.train.checkpoint import Checkpoints
 
 EXPORT_WEIGHTS = "model.safetensors"

@@ -270,11 +270,11 @@ def test_text_refuses_a_missing_or_undecodable_file(cli, world, tmp_path):
 
 
 def test_the_training_files_columns_do_not_carry_into_evaluation():
-    from bigmodel_cli import taskinfo
-    from bigmodel_cli.data import tasks
     from bigmodel_cli.evaluate import task_eval
+    from bigmodel_cli.tasks import taskinfo
+    from bigmodel_cli.tasks.options import TaskOptions
 
-    info = taskinfo.TaskInfo(task="classify", options=tasks.TaskOptions(columns="label,body", text_field="body"))
+    info = taskinfo.TaskInfo(task="classify", options=TaskOptions(columns="label,body", text_field="body"))
     carried = task_eval.task_options("classify", info, [])
     assert carried.columns == "" and carried.text_field == "body"  # the prompt options do carry
     assert task_eval.task_options("classify", info, ["task.columns=label,body"]).columns == "label,body"

@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bigmodel_cli import config, finetune, modelio
-from bigmodel_cli.data import tasks
+from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, END_OF_TURN
 from tests.conftest import synthetic_text
 
 PROMPT_WORDS = (
@@ -170,14 +170,14 @@ def test_each_task_finetunes_and_evaluates(cli, base_model, tmp_path, case):
             assert (exported / f"eval-{task}" / "predictions.jsonl").read_text().splitlines() == preds, fmt
     if task == "instruct":
         tokenizer_config = json.loads((tmp_path / "export-hf" / "tokenizer_config.json").read_text())
-        assert tokenizer_config["chat_template"] == tasks.CHAT_TEMPLATE
+        assert tokenizer_config["chat_template"] == CHAT_TEMPLATE
         # generate answers an instruct model's prompt as a chat turn and stops at the end of its reply
         reply = cli("generate", run, "--prompt", "count to three", "--max-new-tokens", "40", "--temperature", "0")
         raw = cli(
             "generate", run, "--prompt", "count to three", "--max-new-tokens", "40", "--temperature", "0", "--raw"
         )
         assert raw.stdout.startswith("count to three") and not reply.stdout.startswith("count to three")
-        assert tasks.END_OF_TURN not in reply.stdout
+        assert END_OF_TURN not in reply.stdout
 
 
 def test_show_examples_marks_trained_tokens(cli, base_model, tmp_path):

@@ -1,11 +1,11 @@
-"""Tests for bigmodel_cli.evaluate.metrics: hand-computed values and sacrebleu's own results (QA: test_qa_metrics)."""
+"""Tests for bigmodel_cli.tasks.metrics: hand-computed values and sacrebleu's own results (QA: test_qa_metrics)."""
 
 import math
 
 import pytest
 import sacrebleu
 
-from bigmodel_cli.evaluate import metrics as M
+from bigmodel_cli.tasks import metrics as M
 
 # ---------------------------------------------------------------------------------------------------------
 # Classification

@@ -1,4 +1,4 @@
-"""Tests for bigmodel_cli.evaluate.qa_metrics: hand-computed SQuAD and CMRC 2018 values, a SQuAD reference."""
+"""Tests for bigmodel_cli.tasks.qa_metrics: hand-computed SQuAD and CMRC 2018 values, a SQuAD reference."""
 
 import collections
 import random
@@ -7,7 +7,7 @@ import string
 
 import pytest
 
-from bigmodel_cli.evaluate import qa_metrics as Q
+from bigmodel_cli.tasks import qa_metrics as Q
 
 # ---------------------------------------------------------------------------------------------------------
 # Independent, deliberately naive re-implementation of the official SQuAD v1.1 evaluation logic, written

@@ -1,7 +1,10 @@
 """Finetuning task formats: parsing, loss masks, QA windows, chat turns, and one-line errors for bad input."""
 
+import bz2
 import gzip
 import json
+import lzma
+import re
 import subprocess
 import sys
 import tomllib
@@ -12,11 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bigmodel_cli import config
-from bigmodel_cli.data import tasks
+from bigmodel_cli import config, tasks
 from bigmodel_cli.data import tokenizer as tokenizer_lib
-from bigmodel_cli.data.tasks import TaskOptions
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.tasks import masks
+from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, render_chat
+from bigmodel_cli.tasks.options import TaskOptions, TaskWarning
 from tests.conftest import REPO, synthetic_text
 
 CHINESE = "北京是中国的首都，也是政治和文化中心。上海是中国最大的城市，位于长江入海口。长城很长。"
@@ -104,16 +108,16 @@ def task_files(tmp_path: Path) -> dict[str, tuple[Path, Path | None, TaskOptions
     }
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("task", tasks.NAMES)
 def test_each_task_trains_on_exactly_the_target_and_eos(task, tmp_path, tok):
     path, path2, opts = task_files(tmp_path)[task]
-    examples, info = tasks.load_examples(task, path, opts, path2=path2)
+    examples, info = tasks.get(task).load(path, opts, path2=path2)
     assert info["task"] == task and info["examples"] == len(examples) >= 2
-    enc = tasks.encode(examples, tok, 256, opts)
-    tasks.check_masks(enc)
+    enc = tasks.get(task).encode(examples, tok, 256, opts)
+    masks.check_masks(enc)
     assert enc["inputs"].shape == enc["targets"].shape == enc["weights"].shape == (len(examples), 256)
     assert enc["example_index"].tolist() == list(range(len(examples)))
-    prompts = tasks.generation_prompts(examples, tok, 256, opts)
+    prompts = tasks.get(task).generation_prompts(examples, tok, 256, opts)
     for row, example in enumerate(examples):
         text, ends_with_eos = trained_text(enc, row, tok)
         assert text.strip() == example.target.strip() and ends_with_eos
@@ -129,8 +133,8 @@ def test_each_task_trains_on_exactly_the_target_and_eos(task, tmp_path, tok):
 
 def test_show_examples_marks_the_trained_tokens(tmp_path, tok):
     path, _, opts = task_files(tmp_path)["classify"]
-    examples, _ = tasks.load_examples("classify", path, opts)
-    shown = tasks.show_examples(tasks.encode(examples, tok, 64, opts), tok, n=1)
+    examples, _ = tasks.get("classify").load(path, opts)
+    shown = masks.show_examples(tasks.get("classify").encode(examples, tok, 64, opts), tok, n=1)
     assert "⟨eos⟩Text: a fine film\nLabel:⟦ 1⟨eos⟩⟧" in shown
     assert shown.startswith("--- example 0:") and shown.count("--- example") == 1
 
@@ -138,10 +142,10 @@ def test_show_examples_marks_the_trained_tokens(tmp_path, tok):
 def test_check_masks_rejects_all_zero_and_all_one_masks():
     ones = {"weights": np.ones((2, 4), np.float32)}
     with pytest.raises(UserError, match="all ones"):
-        tasks.check_masks(ones)
+        masks.check_masks(ones)
     with pytest.raises(UserError, match="all zeros"):
-        tasks.check_masks({"weights": np.zeros((2, 4), np.float32)})
-    tasks.check_masks({"weights": np.array([[0, 1], [0, 0]], np.float32)})  # a padded batch is fine
+        masks.check_masks({"weights": np.zeros((2, 4), np.float32)})
+    masks.check_masks({"weights": np.array([[0, 1], [0, 0]], np.float32)})  # a padded batch is fine
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -152,13 +156,13 @@ def test_check_masks_rejects_all_zero_and_all_one_masks():
 def test_qa_windows_keep_the_answer_and_generation_sees_every_window(tmp_path, tok):
     context = FILLER * 12 + "The treasure is hidden in Lisbon. " + FILLER * 4
     data = squad([(context, [qa_item("q", "Where is the treasure?", context, "Lisbon")])])
-    examples, _ = tasks.load_examples("qa", write(tmp_path / "q.json", json.dumps(data)), TaskOptions())
+    examples, _ = tasks.get("qa").load(write(tmp_path / "q.json", json.dumps(data)), TaskOptions())
     opts = TaskOptions(max_target_tokens=8, doc_stride=16)
-    enc = tasks.encode(examples, tok, 96, opts)
+    enc = tasks.get("qa").encode(examples, tok, 96, opts)
     assert len(tok.encode([context])[0]) > 3 * 96  # the context really needs windows
     window = tok.decode(row_tokens(enc, 0))
     assert "Lisbon" in window.split("Question:")[0] and trained_text(enc, 0, tok) == ("Lisbon", True)
-    prompts = tasks.generation_prompts(examples, tok, 96, opts)[0]
+    prompts = tasks.get("qa").generation_prompts(examples, tok, 96, opts)[0]
     assert len(prompts) > 3 and all(len(p) <= 96 - 8 for p in prompts)
     trained_prompt = row_tokens(enc, 0)[: int(np.argmax(enc["weights"][0] > 0)) + 1]
     assert trained_prompt in prompts  # training uses one of the evaluation windows
@@ -181,21 +185,21 @@ def test_qa_keeps_every_question_and_only_training_needs_the_answer_start(tmp_pa
     path = write(tmp_path / "q.json", json.dumps(squad([(ctx, qas)])))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # loading drops nothing, so it has nothing to warn about
-        examples, info = tasks.load_examples("qa", path, TaskOptions())
+        examples, info = tasks.get("qa").load(path, TaskOptions())
     assert [e.id for e in examples] == ["good", "bad", "mixed"]  # evaluation generates and scores all three
     assert info["bad_answer_starts"] == 2 and info["no_answer_position"] == 1
     assert examples[1].meta["answer_start"] is None and examples[1].references == ("France",)
     assert examples[2].target == " Paris" and examples[2].references == ("Paris", "Paris")
-    assert len(tasks.generation_prompts(examples, tok, 64, TaskOptions(max_target_tokens=8))) == 3
+    assert len(tasks.get("qa").generation_prompts(examples, tok, 64, TaskOptions(max_target_tokens=8))) == 3
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        enc = tasks.encode(examples, tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
+        enc = tasks.get("qa").encode(examples, tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
     assert enc["example_index"].tolist() == [0, 2]  # training leaves out the question it cannot place
-    assert len(caught) == 1 and issubclass(caught[0].category, tasks.TaskWarning)
+    assert len(caught) == 1 and issubclass(caught[0].category, TaskWarning)
     message = str(caught[0].message)
     assert message.startswith(f"{path}: 1 of 3 questions left out of training") and "\n" not in message
     with pytest.raises(UserError, match="q.json: no question has an answer whose answer_start"):
-        tasks.encode(examples[1:2], tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
+        tasks.get("qa").encode(examples[1:2], tok, 64, TaskOptions(max_target_tokens=8), source=str(path))
 
 
 def test_qa_v2_unanswerable_questions_train_on_the_word_unanswerable(tmp_path, tok):
@@ -204,36 +208,34 @@ def test_qa_v2_unanswerable_questions_train_on_the_word_unanswerable(tmp_path, t
         {"id": "x", "question": "Where is Rome?", "answers": [], "is_impossible": True},
         {**qa_item("y", "Where is Paris?", ctx, "France"), "is_impossible": False},
     ]
-    examples, info = tasks.load_examples(
-        "qa", write(tmp_path / "q.json", json.dumps(squad([(ctx, qas)]))), TaskOptions()
-    )
+    examples, info = tasks.get("qa").load(write(tmp_path / "q.json", json.dumps(squad([(ctx, qas)]))), TaskOptions())
     assert info["squad_version"] == "2.0" and info["unanswerable"] == 1
     assert examples[0].target == " unanswerable" and examples[0].references == ()
-    enc = tasks.encode(examples, tok, 64, TaskOptions(max_target_tokens=8))
+    enc = tasks.get("qa").encode(examples, tok, 64, TaskOptions(max_target_tokens=8))
     assert trained_text(enc, 0, tok) == ("unanswerable", True)
-    assert tasks.extract_answer("qa", " unanswerable\nmore") == ""
-    assert tasks.extract_answer("qa", " France\nQuestion: ...") == "France"
+    assert tasks.get("qa").extract_answer(" unanswerable\nmore") == ""
+    assert tasks.get("qa").extract_answer(" France\nQuestion: ...") == "France"
 
 
 def test_chinese_qa_windows_keep_the_answer(tmp_path, tok):
     context = CHINESE * 4 + "故宫在北京的中心。" + CHINESE * 2  # no spaces anywhere
     qas = [qa_item("c1", "故宫在哪里？", context, "北京的中心", start=len(CHINESE) * 4 + 3)]
-    examples, _ = tasks.load_examples(
-        "qa", write(tmp_path / "cmrc.json", json.dumps(squad([(context, qas)]), ensure_ascii=False)), TaskOptions()
+    examples, _ = tasks.get("qa").load(
+        write(tmp_path / "cmrc.json", json.dumps(squad([(context, qas)]), ensure_ascii=False)), TaskOptions()
     )
     opts = TaskOptions(max_target_tokens=24, doc_stride=32)
-    enc = tasks.encode(examples, tok, 200, opts)
+    enc = tasks.get("qa").encode(examples, tok, 200, opts)
     assert trained_text(enc, 0, tok) == ("北京的中心", True)
     assert "故宫在北京的中心" in tok.decode(row_tokens(enc, 0)).split("Question:")[0]
-    assert len(tasks.generation_prompts(examples, tok, 200, opts)[0]) > 1
+    assert len(tasks.get("qa").generation_prompts(examples, tok, 200, opts)[0]) > 1
 
 
 def test_qa_file_without_questions_is_a_user_error(tmp_path):
     path = write(tmp_path / "q.json", json.dumps({"data": [{"paragraphs": [{"context": "x"}]}]}))
     with pytest.raises(UserError, match="no questions"):
-        tasks.load_examples("qa", path, TaskOptions())
+        tasks.get("qa").load(path, TaskOptions())
     with pytest.raises(UserError, match="not SQuAD-format"):
-        tasks.load_examples("qa", write(tmp_path / "r.json", '{"data": 3}'), TaskOptions())
+        tasks.get("qa").load(write(tmp_path / "r.json", '{"data": 3}'), TaskOptions())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -244,18 +246,18 @@ def test_qa_file_without_questions_is_a_user_error(tmp_path):
 def test_classify_label_set_names_and_unseen_labels(tmp_path):
     rows = [("good", "2"), ("bad", "10"), ("meh", "2"), ("ok", "1")]
     csv_path = write(tmp_path / "c.csv", "text,label\n" + "".join(f"{t},{lab}\n" for t, lab in rows))
-    examples, info = tasks.load_examples("classify", csv_path, TaskOptions())
+    examples, info = tasks.get("classify").load(csv_path, TaskOptions())
     assert info["labels"] == ["1", "2", "10"]  # numeric labels sort as numbers
     jsonl = write(tmp_path / "c.jsonl", "".join(json.dumps({"review": t, "stars": int(lab)}) + "\n" for t, lab in rows))
     named = TaskOptions(text_field="review", label_field="stars", label_names="1:poor, 2:fair, 10:great")
-    examples, info = tasks.load_examples("classify", jsonl, named)
+    examples, info = tasks.get("classify").load(jsonl, named)
     assert info["labels"] == ["fair", "great", "poor"] and examples[0].target == " fair"
-    tasks.check_labels(examples, info["labels"])
-    dev, _ = tasks.load_examples("classify", write(tmp_path / "dev.csv", "text,label\nnew,neutral\n"), TaskOptions())
+    tasks.get("classify").check_labels(examples, info["labels"])
+    dev, _ = tasks.get("classify").load(write(tmp_path / "dev.csv", "text,label\nnew,neutral\n"), TaskOptions())
     with pytest.raises(UserError, match="'neutral' was never seen in training"):
-        tasks.check_labels(dev, ["negative", "positive"])
+        tasks.get("classify").check_labels(dev, ["negative", "positive"])
     with pytest.raises(UserError, match="label '7' is not in task.label_names"):
-        tasks.load_examples("classify", write(tmp_path / "x.csv", "text,label\na,7\n"), TaskOptions(label_names="1:x"))
+        tasks.get("classify").load(write(tmp_path / "x.csv", "text,label\na,7\n"), TaskOptions(label_names="1:x"))
     with pytest.raises(UserError, match="task.label_names must look like"):
         TaskOptions(label_names="0=negative")
 
@@ -263,10 +265,10 @@ def test_classify_label_set_names_and_unseen_labels(tmp_path):
 def test_long_documents_are_cut_and_long_targets_lose_their_eos(tmp_path, tok):
     records = [{"document": FILLER * 40, "summary": "short one"}, {"document": "tiny", "summary": FILLER * 5}]
     path = write(tmp_path / "s.jsonl", "".join(json.dumps(r) + "\n" for r in records))
-    examples, _ = tasks.load_examples("summarize", path, TaskOptions())
+    examples, _ = tasks.get("summarize").load(path, TaskOptions())
     opts = TaskOptions(max_target_tokens=16)
-    with pytest.warns(tasks.TaskWarning) as caught:
-        enc = tasks.encode(examples, tok, 64, opts, source=str(path))
+    with pytest.warns(TaskWarning) as caught:
+        enc = tasks.get("summarize").encode(examples, tok, 64, opts, source=str(path))
     assert [str(w.message) for w in caught] == [f"{path}: 1 targets cut to task.max_target_tokens=16"]
     assert enc["weights"][0].any() and trained_text(enc, 0, tok) == ("short one", True)
     assert tok.decode(row_tokens(enc, 0)).rstrip().endswith("Summary: short one")
@@ -280,18 +282,60 @@ def test_translate_two_files_gzip_jsonl_and_mismatch(tmp_path, tok):
     src.write_bytes(gzip.compress(b"a man walks\n\ntwo dogs play\n"))
     tgt.write_bytes(gzip.compress("ein Mann geht\nleer\nzwei Hunde spielen schön\n".encode()))
     opts = TaskOptions(source_lang="English", target_lang="German")
-    with pytest.warns(tasks.TaskWarning, match="1 pairs with an empty"):
-        examples, info = tasks.load_examples("translate", src, opts, path2=tgt)
+    with pytest.warns(TaskWarning, match="1 pairs with an empty"):
+        examples, info = tasks.get("translate").load(src, opts, path2=tgt)
     assert [e.references for e in examples] == [("ein Mann geht",), ("zwei Hunde spielen schön",)]
     assert examples[0].prompt == "Translate English to German.\nEnglish: a man walks\nGerman:"
     jsonl = write(tmp_path / "t.jsonl", json.dumps({"en": "hello", "fr": "bonjour"}) + "\n")
-    examples, _ = tasks.load_examples("translate", jsonl, TaskOptions(source_field="en", target_field="fr"))
+    examples, _ = tasks.get("translate").load(jsonl, TaskOptions(source_field="en", target_field="fr"))
     assert examples[0].target == " bonjour"
     write(tmp_path / "short.de", "eins\n")
     with pytest.raises(UserError, match="has 3 lines but .* has 1: the two translate files must be line-aligned"):
-        tasks.load_examples("translate", src, opts, path2=tmp_path / "short.de")
+        tasks.get("translate").load(src, opts, path2=tmp_path / "short.de")
     with pytest.raises(UserError, match="pass the target-language file as the second path"):
-        tasks.load_examples("translate", write(tmp_path / "only.en", "hi\n"), opts)
+        tasks.get("translate").load(write(tmp_path / "only.en", "hi\n"), opts)
+
+
+COMPRESSORS = {
+    ".gz": gzip.compress,
+    ".bz2": bz2.compress,
+    ".xz": lzma.compress,
+    ".zst": lambda raw: pytest.importorskip("zstandard").ZstdCompressor().compress(raw),
+}
+
+
+@pytest.mark.parametrize("ext", list(COMPRESSORS))
+@pytest.mark.parametrize("task, name", [("qa", "qa.json"), ("classify", "c.csv"), ("summarize", "s.jsonl")])
+def test_a_compressed_task_file_reads_like_the_plain_one(task, name, ext, tmp_path):
+    rows = [("a fine film", "1"), ("a dull film", "0"), ("a film, with a comma", "1")]
+    plain = {
+        "qa": json.dumps(squad([(FILLER, [qa_item("q1", "What runs?", FILLER, "river")])])),
+        "classify": "\ufefftext,label\r\n" + "".join(f'"{t}",{lab}\r\n' for t, lab in rows),  # BOM, CRLF
+        "summarize": "".join(json.dumps({"document": t, "summary": lab}) + "\n" for t, lab in rows),
+    }[task]
+    path = write(tmp_path / name, plain)
+    packed = tmp_path / (name + ext)
+    packed.write_bytes(COMPRESSORS[ext](path.read_bytes()))
+    examples, info = tasks.get(task).load(path, TaskOptions())
+    unpacked, unpacked_info = tasks.get(task).load(packed, TaskOptions())
+    assert unpacked == examples and [e.meta for e in unpacked] == [e.meta for e in examples]
+    assert {**unpacked_info, "path": str(path)} == info
+    if task == "classify":
+        assert [e.prompt for e in examples][2] == "Text: a film, with a comma\nLabel:" and info["labels"] == ["0", "1"]
+
+
+@pytest.mark.parametrize("ext", list(COMPRESSORS))
+def test_a_truncated_compressed_task_file_is_one_line_user_error(ext, tmp_path):
+    records = "".join(json.dumps({"document": synthetic_text(3), "summary": f"s{i}"}) + "\n" for i in range(400))
+    packed = COMPRESSORS[ext](records.encode())
+    path = tmp_path / f"s.jsonl{ext}"
+    path.write_bytes(packed[: len(packed) // 2])
+    with pytest.raises(UserError, match=f"s.jsonl{re.escape(ext)} is not a valid {re.escape(ext)} file") as err:
+        tasks.get("summarize").load(path, TaskOptions())
+    assert "\n" not in str(err.value)
+    path.write_bytes(b"not compressed at all\n" * 10)
+    with pytest.raises(UserError, match=f"is not a valid {re.escape(ext)} file"):
+        tasks.get("summarize").load(path, TaskOptions())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -367,14 +411,14 @@ def empty_field_files(tmp_path: Path) -> dict[str, tuple[Path, Path | None, Task
     }
 
 
-@pytest.mark.parametrize("task", tasks.TASKS)
+@pytest.mark.parametrize("task", tasks.NAMES)
 def test_empty_required_fields_are_skipped_with_one_warning_naming_the_file(task, tmp_path):
     path, path2, opts, expected = empty_field_files(tmp_path)[task]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        examples, info = tasks.load_examples(task, path, opts, path2=path2)
+        examples, info = tasks.get(task).load(path, opts, path2=path2)
     assert [str(w.message) for w in caught] == [f"{path}: skipped {expected}"]
-    assert all(issubclass(w.category, tasks.TaskWarning) for w in caught)
+    assert all(issubclass(w.category, TaskWarning) for w in caught)
     assert info["skipped_empty"] == int(expected.split()[0]) and len(examples) == 2
 
 
@@ -391,19 +435,19 @@ def test_headerless_ag_news_csv_and_tsv_read_with_task_columns(tmp_path):
     tsv_text = "".join("\t".join(row) + "\n" for row in AG_NEWS_ROWS)
     opts = TaskOptions(columns="label,title,text")  # text_field and label_field keep their defaults
     for path in (write(tmp_path / "train.csv", csv_text), write(tmp_path / "train.tsv", tsv_text)):
-        examples, info = tasks.load_examples("classify", path, opts)
+        examples, info = tasks.get("classify").load(path, opts)
         assert info["labels"] == ["1", "2", "3", "4"]  # from the data, sorted as numbers
         assert [e.id for e in examples] == ["1", "2", "3", "4"]  # line numbers: the first row is data
         assert examples[0].prompt == f"Text: {AG_NEWS_ROWS[0][2]}\nLabel:" and examples[0].target == " 3"
-    titled, _ = tasks.load_examples(
-        "classify", tmp_path / "train.tsv", TaskOptions(columns=opts.columns, text_field="title")
+    titled, _ = tasks.get("classify").load(
+        tmp_path / "train.tsv", TaskOptions(columns=opts.columns, text_field="title")
     )
     assert titled[1].references == ("4",) and "New chip is fast" in titled[1].prompt
     with_header = write(tmp_path / "h.tsv", "label\ttitle\ttext\n" + tsv_text)
-    examples, _ = tasks.load_examples("classify", with_header, opts)
+    examples, _ = tasks.get("classify").load(with_header, opts)
     assert len(examples) == 4  # a header row that repeats task.columns is not read as data
     with pytest.raises(UserError, match=r"task.columns \(label,title,body\) has no 'text'.*task.text_field"):
-        tasks.load_examples("classify", tmp_path / "train.tsv", TaskOptions(columns="label,title,body"))
+        tasks.get("classify").load(tmp_path / "train.tsv", TaskOptions(columns="label,title,body"))
     with pytest.raises(UserError, match="task.columns must be distinct names"):
         TaskOptions(columns="label,,text")
 
@@ -419,11 +463,11 @@ def test_headerless_ag_news_csv_and_tsv_read_with_task_columns(tmp_path):
 def test_a_file_without_header_row_is_one_error_naming_the_columns_option(name, content, guess, tmp_path):
     path = write(tmp_path / name, content)
     with pytest.raises(UserError) as err:
-        tasks.load_examples("classify", path, TaskOptions())
+        tasks.get("classify").load(path, TaskOptions())
     message = str(err.value)
     assert message.startswith(f"{path} seems to have no header row") and "\n" not in message
     assert f"--columns {guess} (or --set task.columns={guess})" in message
-    examples, info = tasks.load_examples("classify", path, TaskOptions(columns=guess))
+    examples, info = tasks.get("classify").load(path, TaskOptions(columns=guess))
     assert len(examples) == len(content.splitlines()) and info["labels"]
 
 
@@ -445,22 +489,22 @@ def test_chat_trains_on_every_assistant_turn_and_nothing_else(tmp_path, tok):
     }
     no_reply = {"messages": [{"role": "user", "content": "hello?"}]}
     path = write(tmp_path / "chat.jsonl", json.dumps(chat) + "\n\n" + json.dumps(no_reply) + "\n")
-    with pytest.warns(tasks.TaskWarning, match="skipped 1 records with no .non-empty. assistant reply"):
-        examples, info = tasks.load_examples("instruct", path, TaskOptions())
+    with pytest.warns(TaskWarning, match="skipped 1 records with no .non-empty. assistant reply"):
+        examples, info = tasks.get("instruct").load(path, TaskOptions())
     assert info["skipped_empty"] == 1 and len(examples) == 1
     example = examples[0]
     assert example.target == "seven<|end|>" and example.references == ("seven",)
     assert example.prompt.endswith("<|user|>\nand three more?<|end|>\n<|assistant|>\n")
-    enc = tasks.encode(examples, tok, 256, TaskOptions())
-    shown = tasks.show_examples(enc, tok)
+    enc = tasks.get("instruct").encode(examples, tok, 256, TaskOptions())
+    shown = masks.show_examples(enc, tok)
     assert shown.split("\n", 1)[1].count("⟦") == 2 and "<|assistant|>\n⟦four<|end|>⟧\n<|user|>" in shown
     assert shown.endswith("<|assistant|>\n⟦seven<|end|>⟨eos⟩⟧") and "ignored" not in shown
-    assert tasks.extract_answer("instruct", "seven<|end|>\n<|user|>") == "seven"
+    assert tasks.get("instruct").extract_answer("seven<|end|>\n<|user|>") == "seven"
 
 
 def test_render_chat_matches_the_stored_jinja_template():
     jinja2 = pytest.importorskip("jinja2")
-    template = jinja2.Template(tasks.CHAT_TEMPLATE)
+    template = jinja2.Template(CHAT_TEMPLATE)
     messages = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "u"},
@@ -468,13 +512,13 @@ def test_render_chat_matches_the_stored_jinja_template():
     ]
     for msgs in (messages, messages[:2], []):
         for gen in (False, True):
-            assert template.render(messages=msgs, add_generation_prompt=gen) == tasks.render_chat(msgs, gen)
-    assert tasks.render_chat(messages[:2], True) == "<|system|>\ns<|end|>\n<|user|>\nu<|end|>\n<|assistant|>\n"
+            assert template.render(messages=msgs, add_generation_prompt=gen) == render_chat(msgs, gen)
+    assert render_chat(messages[:2], True) == "<|system|>\ns<|end|>\n<|user|>\nu<|end|>\n<|assistant|>\n"
 
 
 def test_alpaca_records_become_a_user_turn_and_a_reply(tmp_path, tok):
     path, _, opts = task_files(tmp_path)["instruct"]
-    examples, _ = tasks.load_examples("instruct", path, opts)
+    examples, _ = tasks.get("instruct").load(path, opts)
     assert examples[0].prompt == "<|user|>\nAdd the numbers.\n\ntwo plus three<|end|>\n<|assistant|>\n"
     assert examples[1].prompt == "<|user|>\nSay hello.<|end|>\n<|assistant|>\n"
     assert examples[1].target == "hello there<|end|>"
@@ -514,24 +558,26 @@ def test_bad_inputs_are_one_line_user_errors(task, name, content, message, tmp_p
     if content is not None:
         write(path, content)
     with pytest.raises(UserError, match=message) as err:
-        tasks.load_examples(task, path, TaskOptions())
+        tasks.get(task).load(path, TaskOptions())
     assert "\n" not in str(err.value)
 
 
 def test_unknown_task_bad_options_and_too_small_seq_len(tmp_path, tok):
-    with pytest.raises(UserError, match="--task must be one of"):
-        tasks.load_examples("chat", tmp_path / "x", TaskOptions())
+    with pytest.raises(
+        UserError, match="unknown task 'chat': choose one of qa, classify, summarize, translate, instruct"
+    ):
+        tasks.get("chat")
     with pytest.raises(UserError, match="task.doc_stride must be positive"):
         TaskOptions(doc_stride=0)
     path, _, opts = task_files(tmp_path)["qa"]
-    examples, _ = tasks.load_examples("qa", path, opts)
+    examples, _ = tasks.get("qa").load(path, opts)
     with pytest.raises(UserError, match="raise data.seq_len or lower task.max_target_tokens"):
-        tasks.encode(examples, tok, 64, opts)
-    with pytest.raises(UserError, match="no example fits data.seq_len=24"), pytest.warns(tasks.TaskWarning):
-        tasks.encode(examples, tok, 24, TaskOptions(max_target_tokens=4))
+        tasks.get("qa").encode(examples, tok, 64, opts)
+    with pytest.raises(UserError, match="no example fits data.seq_len=24"), pytest.warns(TaskWarning):
+        tasks.get("qa").encode(examples, tok, 24, TaskOptions(max_target_tokens=4))
     no_eos = SimpleNamespace(eos_id=-1, encode=tok.encode, path="llama.model")
     with pytest.raises(UserError, match="llama.model has no EOS token"):
-        tasks.encode(examples, no_eos, 256, opts)
+        tasks.get("qa").encode(examples, no_eos, 256, opts)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -542,7 +588,7 @@ FINETUNE_RECIPES = sorted((REPO / "recipes" / "finetune").glob("*.toml"))
 
 
 def test_there_is_a_finetune_recipe_per_task():
-    assert sorted(p.stem for p in FINETUNE_RECIPES) == sorted(tasks.TASKS)
+    assert sorted(p.stem for p in FINETUNE_RECIPES) == sorted(tasks.NAMES)
 
 
 @pytest.mark.parametrize("recipe", FINETUNE_RECIPES, ids=lambda p: p.stem)
@@ -569,8 +615,8 @@ def test_synthetic_qa_is_deterministic_learnable_squad(tmp_path):
         assert (outs[0] / file).read_bytes() == (outs[1] / file).read_bytes()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every answer_start must match
-        train, info = tasks.load_examples("qa", outs[0] / "train.json", TaskOptions())
-        test, _ = tasks.load_examples("qa", outs[0] / "test.json", TaskOptions())
+        train, info = tasks.get("qa").load(outs[0] / "train.json", TaskOptions())
+        test, _ = tasks.get("qa").load(outs[0] / "test.json", TaskOptions())
     assert (len(train), len(test)) == (40, 10) and info["bad_answer_starts"] == 0
     assert not {e.meta["context"] for e in train} & {e.meta["context"] for e in test}
     corpus = (outs[0] / "corpus.txt").read_text()

@@ -8,8 +8,10 @@ import pytest
 import sentencepiece as spm
 import tokenizers
 
-from bigmodel_cli.data import tasks, tokenizer_formats
+from bigmodel_cli import tasks
 from bigmodel_cli.data import tokenizer as tok
+from bigmodel_cli.data import tokenizer_formats
+from bigmodel_cli.tasks import layout
 
 # Newspaper-style Chinese (full-width punctuation, Arabic digits, no ASCII space anywhere), and plain English.
 CHINESE_LINES = [
@@ -150,10 +152,10 @@ def test_qa_parts_cut_from_the_whole_keep_the_answer_text(trained):
     target to the answer with its leading space (extract_answer strips it), not "▁4分钟"."""
     _, _, tk = trained
     parts = ["Context:", " 新华社北京3月5日电，旅客平均只需4分钟。", "\nQuestion: 需要多久？\nAnswer:", " 4分钟"]
-    (cut,) = tasks._tokenize_parts(tk, [parts])
+    (cut,) = layout._tokenize_parts(tk, [parts])
     assert [i for part in cut for i in part] == tk.encode(["".join(parts)])[0]
     assert tk.decode([i for part in cut for i in part]) == "".join(parts)
-    assert tasks.extract_answer("qa", tk.decode(cut[-1])) == "4分钟"
+    assert tasks.get("qa").extract_answer(tk.decode(cut[-1])) == "4分钟"
 
 
 def test_hugging_face_tokenizer_json_encodes_and_decodes_the_same(trained):

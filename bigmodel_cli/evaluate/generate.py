@@ -13,11 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import modelio, parallel, taskinfo
-from bigmodel_cli.data import tasks
+from bigmodel_cli import modelio, parallel
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
+from bigmodel_cli.tasks import taskinfo
+from bigmodel_cli.tasks.chat import END_OF_TURN, render_chat
 
 
 @dataclass(frozen=True)
@@ -172,6 +173,6 @@ def run(
     info = taskinfo.read(loaded.home)
     if info is not None and info.chat_template and not raw:
         # The prompt becomes a user turn and the reply ends at the end-of-turn marker, as in finetuning.
-        chat = tasks.render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return complete(loaded, tokenizer, [chat], sampling, (*stop, tasks.END_OF_TURN))[0]
+        chat = render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
+        return complete(loaded, tokenizer, [chat], sampling, (*stop, END_OF_TURN))[0]
     return prompt + complete(loaded, tokenizer, [prompt], sampling, stop)[0]

@@ -12,12 +12,13 @@ import numpy as np
 
 from bigmodel_cli import modelio, parallel
 from bigmodel_cli.console import track
-from bigmodel_cli.data import loader, task_records
+from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.evaluate.metrics import perplexity
 from bigmodel_cli.model.params import LoadedModel
+from bigmodel_cli.tasks import records
+from bigmodel_cli.tasks.metrics import perplexity
 from bigmodel_cli.train.step import eval_step
 from bigmodel_cli.utils import write_json_atomic
 
@@ -94,7 +95,7 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     from the tokens before it in its window, as nanoGPT's evaluation does), after the end-of-document token
     that separates documents in training. Bits per byte divide the summed loss by the text's UTF-8 bytes,
     so that models with different tokenizers compare."""
-    text = task_records.read_text(Path(text_file), "--text")
+    text = records.read_text(Path(text_file), "--text")
     loaded = modelio.load(model)
     if not loaded.tokenizer_file.is_file():
         raise UserError(f"{loaded.home} has no tokenizer.model: --text needs the model's tokenizer")

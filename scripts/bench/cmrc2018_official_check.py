@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigmodel_cli.evaluate import qa_metrics  # noqa: E402
+from bigmodel_cli.tasks import qa_metrics  # noqa: E402
 
 HAN = (
     "的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就"

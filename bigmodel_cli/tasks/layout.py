@@ -1,4 +1,5 @@
-"""Finetuning task formats: Examples (read by data/task_files.py) -> token windows whose loss covers the target.
+"""Token layout of every task kind: Examples -> token windows whose loss covers the target, and the prompts that
+generation starts from.
 
 Every task is decoder-only text: a prompt, then the target the model learns to write, then EOS. A sequence is
 
@@ -8,18 +9,11 @@ Every task is decoder-only text: a prompt, then the target the model learns to w
 The leading EOS is the document boundary the model saw in pretraining (preprocess ends every document with
 one), so a finetuning sequence starts the way every pretraining document did.
 
-The prompt may hold one long, elastic part (QA context, document, source sentence, classified text, the last
-user message of a chat). It is cut to fit `seq_len - 1 - max_target_tokens`, so that training and generation
-see the same prompt and generation has room for `max_target_tokens` new tokens; QA contexts are windowed
-instead, so that the answer stays inside the window trained on.
-
-Prompts (all plain text, the same for every language):
-
-    qa         "Context: {context}\nQuestion: {question}\nAnswer:"            -> " {answer}" / " unanswerable"
-    classify   "Text: {text}\nLabel:"                                          -> " {label}"
-    summarize  "Document: {document}\nSummary:"                                -> " {summary}"
-    translate  "Translate {src} to {tgt}.\n{src}: {source}\n{tgt}:"            -> " {target}"
-    instruct   render_chat(messages before the reply, add_generation_prompt=True) -> "{reply}<|end|>"
+A task kind describes an example as text parts, each with a role (below). The prompt may hold one long, elastic
+part (QA context, document, source sentence, classified text, the last user message of a chat). It is cut to fit
+`seq_len - 1 - max_target_tokens`, so that training and generation see the same prompt and generation has room
+for `max_target_tokens` new tokens; a windowed kind (qa) slides windows over it instead, so that the answer
+stays inside the window trained on.
 """
 
 from __future__ import annotations
@@ -27,82 +21,33 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
-from bigmodel_cli.data.task_files import (
-    CHAT_TEMPLATE,
-    END_OF_TURN,
-    ROLES,
-    TASKS,
-    UNANSWERABLE,
-    Example,
-    TaskOptions,
-    check_labels,
-    load_examples,
-    render_chat,
-)
-from bigmodel_cli.data.task_records import TaskWarning
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.tasks.options import Example, TaskOptions, TaskWarning
 
-# Reading and parsing task files lives in task_files.py; callers get the whole task API from this module.
-__all__ = [
-    "CHAT_TEMPLATE",
-    "END_OF_TURN",
-    "ROLES",
-    "TASKS",
-    "UNANSWERABLE",
-    "Example",
-    "TaskOptions",
-    "TaskWarning",
-    "check_labels",
-    "check_masks",
-    "encode",
-    "extract_answer",
-    "generation_prompts",
-    "load_examples",
-    "render_chat",
-    "show_examples",
-]
+# The role of each text part in the sequence.
+PROMPT = "prompt"  # prompt text, never trained on
+TRAINED = "trained"  # trained on, inside the prompt (earlier assistant turns of a chat)
+CONTEXT = "context"  # the elastic part of the prompt: cut (or for a windowed kind, windowed) to fit
+ANSWER = "answer"  # qa: the gold answer's occurrence inside the context, kept inside the training window
+TARGET = "target"  # the final target: trained on, cut to max_target_tokens
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Token layout: every example is text parts, each with a role in the sequence
-# ---------------------------------------------------------------------------------------------------------
+class Parts(Protocol):
+    """What the layout needs of a task kind."""
 
-_PROMPT, _TRAINED, _CONTEXT, _ANSWER, _TARGET = "prompt", "trained", "context", "answer", "target"
-# _PROMPT   prompt text, never trained on
-# _TRAINED  trained on, inside the prompt (earlier assistant turns of a chat)
-# _CONTEXT  the elastic part of the prompt: cut (or for qa windowed) to fit
-# _ANSWER   qa: the gold answer's occurrence inside the context, kept inside the training window
-# _TARGET   the final target: trained on, cut to max_target_tokens
+    windowed: bool  # generation reads a too-long context in overlapping windows instead of cutting it
 
+    def parts(self, example: Example) -> list[tuple[str, str]]:
+        """The example's full text (prompt + target) as (text, role) parts, in order."""
+        ...
 
-def _parts(example: Example) -> list[tuple[str, str]]:
-    """The example's full text (prompt + target) as (text, role) parts, in order."""
-    meta = example.meta
-    if example.task == "qa":
-        context, start = meta["context"], meta["answer_start"]
-        tail = f"\nQuestion: {meta['question']}\nAnswer:"
-        if start is None:
-            body = [(" " + context, _CONTEXT)]
-        else:
-            end = start + len(meta["answer"])
-            body = [(" " + context[:start], _CONTEXT), (context[start:end], _ANSWER), (context[end:], _CONTEXT)]
-        return [("Context:", _PROMPT), *body, (tail, _PROMPT), (example.target, _TARGET)]
-    if example.task == "instruct":
-        messages = meta["messages"]
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
-        parts = []
-        for i, m in enumerate(messages):
-            parts.append((("\n" if i else "") + f"<|{m['role']}|>\n", _PROMPT))
-            if m["role"] != "assistant":
-                parts += [(m["content"], _CONTEXT if i == last_user else _PROMPT), (END_OF_TURN, _PROMPT)]
-            else:
-                parts.append((m["content"] + END_OF_TURN, _TARGET if i == len(messages) - 1 else _TRAINED))
-        return parts
-    head, text, tail = meta["prompt_parts"]
-    return [(head, _PROMPT), (text, _CONTEXT), (tail, _PROMPT), (example.target, _TARGET)]
+    def trainable(self, example: Example) -> bool:
+        """False for an example that training must leave out (evaluation still scores it)."""
+        ...
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -160,29 +105,29 @@ class _Layout:
     target: list[int] = field(default_factory=list)
 
 
-def _layouts(examples: Sequence[Example], tokenizer) -> list[_Layout]:
-    all_parts = [_parts(e) for e in examples]
+def _layouts(kind: Parts, examples: Sequence[Example], tokenizer) -> list[_Layout]:
+    all_parts = [kind.parts(e) for e in examples]
     tokens = _tokenize_parts(tokenizer, [[text for text, _ in parts] for parts in all_parts])
     layouts = []
     for parts, ids in zip(all_parts, tokens, strict=True):
         layout, seen_context = _Layout(), False
         for (_, role), part in zip(parts, ids, strict=True):
-            if role in (_CONTEXT, _ANSWER):
+            if role in (CONTEXT, ANSWER):
                 seen_context = True
-                if role == _ANSWER:
+                if role == ANSWER:
                     # One token of margin on the right: a token straddling the answer's end went to the
                     # context after it, and must stay in the window too.
                     end = len(layout.context) + len(part) + 1
                     layout.answer = (len(layout.context), end)
                 layout.context += part
-            elif role == _TARGET:
+            elif role == TARGET:
                 layout.target = part
             else:
                 tokens_, weights = (
                     (layout.after, layout.after_weights) if seen_context else (layout.before, layout.before_weights)
                 )
                 tokens_ += part
-                weights += [float(role == _TRAINED)] * len(part)
+                weights += [float(role == TRAINED)] * len(part)
         if layout.answer:
             layout.answer = (layout.answer[0], min(layout.answer[1], len(layout.context)))
         layouts.append(layout)
@@ -197,6 +142,17 @@ def _eos(tokenizer) -> int:
             "a target ends: use a tokenizer with one (every tokenizer bigmodel trains has it)"
         )
     return tokenizer.eos_id
+
+
+def _check_room(seq_len: int, opts: TaskOptions) -> int:
+    """The most prompt tokens (leading EOS included) that leave room for the target; a UserError if none."""
+    room = seq_len - 1 - opts.max_target_tokens
+    if room < 1:
+        raise UserError(
+            f"data.seq_len ({seq_len}) leaves no room for a prompt next to task.max_target_tokens "
+            f"({opts.max_target_tokens}): raise data.seq_len or lower task.max_target_tokens"
+        )
+    return room
 
 
 def _window_starts(length: int, size: int, stride: int) -> list[int]:
@@ -232,13 +188,8 @@ def _train_start(layout: _Layout, size: int, opts: TaskOptions) -> int | None:
     return max(holding, key=lambda s: min(a0 - s, s + size - a1))
 
 
-def _unplaced(example: Example) -> bool:
-    """A qa question with answers, none of which has an answer_start pointing at its text: no window to train."""
-    return example.task == "qa" and example.meta["answer_start"] is None and not example.meta["is_impossible"]
-
-
 def encode(
-    examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions, *, source: str = ""
+    kind: Parts, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions, *, source: str = ""
 ) -> dict[str, np.ndarray]:
     """One [seq_len + 1] window per example -> inputs, targets, weights [N, seq_len] and example_index [N].
 
@@ -251,13 +202,10 @@ def encode(
     """
     if not examples:
         raise UserError(f"no examples to encode: check the task data file {source}".rstrip())
-    if seq_len - 1 - opts.max_target_tokens < 1:
-        raise UserError(
-            f"data.seq_len ({seq_len}) leaves no room for a prompt next to task.max_target_tokens "
-            f"({opts.max_target_tokens}): raise data.seq_len or lower task.max_target_tokens"
-        )
+    _check_room(seq_len, opts)
     where = f"{source}: " if source else ""
-    placed = [i for i, e in enumerate(examples) if not _unplaced(e)]
+    # Only qa leaves examples out (a question whose answer has no trusted place), hence the wording below.
+    placed = [i for i, e in enumerate(examples) if kind.trainable(e)]
     if not placed:
         raise UserError(
             f"{where}no question has an answer whose answer_start points at its text in the context: training "
@@ -268,7 +216,7 @@ def encode(
     mask = np.zeros((len(placed), seq_len + 1), np.float32)  # 1 where the token is trained on
     index = []
     left_out = cut = 0
-    for i, layout in zip(placed, _layouts([examples[i] for i in placed], tokenizer), strict=True):
+    for i, layout in zip(placed, _layouts(kind, [examples[i] for i in placed], tokenizer), strict=True):
         size = _context_size(layout, seq_len, opts)
         start = _train_start(layout, size, opts) if size >= 0 and (size or not layout.context) else None
         if start is None:
@@ -316,7 +264,7 @@ def encode(
 
 
 def generation_prompts(
-    examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions
+    kind: Parts, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions
 ) -> list[list[list[int]]]:
     """Token ids to generate from, per example: [prompt], or for a too-long qa context one per window.
 
@@ -326,101 +274,14 @@ def generation_prompts(
     not UNANSWERABLE (all unanswerable -> ""). Stop generating at EOS (chats: also at END_OF_TURN). A prompt
     too long even without its context keeps its last tokens, so every example gets an answer.
     """
-    eos, limit = _eos(tokenizer), seq_len - opts.max_target_tokens - 1
-    if limit < 1:
-        raise UserError(
-            f"data.seq_len ({seq_len}) leaves no room for a prompt next to task.max_target_tokens "
-            f"({opts.max_target_tokens}): raise data.seq_len or lower task.max_target_tokens"
-        )
+    eos, limit = _eos(tokenizer), _check_room(seq_len, opts)
     out = []
-    for example, layout in zip(examples, _layouts(examples, tokenizer), strict=True):
+    for layout in _layouts(kind, examples, tokenizer):
         size = max(_context_size(layout, seq_len, opts), 0)
-        windowed = example.task == "qa"
-        starts = _window_starts(len(layout.context), size, opts.doc_stride) if windowed else [0]
+        starts = _window_starts(len(layout.context), size, opts.doc_stride) if kind.windowed else [0]
         prompts = []
         for start in starts:
             tokens = [*layout.before, *layout.context[start : start + size], *layout.after]
             prompts.append([eos, *tokens[-limit:]])
         out.append(prompts)
     return out
-
-
-def extract_answer(task: str, generated: str) -> str:
-    """The answer in a generated continuation, as the metrics expect it (qa: UNANSWERABLE -> "")."""
-    text = generated.split(END_OF_TURN)[0]
-    if task in ("qa", "classify"):
-        text = text.strip().split("\n")[0]
-    text = text.strip()
-    if task == "qa" and text.lower().rstrip(".") == UNANSWERABLE:
-        return ""
-    return text
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Checking and showing loss masks
-# ---------------------------------------------------------------------------------------------------------
-
-
-def check_masks(encoded: dict[str, np.ndarray]) -> None:
-    """Raise a UserError when a finetuning batch (or set) trains on no token, or on every token."""
-    weights = np.asarray(encoded["weights"])
-    if weights.size == 0 or not weights.any():
-        raise UserError(
-            "the loss mask is all zeros, nothing would be trained: no target fits; raise data.seq_len or "
-            "lower task.max_target_tokens"
-        )
-    if (weights > 0).all():
-        raise UserError(
-            "the loss mask is all ones, the prompt would be trained on too: the prompts are empty; check the "
-            "task file and the [task] field names"
-        )
-
-
-def _decoded_runs(tokens: list[int], flags: list[bool], tokenizer) -> list[tuple[str, bool]]:
-    """Text of each run of tokens with the same flag; EOS written ⟨eos⟩."""
-    runs: list[tuple[list[int], bool]] = []
-    for token, flag in zip(tokens, flags, strict=True):
-        if runs and runs[-1][1] == flag and (token == tokenizer.eos_id) == (runs[-1][0][-1] == tokenizer.eos_id):
-            runs[-1][0].append(token)
-        else:
-            runs.append(([token], flag))
-    out, plain, shown = [], [], ""
-    for ids, flag in runs:
-        if ids[0] == tokenizer.eos_id:
-            out.append(("⟨eos⟩" * len(ids), flag))
-            continue
-        # Decode the growing text and take the new part, so that word-start spaces survive between runs.
-        plain += ids
-        text = tokenizer.decode(plain)
-        same = len(shown)
-        while not text.startswith(shown[:same]):
-            same -= 1
-        out.append((text[same:], flag))
-        shown = text
-    merged: list[tuple[str, bool]] = []
-    for text, flag in out:  # EOS split the runs only for decoding: show one run per flag
-        if merged and merged[-1][1] == flag:
-            merged[-1] = (merged[-1][0] + text, flag)
-        else:
-            merged.append((text, flag))
-    return merged
-
-
-def show_examples(encoded: dict[str, np.ndarray], tokenizer, n: int = 3) -> str:
-    """The first n encoded rows as text, trained-on tokens inside ⟦...⟧ and EOS written ⟨eos⟩."""
-    blocks = []
-    for row in range(min(n, len(encoded["inputs"]))):
-        tokens = [int(encoded["inputs"][row, 0]), *map(int, encoded["targets"][row])]
-        trained = [False, *(float(w) > 0 for w in encoded["weights"][row])]
-        end = len(tokens)
-        while end > 1 and tokens[end - 1] == tokenizer.eos_id and not trained[end - 1]:
-            end -= 1  # right padding
-        body = "".join(
-            f"⟦{text}⟧" if flag else text for text, flag in _decoded_runs(tokens[:end], trained[:end], tokenizer)
-        )
-        example = int(encoded["example_index"][row]) if "example_index" in encoded else row
-        blocks.append(
-            f"--- example {example}: {end} tokens, {sum(trained)} trained on (in ⟦...⟧), "
-            f"{len(tokens) - end} padding\n{body}"
-        )
-    return "\n".join(blocks)

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Literal
 
-from bigmodel_cli.evaluate.metrics import cjk_language
+from bigmodel_cli.tasks.metrics import cjk_language
 
 QaMetric = Literal["auto", "squad", "cmrc2018"]
 QA_METRICS: tuple[QaMetric, ...] = ("auto", "squad", "cmrc2018")
@@ -182,7 +182,7 @@ def _iter_qas(dataset: Mapping[str, Any] | Sequence[Any]) -> Iterator[tuple[str,
         for paragraph in article["paragraphs"]:
             for qa in paragraph["qas"]:
                 number += 1
-                # A question without an id is numbered from 1 in file order, as tasks.load_examples does.
+                # A question without an id is numbered from 1 in file order, as the qa task reads it.
                 yield paragraph.get("context", ""), str(qa.get("id", number)), qa
 
 

@@ -1,11 +1,13 @@
 """Reading task files: whole texts, JSON, JSONL and CSV/TSV records (with or without a header row), and the
 one-line-per-file warnings for records that are skipped.
+
+A file is read through the same decompressing reader as preprocess (data/compressed.py): x.json.gz, x.csv.zst,
+x.tsv.bz2 or x.de.xz hold what the plain file would, and their kind is the name without the compression suffix.
 """
 
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import json
 import warnings
@@ -13,32 +15,39 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli.data import compressed
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.tasks.options import TaskWarning
+
+_BLOCK_CHARS = 1 << 20  # a whole file is read in blocks this large, then joined
 
 
-class TaskWarning(UserWarning):
-    """Data that was skipped or cut, reported as one line per file (never fatal)."""
+def _compression(path: Path) -> str:
+    """The compression suffix of a file name (one of compressed.COMPRESSIONS), or ""."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in compressed.COMPRESSIONS else ""
 
 
 def read_text(path: Path, what: str) -> str:
-    """A whole text file (gzip when it ends in .gz), or a UserError naming the fix."""
+    """A whole (maybe compressed) UTF-8 text file, or a UserError naming the fix."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: pass an existing {what} file")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        text = raw.decode("utf-8-sig")
-    except (OSError, EOFError, UnicodeDecodeError) as err:
+        text = "".join(compressed.read_text(path, _compression(path), str(path), _BLOCK_CHARS))
+    except OSError as err:  # what the reader leaves to its caller: a file we may not open
         raise UserError(f"{path} is not readable UTF-8 text ({err}): pass a UTF-8 {what} file") from None
+    text = text.removeprefix("\ufeff")  # a byte-order mark (spreadsheet exports write one) is not data
     if not text.strip():
         raise UserError(f"{path} is empty: pass a {what} file with data")
     return text
 
 
 def file_kind(path: Path) -> str:
-    """The format suffix, ignoring a trailing .gz: 'json', 'jsonl', 'csv', 'tsv', ..."""
-    suffixes = [s.lower() for s in Path(path).suffixes if s.lower() != ".gz"]
-    return suffixes[-1].lstrip(".") if suffixes else ""
+    """The format suffix, ignoring a compression suffix: 'json', 'jsonl', 'csv', 'tsv', ..."""
+    path = Path(path)
+    name = path.with_suffix("") if _compression(path) else path
+    return name.suffix.lower().lstrip(".")
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -73,7 +82,8 @@ def records(path: Path, what: str, columns: list[str], needed: Sequence[tuple[st
         return read_jsonl(path, what)  # records name their fields: task.columns does not apply
     if kind not in ("csv", "tsv"):
         raise UserError(
-            f"{path}: {what} files must be .jsonl, .csv or .tsv (optionally .gz), got {kind or 'no suffix'!r}"
+            f"{path}: {what} files must be .jsonl, .csv or .tsv (optionally {', '.join(compressed.COMPRESSIONS)}), "
+            f"got {kind or 'no suffix'!r}"
         )
     # GLUE-style TSVs are unquoted and contain stray quote characters, so quoting is off for TSV only.
     quoting = csv.QUOTE_NONE if kind == "tsv" else csv.QUOTE_MINIMAL

@@ -14,8 +14,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigmodel_cli.data import tasks
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.tasks.base import Task
+from bigmodel_cli.tasks.options import TaskOptions
 from bigmodel_cli.utils import write_json_atomic
 
 TASK_FILE = "task.json"
@@ -23,22 +24,22 @@ TASK_FILE = "task.json"
 
 @dataclass(frozen=True)
 class TaskInfo:
-    task: str  # one of tasks.TASKS
-    options: tasks.TaskOptions  # the [task] section the model was finetuned with
+    task: str  # the name of its task kind (bigmodel_cli.tasks.NAMES)
+    options: TaskOptions  # the [task] section the model was finetuned with
     labels: tuple[str, ...] = ()  # classify: the label words, in the order they were scored
     seq_len: int = 0  # the sequence length of finetuning (prompts are cut and windowed to it); 0 = unknown
     chat_template: str = ""  # instruct: the Jinja chat template of the prompts (Hugging Face's chat_template)
 
 
-def write(run_dir: Path, task: str, options: tasks.TaskOptions, seq_len: int, data_info: dict) -> None:
+def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_info: dict) -> None:
     """Record the task a run is finetuned for; `data_info` is what loading the task file found."""
     record = json.loads(json.dumps(data_info, default=str))  # counts and file names, for people reading it
     record.update(
-        task=task,
+        task=kind.name,
         options=dataclasses.asdict(options),
         labels=list(data_info.get("labels", [])),
         seq_len=seq_len,
-        chat_template=tasks.CHAT_TEMPLATE if task == "instruct" else "",
+        chat_template=kind.chat_template,
     )
     write_json_atomic(Path(run_dir) / TASK_FILE, record)
 
@@ -66,15 +67,15 @@ def read(home: Path) -> TaskInfo | None:
     )
 
 
-def _options_from_config(home: Path) -> tasks.TaskOptions:
+def _options_from_config(home: Path) -> TaskOptions:
     config_file = home / "config.toml"
     section = tomllib.loads(config_file.read_text(encoding="utf-8")).get("task", {}) if config_file.is_file() else {}
     return _options(section)
 
 
-def _options(values: dict) -> tasks.TaskOptions:
-    known = {f.name for f in dataclasses.fields(tasks.TaskOptions)}
-    return tasks.TaskOptions(**{k: v for k, v in values.items() if k in known})
+def _options(values: dict) -> TaskOptions:
+    known = {f.name for f in dataclasses.fields(TaskOptions)}
+    return TaskOptions(**{k: v for k, v in values.items() if k in known})
 
 
 def copy(home: Path, out_dir: Path) -> None:

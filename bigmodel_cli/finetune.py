@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio, taskinfo
+from bigmodel_cli import atomic, modelio, taskinfo
 from bigmodel_cli.config import (
     Config,
 )
@@ -28,7 +28,6 @@ from bigmodel_cli.model.params import LoadedModel, with_adapters
 from bigmodel_cli.model.transformer import count_params
 from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.train import loop
-from bigmodel_cli.utils import write_json_atomic
 
 RECIPES = Path(__file__).parent / "recipes" / "finetune"
 
@@ -154,7 +153,7 @@ def run(
     if jax.process_index() == 0:
         shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
         taskinfo.write(run_dir, cfg.finetune.task, cfg.task, seq_len, info)
-        write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
+        atomic.write_json(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
 
     lora = cfg.lora if cfg.lora.rank else None
     base_params = lora_lib.fold(base.params, base.lora)

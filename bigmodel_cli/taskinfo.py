@@ -14,9 +14,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigmodel_cli import atomic
 from bigmodel_cli.data import tasks
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.utils import write_json_atomic
 
 TASK_FILE = "task.json"
 
@@ -40,7 +40,7 @@ def write(run_dir: Path, task: str, options: tasks.TaskOptions, seq_len: int, da
         seq_len=seq_len,
         chat_template=tasks.CHAT_TEMPLATE if task == "instruct" else "",
     )
-    write_json_atomic(Path(run_dir) / TASK_FILE, record)
+    atomic.write_json(Path(run_dir) / TASK_FILE, record)
 
 
 def read(home: Path) -> TaskInfo | None:

@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bigmodel_cli import config, modelio, taskinfo
+from bigmodel_cli import atomic, config, modelio, taskinfo
 from bigmodel_cli.console import track
 from bigmodel_cli.data import task_records, tasks
 from bigmodel_cli.data.tokenizer import Tokenizer
@@ -25,7 +25,6 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate import metrics as M
 from bigmodel_cli.evaluate import qa_metrics
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
-from bigmodel_cli.utils import write_json_atomic
 
 
 def score(task: str, examples: list, predictions: dict[str, str], labels: list[str], opts: tasks.TaskOptions) -> dict:
@@ -172,7 +171,7 @@ def _write(out_dir: Path, examples, predictions: dict[str, str] | None, metrics:
                     row = {"id": e.id, "prediction": predictions.get(e.id, ""), "references": list(e.references)}
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
             os.replace(tmp, out_dir / "predictions.jsonl")
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        atomic.write_json(out_dir / "metrics.json", metrics)
     except OSError as err:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

@@ -1,16 +1,48 @@
-"""Outputs that appear whole or not at all: a staging directory renamed into place when the writing is done."""
+"""Outputs that appear whole or not at all: a file written beside its place and renamed over it, or a staging
+directory renamed into place when the writing is done."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from bigmodel_cli.errors import UserError
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` at once: a reader, or a crash, sees the old file or the new one, never half."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # same directory: os.replace is a rename
+    # A fresh name opened exclusively with 0666: the kernel applies the umask, so the file gets the mode a plain
+    # open() would give it (mkstemp's 0600 would carry over to `path`).
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it visible
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str, encoding: str = "utf-8") -> None:
+    """write_bytes for text."""
+    write_bytes(path, text.encode(encoding))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """write_bytes for a JSON document, indented by 2, ending in a newline."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_new_dir(out: Path, what: str) -> None:

@@ -165,7 +165,7 @@ def finetune(
     from bigmodel_cli import config
     from bigmodel_cli import finetune as stage
 
-    given = {
+    flags = {
         "task": task,
         "init_from": init_from,
         "train_file": data,
@@ -173,14 +173,14 @@ def finetune(
         "val_file": val_data,
         "val_file2": val_data2,
     }
-    cli_sets = [f"finetune.{key}={value}" for key, value in given.items() if value]
+    values = {"finetune": {key: value for key, value in flags.items() if value}}
     if columns is not None:
-        cli_sets.append(f"task.columns={columns}")
+        values["task"] = {"columns": columns}
     if recipe is None:
         if not task:
             raise UserError("pass --task (qa, classify, summarize, translate, instruct) or a recipe")
         recipe = stage.default_recipe(task)
-    cfg = config.load_config(recipe, [*cli_sets, *(overrides or [])], cls=stage.FinetuneConfig)
+    cfg = config.load_config(recipe, overrides or [], cls=stage.FinetuneConfig, values=values)
     _setup_jax(coordinator, num_processes, process_id)
     console = _console()
     run_dir = run_dir or Path("runs") / f"finetune-{cfg.finetune.task}"

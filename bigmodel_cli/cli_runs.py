@@ -47,26 +47,8 @@ def plan(
         print(json.dumps(result))
         return
     from rich.console import Console
-    from rich.table import Table
 
-    out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    if result["note"]:
-        out.print(f"note: {result['note']}")
-    gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
-    out.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
-    out.print(
-        f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
-        f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}"
-    )
-    out.print(
-        f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
-        f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
-        f"{result['tokens_per_step']:,} tokens per step"
-    )
-    table = Table("parameter", "shape", "dtype", "sharding")
-    for row in result["parameters"]:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
-    out.print(table)
+    stage.render(result, Console(highlight=False, width=None if sys.stdout.isatty() else 160))
 
 
 def report(
@@ -88,24 +70,6 @@ def runs(root: Annotated[Path, typer.Argument(help="Directory holding run direct
 
     Example: bigmodel runs runs/
     """
-    import json
+    from bigmodel_cli import report as stage
 
-    from bigmodel_cli.report import list_runs
-
-    found = list_runs(root)
-    if _options["log_format"] == "json":
-        for row in found:
-            print(json.dumps({k: (str(v) if k == "path" else v) for k, v in row.items()}))
-        return
-    if not found:
-        print(f"no runs under {root}")
-        return
-    width = max(len(str(r["path"])) for r in found)
-    print(f"{'run':<{width}}  {'step':>7}  {'loss':>8}  {'val_loss':>8}  status")
-    for r in found:
-        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
-        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
-        print(
-            f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
-            f"{r['status']}"
-        )
+    stage.print_runs(stage.list_runs(root), root, json_lines=_options["log_format"] == "json")

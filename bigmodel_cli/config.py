@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import tomllib
 import types
 import typing
@@ -244,9 +245,14 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict[str, str]]:
 
 
 def load_config(
-    recipe: Path | None, overrides: list[str] | None = None, cls: type = Config, base_dir: Path | None = None
+    recipe: Path | None,
+    overrides: list[str] | None = None,
+    cls: type = Config,
+    base_dir: Path | None = None,
+    values: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """Read a recipe (or the defaults when None), apply `--set` overrides, and validate everything."""
+    """Read a recipe (or the defaults when None), apply a command's own flags as typed `values`
+    ({"finetune": {"train_file": Path(...)}}), then `--set` overrides, and validate everything."""
     raw: dict[str, Any] = {}
     recipe_dir = Path.cwd()
     if recipe is not None:
@@ -261,28 +267,36 @@ def load_config(
     if base_dir is not None:
         recipe_dir = base_dir
     where = str(recipe) if recipe is not None else "config"
-    return build_config(raw, parse_overrides(overrides or []), cls, recipe_dir, where)
+    return build_config(raw, parse_overrides(overrides or []), cls, recipe_dir, where, values=values)
 
 
 def build_config(
-    raw: dict[str, Any], overrides: dict[str, dict[str, str]], cls: type, recipe_dir: Path, where: str = "config"
+    raw: dict[str, Any],
+    overrides: dict[str, dict[str, str]],
+    cls: type,
+    recipe_dir: Path,
+    where: str = "config",
+    values: dict[str, dict[str, Any]] | None = None,
 ) -> Any:
-    """Make the nested frozen config from raw TOML sections plus string overrides."""
+    """Make the nested frozen config from raw TOML sections, typed `values`, then string overrides."""
     sections = _section_classes(cls)
-    for name in list(raw) + list(overrides):
+    values = values or {}
+    for name in list(raw) + list(values) + list(overrides):
         if name not in sections:
             raise UserError(f"{where}: unknown section [{name}]{_closest(name, list(sections))}")
     built = {}
     for name, section_cls in sections.items():
-        values = raw.get(name, {})
-        if not isinstance(values, dict):
+        section = raw.get(name, {})
+        if not isinstance(section, dict):
             raise UserError(f"{where}: [{name}] must be a table of keys")
-        built[name] = _build_section(name, section_cls, values, overrides.get(name, {}), recipe_dir, where)
+        # Typed values are checked, and their paths resolved, as --set ones are; a --set of the same key wins.
+        given = {**values.get(name, {}), **overrides.get(name, {})}
+        built[name] = _build_section(name, section_cls, section, given, recipe_dir, where)
     return cls(**built)
 
 
 def _build_section(
-    name: str, section_cls: type, values: dict[str, Any], overrides: dict[str, str], recipe_dir: Path, where: str
+    name: str, section_cls: type, values: dict[str, Any], overrides: dict[str, Any], recipe_dir: Path, where: str
 ) -> Any:
     fields = {f.name: f for f in dataclasses.fields(section_cls)}
     for key in list(values) + list(overrides):
@@ -296,6 +310,7 @@ def _build_section(
         if fields[key].metadata.get("mixture") and merged[key]:
             merged[key] = resolve_mixture(merged[key], recipe_dir)
     for key, value in overrides.items():
+        value = os.fspath(value) if isinstance(value, os.PathLike) else value
         merged[key] = _coerce(f"--set {name}.{key}", value, _field_type(section_cls, key))
         if fields[key].metadata.get("path"):
             merged[key] = _resolve_path(f"--set {name}.{key}", merged[key], Path.cwd())  # typed here: relative to cwd

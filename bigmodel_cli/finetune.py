@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import modelio, tasks
+from bigmodel_cli import atomic, modelio, tasks
 from bigmodel_cli.config import (
     Config,
 )
@@ -29,7 +29,6 @@ from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop
-from bigmodel_cli.utils import write_json_atomic
 
 RECIPES = Path(__file__).parent / "recipes" / "finetune"
 
@@ -153,7 +152,7 @@ def run(
     if jax.process_index() == 0:
         shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
         taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
-        write_json_atomic(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
+        atomic.write_json(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
 
     lora = cfg.lora if cfg.lora.rank else None
     base_params = lora_lib.fold(base.params, base.lora)

@@ -23,6 +23,7 @@ from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.rundir import TOKENIZER_FILE
 from bigmodel_cli.tasks import taskinfo
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
@@ -161,7 +162,7 @@ def _write_weights(flat: dict[str, Any], directory: Path, max_shard_bytes: int) 
 
 def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:
     """tokenizer.model plus the files AutoTokenizer needs, set up to give exactly our ids (no BOS added)."""
-    shutil.copyfile(model_file, directory / "tokenizer.model")
+    shutil.copyfile(model_file, directory / TOKENIZER_FILE)
     sp = tokenizer.sp
     special = {
         f"{kind}_token": sp.id_to_piece(i)

@@ -145,3 +145,26 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
     if memory_budget_gb:
         refuse_unless_fits(per_device, memory_budget_gb * 2**30, f"the budget is {memory_budget_gb} GiB")
     return result
+
+
+def render(result: dict, console) -> None:
+    """Print run()'s result for people on a rich Console: sizes, memory per device, FLOPs, the parameter table."""
+    from rich.table import Table
+
+    if result["note"]:
+        console.print(f"note: {result['note']}")
+    gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
+    console.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
+    console.print(
+        f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
+        f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}"
+    )
+    console.print(
+        f"FLOPs per step: model {result['model_flops_per_step']:.3e} "
+        f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
+        f"{result['tokens_per_step']:,} tokens per step"
+    )
+    table = Table("parameter", "shape", "dtype", "sharding")
+    for row in result["parameters"]:
+        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
+    console.print(table)

@@ -1,4 +1,5 @@
-"""`report` stage: plot the metrics of one or more runs into a PNG or a self-contained HTML page."""
+"""`report` and `runs`: plot the metrics of one or more runs into a PNG or a self-contained HTML page, and list
+the runs under a directory with their progress."""
 
 from __future__ import annotations
 
@@ -7,17 +8,14 @@ import html
 import io
 import json
 import math
-import os
-import tempfile
 import tomllib
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import atomic
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.runlog import METRICS_FILE
+from bigmodel_cli.rundir import CONFIG_FILE, EVAL_METRICS_FILE, METRICS_FILE, STATUS_FILE
 
-STATUS_FILE = "status.json"
-CONFIG_FILE = "config.toml"
 FORMATS = (".png", ".html")
 Table = tuple[list[str], list[list[str]]]  # header, rows
 
@@ -112,6 +110,26 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
     return runs
 
 
+def print_runs(runs: list[dict[str, Any]], root: Path, json_lines: bool = False) -> None:
+    """Print list_runs(root)'s rows as a table, or as one JSON object per line."""
+    if json_lines:
+        for row in runs:
+            print(json.dumps({k: (str(v) if k == "path" else v) for k, v in row.items()}))
+        return
+    if not runs:
+        print(f"no runs under {root}")
+        return
+    width = max(len(str(r["path"])) for r in runs)
+    print(f"{'run':<{width}}  {'step':>7}  {'loss':>8}  {'val_loss':>8}  status")
+    for r in runs:
+        loss = f"{r['loss']:.4f}" if r["loss"] is not None else "-"
+        val = f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-"
+        print(
+            f"{str(r['path']):<{width}}  {r['step'] if r['step'] is not None else '-':>7}  {loss:>8}  {val:>8}  "
+            f"{r['status']}"
+        )
+
+
 def _labels(run_dirs: list[Path]) -> list[str]:
     """Short run names: directory names, or full paths when those names collide."""
     names = [d.resolve().name for d in run_dirs]
@@ -128,7 +146,7 @@ def _fmt(value: Any) -> str:
 
 def _table(run_dirs: list[Path], runs: list[list[dict[str, Any]]]) -> Table:
     """Header and rows of the final-metrics table: last logged values, then metrics.json values."""
-    finals = [_read_json(d / "metrics.json") for d in run_dirs]
+    finals = [_read_json(d / EVAL_METRICS_FILE) for d in run_dirs]
     final_keys = sorted({k for f in finals for k in f})
     header = ["run", "step", "loss", "val_loss", *(f"final {k}" for k in final_keys)]
     body = []
@@ -198,19 +216,6 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}} img{{max-width:1
     return page.encode("utf-8")
 
 
-def _write_atomic(out: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory so readers never see a half-written report."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(run_dirs: list[Path], out: Path) -> Path:
     """Plot loss, val_loss, learning rate and throughput of the runs, and tabulate their final metrics."""
     out = Path(out)
@@ -233,5 +238,6 @@ def run(run_dirs: list[Path], out: Path) -> Path:
 
     table = _table(run_dirs, runs)
     png = _render_png(_labels(run_dirs), runs, table)
-    _write_atomic(out, png if out.suffix.lower() == ".png" else _render_html(png, table))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_bytes(out, png if out.suffix.lower() == ".png" else _render_html(png, table))  # never half a report
     return out

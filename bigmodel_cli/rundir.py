@@ -1,4 +1,5 @@
-"""The run directory's life: one writer at a time, a status.json that tells the truth, and how a run ends.
+"""The run directory: the names of its files, one writer at a time, a status.json that tells the truth, and how
+a run ends.
 
 How a training command ends, as its exit code and status.json (what a scheduler and `bigmodel runs` see):
 
@@ -31,11 +32,30 @@ import socket
 import time
 from pathlib import Path
 
+from bigmodel_cli import atomic
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.report import STATUS_FILE
 
-LOCK_FILE = "bigmodel.lock"
+# ---- what a run directory holds ----------------------------------------------------------------------------
+# Every command that writes or reads a run directory takes the names from here. A model's files (tokenizer,
+# task, final metrics) keep the same names in an export directory, so that a run and its export read alike.
+CONFIG_FILE = "config.toml"  # the fully resolved config the run was made with
+CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one directory per step
 PARTIAL_CHECKPOINT = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here, then renames it to <step>
+TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model (a data directory names its own the same)
+MODEL_FILE = "model.json"  # finetuning: the ModelConfig of the model it started from
+TASK_FILE = "task.json"  # finetuning: the task and its prompt options (taskinfo)
+METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step
+TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of the same metrics
+EVAL_METRICS_FILE = "metrics.json"  # the latest `bigmodel evaluate` of the model
+PREDICTIONS_FILE = "predictions.jsonl"  # a task evaluation's predictions, beside its metrics.json
+STATUS_FILE = "status.json"  # starting, running, stopped, failed or finished, with a step
+LOCK_FILE = "bigmodel.lock"  # held by the one process that writes (see lock())
+
+
+def eval_dir(home: Path, task: str) -> Path:
+    """Where `bigmodel evaluate --task TASK` writes for a model by default."""
+    return Path(home) / f"eval-{task}"
+
 
 # ---- config changes on resume ----------------------------------------------------------------------------
 # --allow-config-change may change these keys when a run resumes from a checkpoint. They shape only the steps
@@ -161,12 +181,10 @@ class RunStatus:
         self.state = ""
 
     def write(self, state: str, step: int | None = None, **extra) -> None:
-        from bigmodel_cli.utils import write_json_atomic  # utils imports jax: not at CLI start-up
-
         self.state = state
         if self.enabled:
             step = latest_checkpoint(self.run_dir) if step is None else step
-            write_json_atomic(self.run_dir / STATUS_FILE, {"state": state, "step": step, **extra})
+            atomic.write_json(self.run_dir / STATUS_FILE, {"state": state, "step": step, **extra})
 
     def end(self, state: str, message: str = "") -> None:
         """The last write of a run that did not finish: step is the checkpoint a rerun resumes from."""
@@ -178,14 +196,14 @@ class RunStatus:
 
 def latest_checkpoint(run_dir: Path) -> int:
     """The newest complete checkpoint's step (0 when there is none): where a rerun resumes."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = Path(run_dir) / CHECKPOINTS_DIR
     steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
     return max(steps, default=0)
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Delete checkpoints that a dead or failed writer left half-written; only the lock holder may call this."""
-    directory = Path(run_dir) / "checkpoints"
+    directory = Path(run_dir) / CHECKPOINTS_DIR
     if directory.is_dir():
         for partial in directory.glob(PARTIAL_CHECKPOINT):
             shutil.rmtree(partial, ignore_errors=True)

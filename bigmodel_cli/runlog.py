@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tensorboard"
+from bigmodel_cli import atomic
+from bigmodel_cli.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 
 def _as_float(value: Any) -> float | None:
@@ -115,14 +113,7 @@ class RunLogger:
                 logged_step = record.get("step") if isinstance(record, dict) else None
                 if isinstance(logged_step, int) and logged_step <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=f".{METRICS_FILE}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic.write_text(self.path, "".join(kept))
 
     def close(self) -> None:
         """Flush and close every sink; safe to call more than once."""

@@ -1,9 +1,8 @@
-"""Small shared helpers: atomic writes, device peak FLOP/s and memory, the compilation cache."""
+"""Small shared helpers: device peak FLOP/s and memory, the compilation cache."""
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from pathlib import Path
@@ -24,14 +23,6 @@ PEAK_FLOPS = {
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
 }
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary sibling then rename it, so readers never see half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @functools.cache

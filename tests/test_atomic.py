@@ -1,5 +1,6 @@
 """Outputs appear whole or not at all, with the user's umask, and never replace what a user made."""
 
+import json
 import os
 
 import pytest
@@ -41,3 +42,48 @@ def test_an_existing_output_is_never_replaced(tmp_path):
     with atomic.new_dir(empty, "output") as staging:
         (staging / "b").write_text("b")
     assert (empty / "b").read_text() == "b"  # an empty directory may be filled
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def test_a_file_is_replaced_whole_with_the_mode_open_gives(tmp_path):
+    path = tmp_path / "status.json"
+    path.write_text("old")
+    atomic.write_json(path, {"state": "running", "step": 3})
+    assert json.loads(path.read_text()) == {"state": "running", "step": 3}
+    assert path.read_text().endswith("}\n")
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert path.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's 0600
+    atomic.write_text(tmp_path / "t.txt", "héllo\n")
+    assert (tmp_path / "t.txt").read_bytes() == "héllo\n".encode()
+    atomic.write_bytes(tmp_path / "b.bin", b"\0\1")
+    assert (tmp_path / "b.bin").read_bytes() == b"\0\1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "plain", "status.json", "t.txt"]
+
+
+def test_the_umask_decides_the_mode(tmp_path):
+    old = os.umask(0o077)
+    try:
+        atomic.write_text(tmp_path / "private", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "private").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("old\n")
+
+    def fail(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", fail)
+    with pytest.raises(OSError, match="No space left"):
+        atomic.write_text(path, "new\n")
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]

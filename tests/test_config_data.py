@@ -57,6 +57,43 @@ def test_bad_overrides_raise_one_clear_error(override, message):
         config.load_config(None, [override])
 
 
+def test_typed_values_come_after_the_recipe_and_before_set(tmp_path, monkeypatch):
+    from bigmodel_cli.finetune_config import FinetuneConfig
+
+    monkeypatch.chdir(tmp_path)
+    recipe = tmp_path / "sub" / "r.toml"
+    recipe.parent.mkdir()
+    recipe.write_text('[finetune]\ntask = "qa"\ntrain_file = "recipe.json"\nval_file = "dev.json"\n')
+    values = {"finetune": {"task": "classify", "train_file": Path("a=b,c.csv"), "val_fraction": 0.25}}
+    cfg = config.load_config(recipe, ["finetune.val_file=v=1,2.csv"], cls=FinetuneConfig, values=values)
+    assert cfg.finetune.task == "classify" and cfg.finetune.val_fraction == 0.25
+    assert cfg.finetune.train_file == str(tmp_path / "a=b,c.csv")  # relative to cwd, like a --set path
+    assert cfg.finetune.val_file == str(tmp_path / "v=1,2.csv")
+    cfg = config.load_config(recipe, ["finetune.task=qa"], cls=FinetuneConfig, values=values)
+    assert cfg.finetune.task == "qa"  # --set wins over a flag
+    assert cfg.finetune.val_file == str(tmp_path / "sub" / "dev.json")  # the recipe's, relative to the recipe
+    with pytest.raises(UserError, match="--set finetune.train_file contains a NUL character"):
+        config.load_config(None, cls=FinetuneConfig, values={"finetune": {"train_file": Path("a\0b")}})
+    with pytest.raises(UserError, match="unknown task 'nope'"):
+        config.load_config(None, cls=FinetuneConfig, values={"finetune": {"task": "nope"}})
+
+
+def test_finetune_flags_reach_the_config_whole(cli, tmp_path, monkeypatch):
+    from bigmodel_cli import finetune
+
+    seen = []
+    monkeypatch.setattr(finetune, "run", lambda cfg, *args, **kwargs: seen.append(cfg))
+    monkeypatch.chdir(tmp_path)
+    args = ["finetune", "--task", "classify", "--init-from", "base", "--data", "x=1,y.csv"]
+    cli(*args, "--val-data", "dev,2.csv", "--columns", "label,title,text", "--run-dir", tmp_path / "run")
+    cli(*args, "--columns", "label,text", "--set", "task.columns=text,label", "--set", "finetune.init_from=other")
+    first, second = (cfg.finetune for cfg in seen)
+    assert (first.task, first.init_from) == ("classify", str(tmp_path / "base"))
+    assert (first.train_file, first.val_file) == (str(tmp_path / "x=1,y.csv"), str(tmp_path / "dev,2.csv"))
+    assert [cfg.task.columns for cfg in seen] == ["label,title,text", "text,label"]  # --set wins over --columns
+    assert second.init_from == str(tmp_path / "other")
+
+
 def _make(tmp_path: Path, name: str, **kw) -> dict:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():

@@ -207,8 +207,8 @@ def test_list_runs(tmp_path: Path) -> None:
 
 def test_runs_show_a_run_that_has_just_started_or_restarted(tmp_path: Path) -> None:
     from bigmodel_cli import config as config_lib
+    from bigmodel_cli.atomic import write_json
     from bigmodel_cli.train.loop import prepare_run_dir
-    from bigmodel_cli.utils import write_json_atomic
 
     run = tmp_path / "run"
     cfg = config_lib.load_config(None, ["train.steps=7"])
@@ -216,11 +216,11 @@ def test_runs_show_a_run_that_has_just_started_or_restarted(tmp_path: Path) -> N
     (row,) = report.list_runs(tmp_path)
     assert (row["status"], row["step"], row["total_steps"], row["loss"]) == ("starting", 0, 7, None)
 
-    write_json_atomic(run / "status.json", {"state": "running", "step": 0})  # the step is compiled
+    write_json(run / "status.json", {"state": "running", "step": 0})  # the step is compiled
     assert [(r["status"], r["step"]) for r in report.list_runs(tmp_path)] == [("running", 0)]
     with RunLogger(run, tensorboard=False) as log:
         log.log(5, {"loss": 3.0})
-    write_json_atomic(run / "status.json", {"state": "stopped", "step": 5})
+    write_json(run / "status.json", {"state": "stopped", "step": 5})
     assert [(r["status"], r["step"]) for r in report.list_runs(tmp_path)] == [("stopped", 5)]
 
     earlier = time.time() - 60  # the stopped run's files, a minute before it is started again

@@ -32,6 +32,7 @@ from bigmodel_cli.console import Console
 from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.rundir import TOKENIZER_FILE
 
 FORMAT = "bigmodel-tokens-v2"
 BATCH_CHARS = 1 << 20  # characters handed to one worker at a time
@@ -334,7 +335,7 @@ class ShardWriter:
 
 
 def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console) -> dict:
-    tokenizer_file = staging / "tokenizer.model"
+    tokenizer_file = staging / TOKENIZER_FILE
     if cfg.tokenizer is None:
         console.info(f"training a {cfg.model_type} tokenizer on at most {cfg.max_sentences:,} sampled lines")
     _make_tokenizer(cfg, sources, opts, tokenizer_file)
@@ -389,7 +390,7 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
     manifest = {
         "format": FORMAT,
         "tokenizer": {
-            "file": "tokenizer.model",
+            "file": TOKENIZER_FILE,
             "sha256": tok.sha256_file(tokenizer_file),
             "model_type": "given" if cfg.tokenizer is not None else cfg.model_type,
             "vocab_size": tokenizer.vocab_size,

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -17,7 +15,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from bigmodel_cli import config, modelio, tasks
+from bigmodel_cli import atomic, config, modelio, rundir, tasks
 from bigmodel_cli.console import track
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
@@ -28,7 +26,6 @@ from bigmodel_cli.tasks.base import EvalSettings, Task
 from bigmodel_cli.tasks.metrics import perplexity
 from bigmodel_cli.tasks.options import Example, TaskOptions, TaskWarning
 from bigmodel_cli.tasks.qa_metrics import QA_METRICS
-from bigmodel_cli.utils import write_json_atomic
 
 
 def _logprobs(
@@ -133,19 +130,17 @@ def _loss(kind: Task, loaded, tokenizer, examples, opts, seq_len: int, batch_siz
 
 def _write(out_dir: Path, examples, predictions: dict[str, str] | None, metrics: dict) -> None:
     """predictions.jsonl and metrics.json in out_dir; a directory that refuses them costs a warning, not the results."""
-    tmp = out_dir / ".predictions.jsonl.tmp"
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         if predictions is not None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                for e in examples:
-                    row = {"id": e.id, "prediction": predictions.get(e.id, ""), "references": list(e.references)}
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, out_dir / "predictions.jsonl")
-        write_json_atomic(out_dir / "metrics.json", metrics)
+            rows = (
+                {"id": e.id, "prediction": predictions.get(e.id, ""), "references": list(e.references)}
+                for e in examples
+            )
+            text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+            atomic.write_text(out_dir / rundir.PREDICTIONS_FILE, text)
+        atomic.write_json(out_dir / rundir.EVAL_METRICS_FILE, metrics)
     except OSError as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         print(
             f"warning: could not write metrics.json in {out_dir} ({err.strerror or err}): pass --out DIR to save them",
             file=sys.stderr,
@@ -222,5 +217,5 @@ def run(
     for warning in caught:  # skipped or cut data: one line each, after the results are in
         print(f"warning: {warning.message}", file=sys.stderr)
     metrics = {"task": task, "data": str(data), **metrics}
-    _write(out or home / f"eval-{task}", examples, preds, metrics)
+    _write(out or rundir.eval_dir(home, task), examples, preds, metrics)
     return metrics

@@ -14,12 +14,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from bigmodel_cli import atomic
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.rundir import CONFIG_FILE, TASK_FILE
 from bigmodel_cli.tasks.base import Task
 from bigmodel_cli.tasks.options import TaskOptions
-from bigmodel_cli.utils import write_json_atomic
-
-TASK_FILE = "task.json"
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_in
         seq_len=seq_len,
         chat_template=kind.chat_template,
     )
-    write_json_atomic(Path(run_dir) / TASK_FILE, record)
+    atomic.write_json(Path(run_dir) / TASK_FILE, record)
 
 
 def read(home: Path) -> TaskInfo | None:
@@ -68,7 +67,7 @@ def read(home: Path) -> TaskInfo | None:
 
 
 def _options_from_config(home: Path) -> TaskOptions:
-    config_file = home / "config.toml"
+    config_file = home / CONFIG_FILE
     section = tomllib.loads(config_file.read_text(encoding="utf-8")).get("task", {}) if config_file.is_file() else {}
     return _options(section)
 

@@ -62,8 +62,6 @@ def evaluate(
     if task:
         from bigmodel_cli.evaluate import task_eval
 
-        if columns is not None:
-            overrides = [*(overrides or []), f"task.columns={columns}"]
         metrics = task_eval.run(
             task,
             data,
@@ -72,6 +70,7 @@ def evaluate(
             predictions=predictions,
             out=out,
             overrides=overrides,
+            columns=columns,
             metric=metric or "auto",
             batch_size=batch_size or 8,
             max_examples=max_examples or 0,

@@ -159,14 +159,19 @@ def _finetuned_for(name: str, info: taskinfo.TaskInfo | None) -> taskinfo.TaskIn
     return info if info is not None and name == info.task else None
 
 
-def task_options(task: str, info: taskinfo.TaskInfo | None, overrides: list[str]) -> TaskOptions:
-    """The options the model was finetuned with (when it was, for this task), with `--set task.*` on top."""
+def task_options(
+    task: str, info: taskinfo.TaskInfo | None, overrides: list[str], columns: str | None = None
+) -> TaskOptions:
+    """The options the model was finetuned with (when it was, for this task), then --columns, then `--set task.*`."""
     trained = _finetuned_for(task, info)
     base = trained.options if trained is not None else TaskOptions()
     # task.columns describes the training file, not the model: a file evaluated now names its own (--columns).
     base = dataclasses.replace(base, columns="")
     raw = {"task": dataclasses.asdict(base)}
-    return config.build_config(raw, config.parse_overrides(overrides), TaskOverrides, Path.cwd(), "--set").task
+    values = {"task": {"columns": columns}} if columns is not None else None
+    return config.build_config(
+        raw, config.parse_overrides(overrides), TaskOverrides, Path.cwd(), "--set", values=values
+    ).task
 
 
 def run(
@@ -178,6 +183,7 @@ def run(
     predictions: Path | None = None,
     out: Path | None = None,
     overrides: list[str] | None = None,
+    columns: str | None = None,
     metric: str = "auto",
     batch_size: int = 8,
     max_examples: int = 0,
@@ -193,7 +199,7 @@ def run(
     loaded = modelio.load(model) if model is not None else None
     home = loaded.home if loaded is not None else Path(predictions).parent
     info = taskinfo.read(home)
-    opts = task_options(task, info, overrides or [])
+    opts = task_options(task, info, overrides or [], columns)
     trained = _finetuned_for(task, info)
     trained_labels = list(trained.labels) if trained is not None else []
     with warnings.catch_warnings(record=True) as caught:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from bigmodel_cli import atomic, hf, parallel, taskinfo
 from bigmodel_cli import config as config_lib
@@ -50,10 +51,11 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
     )
 
 
-def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
-    """Load parameters for evaluation, generation or export (no optimizer state)."""
+def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
+    """Load parameters for evaluation, generation or export (no optimizer state), laid out on mesh (by default
+    one over every device, with the default rules)."""
     kind, home, step = locate(path)
-    mesh = parallel.make_mesh(mesh_cfg or MeshConfig())
+    mesh = mesh if mesh is not None else parallel.make_mesh(MeshConfig())
     if kind == "export":
         return _load_export(home, mesh)
     if kind == "hf":
@@ -155,11 +157,10 @@ def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
         if cfg.lora.rank:
-            base = load(Path(cfg.finetune.init_from), mesh_cfg=None)
-            graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), base.mesh)
+            base = load(Path(cfg.finetune.init_from), mesh)
+            graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), mesh)
             step, adapters, _ = ckpt.restore_params(like, warn, step)
             params = lora.merge_params(lora.fold(base.params, base.lora), adapters)
-            mesh = base.mesh
         else:
             graphdef, like = abstract_params(model_cfg, mesh)
             step, params, _ = ckpt.restore_params(like, warn, step)

@@ -31,8 +31,8 @@ def make_state(
 
     The state holds `step`, `params` (what trains), `opt_state` and, when initial gives any, `frozen` (weights
     that join the forward pass without training: LoRA's base). By default the parameters are freshly
-    initialised from cfg.train.seed and all of them train. abstract=True builds the same state as
-    jax.ShapeDtypeStructs carrying their shardings, allocating nothing (what `plan` compiles for).
+    initialised from cfg.train.seed and all of them train. abstract=True (fresh parameters only) builds the
+    same state as jax.ShapeDtypeStructs carrying their shardings, allocating nothing: what `plan` compiles for.
     """
     tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
     frozen = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import atomic, modelio, tasks
+from bigmodel_cli import atomic, modelio, parallel, rundir, tasks
 from bigmodel_cli.config import (
     Config,
 )
@@ -25,7 +25,6 @@ from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa
 from bigmodel_cli.model import lora as lora_lib
 from bigmodel_cli.model.params import LoadedModel, with_adapters
 from bigmodel_cli.model.transformer import count_params
-from bigmodel_cli.pretrain import process_rows
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop
@@ -98,7 +97,7 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
         raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR")
     if not ft.train_file:
         raise UserError("no training data: pass --data FILE")
-    base = modelio.load(Path(ft.init_from), cfg.mesh)
+    base = modelio.load(Path(ft.init_from), parallel.make_mesh(cfg.mesh))  # the run's one mesh: base.mesh
     if not base.tokenizer_file.is_file():
         raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
     tokenizer = Tokenizer(base.tokenizer_file)
@@ -147,13 +146,6 @@ def run(
     if show_examples:
         print(masks.show_examples(encoded, tokenizer, show_examples))
         return {}
-    loop.check_layout(loop_cfg)  # before the run directory exists
-    loop.prepare_run_dir(run_dir, cfg, resume, allow_config_change)
-    if jax.process_index() == 0:
-        shutil.copyfile(base.tokenizer_file, run_dir / "tokenizer.model")
-        taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
-        atomic.write_json(run_dir / "model.json", dataclasses.asdict(base.model_cfg))
-
     lora = cfg.lora if cfg.lora.rank else None
     base_params = lora_lib.fold(base.params, base.lora)
 
@@ -166,24 +158,35 @@ def run(
     base_count, _ = count_params(base.model_cfg)
     trainable = lora_lib.trainable_count(with_adapters(base.model_cfg, lora)) if lora is not None else base_count
     total = base_count + (trainable if lora is not None else 0)
-    console.info(
-        f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
-        f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
-        f"{total:,} ({100 * trainable / total:.2f}%)"
-    )
-    rows = process_rows(loop_cfg.train.batch_size)
-    batches = ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows)
-    result = loop.train(
-        loop.LoopInputs(
-            cfg=loop_cfg,
-            run_dir=run_dir,
-            train_batch=batches,
-            val_batches=lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
-            seq_len=seq_len,
-            meta={"stage": "finetune", "task": cfg.finetune.task},
-            console=console,
-            initial=initial,
-            dropout_seed=loop_cfg.train.seed if lora is not None and lora.dropout > 0 else None,
+
+    def on_ready(run_dir: Path) -> None:  # the run directory is prepared: the stage's own files, then training
+        if jax.process_index() == 0:
+            shutil.copyfile(base.tokenizer_file, run_dir / rundir.TOKENIZER_FILE)
+            taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
+            atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
+        console.info(
+            f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
+            f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
+            f"{total:,} ({100 * trainable / total:.2f}%)"
         )
+
+    rows = parallel.process_rows(loop_cfg.train.batch_size)
+    batches = loop.Batches(
+        ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows),
+        lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
+    )
+    inputs = loop.LoopInputs(
+        cfg=loop_cfg,
+        mesh=base.mesh,
+        run_dir=run_dir,
+        open_batches=lambda: batches,
+        seq_len=seq_len,
+        meta={"stage": "finetune", "task": cfg.finetune.task},
+        console=console,
+        initial=initial,
+        dropout_seed=loop_cfg.train.seed if lora is not None and lora.dropout > 0 else None,
+    )
+    result = loop.run(
+        inputs, resume=resume, allow_config_change=allow_config_change, recorded_cfg=cfg, on_ready=on_ready
     )
     return {**result, "trainable_params": trainable}

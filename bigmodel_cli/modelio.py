@@ -9,8 +9,9 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
-from bigmodel_cli import atomic, hf, parallel
+from bigmodel_cli import atomic, hf, parallel, rundir
 from bigmodel_cli import config as config_lib
 from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
@@ -41,9 +42,9 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
     if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
         return "export", path, None
-    if (path / "config.toml").is_file() and (path / "checkpoints").is_dir():
+    if (path / rundir.CONFIG_FILE).is_file() and (path / rundir.CHECKPOINTS_DIR).is_dir():
         return "run", path, None
-    if path.parent.name == "checkpoints" and path.name.isdigit():
+    if path.parent.name == rundir.CHECKPOINTS_DIR and path.name.isdigit():
         return "run", path.parent.parent, int(path.name)
     raise UserError(
         f"{path} is not a run directory, checkpoint or export: pass e.g. runs/NAME, runs/NAME/checkpoints/STEP "
@@ -51,18 +52,19 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
     )
 
 
-def load(path: Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
-    """Load parameters for evaluation, generation or export (no optimizer state)."""
+def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
+    """Load parameters for evaluation, generation or export (no optimizer state), laid out on mesh (by default
+    one over every device, with the default rules)."""
     kind, home, step = locate(path)
-    mesh = parallel.make_mesh(mesh_cfg or MeshConfig())
+    mesh = mesh if mesh is not None else parallel.make_mesh(MeshConfig())
     if kind == "export":
         return _load_export(home, mesh)
     if kind == "hf":
         return hf.load(home, mesh)
     if taskinfo.read(home) is not None:  # finetuning runs record their task (and their model) beside the config
         return _load_finetune_run(home, step, mesh)
-    cfg: Config = config_lib.load_config(home / "config.toml", base_dir=home)
-    ckpt = Checkpoints(home / "checkpoints", read_only=True)
+    cfg: Config = config_lib.load_config(home / rundir.CONFIG_FILE, base_dir=home)
+    ckpt = Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
     try:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: train it first (bigmodel pretrain ...)")
@@ -140,27 +142,26 @@ def export(loaded: LoadedModel, out: Path) -> Path:
         }
         (staging / EXPORT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
         if loaded.tokenizer_file.is_file():
-            shutil.copyfile(loaded.tokenizer_file, staging / "tokenizer.model")
+            shutil.copyfile(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
         taskinfo.copy(loaded.home, staging)
     return out
 
 
 def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
     """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
-    cfg: FinetuneConfig = config_lib.load_config(home / "config.toml", cls=FinetuneConfig, base_dir=home)
+    cfg: FinetuneConfig = config_lib.load_config(home / rundir.CONFIG_FILE, cls=FinetuneConfig, base_dir=home)
     model_cfg = config_lib.build_config(
-        {"model": json.loads((home / "model.json").read_text())}, {}, Config, home
+        {"model": json.loads((home / rundir.MODEL_FILE).read_text())}, {}, Config, home
     ).model
-    ckpt = Checkpoints(home / "checkpoints", read_only=True)
+    ckpt = Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
     try:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
         if cfg.lora.rank:
-            base = load(Path(cfg.finetune.init_from), mesh_cfg=None)
-            graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), base.mesh)
+            base = load(Path(cfg.finetune.init_from), mesh)
+            graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), mesh)
             step, adapters, _ = ckpt.restore_params(like, warn, step)
             params = lora.merge_params(lora.fold(base.params, base.lora), adapters)
-            mesh = base.mesh
         else:
             graphdef, like = abstract_params(model_cfg, mesh)
             step, params, _ = ckpt.restore_params(like, warn, step)

@@ -141,6 +141,13 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(x.shape, spec(logical_axes, rules), mesh)))
 
 
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of every global batch (all of them on a single host)."""
+    n, i = jax.process_count(), jax.process_index()
+    per = batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
 def host_local_batch(global_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """Turn this process's rows of a global batch into one global jax.Array."""
     return jax.make_array_from_process_local_data(sharding, global_batch)

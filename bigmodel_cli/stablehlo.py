@@ -21,7 +21,8 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.params import LoadedModel, param_name
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.rundir import TOKENIZER_FILE
 
 FORMAT = "bigmodel-stablehlo-v1"
 FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
@@ -37,16 +38,14 @@ def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLA
     """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and tokenizer.model)."""
     from safetensors.numpy import save_file
 
-    from bigmodel_cli.model.transformer import Transformer
-
     flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
     names = [param_name(path) for path, _ in flat]
     weights = [np.asarray(jax.device_get(value)) for _, value in flat]
     # The XLA attention lowers on every platform; "auto" would pick an implementation for this machine only.
     cfg = dataclasses.replace(loaded.model_cfg, attention="xla")
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
+    graphdef, like = abstract_params(cfg, loaded.mesh)
     param_tree = jax.tree_util.tree_structure(loaded.params)
-    if param_tree != jax.tree_util.tree_structure(nnx.to_pure_dict(abstract)):
+    if param_tree != jax.tree_util.tree_structure(like):
         raise UserError(
             "the parameters are not a plain bigmodel Transformer's (LoRA adapters?): export the merged model"
         )
@@ -87,8 +86,8 @@ def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLA
     save_file(dict(zip(names, weights, strict=True)), directory / WEIGHTS)
     tokenizer = None
     if loaded.tokenizer_file.is_file():
-        shutil.copyfile(loaded.tokenizer_file, directory / "tokenizer.model")
-        tokenizer = "tokenizer.model"
+        shutil.copyfile(loaded.tokenizer_file, directory / TOKENIZER_FILE)
+        tokenizer = TOKENIZER_FILE
     manifest = {
         "format": FORMAT,
         "function": FUNCTION,

@@ -419,7 +419,7 @@ def test_mixture_weights_and_shared_tokenizer(tmp_path):
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": d.upper()}) for d in docs(100, seed=2)) + "\n")
     _, a = make(tmp_path, [tmp_path / "a.jsonl", tmp_path / "b.jsonl"], name="a")  # one tokenizer for both
     _, b = make(tmp_path, [tmp_path / "b.jsonl"], name="b", tokenizer=a / "tokenizer.model", pack_documents=True)
-    mix = loader.open_mixture(f"{a}:0.75, {b}:0.25", "train", 16)
+    mix = loader.open_mixture(loader.load_mixture(f"{a}:0.75, {b}:0.25"), "train", 16)
     batches = loader.TrainBatches(mix, 8, seed=0)
     keys = [k for step in range(200) for k in batches.indices(step)]
     share_b = sum(part == 1 for part, _ in keys) / len(keys)
@@ -427,11 +427,13 @@ def test_mixture_weights_and_shared_tokenizer(tmp_path):
     assert len({k for k in keys if k[0] == 1}) == mix.parts[1].count  # b cycles through all its windows
     batch = batches(3)
     assert batch["inputs"].shape == (8, 16) and "segment_ids" in batch  # one packed part: all rows carry them
-    val = loader.open_mixture(f"{a}:3,{b}:1", "val", 16)
+    val = loader.open_mixture(loader.load_mixture(f"{a}:3,{b}:1"), "val", 16)
     assert len(list(loader.eval_batches(val, 4, 100))) == -(-val.count // 4)
     _, c = make(tmp_path, [tmp_path / "b.jsonl"], name="c")  # its own tokenizer
     with pytest.raises(UserError, match="different tokenizer"):
         loader.load_mixture(f"{a}:1,{c}:1")
+    with pytest.raises(UserError, match="data.mixture: 2 data sets but 1 weights"):
+        loader.Mixture(mix.parts, [1.0])
     assert mixture.resolve_mixture("x:3, /abs/y:1", tmp_path) == f"{tmp_path / 'x'}:3,/abs/y:1"
     for bad in ("", f"{a}", f"{a}:0", f"{a}:x"):
         with pytest.raises(UserError, match="data.mixture"):

@@ -182,7 +182,7 @@ def test_import_matches_transformers_and_reexport_is_bit_identical(tmp_path, tie
     model = hf_random_llama(source, tie, max_shard_size)
     assert (source / hf.WEIGHTS_INDEX).exists() == bool(max_shard_size)
 
-    loaded = modelio.load(Path(f"hf:{source}"), MeshConfig())
+    loaded = modelio.load(Path(f"hf:{source}"), make_mesh(MeshConfig()))
     assert loaded.home == source and loaded.seq_len == 256 and loaded.data_path == ""
     tokens = np.random.default_rng(1).integers(0, 128, (2, 24))
     with torch.no_grad():

@@ -13,6 +13,7 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
+from bigmodel_cli.model.params import abstract_params, param_name
 from bigmodel_cli.model.transformer import (
     Transformer,
     apply_rope,
@@ -21,7 +22,7 @@ from bigmodel_cli.model.transformer import (
     dense,
     rope_tables,
 )
-from bigmodel_cli.train.loop import jit_train_step, make_state
+from bigmodel_cli.train.state import jit_train_step, make_state
 from tests.conftest import f32_tolerance, model_tolerance
 
 GOLDEN = Path(__file__).parent / "golden" / "partition_specs.json"
@@ -182,10 +183,22 @@ def test_meshes_match_single_device(shape, one_device_run):
 
 
 def _specs(mesh) -> dict[str, str]:
-    abstract = nnx.eval_shape(lambda: Transformer(SMALL, rngs=nnx.Rngs(0)))
-    shardings = parallel.param_shardings(nnx.split(abstract)[1], mesh)
-    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-    return {".".join(str(getattr(k, "key", k)) for k in path): str(s.spec) for path, s in flat}
+    _, like = abstract_params(SMALL, mesh)
+    flat = jax.tree_util.tree_flatten_with_path(like)[0]
+    return {param_name(path): str(s.sharding.spec) for path, s in flat}
+
+
+def test_abstract_state_is_the_real_state_in_shapes_dtypes_and_shardings():
+    """plan compiles the step for make_state(abstract=True): it must describe what training creates."""
+    mesh = parallel.make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    cfg = _cfg(remat="dots")
+    graphdef, _, abstract = make_state(cfg, mesh, abstract=True)
+    real_graphdef, _, real = make_state(cfg, mesh)
+    assert graphdef == real_graphdef  # remat included: the same step is traced
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    for a, r in zip(jax.tree.leaves(abstract), jax.tree.leaves(real), strict=True):
+        assert isinstance(a, jax.ShapeDtypeStruct)
+        assert (a.shape, a.dtype) == (r.shape, r.dtype) and a.sharding.is_equivalent_to(r.sharding, r.ndim)
 
 
 def test_partition_specs_match_golden_snapshot():

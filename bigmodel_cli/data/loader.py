@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import grain
 import numpy as np
@@ -225,9 +226,9 @@ class Mixture:
 
     def __init__(self, parts: list[TokenWindows], weights: list[float]):
         if len(parts) != len(weights) or not parts:
-            raise ValueError("a mixture needs one weight per part")
+            raise UserError(f"data.mixture: {len(parts)} data sets but {len(weights)} weights: give one weight per set")
         if len({p.seq_len for p in parts}) != 1:
-            raise ValueError("all parts of a mixture must have one seq_len")
+            raise UserError("data.mixture: its data sets are read with different sequence lengths: use one seq_len")
         self.parts, self.weights = parts, list(weights)
         self.seq_len = parts[0].seq_len
         self.packed = any(p.packed for p in parts)
@@ -250,9 +251,17 @@ class Mixture:
         return self._sequential[index]
 
 
-def load_mixture(spec: str) -> list[tuple[Path, float, dict]]:
+class DataPart(NamedTuple):
+    """One preprocessed data directory of a run, with its share of a mixture and its manifest."""
+
+    path: Path
+    weight: float
+    manifest: dict
+
+
+def load_mixture(spec: str) -> list[DataPart]:
     """The parts of a mixture ("dirA:0.7,dirB:0.3") with their manifests, checked to share one tokenizer."""
-    parts = [(path, w, load_manifest(path)) for path, w in parse_mixture(spec)]
+    parts = [DataPart(path, w, load_manifest(path)) for path, w in parse_mixture(spec)]
     first_dir, _, first = parts[0]
     for path, _, manifest in parts[1:]:
         if manifest["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
@@ -263,9 +272,8 @@ def load_mixture(spec: str) -> list[tuple[Path, float, dict]]:
     return parts
 
 
-def open_mixture(spec: str, split: str, seq_len: int) -> Mixture:
-    """One split of every part of a mixture, as a Mixture."""
-    parts = load_mixture(spec)
+def open_mixture(parts: list[DataPart], split: str, seq_len: int) -> Mixture:
+    """One split of every part of a mixture (load_mixture's), as a Mixture."""
     return Mixture([TokenWindows(p, split, m, seq_len) for p, _, m in parts], [w for _, w, _ in parts])
 
 

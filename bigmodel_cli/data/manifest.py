@@ -8,6 +8,8 @@ from pathlib import Path
 
 from bigmodel_cli.errors import UserError
 
+MANIFEST_FILE = "manifest.json"  # in a preprocessed data directory: its splits, shards, checksums and tokenizer
+
 
 def split_files(manifest: dict, split: str) -> list[dict]:
     """The files of a split as [{file, tokens, index?}], for both this format and the one-file v1."""
@@ -22,7 +24,7 @@ def load_manifest(data_dir: Path) -> dict:
 
     The file lists both splits always (one may be empty, made with --val-fraction 0 or 1); a reader asking for
     an empty one then gets "DIR has no 'val' split (has train)", not a complaint about sequence lengths."""
-    manifest_file = Path(data_dir) / "manifest.json"
+    manifest_file = Path(data_dir) / MANIFEST_FILE
     if not manifest_file.is_file():
         raise UserError(f"{data_dir} is not a preprocessed data directory (no manifest.json): run bigmodel preprocess")
     try:

@@ -31,6 +31,7 @@ from bigmodel_cli import atomic
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
+from bigmodel_cli.data.manifest import MANIFEST_FILE
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.rundir import TOKENIZER_FILE
 
@@ -407,5 +408,5 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
         "options": {k: v for k, v in asdict(cfg).items() if k not in ("inputs", "out", "tokenizer", "workers")},
     }
     text = json.dumps(manifest, indent=2, default=str) + "\n"
-    (staging / "manifest.json").write_text(text)
+    (staging / MANIFEST_FILE).write_text(text)
     return json.loads(text)  # exactly what load_manifest will read

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from bigmodel_cli import atomic, modelio, parallel
+from bigmodel_cli import atomic, modelio, parallel, rundir
 from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
@@ -81,7 +81,7 @@ def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) ->
     target = Path(out) if out is not None else loaded.home
     try:
         target.mkdir(parents=True, exist_ok=True)
-        atomic.write_json(target / "metrics.json", metrics)
+        atomic.write_json(target / rundir.EVAL_METRICS_FILE, metrics)
     except OSError as err:
         hint = "choose a writable --out DIR" if out is not None else "pass --out DIR to save them"
         print(f"warning: could not write {target / 'metrics.json'} ({err.strerror or err}): {hint}", file=sys.stderr)

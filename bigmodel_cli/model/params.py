@@ -11,7 +11,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bigmodel_cli import parallel
+from bigmodel_cli import parallel, rundir
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.model.lora import Build, LoraConfig
 from bigmodel_cli.model.transformer import Transformer
@@ -31,7 +31,7 @@ class LoadedModel:
 
     @property
     def tokenizer_file(self) -> Path:
-        return self.home / "tokenizer.model"
+        return self.home / rundir.TOKENIZER_FILE
 
 
 def param_name(path: tuple) -> str:
@@ -39,17 +39,32 @@ def param_name(path: tuple) -> str:
     return ".".join(str(getattr(k, "key", k)) for k in path)
 
 
-def abstract_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, Any]:
-    """Graph and shape/dtype/sharding tree of the parameters, without allocating them."""
-    abstract = nnx.eval_shape(lambda: _model(model_cfg))
+def abstract_params(model_cfg: ModelConfig, mesh, remat: str = "none") -> tuple[nnx.GraphDef, Any]:
+    """Graph and shape/dtype/sharding tree of the parameters, without allocating them.
+
+    remat (train.remat) is part of the graph: it decides what the train step recomputes in its backward pass.
+    """
+    abstract = nnx.eval_shape(lambda: _model(model_cfg, 0, remat))
     graphdef, state = nnx.split(abstract)
     shardings = parallel.param_shardings(state, mesh)
     shapes = nnx.to_pure_dict(state)
     return graphdef, jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
 
 
-def _model(model_cfg: ModelConfig) -> Transformer:
-    return Transformer(model_cfg, rngs=nnx.Rngs(0))
+def init_params(model_cfg: ModelConfig, mesh, seed: int, remat: str = "none") -> tuple[nnx.GraphDef, Any]:
+    """(graphdef, params) freshly initialised from seed, every parameter created directly in its sharding."""
+    graphdef, like = abstract_params(model_cfg, mesh, remat)
+
+    def make():
+        return nnx.to_pure_dict(nnx.split(_model(model_cfg, seed, remat))[1])
+
+    with parallel.activate(mesh):
+        params = jax.jit(make, out_shardings=jax.tree.map(lambda s: s.sharding, like))()
+    return graphdef, params
+
+
+def _model(model_cfg: ModelConfig, seed: int, remat: str) -> Transformer:
+    return Transformer(model_cfg, rngs=nnx.Rngs(seed), remat=remat)
 
 
 def with_adapters(model_cfg: ModelConfig, lora: LoraConfig) -> Build:

@@ -1,11 +1,11 @@
-"""The training loop shared by pretrain and finetune: sharded state, compiled step, checkpoints, logging."""
+"""The training loop shared by pretrain and finetune: its setup (layout, data, run directory), the sharded state
+and compiled step, checkpoints, logging."""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
-import os
 import signal
 import sys
 import time
@@ -16,93 +16,76 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
+from jax.sharding import Mesh
 
+from bigmodel_cli import atomic, parallel, rundir
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import parallel, plan, rundir
 from bigmodel_cli.console import Console
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.transformer import Transformer, count_params, flops_per_token
+from bigmodel_cli.model.transformer import count_params, flops_per_token
 from bigmodel_cli.runlog import RunLogger
 from bigmodel_cli.train import optim
 from bigmodel_cli.train.checkpoint import Checkpoints
-from bigmodel_cli.train.step import eval_step, merge_params, train_step
-from bigmodel_cli.utils import device_memory, device_peak_flops
+from bigmodel_cli.train.memory import check_fits
+from bigmodel_cli.train.state import Initial, jit_train_step, make_state
+from bigmodel_cli.train.step import eval_step, merge_params
+from bigmodel_cli.utils import device_peak_flops
 
 
-def init_params(model_cfg, mesh, seed: int, remat: str = "none"):
-    """(graphdef, params) with every parameter created directly in its target sharding."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed), remat=remat))
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = parallel.param_shardings(abstract_state, mesh)
+@dataclass(frozen=True)
+class Batches:
+    """A run's data as the loop reads it."""
 
-    def make():
-        return nnx.to_pure_dict(nnx.split(Transformer(model_cfg, rngs=nnx.Rngs(seed), remat=remat))[1])
-
-    with parallel.activate(mesh):
-        params = jax.jit(make, out_shardings=shardings)()
-    return graphdef, params
-
-
-def make_state(cfg, mesh, initial=None) -> tuple[nnx.GraphDef, Any, dict]:
-    """(graphdef, optimizer, state) with params and optimizer state created in their shardings.
-
-    `initial(mesh) -> (graphdef, trainable, frozen)` starts from given weights (finetuning); by default
-    the parameters are freshly initialised and all of them train.
-    """
-    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
-    if initial is None:
-        graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
-        frozen = None
-    else:
-        graphdef, params, frozen = initial(mesh)
-    with parallel.activate(mesh):
-        opt_state = jax.jit(tx.init)(params)
-    step = jax.device_put(np.int32(0), parallel.replicated(mesh))
-    state = {"step": step, "params": params, "opt_state": opt_state}
-    if frozen:
-        state["frozen"] = frozen
-    return graphdef, tx, state
-
-
-def jit_train_step(
-    graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0, dropout_seed: int | None = None
-):
-    """The train step jitted once with explicit shardings and the state donated."""
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    step = functools.partial(
-        train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at, dropout_seed=dropout_seed
-    )
-    return jax.jit(
-        step,
-        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
-        out_shardings=(state_shardings, parallel.replicated(mesh)),
-        donate_argnums=(0,),
-    )
+    train: Callable[[int], dict]  # step -> this process's rows of the global batch (numpy)
+    val: Callable[[], Iterable[dict]] | None = None  # a fresh iterator over validation batches; None: no validation
 
 
 @dataclass
 class LoopInputs:
-    """What a stage hands the loop: the config, where to write, and how to get batches."""
+    """What a stage hands the loop: the config and mesh, where to write, and how to get batches."""
 
     cfg: Any  # a config with model/optim/train/mesh/checkpoint sections
+    mesh: Mesh  # built once per run by the stage, from cfg.mesh
     run_dir: Path
-    train_batch: Callable[[int], dict]  # step -> this process's rows of the global batch (numpy)
-    val_batches: Callable[[], Iterable[dict]] | None  # fresh iterator over validation batches
+    # Opens the data, reading only (opening checks it): called once the layout is checked, before the run
+    # directory is touched, so that damaged data leaves nothing behind.
+    open_batches: Callable[[], Batches]
     seq_len: int
     meta: dict  # saved with every checkpoint (data fingerprint, tokenizer...)
     console: Console
-    initial: Callable | None = None  # mesh -> (graphdef, trainable, frozen): start from these weights
+    initial: Initial | None = None  # start from these weights (finetuning) instead of fresh ones
     dropout_seed: int | None = None  # seeds dropout (LoRA) when the model uses any
 
 
-def check_layout(cfg):
-    """The mesh for cfg, after checking what would otherwise fail only once training starts."""
+def run(
+    inp: LoopInputs,
+    *,
+    resume: str = "auto",
+    allow_config_change: bool = False,
+    recorded_cfg: Any = None,
+    on_ready: Callable[[Path], None] | None = None,
+) -> dict:
+    """Check the layout, open the data, prepare the run directory, then train (or resume) to cfg.train.steps;
+    returns the final metrics.
+
+    Nothing in the run directory is created or rewritten before every check has passed. recorded_cfg is what
+    its config.toml records (the stage's own config; inp.cfg when None). on_ready(run_dir) runs once the
+    directory is prepared, on every process, before training: the stage writes its own files there.
+    """
+    check_layout(inp.cfg, inp.mesh)
+    batches = inp.open_batches()
+    prepare_run_dir(inp.run_dir, recorded_cfg if recorded_cfg is not None else inp.cfg, resume, allow_config_change)
+    if on_ready is not None:
+        on_ready(inp.run_dir)
+    return train(inp, batches)
+
+
+def check_layout(cfg, mesh: Mesh) -> None:
+    """Check what would otherwise fail only once training starts: the batch against the mesh, wandb."""
     import importlib.util
 
     if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("train.wandb_project is set but wandb is not installed: pip install wandb (or unset it)")
-    mesh = parallel.make_mesh(cfg.mesh)
     dp = parallel.data_parallel_size(mesh)
     micro = cfg.train.batch_size // cfg.train.grad_accum
     if micro % dp:
@@ -110,18 +93,6 @@ def check_layout(cfg):
             f"train.batch_size / train.grad_accum = {micro} does not divide by the data-parallel size {dp} "
             f"(mesh.data * mesh.fsdp): pick a batch size that is a multiple of {dp * cfg.train.grad_accum}"
         )
-    return mesh
-
-
-def _check_memory(cfg, mesh, state: dict, seq_len: int) -> None:
-    """Refuse in one line a run whose state and activations cannot fit a device, as `plan` would (estimated)."""
-    limit = device_memory()
-    if limit is None:
-        return
-    micro = cfg.train.batch_size // cfg.train.grad_accum // parallel.data_parallel_size(mesh)
-    activations = plan.activation_bytes(cfg.model, micro, seq_len, cfg.train.remat, mesh.shape["tensor"])
-    per_device = plan.memory_per_device((state["params"], state.get("frozen")), state["opt_state"], activations)
-    plan.refuse_unless_fits(per_device, *limit, what=f"train.batch_size={cfg.train.batch_size} needs at least")
 
 
 class _Preempted:
@@ -147,8 +118,8 @@ class _Preempted:
             signal.signal(sig, handler)
 
 
-def train(inp: LoopInputs) -> dict:
-    """Run (or resume) training to cfg.train.steps; returns the final metrics.
+def train(inp: LoopInputs, batches: Batches) -> dict:
+    """Train (or resume) in the prepared run directory to cfg.train.steps; returns the final metrics.
 
     However it ends, status.json says how (see the table in rundir), no half-written checkpoint stays behind,
     the run directory's lock is released, and disk full or out of memory is a one-line UserError.
@@ -156,7 +127,7 @@ def train(inp: LoopInputs) -> dict:
     status = rundir.RunStatus(inp.run_dir, enabled=jax.process_index() == 0)
     try:
         with _quiet_background_errors():
-            return _train(inp, status)
+            return _train(inp, batches, status)
     except KeyboardInterrupt as err:  # Ctrl-C, or rundir.Stopped by a signal
         if status.state != "stopped":  # not the graceful stop, which wrote its checkpoint's step
             status.end("stopped", str(err) or "interrupted")
@@ -200,16 +171,15 @@ def _drop_closed_loop_reports(hook):
     return filtered
 
 
-def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
+def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     """train() without its handling of how the run ends."""
-    cfg, console = inp.cfg, inp.console
-    mesh = check_layout(cfg)
+    cfg, console, mesh = inp.cfg, inp.console, inp.mesh
     is_main = jax.process_index() == 0
     total_steps = cfg.train.steps
 
     # ---- model and optimizer state, created sharded; the compiled step ---------------------
     graphdef, tx, state = make_state(cfg, mesh, inp.initial)
-    _check_memory(cfg, mesh, state, inp.seq_len)  # before batches are built and the step compiled: minutes
+    check_fits(cfg, mesh, state, inp.seq_len)  # before batches are built and the step compiled: minutes
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
     step_fn = jit_train_step(
@@ -217,7 +187,9 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
     )
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
-    ckpt = Checkpoints(inp.run_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
+    ckpt = Checkpoints(
+        inp.run_dir / rundir.CHECKPOINTS_DIR, keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
+    )
     start = 0
     if ckpt.latest_step():
         start, restored, _ = ckpt.restore_latest_good(state, console.info)
@@ -230,7 +202,7 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
     eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=parallel.replicated(mesh))
-    example = _to_device(inp.train_batch(start), batch_sharding)
+    example = _to_device(batches.train(start), batch_sharding)
     t0 = time.perf_counter()
     with parallel.activate(mesh):
         lowered = step_fn.lower(state, example)
@@ -247,12 +219,12 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
     peak = device_peak_flops(cfg.model.dtype) * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
     def evaluate(state) -> float | None:
-        if inp.val_batches is None:
+        if batches.val is None:
             return None
         params = merge_params(state.get("frozen"), state["params"])
         total, count = 0.0, 0.0
         with parallel.activate(mesh):
-            for batch in inp.val_batches():
+            for batch in batches.val():
                 loss_sum, n = eval_fn(params, _to_device(batch, batch_sharding))
                 total, count = total + float(loss_sum), count + float(n)
         return total / max(count, 1.0)
@@ -273,7 +245,7 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
         with _Preempted() as preempted, console.progress(total_steps, start) as progress:
             window_start, window_steps = time.perf_counter(), 0
             pending: tuple[int, Any] | None = None  # (step, finite flag) checked one step late: no stall
-            for step, batch in _prefetch(inp.train_batch, range(start, total_steps)):
+            for step, batch in _prefetch(batches.train, range(start, total_steps)):
                 with parallel.activate(mesh):
                     state, metrics = compiled(state, _to_device(batch, batch_sharding))
                 done = step + 1
@@ -281,10 +253,10 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
                 is_last = done == total_steps
                 boundary = done % cfg.train.log_every == 0 or done % cfg.checkpoint.every == 0 or is_last
                 if pending is not None:
-                    skipped += _check_finite(*pending, cfg, inp, console)
+                    skipped += _check_finite(*pending, cfg, batches.train, console)
                 pending = (step, metrics["finite"])
                 if boundary or preempted.signum:  # about to log or save: this step must be good too
-                    skipped += _check_finite(*pending, cfg, inp, console)
+                    skipped += _check_finite(*pending, cfg, batches.train, console)
                     pending = None
                 if done % cfg.train.log_every == 0 or is_last or preempted.signum:
                     loss = float(metrics["loss"])  # waits for the step: timing below is honest
@@ -323,11 +295,11 @@ def _train(inp: LoopInputs, status: rundir.RunStatus) -> dict:
     return {"step": total_steps, **last}
 
 
-def _check_finite(step: int, finite, cfg, inp: LoopInputs, console: Console) -> int:
+def _check_finite(step: int, finite, cfg, train_batch: Callable, console: Console) -> int:
     """1 if 0-based `step` was skipped for a non-finite loss or gradient (skip mode); raises in stop mode."""
     if bool(finite):
         return 0
-    indices = getattr(inp.train_batch, "indices", None)
+    indices = getattr(train_batch, "indices", None)
     shown = [i if isinstance(i, tuple) else int(i) for i in list(indices(step))[:8]] if indices else []
     where = f" (batch of data windows {shown}...)" if indices else ""
     if cfg.train.on_nonfinite == "skip":
@@ -375,16 +347,13 @@ def prepare_run_dir(run_dir: Path, cfg: Any, resume: str, allow_config_change: b
         raise
     if jax.process_index() == 0:
         rundir.remove_partial_checkpoints(run_dir)  # a killed writer's: nobody else writes here now
-        config_file = run_dir / "config.toml"
-        tmp = config_file.with_suffix(".toml.tmp")
-        tmp.write_text(config_lib.dumps(cfg))
-        os.replace(tmp, config_file)
+        atomic.write_text(run_dir / rundir.CONFIG_FILE, config_lib.dumps(cfg))
         rundir.RunStatus(run_dir).write("starting")
 
 
 def _check_config_change(run_dir: Path, cfg: Any, allow_config_change: bool) -> None:
     """Refuse a config that differs from the run's, unless allowed and a resume can take every change."""
-    config_file = run_dir / "config.toml"
+    config_file = run_dir / rundir.CONFIG_FILE
     if not config_file.is_file():
         return
     old = config_lib.load_config(config_file, base_dir=run_dir, cls=type(cfg))

@@ -54,12 +54,13 @@ def main() -> None:
 
     import jax
 
-    from bigmodel_cli import config
-    from bigmodel_cli.train import checkpoint, loop
+    from bigmodel_cli import config, parallel
+    from bigmodel_cli.train import checkpoint
+    from bigmodel_cli.train.state import make_state
 
     cfg = config.load_config(opts.recipe)
-    mesh = loop.check_layout(cfg)
-    _, _, state = loop.make_state(cfg, mesh)
+    mesh = parallel.make_mesh(cfg.mesh)
+    _, _, state = make_state(cfg, mesh)
     state = {item: state[item] for item in checkpoint.ARRAY_ITEMS}
     nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
     root = Path(tempfile.mkdtemp(prefix="bench-checksum-", dir=opts.dir))

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Train-step time with the real data loader against the same step fed a batch already in memory.
 
-Both go through the real training loop (bigmodel_cli.train.loop.train, with its prefetch thread) on the
+Both go through the real training loop (bigmodel_cli.train.loop.run, with its prefetch thread) on the
 recipes/bench/tiny.toml model (vocab 8000, d 128, 2 layers, T 128, B 8), in one process, interleaved:
   loader  train_batch = loader.TrainBatches over Tiny Shakespeare preprocessed with BPE 8000 (memory-mapped
           shards, Grain's shuffled order, a new batch every step);
@@ -50,7 +50,7 @@ def main() -> None:
     if not opts.no_tunables and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
         os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": TUNABLES})
 
-    from bigmodel_cli import config, pretrain, utils
+    from bigmodel_cli import config, parallel, pretrain, utils
     from bigmodel_cli.console import Console
     from bigmodel_cli.data import loader
     from bigmodel_cli.data.preprocess import PreprocessConfig
@@ -68,9 +68,9 @@ def main() -> None:
         f"train.log_every={opts.log_every}",
         "checkpoint.async_save=false",
     ]
-    cfg, manifest = pretrain.resolve(config.load_config(REPO / "recipes" / "bench" / "tiny.toml", overrides))
+    cfg, parts = pretrain.resolve(config.load_config(REPO / "recipes" / "bench" / "tiny.toml", overrides))
     seq_len, batch_size = cfg.data.seq_len, cfg.train.batch_size
-    windows = loader.TokenWindows(data, "train", manifest, seq_len)
+    windows = loader.TokenWindows(data, "train", parts[0].manifest, seq_len)
     real = loader.TrainBatches(windows, batch_size, cfg.train.seed)
     # The same batches the loader yields, built before training: what differs is only the loading itself
     # (a step's cost also depends on the tokens in it, through the embedding gather and scatter).
@@ -91,16 +91,17 @@ def main() -> None:
     )
 
     times: dict[str, list[float]] = {name: [] for name in feeds}
+    mesh = parallel.make_mesh(cfg.mesh)
     for r in range(opts.rounds):
         for name in sorted(feeds, reverse=r % 2 == 1):  # alternate which mode goes first
             feed = feeds[name]
             run_dir = tmp / f"{name}-{r}"
-            loop.train(
+            loop.run(
                 loop.LoopInputs(
                     cfg=cfg,
+                    mesh=mesh,
                     run_dir=run_dir,
-                    train_batch=feed,
-                    val_batches=None,
+                    open_batches=lambda feed=feed: loop.Batches(feed),
                     seq_len=seq_len,
                     meta={},
                     console=Console("quiet"),

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the compiled 35m train step does with attention, from its optimised HLO, per `model.attention`.
 
-For each implementation it compiles the real train step (bigmodel_cli.train.loop) of recipes/bench/35m.toml on
+For each implementation it compiles the real train step (bigmodel_cli.train.state) of recipes/bench/35m.toml on
 one CPU device and counts, in `compiled.as_text()`: tensors of the full score shape [B,H,T,T], dots outside
 YNNPACK fusions (XLA:CPU's slow path), and XLA's own cost analysis (FLOPs and bytes accessed per step).
 
@@ -51,13 +51,13 @@ def main() -> None:
 
     from bigmodel_cli import config, parallel, pretrain
     from bigmodel_cli.model.transformer import attention_chunks
-    from bigmodel_cli.train import loop
+    from bigmodel_cli.train.state import jit_train_step, make_state
 
     for attention in opts.attention.split(","):
         cfg, _ = pretrain.resolve(config.load_config(opts.recipe, [f"model.attention={attention}"]))
         mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-        graphdef, tx, state = loop.make_state(cfg, mesh)
-        step_fn = loop.jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
+        graphdef, tx, state = make_state(cfg, mesh)
+        step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
         b, t = cfg.train.batch_size, cfg.data.seq_len
         zeros = np.zeros((b, t), np.int32)
         batch = {"inputs": zeros, "targets": zeros, "weights": np.ones((b, t), np.float32)}

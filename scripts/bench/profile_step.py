@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Where the time of one train step goes, by kind of op: a jax.profiler trace read against the optimised HLO.
 
-It compiles the real train step (bigmodel_cli.train.loop) of a recipe on one CPU device, runs --steps traced
+It compiles the real train step (bigmodel_cli.train.state) of a recipe on one CPU device, runs --steps traced
 steps, and shares each instant of the trace equally among the ops running at that moment (XLA:CPU runs
 independent ops concurrently), so the rows add up to the wall time of a step. Each op is classified from its
 shape and source in `compiled.as_text()`:
@@ -85,12 +85,12 @@ def main() -> None:
     import numpy as np
 
     from bigmodel_cli import config, parallel, pretrain
-    from bigmodel_cli.train import loop
+    from bigmodel_cli.train.state import jit_train_step, make_state
 
     cfg, _ = pretrain.resolve(config.load_config(opts.recipe, opts.overrides))
     mesh = parallel.make_mesh(cfg.mesh, jax.devices()[:1])
-    graphdef, tx, state = loop.make_state(cfg, mesh)
-    step_fn = loop.jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
+    graphdef, tx, state = make_state(cfg, mesh)
+    step_fn = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
     b, t, v = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
     rng = np.random.default_rng(0)
     batch = {

@@ -1,0 +1,81 @@
+"""The train state and the jitted train step over it, for both the training loop and `plan`.
+
+The loop builds the state from real arrays; plan builds the same structure from abstract ones (shape, dtype,
+sharding) and compiles the same step, so what plan reports is what training will run.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from bigmodel_cli import parallel
+from bigmodel_cli.model.params import abstract_params, init_params
+from bigmodel_cli.train import optim
+from bigmodel_cli.train.step import train_step
+
+# `initial(mesh) -> (graphdef, trainable, frozen)`: a stage's starting weights (finetuning); frozen may be None.
+Initial = Callable[[Any], tuple[nnx.GraphDef, Any, Any]]
+
+
+def make_state(
+    cfg, mesh, initial: Initial | None = None, *, abstract: bool = False
+) -> tuple[nnx.GraphDef, optax.GradientTransformation, dict]:
+    """(graphdef, optimizer, state) with params and optimizer state created in their shardings.
+
+    The state holds `step`, `params` (what trains), `opt_state` and, when initial gives any, `frozen` (weights
+    that join the forward pass without training: LoRA's base). By default the parameters are freshly
+    initialised from cfg.train.seed and all of them train. abstract=True (fresh parameters only) builds the
+    same state as jax.ShapeDtypeStructs carrying their shardings, allocating nothing: what `plan` compiles for.
+    """
+    tx = optim.make_optimizer(cfg.optim, cfg.train.steps)
+    frozen = None
+    if initial is not None:
+        graphdef, params, frozen = initial(mesh)
+    elif abstract:
+        graphdef, params = abstract_params(cfg.model, mesh, cfg.train.remat)
+    else:
+        graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
+    replicated = parallel.replicated(mesh)
+    if abstract:
+        opt_state = _abstract_output(tx.init, params, mesh)
+        step = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
+    else:
+        with parallel.activate(mesh):
+            opt_state = jax.jit(tx.init)(params)
+        step = jax.device_put(np.int32(0), replicated)
+    state = {"step": step, "params": params, "opt_state": opt_state}
+    if frozen:
+        state["frozen"] = frozen
+    return graphdef, tx, state
+
+
+def _abstract_output(fn: Callable, arg, mesh):
+    """fn(arg) as ShapeDtypeStructs with the shardings jit gives its outputs (known once it is compiled)."""
+    with parallel.activate(mesh):
+        shardings = jax.jit(fn).lower(arg).compile().output_shardings
+    shapes = jax.eval_shape(fn, arg)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def jit_train_step(
+    graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0, dropout_seed: int | None = None
+):
+    """The train step jitted once with explicit shardings (those of state, real or abstract) and the state
+    donated."""
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    step = functools.partial(
+        train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at, dropout_seed=dropout_seed
+    )
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, parallel.batch_sharding(mesh)),
+        out_shardings=(state_shardings, parallel.replicated(mesh)),
+        donate_argnums=(0,),
+    )

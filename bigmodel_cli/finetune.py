@@ -97,7 +97,9 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
         raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR")
     if not ft.train_file:
         raise UserError("no training data: pass --data FILE")
-    base = modelio.load(Path(ft.init_from), parallel.make_mesh(cfg.mesh))  # the run's one mesh: base.mesh
+    # The run's one mesh is base.mesh. A LoRA-finetuned start is folded: training (full or with new adapters)
+    # starts from plain weights.
+    base = modelio.plain(modelio.load(Path(ft.init_from), parallel.make_mesh(cfg.mesh)))
     if not base.tokenizer_file.is_file():
         raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
     tokenizer = Tokenizer(base.tokenizer_file)
@@ -147,13 +149,12 @@ def run(
         print(masks.show_examples(encoded, tokenizer, show_examples))
         return {}
     lora = cfg.lora if cfg.lora.rank else None
-    base_params = lora_lib.fold(base.params, base.lora)
 
     def initial(mesh):
         if lora is None:
-            return base.graphdef, base_params, None
+            return base.graphdef, base.params, None
         graphdef, adapters = lora_lib.init_adapters(with_adapters(base.model_cfg, lora), mesh, cfg.train.seed)
-        return graphdef, adapters, base_params
+        return graphdef, adapters, base.params
 
     base_count, _ = count_params(base.model_cfg)
     trainable = lora_lib.trainable_count(with_adapters(base.model_cfg, lora)) if lora is not None else base_count

@@ -276,6 +276,21 @@ def test_lora_trains_adapters_only_and_merges_on_export(cli, base_model, tmp_pat
     assert float(jax.numpy.abs(a - b).max()) < 1e-4
     assert float(jax.numpy.abs(a - c).max()) > 1e-3  # the adapters did change the model
 
+    # A LoRA run is a starting point like any other: finetuning again starts from its merged weights.
+    again = cli(
+        "finetune",
+        "--task",
+        "summarize",
+        "--init-from",
+        run,
+        *args,
+        "--run-dir",
+        tmp_path / "again",
+        "--set",
+        "train.steps=1",
+    ).stdout
+    assert "step: 1" in again
+
 
 @pytest.mark.slow
 def test_lora_model_exports_to_hugging_face_with_merged_weights(cli, base_model, tmp_path):

@@ -19,6 +19,7 @@ from bigmodel_cli.config import (
     Config,
 )
 from bigmodel_cli.console import Console
+from bigmodel_cli.data import loader
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa: F401 (callers use finetune.*)
@@ -58,18 +59,6 @@ class ExampleBatches:
     def __call__(self, step: int) -> dict:
         rows = self.indices(step)
         return {k: v[rows] for k, v in self.arrays.items()}
-
-
-def val_batches(encoded: dict, batch_size: int, max_batches: int, rows: slice):
-    """Validation rows in order; the last batch padded with zero-weight rows."""
-    n = min(len(encoded["inputs"]), batch_size * max_batches)
-    for start in range(0, n, batch_size):
-        ids = np.arange(start, start + batch_size)
-        valid = ids < n
-        ids = np.where(valid, ids, 0)
-        batch = {k: encoded[k][ids] for k in ("inputs", "targets", "weights")}
-        batch["weights"] = batch["weights"] * valid[:, None]
-        yield {k: v[rows] for k, v in batch.items()}
 
 
 def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
@@ -174,7 +163,7 @@ def run(
     rows = parallel.process_rows(loop_cfg.train.batch_size)
     batches = loop.Batches(
         ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows),
-        lambda: val_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
+        lambda: loader.array_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
     )
     inputs = loop.LoopInputs(
         cfg=loop_cfg,

@@ -461,3 +461,20 @@ def test_resuming_at_step_k_gives_the_batches_of_an_uninterrupted_run(tmp_path):
     # Each process reads only its rows; together they are the global batch.
     halves = [loader.TrainBatches(windows, 4, seed=5, rows=r)(k) for r in (slice(0, 2), slice(2, 4))]
     np.testing.assert_array_equal(np.concatenate([h["inputs"] for h in halves]), full[k]["inputs"])
+
+
+def test_array_batches_keep_every_row_once_and_pad_the_last_batch_with_zero_weight():
+    n, seq = 5, 3
+    arrays = {
+        "inputs": np.arange(n * seq, dtype=np.int32).reshape(n, seq),
+        "targets": np.arange(n * seq, dtype=np.int32).reshape(n, seq) + 100,
+        "weights": np.ones((n, seq), np.float32),
+    }
+    batches = list(loader.array_batches(arrays, 2))
+    assert [b["inputs"].shape for b in batches] == [(2, seq)] * 3
+    assert np.array_equal(np.concatenate([b["inputs"] for b in batches])[:n], arrays["inputs"])
+    assert np.array_equal(batches[-1]["inputs"][1], arrays["inputs"][0])  # the filler repeats row 0...
+    assert batches[-1]["weights"][1].sum() == 0 and sum(b["weights"].sum() for b in batches) == n * seq  # ...unweighted
+    assert len(list(loader.array_batches(arrays, 2, max_batches=1))) == 1
+    halves = list(loader.array_batches(arrays, 2, rows=slice(1, 2)))  # one process's rows of each batch
+    assert [b["inputs"].shape for b in halves] == [(1, seq)] * 3

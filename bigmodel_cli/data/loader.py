@@ -326,19 +326,35 @@ class SyntheticBatches:
         return as_batch(windows[self.rows])
 
 
-def eval_batches(windows: TokenWindows | Mixture, batch_size: int, max_batches: int, rows: slice | None = None):
-    """The first max_batches*B validation windows in order; the last batch is padded with zero-weight rows.
-
-    Padding rows repeat window 0 (segment ids included), so that no row is all padding for attention."""
-    total = min(windows.count, max_batches * batch_size)
+def padded_batches(count: int, batch_size: int, take, rows: slice | None = None) -> Iterator[dict]:
+    """Items 0..count-1 in order, batch_size at a time, as `take(ids) -> batch` builds them; the last batch is
+    filled with repeats of item 0 weighted 0, so every batch has one shape and no row is all padding for
+    attention. Every evaluation (validation, a split, a text file, a task's loss) batches through here."""
     rows = rows or slice(0, batch_size)
-    for start in range(0, total, batch_size):
+    for start in range(0, count, batch_size):
         ids = np.arange(start, start + batch_size)
-        valid = ids < total
-        keys = [windows.sequential(int(i) if ok else 0) for i, ok in zip(ids, valid, strict=True)]
-        batch = batch_of(windows, keys)
+        valid = ids < count
+        batch = take(np.where(valid, ids, 0))
         batch["weights"] = batch["weights"] * valid[:, None].astype(np.float32)
         yield {k: v[rows] for k, v in batch.items()}
+
+
+def eval_batches(windows: TokenWindows | Mixture, batch_size: int, max_batches: int, rows: slice | None = None):
+    """The first max_batches*B validation windows in order (segment ids included), padded as padded_batches."""
+    total = min(windows.count, max_batches * batch_size)
+    return padded_batches(
+        total, batch_size, lambda ids: batch_of(windows, [windows.sequential(int(i)) for i in ids]), rows
+    )
+
+
+def array_batches(arrays: dict, batch_size: int, max_batches: int = 0, rows: slice | None = None):
+    """Rows of encoded examples (inputs, targets, weights arrays) in order, padded as padded_batches;
+    max_batches 0 = all of them."""
+    count = len(arrays["inputs"])
+    if max_batches:
+        count = min(count, batch_size * max_batches)
+    keys = ("inputs", "targets", "weights")
+    return padded_batches(count, batch_size, lambda ids: {k: arrays[k][ids] for k in keys}, rows)
 
 
 def _numbered(make_batch, step: int) -> tuple[int, dict]:

@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 import math
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 
 from bigmodel_cli import atomic, modelio, parallel, rundir
-from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import records
 from bigmodel_cli.tasks.metrics import perplexity
-from bigmodel_cli.train.step import eval_step
 
 
 def run(
@@ -48,7 +45,7 @@ def run(
     windows = loader.TokenWindows(data_dir, split, manifest, loaded.seq_len, loaded.model_cfg.vocab_size)
     max_batches = max_batches or -(-windows.count // batch_size)
     n_batches = -(-min(windows.count, batch_size * max_batches) // batch_size)
-    total, count = _loss_sums(loaded, loader.eval_batches(windows, batch_size, max_batches), n_batches)
+    total, count = loss_sums(loaded, loader.eval_batches(windows, batch_size, max_batches), n_batches, "evaluate")
     loss = total / count
     metrics = {
         "loss": loss,
@@ -60,18 +57,6 @@ def run(
     }
     _write(model, loaded, out, metrics)
     return metrics
-
-
-def _loss_sums(loaded: LoadedModel, batches, n_batches: int) -> tuple[float, float]:
-    """(sum of token losses in nats, counted tokens) over the batches."""
-    batch_sharding = parallel.batch_sharding(loaded.mesh)
-    step = jax.jit(functools.partial(eval_step, loaded.graphdef))
-    total, count = 0.0, 0.0
-    with parallel.activate(loaded.mesh):
-        for batch in track(batches, "evaluate", n_batches):
-            loss_sum, n = step(loaded.params, {k: jax.device_put(v, batch_sharding) for k, v in batch.items()})
-            total, count = total + float(loss_sum), count + float(n)
-    return total, count
 
 
 def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) -> None:
@@ -112,7 +97,7 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     seq_len = loaded.seq_len
     n_windows = -(-(len(ids) - 1) // seq_len)
     n_batches = -(-n_windows // batch_size)
-    total, count = _loss_sums(loaded, _text_batches(ids, seq_len, batch_size, n_batches), n_batches)
+    total, count = loss_sums(loaded, _text_batches(ids, seq_len, batch_size, n_windows), n_batches, "evaluate")
     n_bytes = len(text.encode("utf-8"))
     loss = total / count
     metrics = {
@@ -128,18 +113,16 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     return metrics
 
 
-def _text_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_batches: int):
-    """[B, T] batches of consecutive windows over ids; the tail window and missing rows get weight 0."""
-    targets = len(ids) - 1
-    for b in range(n_batches):
-        windows = np.zeros((batch_size, seq_len + 1), np.int32)
-        weights = np.zeros((batch_size, seq_len), np.float32)
-        for row in range(batch_size):
-            first = (b * batch_size + row) * seq_len
-            if first >= targets:
-                windows[row] = windows[0]  # a repeat of a real window, weighted 0: no row is all padding
-                continue
-            piece = ids[first : first + seq_len + 1]
+def _text_batches(ids: np.ndarray, seq_len: int, batch_size: int, n_windows: int):
+    """[B, T] batches of consecutive windows over ids; the tail window is weighted only where it has targets."""
+
+    def take(rows: np.ndarray) -> dict:
+        windows = np.zeros((len(rows), seq_len + 1), np.int32)
+        weights = np.zeros((len(rows), seq_len), np.float32)
+        for row, window in enumerate(rows):
+            piece = ids[window * seq_len : window * seq_len + seq_len + 1]
             windows[row, : len(piece)] = piece
             weights[row, : len(piece) - 1] = 1.0
-        yield loader.as_batch(windows, weights)
+        return loader.as_batch(windows, weights)
+
+    return loader.padded_batches(n_windows, batch_size, take)

@@ -12,14 +12,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
 from bigmodel_cli import atomic, config, modelio, rundir, tasks
 from bigmodel_cli.console import track
+from bigmodel_cli.data import loader
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.tasks.base import EvalSettings, Task
@@ -109,23 +110,9 @@ class _ModelPredictor:
 
 def _loss(kind: Task, loaded, tokenizer, examples, opts, seq_len: int, batch_size: int, source: str) -> dict:
     encoded = kind.encode(examples, tokenizer, seq_len, opts, source=source)
-    model = nnx.merge(loaded.graphdef, loaded.params)
-
-    @jax.jit
-    def sums(inputs, targets, weights):
-        losses = optax.softmax_cross_entropy_with_integer_labels(model(inputs), targets)
-        return jnp.sum(losses * weights), jnp.sum(weights)
-
-    total = count = 0.0
-    n = len(encoded["inputs"])
-    for start in range(0, n, batch_size):
-        ids = np.arange(start, start + batch_size)
-        valid = ids < n
-        ids = np.where(valid, ids, 0)
-        s, c = sums(encoded["inputs"][ids], encoded["targets"][ids], encoded["weights"][ids] * valid[:, None])
-        total, count = total + float(s), count + float(c)
+    total, count = loss_sums(loaded, loader.array_batches(encoded, batch_size))
     loss = total / max(count, 1.0)
-    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(count), "total": n}
+    return {"loss": loss, "perplexity": perplexity(loss), "tokens": int(count), "total": len(encoded["inputs"])}
 
 
 def _write(out_dir: Path, examples, predictions: dict[str, str] | None, metrics: dict) -> None:

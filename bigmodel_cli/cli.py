@@ -15,10 +15,12 @@ import typer
 
 from bigmodel_cli import cli_evaluate, cli_runs
 from bigmodel_cli.cli_app import (
+    AllowConfigChange,
     Coordinator,
     NumProcesses,
     Overrides,
     ProcessId,
+    Resume,
     _console,
     _setup_jax,
     app,
@@ -114,8 +116,8 @@ def pretrain(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe, e.g. recipes/tiny.toml.")],
     run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<recipe>).")] = None,
     overrides: Overrides = None,
-    resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
-    allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
+    resume: Resume = "auto",
+    allow_config_change: AllowConfigChange = False,
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,
@@ -152,8 +154,8 @@ def finetune(
     show_examples: Annotated[
         int, typer.Option(help="Print N formatted examples, trained-on tokens marked, and exit.")
     ] = 0,
-    resume: Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")] = "auto",
-    allow_config_change: Annotated[bool, typer.Option(help="Resume even though the recipe changed.")] = False,
+    resume: Resume = "auto",
+    allow_config_change: AllowConfigChange = False,
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,

@@ -28,6 +28,8 @@ Coordinator = Annotated[str, typer.Option(help="Multi-process run: HOST:PORT of 
 NumProcesses = Annotated[int, typer.Option(help="Multi-process run: how many processes (or BIGMODEL_NUM_PROCESSES).")]
 ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's index (or BIGMODEL_PROCESS_ID).")]
 
+Resume = Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")]
+AllowConfigChange = Annotated[bool, typer.Option(help="Resume even though the recipe changed.")]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
 ]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jax
 
-from bigmodel_cli import atomic, hf, modelio
+from bigmodel_cli import atomic, hf, modelio, native
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
 
@@ -53,7 +53,9 @@ def export(
     if dtype:
         loaded = _cast(loaded, dtype)
     if format == "bigmodel":
-        return modelio.export(loaded, out)
+        with atomic.new_dir(out, "export directory") as staging:
+            native.write(loaded, staging)
+        return out
     if format == "hf":
         limit = hf.DEFAULT_MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
         with atomic.new_dir(out, "export directory") as staging:

@@ -1,4 +1,4 @@
-"""Find and load a model from a run directory, one of its checkpoints, or an export directory."""
+"""Open any model path (a run directory, one of its checkpoints, an export, hf:DIR) as a LoadedModel."""
 
 from __future__ import annotations
 
@@ -8,22 +8,18 @@ import sys
 from pathlib import Path
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
-from bigmodel_cli import atomic, hf, parallel, rundir
 from bigmodel_cli import config as config_lib
+from bigmodel_cli import hf, native, parallel, rundir
 from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name, with_adapters
+from bigmodel_cli.model.params import LoadedModel, abstract_params, with_adapters
 from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.train.checkpoint import Checkpoints
 
-EXPORT_WEIGHTS = "model.safetensors"
-EXPORT_CONFIG = "config.json"
-EXPORT_FORMAT = "bigmodel-export-v1"
 HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face Llama directory (see bigmodel_cli/hf.py)
 
 
@@ -40,7 +36,7 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
-    if (path / EXPORT_CONFIG).is_file() and (path / EXPORT_WEIGHTS).is_file():
+    if native.is_export(path):
         return "export", path, None
     if (path / rundir.CONFIG_FILE).is_file() and (path / rundir.CHECKPOINTS_DIR).is_dir():
         return "run", path, None
@@ -58,7 +54,7 @@ def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
     kind, home, step = locate(path)
     mesh = mesh if mesh is not None else parallel.make_mesh(MeshConfig())
     if kind == "export":
-        return _load_export(home, mesh)
+        return native.load(home, mesh)
     if kind == "hf":
         return hf.load(home, mesh)
     if taskinfo.read(home) is not None:  # finetuning runs record their task (and their model) beside the config
@@ -84,67 +80,12 @@ def warn(message: str) -> None:
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _load_export(home: Path, mesh) -> LoadedModel:
-    from safetensors.numpy import load_file
-
-    info = json.loads((home / EXPORT_CONFIG).read_text())
-    if info.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{home / EXPORT_CONFIG} is not a bigmodel export (format {info.get('format')!r})")
-    model_cfg = config_lib.build_config(
-        {"model": info["model"]}, {}, Config, home, where=str(home / EXPORT_CONFIG)
-    ).model
-    graphdef, like = abstract_params(model_cfg, mesh)
-    tensors = load_file(home / EXPORT_WEIGHTS)
-
-    def take(path, spec):
-        name = param_name(path)
-        if name not in tensors or tensors[name].shape != spec.shape:
-            raise UserError(f"{home / EXPORT_WEIGHTS}: tensor {name} missing or of the wrong shape; re-export")
-        return jax.device_put(tensors[name].astype(spec.dtype), spec.sharding)
-
-    params = jax.tree_util.tree_map_with_path(take, like)
-    return LoadedModel(
-        model_cfg,
-        graphdef,
-        params,
-        mesh,
-        home,
-        int(info.get("step", 0)),
-        int(info.get("seq_len", model_cfg.max_seq_len)),
-        info.get("data_path", ""),
-    )
-
-
 def plain(loaded: LoadedModel) -> LoadedModel:
     """The same model without adapters (merged), as export and further finetuning want it."""
     if loaded.lora is None:
         return loaded
     graphdef, _ = abstract_params(loaded.model_cfg, loaded.mesh)
     return dataclasses.replace(loaded, graphdef=graphdef, params=lora.fold(loaded.params, loaded.lora), lora=None)
-
-
-def export(loaded: LoadedModel, out: Path) -> Path:
-    """Write safetensors weights, config.json and the tokenizer into a new directory, atomically."""
-    import shutil
-
-    from safetensors.numpy import save_file
-
-    loaded = plain(loaded)
-    with atomic.new_dir(out, "export directory") as staging:
-        flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
-        save_file({param_name(p): np.asarray(jax.device_get(v)) for p, v in flat}, staging / EXPORT_WEIGHTS)
-        info = {
-            "format": EXPORT_FORMAT,
-            "model": dataclasses.asdict(loaded.model_cfg),
-            "step": loaded.step,
-            "seq_len": loaded.seq_len,
-            "data_path": loaded.data_path,
-        }
-        (staging / EXPORT_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-        if loaded.tokenizer_file.is_file():
-            shutil.copyfile(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
-        taskinfo.copy(loaded.home, staging)
-    return out
 
 
 def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:

@@ -1,0 +1,77 @@
+"""bigmodel's own export format: model.safetensors (parameters by name) and config.json (the model config, the
+step, the sequence length and the data it was trained on), with the tokenizer and any task.json beside them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from bigmodel_cli import config as config_lib
+from bigmodel_cli import rundir
+from bigmodel_cli.config import Config
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.tasks import taskinfo
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+FORMAT = "bigmodel-export-v1"
+
+
+def is_export(path: Path) -> bool:
+    """Whether `path` holds an export in this format (both of its files)."""
+    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def load(home: Path, mesh) -> LoadedModel:
+    """The export in `home`, laid out on mesh."""
+    from safetensors.numpy import load_file
+
+    info = json.loads((home / CONFIG).read_text())
+    if info.get("format") != FORMAT:
+        raise UserError(f"{home / CONFIG} is not a bigmodel export (format {info.get('format')!r})")
+    model_cfg = config_lib.build_config({"model": info["model"]}, {}, Config, home, where=str(home / CONFIG)).model
+    graphdef, like = abstract_params(model_cfg, mesh)
+    tensors = load_file(home / WEIGHTS)
+
+    def take(path, spec):
+        name = param_name(path)
+        if name not in tensors or tensors[name].shape != spec.shape:
+            raise UserError(f"{home / WEIGHTS}: tensor {name} missing or of the wrong shape; re-export")
+        return jax.device_put(tensors[name].astype(spec.dtype), spec.sharding)
+
+    params = jax.tree_util.tree_map_with_path(take, like)
+    return LoadedModel(
+        model_cfg,
+        graphdef,
+        params,
+        mesh,
+        home,
+        int(info.get("step", 0)),
+        int(info.get("seq_len", model_cfg.max_seq_len)),
+        info.get("data_path", ""),
+    )
+
+
+def write(loaded: LoadedModel, staging: Path) -> None:
+    """Safetensors weights, config.json, the tokenizer and any task.json of a plain (adapter-free) model."""
+    from safetensors.numpy import save_file
+
+    flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
+    save_file({param_name(p): np.asarray(jax.device_get(v)) for p, v in flat}, staging / WEIGHTS)
+    info = {
+        "format": FORMAT,
+        "model": dataclasses.asdict(loaded.model_cfg),
+        "step": loaded.step,
+        "seq_len": loaded.seq_len,
+        "data_path": loaded.data_path,
+    }
+    (staging / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    if loaded.tokenizer_file.is_file():
+        shutil.copyfile(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
+    taskinfo.copy(loaded.home, staging)

@@ -98,13 +98,14 @@ class Task:
         self, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions, *, source: str = ""
     ) -> dict[str, np.ndarray]:
         """Training windows of the examples: see layout.encode."""
-        return layout.encode(self, examples, tokenizer, seq_len, opts, source=source)
+        parts, trainable = [self.parts(e) for e in examples], [self.trainable(e) for e in examples]
+        return layout.encode(parts, trainable, tokenizer, seq_len, opts, source=source)
 
     def generation_prompts(
         self, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions
     ) -> list[list[list[int]]]:
         """Token ids to generate from, per example: see layout.generation_prompts."""
-        return layout.generation_prompts(self, examples, tokenizer, seq_len, opts)
+        return layout.generation_prompts([self.parts(e) for e in examples], self.windowed, tokenizer, seq_len, opts)
 
     # ---- evaluation -------------------------------------------------------------------------------------
 

@@ -21,12 +21,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import numpy as np
 
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.tasks.options import Example, TaskOptions, TaskWarning
+from bigmodel_cli.tasks.options import TaskOptions, TaskWarning
 
 # The role of each text part in the sequence.
 PROMPT = "prompt"  # prompt text, never trained on
@@ -36,18 +35,7 @@ ANSWER = "answer"  # qa: the gold answer's occurrence inside the context, kept i
 TARGET = "target"  # the final target: trained on, cut to max_target_tokens
 
 
-class Parts(Protocol):
-    """What the layout needs of a task kind."""
-
-    windowed: bool  # generation reads a too-long context in overlapping windows instead of cutting it
-
-    def parts(self, example: Example) -> list[tuple[str, str]]:
-        """The example's full text (prompt + target) as (text, role) parts, in order."""
-        ...
-
-    def trainable(self, example: Example) -> bool:
-        """False for an example that training must leave out (evaluation still scores it)."""
-        ...
+Parts = list[tuple[str, str]]  # an example's full text (prompt + target) as (text, role) parts, in order
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -105,8 +93,7 @@ class _Layout:
     target: list[int] = field(default_factory=list)
 
 
-def _layouts(kind: Parts, examples: Sequence[Example], tokenizer) -> list[_Layout]:
-    all_parts = [kind.parts(e) for e in examples]
+def _layouts(all_parts: Sequence[Parts], tokenizer) -> list[_Layout]:
     tokens = _tokenize_parts(tokenizer, [[text for text, _ in parts] for parts in all_parts])
     layouts = []
     for parts, ids in zip(all_parts, tokens, strict=True):
@@ -189,9 +176,16 @@ def _train_start(layout: _Layout, size: int, opts: TaskOptions) -> int | None:
 
 
 def encode(
-    kind: Parts, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions, *, source: str = ""
+    parts: Sequence[Parts],
+    trainable: Sequence[bool],
+    tokenizer,
+    seq_len: int,
+    opts: TaskOptions,
+    *,
+    source: str = "",
 ) -> dict[str, np.ndarray]:
-    """One [seq_len + 1] window per example -> inputs, targets, weights [N, seq_len] and example_index [N].
+    """One [seq_len + 1] window per example (given as its parts) -> inputs, targets, weights [N, seq_len] and
+    example_index [N]; examples not `trainable` are left out.
 
     Weights are 1 exactly where the predicted token belongs to the target or is the EOS after it (chats: every
     assistant turn), 0 on the prompt and on the right padding (EOS). Too-long contexts are cut at the end; QA
@@ -200,12 +194,12 @@ def encode(
     reported in one TaskWarning that starts with `source` (the file they came from); `example_index` says
     which example each row holds. Pass only inputs/targets/weights to the train step.
     """
-    if not examples:
+    if not parts:
         raise UserError(f"no examples to encode: check the task data file {source}".rstrip())
     _check_room(seq_len, opts)
     where = f"{source}: " if source else ""
     # Only qa leaves examples out (a question whose answer has no trusted place), hence the wording below.
-    placed = [i for i, e in enumerate(examples) if kind.trainable(e)]
+    placed = [i for i, ok in enumerate(trainable) if ok]
     if not placed:
         raise UserError(
             f"{where}no question has an answer whose answer_start points at its text in the context: training "
@@ -216,7 +210,7 @@ def encode(
     mask = np.zeros((len(placed), seq_len + 1), np.float32)  # 1 where the token is trained on
     index = []
     left_out = cut = 0
-    for i, layout in zip(placed, _layouts(kind, [examples[i] for i in placed], tokenizer), strict=True):
+    for i, layout in zip(placed, _layouts([parts[i] for i in placed], tokenizer), strict=True):
         size = _context_size(layout, seq_len, opts)
         start = _train_start(layout, size, opts) if size >= 0 and (size or not layout.context) else None
         if start is None:
@@ -234,14 +228,14 @@ def encode(
         mask[row, : len(weights)] = weights
         index.append(i)
     notes = []
-    if len(placed) < len(examples):
+    if len(placed) < len(parts):
         notes.append(
-            f"{len(examples) - len(placed)} of {len(examples)} questions left out of training: none of their "
+            f"{len(parts) - len(placed)} of {len(parts)} questions left out of training: none of their "
             "answers has an answer_start that points at its text in the context (evaluation still scores them)"
         )
     if left_out:
         notes.append(
-            f"{left_out} of {len(examples)} examples left out: their prompt (qa: or answer) does not fit "
+            f"{left_out} of {len(parts)} examples left out: their prompt (qa: or answer) does not fit "
             f"data.seq_len={seq_len}"
         )
     if cut:
@@ -264,7 +258,7 @@ def encode(
 
 
 def generation_prompts(
-    kind: Parts, examples: Sequence[Example], tokenizer, seq_len: int, opts: TaskOptions
+    parts: Sequence[Parts], windowed: bool, tokenizer, seq_len: int, opts: TaskOptions
 ) -> list[list[list[int]]]:
     """Token ids to generate from, per example: [prompt], or for a too-long qa context one per window.
 
@@ -276,9 +270,9 @@ def generation_prompts(
     """
     eos, limit = _eos(tokenizer), _check_room(seq_len, opts)
     out = []
-    for layout in _layouts(kind, examples, tokenizer):
+    for layout in _layouts(parts, tokenizer):
         size = max(_context_size(layout, seq_len, opts), 0)
-        starts = _window_starts(len(layout.context), size, opts.doc_stride) if kind.windowed else [0]
+        starts = _window_starts(len(layout.context), size, opts.doc_stride) if windowed else [0]
         prompts = []
         for start in starts:
             tokens = [*layout.before, *layout.context[start : start + size], *layout.after]

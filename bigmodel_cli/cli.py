@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from bigmodel_cli import cli_evaluate, cli_runs
+from bigmodel_cli import cli_evaluate, cli_runs, storage
 from bigmodel_cli.cli_app import (
     AllowConfigChange,
     Coordinator,
@@ -38,7 +38,9 @@ def preprocess(
             "directories, quoted glob patterns, or hf:NAME[:CONFIG][@SPLIT] Hugging Face datasets."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="Output directory (must not exist or be empty).")],
+    out: Annotated[
+        Path, typer.Option("--out", parser=storage.parse, help="Output directory (must not exist or be empty).")
+    ],
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (char sizes itself).")] = 8000,
     model_type: Annotated[str, typer.Option(help="Tokenizer kind: bpe, unigram or char.")] = "bpe",
     tokenizer: Annotated[Path | None, typer.Option(help="Use this SentencePiece .model instead of training.")] = None,
@@ -114,7 +116,9 @@ def preprocess(
 @command
 def pretrain(
     recipe: Annotated[Path, typer.Argument(help="A TOML recipe, e.g. recipes/tiny.toml.")],
-    run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<recipe>).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="Where checkpoints and logs go (default runs/<recipe>).")
+    ] = None,
     overrides: Overrides = None,
     resume: Resume = "auto",
     allow_config_change: AllowConfigChange = False,
@@ -149,7 +153,9 @@ def finetune(
     columns: Annotated[
         str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
     ] = None,
-    run_dir: Annotated[Path | None, typer.Option(help="Where checkpoints and logs go (default runs/<task>).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="Where checkpoints and logs go (default runs/<task>).")
+    ] = None,
     overrides: Overrides = None,
     show_examples: Annotated[
         int, typer.Option(help="Print N formatted examples, trained-on tokens marked, and exit.")
@@ -209,7 +215,9 @@ evaluate = command(cli_evaluate.evaluate)
 
 @command
 def generate(
-    model: Annotated[Path, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")],
+    model: Annotated[
+        Path, typer.Argument(parser=storage.parse, help="A run directory, one of its checkpoints, an export or hf:DIR.")
+    ],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to add.")] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
@@ -244,8 +252,13 @@ def generate(
 
 @command
 def export(
-    model: Annotated[Path, typer.Argument(help="A run directory, a checkpoint, an export, or hf:DIR.")],
-    out: Annotated[Path, typer.Option("--out", help="New directory for the export (must not exist or be empty).")],
+    model: Annotated[
+        Path, typer.Argument(parser=storage.parse, help="A run directory, a checkpoint, an export, or hf:DIR.")
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", parser=storage.parse, help="New directory for the export (must not exist or be empty)."),
+    ],
     fmt: Annotated[str, typer.Option("--format", help="bigmodel, hf (transformers Llama) or stablehlo.")] = "bigmodel",
     dtype: Annotated[str, typer.Option(help="Weights as float32 or bfloat16 (default: as stored).")] = "",
     max_shard_bytes: Annotated[

@@ -7,11 +7,12 @@ import functools
 import signal
 import sys
 import threading
+import typing
 from typing import Annotated
 
 import typer
 
-from bigmodel_cli import __version__, rundir
+from bigmodel_cli import __version__, rundir, storage
 from bigmodel_cli.errors import UserError
 
 app = typer.Typer(
@@ -83,6 +84,7 @@ def command(fn):
         ended = ("failed", "")  # how to mark a run directory that the command still holds when it ends
         previous = _stop_on_sigterm()
         try:
+            _check_storage_clients(fn, kwargs)
             result = fn(*args, **kwargs)
             ended = ("", "")
             return result
@@ -115,6 +117,19 @@ def command(fn):
                 signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
 
     return app.command()(wrapper)
+
+
+def _check_storage_clients(fn, options: dict) -> None:
+    """Refuse, before the command writes anything, a URL directory whose storage client is not installed."""
+    from typer.models import OptionInfo
+
+    hints = typing.get_type_hints(fn, include_extras=True)
+    for name, value in options.items():
+        is_option = any(isinstance(m, OptionInfo) for m in getattr(hints.get(name), "__metadata__", ()))
+        label = "--" + name.replace("_", "-") if is_option else name.upper()
+        for item in value if isinstance(value, list | tuple) else [value]:
+            if not isinstance(item, str):  # a parsed directory (--set strings and the like are checked by config)
+                storage.check_client(item, label)
 
 
 def _stop_on_sigterm() -> tuple | None:

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from bigmodel_cli import storage
 from bigmodel_cli.cli_app import (
     Coordinator,
     NumProcesses,
@@ -19,9 +20,13 @@ from bigmodel_cli.errors import UserError
 
 def evaluate(
     model: Annotated[
-        Path | None, typer.Argument(help="A run directory, one of its checkpoints, an export or hf:DIR.")
+        Path | None,
+        typer.Argument(parser=storage.parse, help="A run directory, one of its checkpoints, an export or hf:DIR."),
     ] = None,
-    data: Annotated[Path | None, typer.Option(help="Preprocessed data directory, or with --task a task file.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(parser=storage.parse, help="Preprocessed data directory, or with --task a task file."),
+    ] = None,
     text: Annotated[
         Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
     ] = None,
@@ -34,7 +39,9 @@ def evaluate(
     columns: Annotated[
         str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Where metrics.json (and predictions.jsonl) go.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="Where metrics.json (and predictions.jsonl) go.")
+    ] = None,
     overrides: Annotated[
         list[str] | None,
         typer.Option("--set", help="With --task: override a task option, e.g. task.target_lang=Chinese."),

@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from bigmodel_cli import storage
 from bigmodel_cli.cli_app import (
     Overrides,
     _console,
@@ -52,7 +53,9 @@ def plan(
 
 
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="One or more run directories to compare.")],
+    run_dirs: Annotated[
+        list[Path], typer.Argument(parser=storage.parse, help="One or more run directories to compare.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="report.png or report.html")] = Path("report.png"),
 ) -> None:
     """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
@@ -65,7 +68,11 @@ def report(
     _console().result({"out": str(path)})
 
 
-def runs(root: Annotated[Path, typer.Argument(help="Directory holding run directories.")] = Path("runs")) -> None:
+def runs(
+    root: Annotated[Path, typer.Argument(parser=storage.parse, help="Directory holding run directories.")] = Path(
+        "runs"
+    ),
+) -> None:
     """List runs under a directory with their step, last loss and status.
 
     Example: bigmodel runs runs/

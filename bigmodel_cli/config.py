@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.data.mixture import resolve_mixture
 from bigmodel_cli.errors import UserError
 
@@ -328,7 +329,10 @@ def _resolve_path(where: str, value: str, base: Path) -> str:
     """Absolute form of a path value; URLs (gs://...) stay as they are, hf:DIR keeps its prefix."""
     if "\0" in value:  # the one character no path can hold; os calls would fail with a bare ValueError
         raise UserError(f"{where} contains a NUL character, which no path can hold: {value!r}")
-    if not value or "://" in value:
+    if not value:
+        return value
+    if storage.is_url(value):
+        storage.check_client(value, where)
         return value
     if value.startswith("hf:"):
         return "hf:" + str((base / value[3:]).resolve())

@@ -14,11 +14,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 
 def write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` with `data` at once: a reader, or a crash, sees the old file or the new one, never half."""
+    if storage.is_url(path):  # an object write is already whole or nothing (and a bucket has no rename)
+        storage.path(path).write_bytes(data)
+        return
     path = Path(path)
     temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")  # same directory: os.replace is a rename
     # A fresh name opened exclusively with 0666: the kernel applies the umask, so the file gets the mode a plain

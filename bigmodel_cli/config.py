@@ -257,14 +257,15 @@ def load_config(
     raw: dict[str, Any] = {}
     recipe_dir = Path.cwd()
     if recipe is not None:
-        recipe = Path(recipe)
+        recipe = storage.path(recipe)  # a gs:// run's config.toml too
         if not recipe.is_file():
             raise UserError(f"recipe {recipe} not found: pass the path of a .toml recipe (see recipes/)")
         try:
             raw = tomllib.loads(recipe.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise UserError(f"recipe {recipe} is not valid TOML: {err}") from None
-        recipe_dir = recipe.resolve().parent
+        if base_dir is None:  # (a bucket's path has no resolve())
+            recipe_dir = recipe.resolve().parent
     if base_dir is not None:
         recipe_dir = base_dir
     where = str(recipe) if recipe is not None else "config"

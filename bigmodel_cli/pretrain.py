@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import shutil
+import hashlib
 from pathlib import Path
 
 import jax
 
-from bigmodel_cli import parallel, rundir
+from bigmodel_cli import parallel, rundir, storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
@@ -77,10 +77,14 @@ def open_data(cfg: Config, parts: list[loader.DataPart], run_dir: Path):
         train = loader.TokenWindows(path, "train", manifest, seq_len, vocab)
         # --val-fraction 0 data has no val split: the run trains without validation.
         val = loader.TokenWindows(path, "val", manifest, seq_len, vocab) if "val" in manifest["splits"] else None
-    if (run_dir / rundir.TOKENIZER_FILE).is_file():  # resuming: the data must fit the run's tokenizer
-        check_compatible(
-            manifest, sha256_file(run_dir / rundir.TOKENIZER_FILE), vocab, cfg.data.mixture or cfg.data.path
+    run_tokenizer = run_dir / rundir.TOKENIZER_FILE
+    if run_tokenizer.is_file():  # resuming: the data must fit the run's tokenizer
+        digest = (
+            hashlib.sha256(run_tokenizer.read_bytes()).hexdigest()  # a bucket's object: no open() for it
+            if storage.is_url(run_tokenizer)
+            else sha256_file(run_tokenizer)
         )
+        check_compatible(manifest, digest, vocab, cfg.data.mixture or cfg.data.path)
     return train, val
 
 
@@ -118,7 +122,7 @@ def run(
     def copy_tokenizer(run_dir: Path) -> None:
         if parts is not None and jax.process_index() == 0:
             tokenizer_file = parts[0].path / parts[0].manifest["tokenizer"]["file"]
-            shutil.copyfile(tokenizer_file, run_dir / rundir.TOKENIZER_FILE)  # the run is self-contained (checked)
+            storage.copy_file(tokenizer_file, run_dir / rundir.TOKENIZER_FILE)  # the run is self-contained (checked)
 
     inputs = loop.LoopInputs(
         cfg=cfg, mesh=mesh, run_dir=run_dir, open_batches=open_batches, seq_len=seq_len, meta=meta, console=console

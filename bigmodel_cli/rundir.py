@@ -29,10 +29,11 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
-from bigmodel_cli import atomic
+from bigmodel_cli import atomic, storage
 from bigmodel_cli.errors import UserError
 
 # ---- what a run directory holds ----------------------------------------------------------------------------
@@ -41,6 +42,7 @@ from bigmodel_cli.errors import UserError
 CONFIG_FILE = "config.toml"  # the fully resolved config the run was made with
 CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one directory per step
 PARTIAL_CHECKPOINT = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here, then renames it to <step>
+COMMIT_SUCCESS_FILE = "commit_success.txt"  # in a bucket: Orbax writes <step> in place, then this file in it
 TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model (a data directory names its own the same)
 MODEL_FILE = "model.json"  # finetuning: the ModelConfig of the model it started from
 TASK_FILE = "task.json"  # finetuning: the task and its prompt options (taskinfo)
@@ -108,7 +110,26 @@ def resume_blockers(old: dict, new: dict) -> list[str]:
 
 
 # ---- one writer per run directory ------------------------------------------------------------------------
-_held: dict[Path, tuple[int, bool]] = {}  # resolved run dir -> (lock file descriptor, writes status.json)
+_held: dict[object, tuple[int | None, bool]] = {}  # run dir key -> (lock file descriptor, writes status.json)
+_refreshers: dict[object, threading.Event] = {}  # URL run dir key -> set to stop refreshing its lock object
+
+# A bucket has no flock, and no process death to release one: the lock object is refreshed while held, and
+# one not refreshed for this long is taken over (a holder on another host may have died without deleting it).
+LOCK_REFRESH_S = 60.0
+LOCK_STALE_S = 5 * 60.0
+
+
+def _key(run_dir: Path):
+    """One key per run directory, however it was spelled: a resolved Path, or the URL."""
+    return str(run_dir).rstrip("/") if storage.is_url(run_dir) else Path(run_dir).resolve()
+
+
+def _lock_name(process_index: int) -> str:
+    return LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}"
+
+
+def _holder_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
 def lock(run_dir: Path, process_index: int = 0) -> None:
@@ -117,13 +138,15 @@ def lock(run_dir: Path, process_index: int = 0) -> None:
     The OS releases a flock when its holder dies, however it dies, so the lock of a killed run is free at once
     and the next holder rewrites the host and PID. In a multi-process run each process locks its own file (all
     of them write checkpoint shards), so a second job is refused by every one of its processes.
+    A gs:// run directory has no flock: see _lock_object.
     """
-    # TODO(gs:// run directories): no flock there; create the lock object with an if-generation-match=0
-    # precondition, refresh it while running, and take over one whose holder stopped refreshing it.
-    key = Path(run_dir).resolve()
+    key = _key(run_dir)
     if key in _held:  # this process already holds it (prepare_run_dir, then train)
         return
-    path = key / (LOCK_FILE if process_index == 0 else f"{LOCK_FILE}.{process_index}")
+    if storage.is_url(run_dir):
+        _lock_object(run_dir, key, process_index)
+        return
+    path = key / _lock_name(process_index)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -132,37 +155,108 @@ def lock(run_dir: Path, process_index: int = 0) -> None:
         os.close(fd)
         if err.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):
             return  # a filesystem without locks (some network mounts): run unlocked rather than not at all
-        raise UserError(
-            f"{run_dir} is in use by another bigmodel process ({holder}): wait for it to end or stop it, "
-            "or choose another --run-dir"
-        ) from None
-    since = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    info = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": since}) + "\n"
+        raise _in_use(run_dir, holder) from None
+    info = json.dumps(_holder_info()) + "\n"
     os.ftruncate(fd, 0)
     os.pwrite(fd, info.encode(), 0)
     _held[key] = (fd, process_index == 0)
+
+
+def _in_use(run_dir: Path, holder: str) -> UserError:
+    return UserError(
+        f"{run_dir} is in use by another bigmodel process ({holder}): wait for it to end or stop it, "
+        "or choose another --run-dir"
+    )
+
+
+def _lock_object(run_dir: Path, key, process_index: int) -> None:
+    """The lock of a run directory in a bucket: an object holding the holder's host, PID, start and the time it
+    was last refreshed (every LOCK_REFRESH_S, by a background thread, while held; deleted by unlock()).
+
+    Another holder's lock object is respected unless its process is known to be gone: on this host, a PID that
+    no longer runs (a killed run, rerun at once); on any host, a lock not refreshed for LOCK_STALE_S.
+    Limits: reading and then writing the object is not atomic, so two processes that start within the same
+    moment may both take it (GCS's if-generation-match precondition would close that gap; the test emulator
+    ignores preconditions, so it is not relied on); a holder whose refreshes stall for LOCK_STALE_S (a
+    suspended machine) loses its lock to the next process; clocks of the hosts are compared, so they must agree.
+    """
+    path = storage.path(run_dir) / _lock_name(process_index)
+    try:
+        held = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable (torn by nothing: an object is written whole)
+        held = None
+    if isinstance(held, dict) and not _lock_abandoned(held):
+        raise _in_use(run_dir, _describe_holder(held))
+    info = _holder_info()
+    _write_lock_object(path, info)
+    stop = threading.Event()
+    thread = threading.Thread(target=_refresh_lock_object, args=(path, info, stop), daemon=True)
+    thread.start()
+    _refreshers[key] = stop
+    _held[key] = (None, process_index == 0)
+
+
+def _lock_abandoned(held: dict) -> bool:
+    if held.get("host") == socket.gethostname() and isinstance(held.get("pid"), int):
+        if held["pid"] == os.getpid():
+            return True  # an earlier command of this same process
+        try:
+            os.kill(held["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass  # it runs, as another user
+    refreshed = held.get("refreshed")
+    return not isinstance(refreshed, (int, float)) or time.time() - refreshed > LOCK_STALE_S
+
+
+def _write_lock_object(path, info: dict) -> None:
+    path.write_text(json.dumps({**info, "refreshed": time.time()}) + "\n")
+
+
+def _refresh_lock_object(path, info: dict, stop: threading.Event) -> None:
+    while not stop.wait(LOCK_REFRESH_S):
+        with contextlib.suppress(Exception):  # a missed refresh is retried; the run must not die of it
+            _write_lock_object(path, info)
+
+
+def _describe_holder(info: dict) -> str:
+    try:
+        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+    except KeyError:
+        return "its host and PID are not recorded yet"
 
 
 def _read_holder(fd: int) -> str:
     """'pid N on host H, since T' from a lock file, as well as it can be read."""
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError):
         return "its host and PID are not recorded yet"
+    return _describe_holder(info) if isinstance(info, dict) else "its host and PID are not recorded yet"
 
 
 def unlock(run_dir: Path) -> None:
     """Release RUN_DIR's lock if this process holds it. The file stays: deleting it would let two holders in."""
-    fd, _ = _held.pop(Path(run_dir).resolve(), (None, False))
+    key = _key(run_dir)
+    fd, _ = _held.pop(key, (None, False))
     if fd is not None:
         os.close(fd)
+    stop = _refreshers.pop(key, None)
+    if stop is not None:  # a bucket's lock object: nothing releases it but its deletion
+        stop.set()
+        for name in [p for p in storage.path(run_dir).glob(f"{LOCK_FILE}*")]:
+            with contextlib.suppress(OSError):
+                info = json.loads(name.read_text())
+                if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
+                    name.unlink()
 
 
 def release_all(state: str = "", message: str = "") -> None:
     """At the end of a command, release the run directories it still holds, first ending their status as
     `state` (stopped or failed): the command ended between preparing a run and training it."""
     for run_dir, (_, writes_status) in list(_held.items()):
+        run_dir = storage.path(run_dir)
         if state:
             RunStatus(run_dir, enabled=writes_status).end(state, message)
         unlock(run_dir)
@@ -177,7 +271,7 @@ class RunStatus:
     """RUN_DIR/status.json: starting, running, stopped, failed or finished, with a step; written by process 0."""
 
     def __init__(self, run_dir: Path, enabled: bool = True):
-        self.run_dir, self.enabled = Path(run_dir), enabled
+        self.run_dir, self.enabled = storage.path(run_dir), enabled
         self.state = ""
 
     def write(self, state: str, step: int | None = None, **extra) -> None:
@@ -196,17 +290,32 @@ class RunStatus:
 
 def latest_checkpoint(run_dir: Path) -> int:
     """The newest complete checkpoint's step (0 when there is none): where a rerun resumes."""
-    directory = Path(run_dir) / CHECKPOINTS_DIR
-    steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+    directory = storage.path(run_dir) / CHECKPOINTS_DIR
+    steps = [int(p.name) for p in _step_dirs(directory) if not _is_partial(p)]
     return max(steps, default=0)
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    return [p for p in directory.iterdir() if p.name.isdigit()] if directory.is_dir() else []
+
+
+def _is_partial(step_dir: Path) -> bool:
+    """In a bucket Orbax writes a step in place and marks it complete last, with this file (no rename there)."""
+    return storage.is_url(step_dir) and not (step_dir / COMMIT_SUCCESS_FILE).exists()
 
 
 def remove_partial_checkpoints(run_dir: Path) -> None:
     """Delete checkpoints that a dead or failed writer left half-written; only the lock holder may call this."""
-    directory = Path(run_dir) / CHECKPOINTS_DIR
-    if directory.is_dir():
-        for partial in directory.glob(PARTIAL_CHECKPOINT):
-            shutil.rmtree(partial, ignore_errors=True)
+    directory = storage.path(run_dir) / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        return
+    if storage.is_url(directory):
+        for partial in filter(_is_partial, _step_dirs(directory)):
+            with contextlib.suppress(OSError):
+                partial.rmtree()
+        return
+    for partial in directory.glob(PARTIAL_CHECKPOINT):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 # ---- how a run ends ----------------------------------------------------------------------------------------

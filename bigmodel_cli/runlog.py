@@ -9,7 +9,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bigmodel_cli import atomic
+from bigmodel_cli import atomic, storage
 from bigmodel_cli.rundir import METRICS_FILE, TENSORBOARD_DIR
 
 
@@ -49,11 +49,14 @@ class RunLogger:
         tensorboard: bool = True,
         wandb_project: str = "",
     ) -> None:
-        self.run_dir = Path(run_dir)
+        self.run_dir = storage.path(run_dir)
         self.enabled = enabled
         self.path = self.run_dir / METRICS_FILE
         self._use_tensorboard = tensorboard
         self._file: Any = None
+        # A bucket's object cannot be appended to: for a gs:// run the lines are kept here and the whole object
+        # is rewritten at each step (metrics.jsonl stays small: one line per logged step).
+        self._lines: list[str] | None = None
         self._tb: Any = None
         self._purge_step: int | None = None
         self._wandb: Any = None
@@ -68,7 +71,8 @@ class RunLogger:
                 raise RuntimeError(msg) from e
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if wandb_project:
-            self._wandb = wandb.init(project=wandb_project, name=self.run_dir.name, dir=str(self.run_dir))
+            local_dir = None if storage.is_url(self.run_dir) else str(self.run_dir)  # wandb writes locally only
+            self._wandb = wandb.init(project=wandb_project, name=self.run_dir.name, dir=local_dir)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         """Record metrics for one step everywhere this logger writes to."""
@@ -76,11 +80,18 @@ class RunLogger:
             return
         step = int(step)
         record = {"step": step} | {k: _json_value(v) for k, v in metrics.items() if k != "step"}
-        if self._file is None:
-            self._file = self.path.open("a", encoding="utf-8")
-        self._file.write(json.dumps(record) + "\n")
-        # Flush every line so a killed run keeps everything it logged.
-        self._file.flush()
+        line = json.dumps(record) + "\n"
+        if storage.is_url(self.path):
+            if self._lines is None:
+                self._lines = self._read_lines()
+            self._lines.append(line)
+            atomic.write_text(self.path, "".join(self._lines))
+        else:
+            if self._file is None:
+                self._file = self.path.open("a", encoding="utf-8")
+            self._file.write(line)
+            # Flush every line so a killed run keeps everything it logged.
+            self._file.flush()
 
         scalars = {k: f for k, v in metrics.items() if k != "step" and (f := _as_float(v)) is not None}
         if self._use_tensorboard and scalars:
@@ -104,16 +115,23 @@ class RunLogger:
         if not self.path.exists():
             return
         kept = []
-        with self.path.open(encoding="utf-8") as f:
-            for line in f:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by the kill
-                logged_step = record.get("step") if isinstance(record, dict) else None
-                if isinstance(logged_step, int) and logged_step <= step:
-                    kept.append(line if line.endswith("\n") else line + "\n")
+        for line in self._read_lines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by the kill
+            logged_step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(logged_step, int) and logged_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
         atomic.write_text(self.path, "".join(kept))
+        self._lines = kept if storage.is_url(self.path) else None
+
+    def _read_lines(self) -> list[str]:
+        """metrics.jsonl's lines as they are (none when it does not exist yet)."""
+        if not self.path.exists():
+            return []
+        with self.path.open(encoding="utf-8") as f:
+            return list(f)
 
     def close(self) -> None:
         """Flush and close every sink; safe to call more than once."""

@@ -5,6 +5,8 @@ directory named on the command line or in a recipe is parsed here."""
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
 from pathlib import Path
 
 from bigmodel_cli.errors import UserError
@@ -46,3 +48,37 @@ def parse(value: str):
 
         return epath.Path(str(value))
     return Path(value)
+
+
+def path(value):
+    """`value` (a str, Path or epath.Path) as parse() would give it: Path(value) for a local path, which would
+    collapse a URL's `//`, an epath.Path that keeps a URL whole."""
+    return parse(str(value)) if is_url(value) else Path(value)
+
+
+def absolute(value):
+    """The absolute form of a directory: a URL already is one."""
+    return path(value) if is_url(value) else Path(value).absolute()
+
+
+def copy_file(source, destination) -> None:
+    """Copy one file, either end local or in a bucket (one object write: a reader sees all of it or none)."""
+    if not is_url(source) and not is_url(destination):
+        shutil.copyfile(source, destination)
+        return
+    path(destination).write_bytes(path(source).read_bytes())
+
+
+def move_tree(source, destination) -> None:
+    """Move a directory. In a bucket there is no rename of a prefix: every object is copied, then the source
+    deleted; a process killed part way leaves the source whole (and a partial copy beside it)."""
+    if not is_url(source):
+        os.replace(source, destination)
+        return
+    import fsspec
+
+    fs, src = fsspec.core.url_to_fs(str(source))
+    dst = fs._strip_protocol(str(destination))
+    fs.copy(src, dst, recursive=True)
+    fs.rm(src, recursive=True)
+    fs.invalidate_cache()

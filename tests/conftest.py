@@ -10,6 +10,9 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("BIGMODEL_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bigmodel-test-jax-cache"))
+# gcsfs reads this once, when imported: its zonal/hierarchical-bucket probe hangs against the GCS emulator
+# (tests/test_gcs.py).
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402

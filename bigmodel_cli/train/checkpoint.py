@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import xxhash
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 # Orbax logs every save and restore at INFO/WARNING through absl; the CLI prints its own one-liners.
@@ -193,8 +193,8 @@ class Checkpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, read_only=read_only, create=not read_only
         )
-        self.shown = Path(directory)  # as the user gave it, for messages
-        self.directory = Path(directory).absolute()
+        self.shown = storage.path(directory)  # as the user gave it, for messages
+        self.directory = storage.absolute(directory)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self._reader = ocp.StandardCheckpointHandler()  # reads the metadata of one item: see check_fits
 
@@ -268,7 +268,7 @@ class Checkpoints:
                 # One process renames, after every process has named the same `aside` and before any reloads.
                 _barrier(f"bigmodel-corrupt-{step}-named")
                 if jax.process_index() == 0:
-                    os.replace(directory, aside)
+                    storage.move_tree(directory, aside)
                 _barrier(f"bigmodel-corrupt-{step}-moved")
                 self.manager.reload()
                 warn(

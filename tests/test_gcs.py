@@ -1,0 +1,175 @@
+"""gs:// run directories: `bigmodel pretrain --run-dir gs://...` keeps the whole run in the bucket and resumes
+from the bucket alone. Against gcp-storage-emulator, in this process, reached by every client (gcsfs through
+etils.epath, TensorStore for Orbax, google-cloud-storage for TensorBoard) through the environment, which the
+CLI subprocesses inherit."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import pretrain_args, run_cli_subprocess
+
+STEPS = 40
+SETTINGS = {"train.steps": STEPS, "checkpoint.every": 10, "train.log_every": 5, "train.eval_every": 20}
+
+
+def _send_generation_on_reads() -> None:
+    """TensorStore (Orbax's writer) reads an object's generation from the x-goog-generation header of its
+    download, as GCS sends it; the emulator does not ("Malformed StorageGeneration" without this)."""
+    import gcp_storage_emulator.server as server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    plain = objects.download
+    if getattr(plain, "sends_generation", False):
+        return
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj.get("metageneration", "1")
+        except NotFound:
+            pass
+        return plain(request, response, storage, *args, **kwargs)
+
+    download.sends_generation = True
+    objects.download = download
+    server.HANDLERS = tuple(
+        (route, {method: download if f is plain else f for method, f in handlers.items()})
+        for route, handlers in server.HANDLERS
+    )
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    from gcp_storage_emulator.server import create_server
+
+    _send_generation_on_reads()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()  # its thread is not a daemon: the session would not end
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """An empty bucket `gs://bucket`, and the environment that points every client at it."""
+    import fsspec
+    import gcsfs
+
+    server, host = gcs_server
+    env = {
+        "STORAGE_EMULATOR_HOST": host,  # gcsfs and google-cloud-storage
+        "FSSPEC_GCS_TOKEN": "anon",  # read by fsspec when imported (subprocesses)
+        "TENSORSTORE_GCS_HTTP_URL": host,  # Orbax's TensorStore
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
+        "GOOGLE_CLOUD_PROJECT": "test",  # tensorboardX's writer
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+    server.wipe(keep_buckets=True)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield "gs://bucket"
+    gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def _bucket(url: str):
+    from etils import epath
+
+    return epath.Path(url)
+
+
+def _steps(metrics_text: str) -> list[int]:
+    return [json.loads(line)["step"] for line in metrics_text.splitlines()]
+
+
+def _params(checkpoint) -> dict:
+    """A checkpoint's params as host arrays, read by Orbax from a local or gs:// step directory."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as reader:
+        tree = reader.restore(checkpoint / "params")
+    return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_pretrain_keeps_the_whole_run_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = f"{gcs}/runs/a"
+    settings = {**SETTINGS, "train.steps": 10}
+    out = run_cli_subprocess(*pretrain_args(url, tiny_data, settings), cwd=tmp_path)
+    assert f'"run_dir": "{url}"' in out.stdout or url in out.stdout
+    run = _bucket(url)
+    names = {p.name for p in run.iterdir()}
+    assert {"config.toml", "status.json", "metrics.jsonl", "tokenizer.model", "checkpoints", "tensorboard"} <= names
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", 10)
+    assert _steps((run / "metrics.jsonl").read_text()) == [5, 10]
+    assert (run / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
+    assert (run / "checkpoints" / "10" / "commit_success.txt").exists()
+    assert not [p for p in run.iterdir() if p.name.startswith("bigmodel.lock")]  # released: deleted
+    assert list(tmp_path.iterdir()) == []  # no ./gs:/bucket/..., nothing written locally
+
+
+def _start(args, cwd, env):
+    return subprocess.Popen(
+        [sys.executable, "-m", "bigmodel_cli", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
+
+
+def test_kill_then_resume_from_the_bucket_alone_is_bit_identical_to_a_local_run(gcs, tiny_data, tmp_path):
+    local = tmp_path / "local"
+    run_cli_subprocess(*pretrain_args(local, tiny_data, SETTINGS))
+
+    url = f"{gcs}/runs/b"
+    run = _bucket(url)
+    work, cache = tmp_path / "work", tmp_path / "cache"  # everything local the gs:// run makes
+    work.mkdir()
+    env = {"BIGMODEL_CACHE_DIR": str(cache)}
+    args = pretrain_args(url, tiny_data, SETTINGS)
+    proc = _start(args, work, env)
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / "20" / "commit_success.txt").exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert json.loads((run / "status.json").read_text())["state"] == "running"
+    assert max(_steps((run / "metrics.jsonl").read_text())) < STEPS, "the run finished before it was killed"
+    shutil.rmtree(work)
+    shutil.rmtree(cache, ignore_errors=True)
+    work.mkdir()
+
+    resumed = run_cli_subprocess(*args, cwd=work, env=env)  # the lock object of the killed run is taken over
+    assert "resumed from step" in resumed.stdout + resumed.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", STEPS)
+    assert _steps((run / "metrics.jsonl").read_text()) == list(range(5, STEPS + 1, 5))  # each step once
+    final_local, final_bucket = _params(local / "checkpoints" / str(STEPS)), _params(run / "checkpoints" / str(STEPS))
+    assert final_local.keys() == final_bucket.keys()
+    for name, value in final_local.items():
+        assert np.array_equal(value, final_bucket[name]), name
+    assert list(work.iterdir()) == []

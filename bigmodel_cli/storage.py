@@ -75,10 +75,15 @@ def move_tree(source, destination) -> None:
     if not is_url(source):
         os.replace(source, destination)
         return
-    import fsspec
+    # Through epath, as Orbax reads the bucket: one client, so its cached listings see the move (gcsfs caches
+    # listings per client).
+    _copy_tree(path(source), path(destination))
+    path(source).rmtree()
 
-    fs, src = fsspec.core.url_to_fs(str(source))
-    dst = fs._strip_protocol(str(destination))
-    fs.copy(src, dst, recursive=True)
-    fs.rm(src, recursive=True)
-    fs.invalidate_cache()
+
+def _copy_tree(source, destination) -> None:
+    for child in source.iterdir():
+        if child.is_dir():
+            _copy_tree(child, destination / child.name)
+        else:
+            child.copy(destination / child.name)

@@ -173,3 +173,48 @@ def test_kill_then_resume_from_the_bucket_alone_is_bit_identical_to_a_local_run(
     for name, value in final_local.items():
         assert np.array_equal(value, final_bucket[name]), name
     assert list(work.iterdir()) == []
+
+
+def test_a_damaged_checkpoint_in_the_bucket_is_moved_aside_and_the_previous_one_used(gcs, tiny_data, tmp_path):
+    url = f"{gcs}/runs/c"
+    run = _bucket(url)
+    args = pretrain_args(url, tiny_data, {**SETTINGS, "train.steps": 20})
+    run_cli_subprocess(*args, cwd=tmp_path)
+    import fsspec
+
+    fs, params = fsspec.core.url_to_fs(f"{url}/checkpoints/20/params")
+    chunks = [name for name in fs.find(params) if "/d/" in name]  # the arrays' data files
+    assert chunks
+    fs.rm(chunks)
+
+    rerun = run_cli_subprocess(*args, cwd=tmp_path)
+    assert "checkpoint gs://bucket/runs/c/checkpoints/20 is damaged" in rerun.stdout + rerun.stderr
+    assert "resumed from step 10" in rerun.stdout + rerun.stderr
+    names = {p.name for p in (run / "checkpoints").iterdir()}
+    assert {"20", "20.corrupt-1"} <= names
+    status = json.loads((run / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("finished", 20)
+
+
+def test_the_lock_object_of_a_live_holder_refuses_a_stale_one_is_taken_over(gcs, monkeypatch):
+    from bigmodel_cli import rundir
+    from bigmodel_cli.errors import UserError
+
+    run = _bucket(f"{gcs}/runs/locked")
+    lock = run / rundir.LOCK_FILE
+    other = {"host": "elsewhere", "pid": 4242, "since": "2026-01-01 00:00:00 UTC"}
+    lock.write_text(json.dumps({**other, "refreshed": time.time()}))
+    with pytest.raises(UserError, match="in use by another bigmodel process \\(pid 4242 on host elsewhere"):
+        rundir.lock(run)
+
+    lock.write_text(json.dumps({**other, "refreshed": time.time() - rundir.LOCK_STALE_S - 1}))
+    monkeypatch.setattr(rundir, "LOCK_REFRESH_S", 0.05)
+    rundir.lock(run)
+    try:
+        mine = json.loads(lock.read_text())
+        assert (mine["host"], mine["pid"]) == (socket.gethostname(), os.getpid())
+        time.sleep(0.5)
+        assert json.loads(lock.read_text())["refreshed"] > mine["refreshed"]  # kept fresh while held
+    finally:
+        rundir.unlock(run)
+    assert not lock.exists()  # released: deleted, so that the next run on any host starts at once

@@ -111,7 +111,8 @@ def resume_blockers(old: dict, new: dict) -> list[str]:
 
 # ---- one writer per run directory ------------------------------------------------------------------------
 _held: dict[object, tuple[int | None, bool]] = {}  # run dir key -> (lock file descriptor, writes status.json)
-_refreshers: dict[object, threading.Event] = {}  # URL run dir key -> set to stop refreshing its lock object
+# URL run dir key -> (its lock object, an event set to stop refreshing it, the thread that refreshes it)
+_refreshers: dict[object, tuple[Path, threading.Event, threading.Thread]] = {}
 
 # A bucket has no flock, and no process death to release one: the lock object is refreshed while held, and
 # one not refreshed for this long is taken over (a holder on another host may have died without deleting it).
@@ -174,7 +175,8 @@ def _lock_object(run_dir: Path, key, process_index: int) -> None:
     was last refreshed (every LOCK_REFRESH_S, by a background thread, while held; deleted by unlock()).
 
     Another holder's lock object is respected unless its process is known to be gone: on this host, a PID that
-    no longer runs (a killed run, rerun at once); on any host, a lock not refreshed for LOCK_STALE_S.
+    no longer runs (a killed run, rerun at once; a PID the OS gave to another process since holds it until
+    stale); on any host, a lock not refreshed for LOCK_STALE_S.
     Limits: reading and then writing the object is not atomic, so two processes that start within the same
     moment may both take it (GCS's if-generation-match precondition would close that gap; the test emulator
     ignores preconditions, so it is not relied on); a holder whose refreshes stall for LOCK_STALE_S (a
@@ -192,7 +194,7 @@ def _lock_object(run_dir: Path, key, process_index: int) -> None:
     stop = threading.Event()
     thread = threading.Thread(target=_refresh_lock_object, args=(path, info, stop), daemon=True)
     thread.start()
-    _refreshers[key] = stop
+    _refreshers[key] = (path, stop, thread)
     _held[key] = (None, process_index == 0)
 
 
@@ -237,19 +239,21 @@ def _read_holder(fd: int) -> str:
 
 
 def unlock(run_dir: Path) -> None:
-    """Release RUN_DIR's lock if this process holds it. The file stays: deleting it would let two holders in."""
+    """Release RUN_DIR's lock if this process holds it. The file stays: deleting it would let two holders in.
+    A bucket's lock object, which nothing else releases, is deleted."""
     key = _key(run_dir)
     fd, _ = _held.pop(key, (None, False))
     if fd is not None:
         os.close(fd)
-    stop = _refreshers.pop(key, None)
-    if stop is not None:  # a bucket's lock object: nothing releases it but its deletion
+    refresher = _refreshers.pop(key, None)
+    if refresher is not None:
+        path, stop, thread = refresher
         stop.set()
-        for name in [p for p in storage.path(run_dir).glob(f"{LOCK_FILE}*")]:
-            with contextlib.suppress(OSError):
-                info = json.loads(name.read_text())
-                if info.get("pid") == os.getpid() and info.get("host") == socket.gethostname():
-                    name.unlink()
+        thread.join(timeout=60)  # a refresh under way would write the object again after its deletion
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads(path.read_text())
+            if (info.get("host"), info.get("pid")) == (socket.gethostname(), os.getpid()):  # not taken over
+                path.unlink()
 
 
 def release_all(state: str = "", message: str = "") -> None:

@@ -11,11 +11,13 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("BIGMODEL_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bigmodel-test-jax-cache"))
 # gcsfs reads this once, when imported: its zonal/hierarchical-bucket probe hangs against the GCS emulator
-# (tests/test_gcs.py).
+# (tests/gcs_emulator.py).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import pytest  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
+
+pytest_plugins = ["tests.gcs_emulator"]  # the `gcs` fixture: an emulated bucket
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BIGMODEL_SHARED_DATA", REPO.parent / "shared" / "data"))

@@ -10,8 +10,14 @@ from tests.conftest import REPO
 
 def test_gpu_bench_dry_run_measures_the_real_train_step():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    out = subprocess.run([sys.executable, str(REPO / "scripts" / "bench" / "gpu_bench.py"), "--dry-run"],
-                         capture_output=True, text=True, env=env, timeout=300, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench" / "gpu_bench.py"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=True,
+    ).stdout
     result = json.loads(out.splitlines()[0])
     assert result["attention"] == "xla" and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
     assert abs(result["loss"] - __import__("math").log(512)) < 0.5  # random tokens: loss ~ ln(vocab)

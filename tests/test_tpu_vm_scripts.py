@@ -243,9 +243,7 @@ def test_setup_wheel(tmp_path, env):
 def test_setup_errors(tmp_path, env):
     assert_one_line_error(script("setup.sh", "--dry-run", *TPU, env=env), "--source")
     missing = tmp_path / "nope-0.1.0.whl"
-    assert_one_line_error(
-        script("setup.sh", "--dry-run", *TPU, "--source", str(missing), env=env), "no such file"
-    )
+    assert_one_line_error(script("setup.sh", "--dry-run", *TPU, "--source", str(missing), env=env), "no such file")
     other = tmp_path / "notes.txt"
     other.write_text("x")
     assert_one_line_error(script("setup.sh", "--dry-run", *TPU, "--source", str(other), env=env), "--source")

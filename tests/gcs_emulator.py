@@ -1,0 +1,76 @@
+"""A Google Cloud Storage emulator for the tests: gcp-storage-emulator in this process, on a free port, with every
+client (gcsfs through etils.epath, TensorStore for Orbax, google-cloud-storage for TensorBoard) pointed at it
+through the environment, which CLI subprocesses inherit. Loaded as a plugin by conftest.py."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+
+def _send_generation_on_reads() -> None:
+    """TensorStore (Orbax's writer) reads an object's generation from the x-goog-generation header of its
+    download, as GCS sends it; the emulator does not ("Malformed StorageGeneration" without this)."""
+    import gcp_storage_emulator.server as server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    plain = objects.download
+    if getattr(plain, "sends_generation", False):
+        return
+
+    def download(request, response, storage, *args, **kwargs):
+        try:
+            obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
+            response["x-goog-generation"] = obj["generation"]
+            response["x-goog-metageneration"] = obj.get("metageneration", "1")
+        except NotFound:
+            pass
+        return plain(request, response, storage, *args, **kwargs)
+
+    download.sends_generation = True
+    objects.download = download
+    server.HANDLERS = tuple(
+        (route, {method: download if f is plain else f for method, f in handlers.items()})
+        for route, handlers in server.HANDLERS
+    )
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    from gcp_storage_emulator.server import create_server
+
+    _send_generation_on_reads()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bucket")
+    server.start()
+    try:
+        yield server, f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()  # its thread is not a daemon: the session would not end
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+    """An empty bucket `gs://bucket`, and the environment that points every client at it."""
+    import fsspec
+    import gcsfs
+
+    server, host = gcs_server
+    env = {
+        "STORAGE_EMULATOR_HOST": host,  # gcsfs and google-cloud-storage
+        "FSSPEC_GCS_TOKEN": "anon",  # read by fsspec when imported (subprocesses)
+        "TENSORSTORE_GCS_HTTP_URL": host,  # Orbax's TensorStore
+        "GOOGLE_AUTH_TOKEN_FOR_TESTING": "dummy",
+        "GOOGLE_CLOUD_PROJECT": "test",  # tensorboardX's writer
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+    server.wipe(keep_buckets=True)
+    gcsfs.GCSFileSystem.clear_instance_cache()
+    yield "gs://bucket"
+    gcsfs.GCSFileSystem.clear_instance_cache()

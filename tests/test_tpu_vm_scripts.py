@@ -222,7 +222,7 @@ def test_setup_git(env):
     assert f"--zone={ZONE}" in cmd
     remote = option(cmd, "--command")
     assert "-m venv bigmodel-venv" in remote
-    assert f"pip install -U 'jax[tpu]' {url}" in remote
+    assert f"pip install -U 'jax[tpu]' bigmodel\\[gcs\\]\\ @\\ {url}" in remote  # printf %q quoting
 
 
 def test_setup_wheel(tmp_path, env):
@@ -236,7 +236,7 @@ def test_setup_wheel(tmp_path, env):
     ]  # fmt: skip
     assert ssh[4:6] == ["ssh", "my-tpu"] and "--worker=all" in ssh
     remote = option(ssh, "--command")
-    assert f"pip install -U 'jax[tpu]' ./{wheel.name}" in remote
+    assert f"pip install -U 'jax[tpu]' ./{wheel.name}\\[gcs\\]" in remote
     assert "python3.12 -m venv" in remote
 
 

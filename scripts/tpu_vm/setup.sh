@@ -47,11 +47,12 @@ no_rest
 [[ -n $SOURCE ]] || die "missing --source (git+URL or a wheel/sdist path)"
 [[ $PYTHON =~ ^[A-Za-z0-9._/-]+$ ]] || die "bad --python '$PYTHON'"
 
+# With the [gcs] extra: run directories on TPU VMs live in gs:// buckets (docs/tpu_vm.md).
 case $SOURCE in
-  git+*) spec=$SOURCE ;;
+  git+*) spec="bigmodel[gcs] @ $SOURCE" ;;
   *.whl | *.tar.gz | *.zip)
     [[ -f $SOURCE ]] || die "no such file: $SOURCE"
-    spec=./$(basename "$SOURCE")
+    spec="./$(basename "$SOURCE")[gcs]"
     # A remote path without a leading / is relative to the home directory.
     tpu_vm scp "$SOURCE" "$TPU_NAME:$(basename "$SOURCE")" --worker=all
     ;;

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from tests.conftest import pretrain_args, run_cli_subprocess
 
@@ -50,6 +51,8 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(gcs, tiny_data, tmp_
     in_bucket = json.loads((_bucket(url) / "metrics.json").read_text())
     here = json.loads((local / "metrics.json").read_text())
     assert in_bucket["loss"] == here["loss"] and in_bucket["step"] == here["step"] == 10
+    cli("evaluate", url, "--data", tiny_data, "--out", f"{gcs}/evals/a")  # --out in the bucket too
+    assert json.loads((_bucket(gcs) / "evals" / "a" / "metrics.json").read_text())["loss"] == here["loss"]
 
     # generate: the bucket run's tokenizer and checkpoint give the local run's text.
     text = cli("generate", url, *PROMPT).stdout
@@ -80,3 +83,31 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(gcs, tiny_data, tmp_
     assert cli("generate", f"{url}/checkpoints/10", *PROMPT).stdout == text
 
     assert not (work / "gs:").exists() and list(work.iterdir()) == []  # nothing collapsed into ./gs:/...
+
+
+def test_a_bucket_new_dir_is_uploaded_only_when_its_block_succeeds_with_top_level_json_last(gcs, tmp_path, monkeypatch):
+    from bigmodel_cli import atomic, storage
+    from bigmodel_cli.errors import UserError
+
+    out = _bucket(f"{gcs}/out")
+    try:
+        with atomic.new_dir(out, "output") as staging:
+            (staging / "weights.bin").write_bytes(b"w")
+            raise RuntimeError("killed")
+    except RuntimeError:
+        pass
+    assert not staging.exists() and not out.exists()  # nothing uploaded, the local staging removed
+
+    uploaded = []
+    copy = storage.copy_file
+    monkeypatch.setattr(storage, "copy_file", lambda src, dst: (uploaded.append(str(dst)), copy(src, dst)))
+    with atomic.new_dir(out, "output") as staging:
+        (staging / "config.json").write_text("{}")
+        (staging / "sub").mkdir()
+        (staging / "sub" / "a.json").write_text("[]")
+        (staging / "weights.bin").write_bytes(b"w")
+    assert uploaded == [f"{out}/sub/a.json", f"{out}/weights.bin", f"{out}/config.json"]
+    assert (out / "weights.bin").read_bytes() == b"w" and not staging.exists()
+    with pytest.raises(UserError, match="already exists and is not empty"):
+        with atomic.new_dir(out, "output"):
+            pass

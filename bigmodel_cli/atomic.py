@@ -58,7 +58,12 @@ def check_new_dir(out: Path, what: str) -> None:
 @contextlib.contextmanager
 def new_dir(out: Path, what: str) -> Iterator[Path]:
     """Yield a fresh staging directory beside `out`; it becomes `out` when the block ends without an error,
-    and is removed otherwise, so an interrupted job leaves nothing behind."""
+    and is removed otherwise, so an interrupted job leaves nothing behind. A gs:// `out` is staged in a local
+    temporary directory and uploaded when the block ends without an error."""
+    if storage.is_url(out):
+        with _new_bucket_dir(storage.path(out), what) as staging:
+            yield staging
+        return
     out = Path(out)
     check_new_dir(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -87,3 +92,20 @@ def _give_umask_modes(root: Path, umask: int) -> None:
             mode = os.stat(path).st_mode
             full = 0o777 if stat.S_ISDIR(mode) or mode & 0o111 else 0o666  # executables stay executable
             os.chmod(path, full & ~umask)
+
+
+@contextlib.contextmanager
+def _new_bucket_dir(out, what: str) -> Iterator[Path]:
+    """new_dir for a directory in a bucket, which has no rename: staged locally, then uploaded object by object.
+    Top-level JSON files go last: readers recognise a directory by them (config.json of an export, manifest.json
+    of preprocessed data or a StableHLO export), so a half upload is not taken for a whole one."""
+    check_new_dir(out, what)
+    staging = Path(tempfile.mkdtemp(prefix="bigmodel-upload-"))
+    try:
+        yield staging
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        last = [p for p in files if p.parent == staging and p.suffix == ".json"]
+        for file in [p for p in files if p not in last] + last:
+            storage.copy_file(file, out / file.relative_to(staging).as_posix())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

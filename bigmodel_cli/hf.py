@@ -11,13 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 
+from bigmodel_cli import storage
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
@@ -162,7 +162,7 @@ def _write_weights(flat: dict[str, Any], directory: Path, max_shard_bytes: int) 
 
 def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:
     """tokenizer.model plus the files AutoTokenizer needs, set up to give exactly our ids (no BOS added)."""
-    shutil.copyfile(model_file, directory / TOKENIZER_FILE)
+    storage.copy_file(model_file, directory / TOKENIZER_FILE)  # model_file may be in a bucket
     sp = tokenizer.sp
     special = {
         f"{kind}_token": sp.id_to_piece(i)

@@ -11,7 +11,7 @@ import jax
 from jax.sharding import Mesh
 
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import hf, native, parallel, rundir
+from bigmodel_cli import hf, native, parallel, rundir, storage
 from bigmodel_cli.config import Config, MeshConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
@@ -33,7 +33,7 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
                 "(bigmodel downloads nothing: fetch it first, e.g. with `hf download`)"
             )
         return "hf", home, None
-    path = Path(path)
+    path = storage.path(path)  # a gs:// run or export stays an epath.Path
     if not path.exists():
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
     if native.is_export(path):
@@ -99,7 +99,7 @@ def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")
         if cfg.lora.rank:
-            base = load(Path(cfg.finetune.init_from), mesh)
+            base = load(storage.path(cfg.finetune.init_from), mesh)
             graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), mesh)
             step, adapters, _ = ckpt.restore_params(like, warn, step)
             params = lora.merge_params(lora.fold(base.params, base.lora), adapters)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import rundir
+from bigmodel_cli import rundir, storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
@@ -25,19 +24,21 @@ FORMAT = "bigmodel-export-v1"
 
 def is_export(path: Path) -> bool:
     """Whether `path` holds an export in this format (both of its files)."""
-    return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+    path = storage.path(path)
+    return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
 def load(home: Path, mesh) -> LoadedModel:
     """The export in `home`, laid out on mesh."""
-    from safetensors.numpy import load_file
+    from safetensors.numpy import load, load_file
 
     info = json.loads((home / CONFIG).read_text())
     if info.get("format") != FORMAT:
         raise UserError(f"{home / CONFIG} is not a bigmodel export (format {info.get('format')!r})")
     model_cfg = config_lib.build_config({"model": info["model"]}, {}, Config, home, where=str(home / CONFIG)).model
     graphdef, like = abstract_params(model_cfg, mesh)
-    tensors = load_file(home / WEIGHTS)
+    # safetensors opens local files only: a bucket's weights are read into memory
+    tensors = load((home / WEIGHTS).read_bytes()) if storage.is_url(home) else load_file(home / WEIGHTS)
 
     def take(path, spec):
         name = param_name(path)
@@ -73,5 +74,5 @@ def write(loaded: LoadedModel, staging: Path) -> None:
     }
     (staging / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     if loaded.tokenizer_file.is_file():
-        shutil.copyfile(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
+        storage.copy_file(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
     taskinfo.copy(loaded.home, staging)

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from bigmodel_cli import atomic
+from bigmodel_cli import atomic, storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.rundir import CONFIG_FILE, EVAL_METRICS_FILE, METRICS_FILE, STATUS_FILE
 
@@ -61,9 +61,12 @@ def _summary(run_dir: Path, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _mtime(path: Path) -> float | None:
     try:
-        return path.stat().st_mtime
+        info = path.stat()
     except OSError:
         return None
+    # An object in a bucket (epath) has whole-second `mtime`: a config and a status written in the same second
+    # tie, and the status is read.
+    return info.mtime if storage.is_url(path) else info.st_mtime
 
 
 def _status(run_dir: Path) -> dict[str, Any]:
@@ -90,7 +93,7 @@ def _target_steps(run_dir: Path) -> int | None:
 
 def list_runs(root: Path) -> list[dict[str, Any]]:
     """Run dirs (holding metrics.jsonl or config.toml) at most two levels under root, with their progress."""
-    root = Path(root)
+    root = storage.path(root)
     if not root.is_dir():
         raise UserError(f"{root} is not a directory: pass the folder that holds your runs")
     candidates = [root, *root.glob("*"), *root.glob("*/*")]
@@ -132,7 +135,7 @@ def print_runs(runs: list[dict[str, Any]], root: Path, json_lines: bool = False)
 
 def _labels(run_dirs: list[Path]) -> list[str]:
     """Short run names: directory names, or full paths when those names collide."""
-    names = [d.resolve().name for d in run_dirs]
+    names = [d.name if storage.is_url(d) else d.resolve().name for d in run_dirs]
     return names if len(set(names)) == len(names) else [str(d) for d in run_dirs]
 
 
@@ -218,13 +221,13 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}} img{{max-width:1
 
 def run(run_dirs: list[Path], out: Path) -> Path:
     """Plot loss, val_loss, learning rate and throughput of the runs, and tabulate their final metrics."""
-    out = Path(out)
+    out = storage.path(out)
     if out.suffix.lower() not in FORMATS:
         fmt = out.suffix or "(none)"
         raise UserError(f"unsupported report format {fmt!r}: give an output path ending in .png or .html")
     if not run_dirs:
         raise UserError("no run directories given: pass at least one RUN_DIR")
-    run_dirs = [Path(d) for d in run_dirs]
+    run_dirs = [storage.path(d) for d in run_dirs]
     runs = []
     for d in run_dirs:
         if not d.is_dir():

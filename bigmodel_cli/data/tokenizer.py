@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -24,7 +25,7 @@ SAMPLE_LINE_CHARS = 2048  # longer training lines are cut (SentencePiece skips l
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -120,11 +121,14 @@ class Tokenizer:
     """A loaded SentencePiece model with the ids our data and generation need (-1 where the model has none)."""
 
     def __init__(self, model_file: Path | str):
-        model_file = Path(model_file)
+        model_file = storage.path(model_file)
         if not model_file.is_file():
             raise UserError(f"tokenizer {model_file} not found: pass a SentencePiece .model file")
         try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
+            if storage.is_url(model_file):  # SentencePiece opens local files only: a bucket's is read into memory
+                self.sp = spm.SentencePieceProcessor(model_proto=model_file.read_bytes())
+            else:
+                self.sp = spm.SentencePieceProcessor(model_file=str(model_file))
         except (RuntimeError, OSError):
             raise UserError(f"{model_file} is not a SentencePiece model: pass a .model file") from None
         self.path = model_file

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_cli import atomic, modelio, parallel, rundir
+from bigmodel_cli import atomic, modelio, parallel, rundir, storage
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
@@ -63,7 +63,7 @@ def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) ->
     """metrics.json in --out, else beside the model; a directory that refuses it costs a warning, not the results."""
     if out is None and modelio.locate(model)[0] == "hf":  # a Hugging Face directory is the user's (maybe read-only)
         return
-    target = Path(out) if out is not None else loaded.home
+    target = storage.path(out) if out is not None else loaded.home  # either may be in a bucket
     try:
         target.mkdir(parents=True, exist_ok=True)
         atomic.write_json(target / rundir.EVAL_METRICS_FILE, metrics)

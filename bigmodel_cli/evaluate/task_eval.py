@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import atomic, config, modelio, rundir, tasks
+from bigmodel_cli import atomic, config, modelio, rundir, storage, tasks
 from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.tokenizer import Tokenizer
@@ -210,5 +210,7 @@ def run(
     for warning in caught:  # skipped or cut data: one line each, after the results are in
         print(f"warning: {warning.message}", file=sys.stderr)
     metrics = {"task": task, "data": str(data), **metrics}
-    _write(out or rundir.eval_dir(home, task), examples, preds, metrics)
+    # eval_dir's name joined to `home` itself: a gs:// home stays an epath.Path (Path() would make it ./gs:/...)
+    out_dir = storage.path(out) if out is not None else home / rundir.eval_dir(home, task).name
+    _write(out_dir, examples, preds, metrics)
     return metrics

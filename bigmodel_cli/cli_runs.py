@@ -56,7 +56,9 @@ def report(
     run_dirs: Annotated[
         list[Path], typer.Argument(parser=storage.parse, help="One or more run directories to compare.")
     ],
-    out: Annotated[Path, typer.Option("--out", help="report.png or report.html")] = Path("report.png"),
+    out: Annotated[Path, typer.Option("--out", parser=storage.parse, help="report.png or report.html")] = Path(
+        "report.png"
+    ),
 ) -> None:
     """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
 

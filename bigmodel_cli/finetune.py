@@ -7,14 +7,13 @@ trainable, or frozen under LoRA adapters), builds loss-masked batches and hands 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from bigmodel_cli import atomic, modelio, parallel, rundir, tasks
+from bigmodel_cli import atomic, modelio, parallel, rundir, storage, tasks
 from bigmodel_cli.config import (
     Config,
 )
@@ -88,7 +87,7 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
         raise UserError("no training data: pass --data FILE")
     # The run's one mesh is base.mesh. A LoRA-finetuned start is folded: training (full or with new adapters)
     # starts from plain weights.
-    base = modelio.plain(modelio.load(Path(ft.init_from), parallel.make_mesh(cfg.mesh)))
+    base = modelio.plain(modelio.load(storage.path(ft.init_from), parallel.make_mesh(cfg.mesh)))
     if not base.tokenizer_file.is_file():
         raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
     tokenizer = Tokenizer(base.tokenizer_file)
@@ -151,7 +150,7 @@ def run(
 
     def on_ready(run_dir: Path) -> None:  # the run directory is prepared: the stage's own files, then training
         if jax.process_index() == 0:
-            shutil.copyfile(base.tokenizer_file, run_dir / rundir.TOKENIZER_FILE)
+            storage.copy_file(base.tokenizer_file, storage.path(run_dir) / rundir.TOKENIZER_FILE)
             taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
             atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
         console.info(

@@ -56,7 +56,7 @@ LOCK_FILE = "bigmodel.lock"  # held by the one process that writes (see lock())
 
 def eval_dir(home: Path, task: str) -> Path:
     """Where `bigmodel evaluate --task TASK` writes for a model by default."""
-    return Path(home) / f"eval-{task}"
+    return storage.path(home) / f"eval-{task}"
 
 
 # ---- config changes on resume ----------------------------------------------------------------------------

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 from bigmodel_cli.rundir import TOKENIZER_FILE
@@ -86,7 +86,7 @@ def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLA
     save_file(dict(zip(names, weights, strict=True)), directory / WEIGHTS)
     tokenizer = None
     if loaded.tokenizer_file.is_file():
-        shutil.copyfile(loaded.tokenizer_file, directory / TOKENIZER_FILE)
+        storage.copy_file(loaded.tokenizer_file, directory / TOKENIZER_FILE)
         tokenizer = TOKENIZER_FILE
     manifest = {
         "format": FORMAT,

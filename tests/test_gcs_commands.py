@@ -82,6 +82,21 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(gcs, tiny_data, tmp_
     # a checkpoint of the bucket run, named by its step
     assert cli("generate", f"{url}/checkpoints/10", *PROMPT).stdout == text
 
+    # finetune from the bucket run into the bucket: its task.json there, evaluated and exported with its task.
+    rows = ["label,text"] + [
+        f"{'pos' if i % 2 else 'neg'},{'good fine' if i % 2 else 'bad poor'} {i}" for i in range(24)
+    ]
+    (tmp_path / "cls.csv").write_text("\n".join(rows) + "\n")
+    ft_url = f"{gcs}/runs/ft"
+    ft = ["--task", "classify", "--init-from", url, "--data", tmp_path / "cls.csv", "--run-dir", ft_url]
+    cli("finetune", *ft, "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "checkpoint.every=2")
+    assert json.loads((_bucket(ft_url) / "task.json").read_text())["task"] == "classify"
+    assert (_bucket(ft_url) / "tokenizer.model").read_bytes() == (local / "tokenizer.model").read_bytes()
+    cli("evaluate", ft_url, "--task", "classify", "--data", tmp_path / "cls.csv")
+    assert "accuracy" in json.loads((_bucket(ft_url) / "eval-classify" / "metrics.json").read_text())
+    cli("export", ft_url, "--out", f"{gcs}/exports/ft")
+    assert json.loads((_bucket(gcs) / "exports" / "ft" / "task.json").read_text())["task"] == "classify"
+
     assert not (work / "gs:").exists() and list(work.iterdir()) == []  # nothing collapsed into ./gs:/...
 
 

@@ -30,7 +30,7 @@ def run(
 ) -> dict:
     """Evaluate the model on a preprocessed split (max_batches 0 = all of it); writes metrics.json."""
     loaded = modelio.load(model)
-    data_dir = Path(data) if data is not None else Path(loaded.data_path) if loaded.data_path else None
+    data_dir = storage.path(data) if data is not None else storage.path(loaded.data_path) if loaded.data_path else None
     if data_dir is None or not data_dir.is_dir():
         raise UserError(f"no evaluation data: pass --data DIR (a bigmodel preprocess output); got {data_dir}")
     manifest = load_manifest(data_dir)

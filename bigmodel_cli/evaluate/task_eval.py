@@ -210,7 +210,6 @@ def run(
     for warning in caught:  # skipped or cut data: one line each, after the results are in
         print(f"warning: {warning.message}", file=sys.stderr)
     metrics = {"task": task, "data": str(data), **metrics}
-    # eval_dir's name joined to `home` itself: a gs:// home stays an epath.Path (Path() would make it ./gs:/...)
-    out_dir = storage.path(out) if out is not None else home / rundir.eval_dir(home, task).name
+    out_dir = storage.path(out) if out is not None else rundir.eval_dir(home, task)
     _write(out_dir, examples, preds, metrics)
     return metrics

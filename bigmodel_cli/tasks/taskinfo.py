@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bigmodel_cli import atomic
+from bigmodel_cli import atomic, storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.rundir import CONFIG_FILE, TASK_FILE
 from bigmodel_cli.tasks.base import Task
@@ -40,12 +39,12 @@ def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_in
         seq_len=seq_len,
         chat_template=kind.chat_template,
     )
-    atomic.write_json(Path(run_dir) / TASK_FILE, record)
+    atomic.write_json(storage.path(run_dir) / TASK_FILE, record)
 
 
 def read(home: Path) -> TaskInfo | None:
     """The task a model directory was finetuned for, or None for a pretrained (or foreign) model."""
-    path = Path(home) / TASK_FILE
+    path = storage.path(home) / TASK_FILE
     if not path.is_file():
         return None
     try:
@@ -56,7 +55,7 @@ def read(home: Path) -> TaskInfo | None:
     if "options" in record:
         options = _options(record["options"])
     else:  # written before task.json carried the options: they are in the run's config.toml
-        options = _options_from_config(Path(home))
+        options = _options_from_config(storage.path(home))
     return TaskInfo(
         task=task,
         options=options,
@@ -79,6 +78,6 @@ def _options(values: dict) -> TaskOptions:
 
 def copy(home: Path, out_dir: Path) -> None:
     """Carry a model's task.json (when it has one) into an export directory."""
-    source = Path(home) / TASK_FILE
+    source = storage.path(home) / TASK_FILE
     if source.is_file():
-        shutil.copyfile(source, Path(out_dir) / TASK_FILE)
+        storage.copy_file(source, storage.path(out_dir) / TASK_FILE)

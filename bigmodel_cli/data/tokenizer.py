@@ -9,6 +9,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -23,8 +24,9 @@ SAMPLE_LINE_CHARS = 2048  # longer training lines are cut (SentencePiece skips l
 
 
 def sha256_file(path: Path) -> str:
+    """A file's sha256, local or an object in a bucket (streamed through the hash, not copied)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with storage.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

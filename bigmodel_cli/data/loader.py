@@ -8,14 +8,18 @@ memory-mapped shard files, and a Grain iterator builds the next batches on a bac
 Each shard file is checked once when a split is opened: its sha256 against the manifest's and its token ids
 against the vocabulary, in one read per file, files on parallel threads (docs/benchmarks.md has the cost).
 
-Data in a bucket (data.path = gs://...) is read in place, by ranged reads, with no local cache and no download
-first. Each window is one ranged GET of its (seq_len + 1) tokens (two where it spans a file end), made on the
-Grain prefetch thread while the device runs the step before. Why not a local cache with a size limit: windows
-are drawn in a fresh random order over the whole split every epoch, so a cache holding a fraction f of the data
-serves only about f of the reads, while it costs that much disk; and a cache of all of it is the full download
-this avoids. Index files (8 bytes per document) are read whole into memory, as they are for local data.
+Data in a bucket (data.path = gs://...) is read in place by ranged reads: no download first, no local cache.
+Each window is one ranged GET of its seq_len + 1 tokens (two where it spans a file end), made on the Grain
+prefetch thread while the device runs the step before: ~2 ms a read on the test emulator, so ~64 ms for a
+batch of 32 windows of 129 tokens (0.4 ms from local files). Not a local cache with a size limit: windows are
+drawn in a fresh random order over the whole split every epoch, so a cache holding a fraction f of the data
+serves only about f of the reads while costing that much disk, and a cache of all of it is the full download
+this avoids. (Reads in flight together were ~20 times slower on the emulator, which serves one request at a
+time; whether they pay on GCS is untested.) Index files (8 bytes a document) are read whole into memory, as
+for local data.
 
-The integrity check streams every object through sha256 once when a split is opened, never writing it to disk.
+The integrity check streams every object through sha256 once when a split is opened, never writing it to disk
+(~310 MiB/s from the emulator: every start of a run reads the data once, at GCS's per-object throughput).
 GCS's stored hashes cannot stand in for it: the manifest records sha256, and GCS keeps only crc32c (and md5,
 absent for composed objects), so comparing them would need a hash the manifest does not have.
 """

@@ -4,8 +4,10 @@ says why no cache). Against the gcp-storage-emulator bucket of tests/gcs_emulato
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 from bigmodel_cli import storage
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import load_manifest
+from bigmodel_cli.data.mixture import resolve_mixture
 from bigmodel_cli.data.preprocess import PreprocessConfig
 from bigmodel_cli.data.preprocess import run as preprocess
 from bigmodel_cli.errors import UserError
@@ -76,8 +79,6 @@ def test_windows_read_from_the_bucket_by_ranges_equal_the_local_ones(gcs, packed
 
 
 def test_a_mixture_may_name_directories_in_a_bucket(gcs, packed, tiny_data):
-    from bigmodel_cli.data.mixture import resolve_mixture
-
     url = _upload(packed, f"{gcs}/packed")
     assert resolve_mixture(f"{url}:3, rel:1", Path("/base")) == f"{url}:3,{Path('/base/rel').resolve()}:1"
     mix = loader.open_mixture(loader.load_mixture(f"{url}:3,{packed}:1"), "train", 16)
@@ -144,3 +145,16 @@ def test_a_run_in_the_bucket_on_data_in_the_bucket_resumes_like_the_local_run(cl
     assert [row["step"] for row in _metrics(storage.path(run))] == [2, 4, 6]
     assert (storage.path(run) / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]  # nothing else written locally
+
+
+def test_token_ids_beyond_the_vocabulary_in_the_bucket_are_refused(gcs, tiny_data, tmp_path):
+    data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
+    manifest = json.loads((data / "manifest.json").read_text())
+    ids = np.fromfile(data / "train-00000.bin", manifest["dtype"])
+    ids[7] = manifest["tokenizer"]["vocab_size"] + 5
+    ids.tofile(data / "train-00000.bin")
+    manifest["splits"]["train"]["files"][0]["sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()  # checksum fits
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    url = _upload(data, f"{gcs}/data")
+    with pytest.raises(UserError, match=r"train-00000.bin holds 1 token ids beyond .* \(the first \d+ at token 7"):
+        loader.TokenWindows(url, "train", load_manifest(url), 16)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 import jax
@@ -34,9 +33,10 @@ def resolve(cfg: Config) -> tuple[Config, list[loader.DataPart] | None]:
     else:
         if not cfg.data.path:
             raise UserError("data.path is not set: point it at a `bigmodel preprocess` output directory")
-        if not Path(cfg.data.path).is_dir():
+        data_dir = storage.path(cfg.data.path)  # a gs:// directory is read in place (see data/loader.py)
+        if not data_dir.is_dir():
             raise UserError(f"data.path {cfg.data.path} not found: run bigmodel preprocess ... --out DIR first")
-        parts = [loader.DataPart(Path(cfg.data.path), 1.0, load_manifest(Path(cfg.data.path)))]
+        parts = [loader.DataPart(data_dir, 1.0, load_manifest(data_dir))]
     if parts is not None:
         manifest = parts[0].manifest
         # The run copies this file: a damaged one would be found only by generate or export, much later.
@@ -79,12 +79,7 @@ def open_data(cfg: Config, parts: list[loader.DataPart], run_dir: Path):
         val = loader.TokenWindows(path, "val", manifest, seq_len, vocab) if "val" in manifest["splits"] else None
     run_tokenizer = run_dir / rundir.TOKENIZER_FILE
     if run_tokenizer.is_file():  # resuming: the data must fit the run's tokenizer
-        digest = (
-            hashlib.sha256(run_tokenizer.read_bytes()).hexdigest()  # a bucket's object: no open() for it
-            if storage.is_url(run_tokenizer)
-            else sha256_file(run_tokenizer)
-        )
-        check_compatible(manifest, digest, vocab, cfg.data.mixture or cfg.data.path)
+        check_compatible(manifest, sha256_file(run_tokenizer), vocab, cfg.data.mixture or cfg.data.path)
     return train, val
 
 

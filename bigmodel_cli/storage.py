@@ -87,3 +87,29 @@ def _copy_tree(source, destination) -> None:
             _copy_tree(child, destination / child.name)
         else:
             child.copy(destination / child.name)
+
+
+# ---- reading a file in place, local or in a bucket (preprocessed data streams into the loader) ----------
+
+
+def size(value) -> int:
+    """A file's size in bytes, local or an object in a bucket."""
+    if not is_url(value):
+        return os.path.getsize(value)
+    return int(_filesystem(value).size(str(value)))
+
+
+def read_range(value, start: int, stop: int) -> bytes:
+    """Bytes start .. stop-1 of a file: for an object in a bucket, one ranged GET, nothing kept locally."""
+    if not is_url(value):
+        with open(value, "rb") as f:
+            f.seek(start)
+            return f.read(stop - start)
+    return _filesystem(value).cat_file(str(value), start=start, end=stop)
+
+
+def _filesystem(value):
+    """The fsspec client of a URL's scheme (fsspec keeps one instance per set of options: no new connection)."""
+    import fsspec
+
+    return fsspec.filesystem(scheme(value))

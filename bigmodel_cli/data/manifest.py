@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 MANIFEST_FILE = "manifest.json"  # in a preprocessed data directory: its splits, shards, checksums and tokenizer
@@ -24,7 +25,7 @@ def load_manifest(data_dir: Path) -> dict:
 
     The file lists both splits always (one may be empty, made with --val-fraction 0 or 1); a reader asking for
     an empty one then gets "DIR has no 'val' split (has train)", not a complaint about sequence lengths."""
-    manifest_file = Path(data_dir) / MANIFEST_FILE
+    manifest_file = storage.path(data_dir) / MANIFEST_FILE  # a URL stays whole
     if not manifest_file.is_file():
         raise UserError(f"{data_dir} is not a preprocessed data directory (no manifest.json): run bigmodel preprocess")
     try:

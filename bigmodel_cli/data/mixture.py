@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 
@@ -20,7 +21,7 @@ def parse_mixture(spec: str) -> list[tuple[Path, float]]:
             w = float("nan")
         if not (math.isfinite(w) and w > 0):
             raise UserError(f"data.mixture entry {item!r} is not DIR:WEIGHT with a weight > 0, e.g. data/web:0.7")
-        parts.append((Path(path), w))
+        parts.append((storage.path(path), w))  # a gs:// directory stays whole
     if not parts:
         raise UserError(f'data.mixture {spec!r} lists no data: write e.g. "data/web:0.7,data/books:0.3"')
     return parts
@@ -28,4 +29,12 @@ def parse_mixture(spec: str) -> list[tuple[Path, float]]:
 
 def resolve_mixture(spec: str, base_dir: Path) -> str:
     """The same mixture with every directory made absolute, relative ones taken from base_dir."""
-    return ",".join(f"{(Path(base_dir) / path).resolve()}:{weight:g}" for path, weight in parse_mixture(spec))
+    return ",".join(f"{_absolute(path, base_dir)}:{weight:g}" for path, weight in parse_mixture(spec))
+
+
+def _absolute(path, base_dir: Path):
+    """A mixture directory made absolute: a URL already is one."""
+    if storage.is_url(path):
+        storage.check_client(path, "data.mixture")
+        return path
+    return (Path(base_dir) / path).resolve()

@@ -24,6 +24,7 @@ SAMPLE_LINE_CHARS = 2048  # longer training lines are cut (SentencePiece skips l
 
 
 def sha256_file(path: Path) -> str:
+    """A file's sha256, local or an object in a bucket (streamed through the hash, not copied)."""
     digest = hashlib.sha256()
     with storage.path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from bigmodel_cli import parallel
+from bigmodel_cli import parallel, storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.data.manifest import MANIFEST_FILE, load_manifest
 from bigmodel_cli.model.params import param_name
@@ -23,8 +22,8 @@ def _with_vocab(cfg: Config) -> tuple[Config, str]:
     if cfg.model.vocab_size:
         return cfg, ""
     vocab, note = DEFAULT_VOCAB, f"model.vocab_size not set and no data at data.path: assuming {DEFAULT_VOCAB}"
-    if cfg.data.path and Path(cfg.data.path, MANIFEST_FILE).is_file():
-        vocab, note = load_manifest(Path(cfg.data.path))["tokenizer"]["vocab_size"], ""
+    if cfg.data.path and (storage.path(cfg.data.path) / MANIFEST_FILE).is_file():
+        vocab, note = load_manifest(storage.path(cfg.data.path))["tokenizer"]["vocab_size"], ""
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=vocab)), note
 
 

@@ -15,6 +15,19 @@ from bigmodel_cli.errors import UserError
 CLIENTS = {"gs": ("gcsfs", "gcs")}
 
 
+def _fresh_listings() -> None:
+    """gcsfs caches object listings, sizes included, for the life of its client. A run directory is also written
+    by other clients (Orbax's TensorStore, other hosts, a rerun), so every listing here asks the bucket."""
+    try:
+        import fsspec
+    except ImportError:
+        return
+    fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
+
+
+_fresh_listings()
+
+
 def is_url(value: object) -> bool:
     return "://" in str(value)
 

@@ -57,7 +57,6 @@ def gcs_server():
 def gcs(gcs_server, monkeypatch):
     """An empty bucket `gs://bucket`, and the environment that points every client at it."""
     import fsspec
-    import gcsfs
 
     server, host = gcs_server
     env = {
@@ -71,6 +70,17 @@ def gcs(gcs_server, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
     server.wipe(keep_buckets=True)
-    gcsfs.GCSFileSystem.clear_instance_cache()
+    _forget_listings()
     yield "gs://bucket"
+    _forget_listings()
+
+
+def _forget_listings() -> None:
+    """Drop every cached client: a gcsfs client caches object listings (sizes included), and etils.epath keeps
+    its own client; one left from an earlier test would read an object rewritten since by a CLI subprocess at its
+    old, shorter size."""
+    import gcsfs
+    from etils.epath import backend
+
     gcsfs.GCSFileSystem.clear_instance_cache()
+    backend._FileSystemSpecBackend._get_filesystem.cache_clear()

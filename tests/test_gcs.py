@@ -81,7 +81,11 @@ def test_kill_then_resume_from_the_bucket_alone_is_bit_identical_to_a_local_run(
     work, cache = tmp_path / "work", tmp_path / "cache"  # everything local the gs:// run makes
     work.mkdir()
     env = {"BIGMODEL_CACHE_DIR": str(cache)}
-    args = pretrain_args(url, tiny_data, SETTINGS)
+    # The data too is made into the bucket, from the same corpus as tiny_data: the run reads it there.
+    data = f"{gcs}/data"
+    run_cli_subprocess("preprocess", tiny_data.parent / "corpus.txt", "--out", data, "--model-type", "char", cwd=work)
+    assert (_bucket(data) / "manifest.json").is_file() and list(work.iterdir()) == []
+    args = pretrain_args(url, data, SETTINGS)
     proc = _start(args, work, env)
     deadline = time.time() + 180
     while not (run / "checkpoints" / "20" / "commit_success.txt").exists():

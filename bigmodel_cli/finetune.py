@@ -63,10 +63,10 @@ class ExampleBatches:
 def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
     ft = cfg.finetune
     kind, opts = tasks.get(ft.task), cfg.task
-    path2 = Path(ft.train_file2) if ft.train_file2 else None
-    train, info = kind.load(Path(ft.train_file), opts, path2=path2)
+    path2 = storage.path(ft.train_file2) if ft.train_file2 else None
+    train, info = kind.load(storage.path(ft.train_file), opts, path2=path2)
     if ft.val_file:
-        val, _ = kind.load(Path(ft.val_file), opts, path2=Path(ft.val_file2) if ft.val_file2 else None)
+        val, _ = kind.load(storage.path(ft.val_file), opts, path2=storage.path(ft.val_file2) if ft.val_file2 else None)
     else:
         n_val = max(1, int(len(train) * ft.val_fraction))
         if len(train) < 2:

@@ -92,7 +92,9 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(gcs, tiny_data, tmp_
     cli("finetune", *ft, "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "checkpoint.every=2")
     assert json.loads((_bucket(ft_url) / "task.json").read_text())["task"] == "classify"
     assert (_bucket(ft_url) / "tokenizer.model").read_bytes() == (local / "tokenizer.model").read_bytes()
-    cli("evaluate", ft_url, "--task", "classify", "--data", tmp_path / "cls.csv")
+    task_file = _bucket(gcs) / "tasks" / "cls.csv"  # a task file in the bucket, read where it lies
+    task_file.write_text((tmp_path / "cls.csv").read_text())
+    cli("evaluate", ft_url, "--task", "classify", "--data", str(task_file))
     assert "accuracy" in json.loads((_bucket(ft_url) / "eval-classify" / "metrics.json").read_text())
     cli("export", ft_url, "--out", f"{gcs}/exports/ft")
     assert json.loads((_bucket(gcs) / "exports" / "ft" / "task.json").read_text())["task"] == "classify"

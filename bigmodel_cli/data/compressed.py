@@ -10,6 +10,7 @@ import lzma
 from collections.abc import Iterator
 from pathlib import Path
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 
 COMPRESSIONS = (".gz", ".zst", ".bz2", ".xz")
@@ -53,7 +54,7 @@ class _ZstdFrames(io.RawIOBase):
 
 
 def _open_binary(path: Path, compression: str, name: str):
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the wrapper that owns it
+    raw = storage.path(path).open("rb")  # closed by the wrapper that owns it; a gs:// object streams
     if compression == ".gz":
         return gzip.GzipFile(fileobj=raw)
     if compression == ".bz2":

@@ -184,16 +184,16 @@ def run(
     if model is None and predictions is None:
         raise UserError("pass a MODEL to generate predictions, or --predictions FILE to score existing ones")
     loaded = modelio.load(model) if model is not None else None
-    home = loaded.home if loaded is not None else Path(predictions).parent
+    home = loaded.home if loaded is not None else storage.path(predictions).parent
     info = taskinfo.read(home)
     opts = task_options(task, info, overrides or [], columns)
     trained = _finetuned_for(task, info)
     trained_labels = list(trained.labels) if trained is not None else []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TaskWarning)
-        examples, data_info = kind.load(Path(data), opts, path2=data2)
+        examples, data_info = kind.load(storage.path(data), opts, path2=data2)
         labels = tuple(trained_labels or data_info.get("labels", []))
-        settings = EvalSettings(Path(data), opts, labels=labels, metric=metric, max_examples=max_examples)
+        settings = EvalSettings(storage.path(data), opts, labels=labels, metric=metric, max_examples=max_examples)
         examples = kind.select(examples, settings)
         if trained_labels:
             kind.check_labels(examples, trained_labels)

@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import layout
 from bigmodel_cli.tasks.chat import END_OF_TURN
@@ -63,14 +64,14 @@ class Task:
             raise UserError(
                 f"a second data file is only for --task translate (line-aligned target file), not {self.name}"
             )
-        path = Path(path)
+        path = storage.path(path)
         if opts.columns and file_kind(path) not in ("csv", "tsv"):
             raise UserError(
                 f"--columns (task.columns) names the columns of a CSV/TSV file without a header row; {path} is "
                 "not one: remove it"
             )
         info: dict[str, Any] = {"task": self.name, "path": str(path)}
-        examples = self.read(path, None if path2 is None else Path(path2), opts, info)
+        examples = self.read(path, None if path2 is None else storage.path(path2), opts, info)
         if not examples:
             raise UserError(f"{path} holds no usable {self.name} examples: check the file and the [task] field names")
         info["examples"] = len(examples)
@@ -159,9 +160,9 @@ def answer_line(generated: str) -> str:
 
 def predictions_text(path: Path) -> str:
     """A predictions file's text, or a UserError when it does not exist."""
-    if not Path(path).is_file():
+    if not storage.path(path).is_file():
         raise UserError(f"predictions file {path} not found")
-    return Path(path).read_text(encoding="utf-8")
+    return storage.path(path).read_text(encoding="utf-8")
 
 
 def jsonl_predictions(path: Path, text: str) -> dict[str, str]:

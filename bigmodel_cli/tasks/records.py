@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.data import compressed
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks.options import TaskWarning
@@ -29,8 +30,8 @@ def _compression(path: Path) -> str:
 
 
 def read_text(path: Path, what: str) -> str:
-    """A whole (maybe compressed) UTF-8 text file, or a UserError naming the fix."""
-    path = Path(path)
+    """A whole (maybe compressed) UTF-8 text file, local or in a bucket, or a UserError naming the fix."""
+    path = storage.path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: pass an existing {what} file")
     try:
@@ -45,7 +46,7 @@ def read_text(path: Path, what: str) -> str:
 
 def file_kind(path: Path) -> str:
     """The format suffix, ignoring a compression suffix: 'json', 'jsonl', 'csv', 'tsv', ..."""
-    path = Path(path)
+    path = storage.path(path)
     name = path.with_suffix("") if _compression(path) else path
     return name.suffix.lower().lstrip(".")
 

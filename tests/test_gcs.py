@@ -43,24 +43,6 @@ def _params(checkpoint) -> dict:
     return {jax.tree_util.keystr(path): np.asarray(x) for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_pretrain_keeps_the_whole_run_in_the_bucket(gcs, tiny_data, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    url = f"{gcs}/runs/a"
-    settings = {**SETTINGS, "train.steps": 10}
-    out = run_cli_subprocess(*pretrain_args(url, tiny_data, settings), cwd=tmp_path)
-    assert f'"run_dir": "{url}"' in out.stdout or url in out.stdout
-    run = _bucket(url)
-    names = {p.name for p in run.iterdir()}
-    assert {"config.toml", "status.json", "metrics.jsonl", "tokenizer.model", "checkpoints", "tensorboard"} <= names
-    status = json.loads((run / "status.json").read_text())
-    assert (status["state"], status["step"]) == ("finished", 10)
-    assert _steps((run / "metrics.jsonl").read_text()) == [5, 10]
-    assert (run / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
-    assert (run / "checkpoints" / "10" / "commit_success.txt").exists()
-    assert not [p for p in run.iterdir() if p.name.startswith("bigmodel.lock")]  # released: deleted
-    assert list(tmp_path.iterdir()) == []  # no ./gs:/bucket/..., nothing written locally
-
-
 def _start(args, cwd, env):
     return subprocess.Popen(
         [sys.executable, "-m", "bigmodel_cli", *map(str, args)],
@@ -109,7 +91,12 @@ def test_kill_then_resume_from_the_bucket_alone_is_bit_identical_to_a_local_run(
     assert final_local.keys() == final_bucket.keys()
     for name, value in final_local.items():
         assert np.array_equal(value, final_bucket[name]), name
-    assert list(work.iterdir()) == []
+    assert list(work.iterdir()) == []  # no ./gs:/bucket/..., nothing written locally
+    # The whole run is in the bucket, and the lock object is released (deleted).
+    names = {p.name for p in run.iterdir()}
+    assert {"config.toml", "status.json", "metrics.jsonl", "tokenizer.model", "checkpoints", "tensorboard"} <= names
+    assert (run / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
+    assert not [name for name in names if name.startswith("bigmodel.lock")]
 
 
 def test_a_damaged_checkpoint_in_the_bucket_is_moved_aside_and_the_previous_one_used(gcs, tiny_data, tmp_path):

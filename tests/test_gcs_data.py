@@ -132,21 +132,6 @@ def test_a_damaged_tokenizer_or_missing_directory_in_the_bucket_is_refused(cli, 
         load_manifest(f"{gcs}/nothing")
 
 
-def test_a_run_in_the_bucket_on_data_in_the_bucket_resumes_like_the_local_run(cli, gcs, tiny_data, tmp_path):
-    url = _upload(tiny_data, f"{gcs}/data")
-    first, then = {**SETTINGS, "train.steps": 4, "checkpoint.every": 2}, {**SETTINGS, "checkpoint.every": 2}
-    cli(*pretrain_args(tmp_path / "local", tiny_data, first))
-    cli(*pretrain_args(tmp_path / "local", tiny_data, then, "--allow-config-change"))
-    run = f"{gcs}/runs/a"
-    run_cli_subprocess(*pretrain_args(run, url, first), cwd=tmp_path)
-    # Resuming checks the data against the run's tokenizer, both objects in the bucket.
-    run_cli_subprocess(*pretrain_args(run, url, then, "--allow-config-change"), cwd=tmp_path)
-    assert _metrics(storage.path(run)) == _metrics(tmp_path / "local")
-    assert [row["step"] for row in _metrics(storage.path(run))] == [2, 4, 6]
-    assert (storage.path(run) / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["local"]  # nothing else written locally
-
-
 def test_token_ids_beyond_the_vocabulary_in_the_bucket_are_refused(gcs, tiny_data, tmp_path):
     data = Path(shutil.copytree(tiny_data, tmp_path / "data"))
     manifest = json.loads((data / "manifest.json").read_text())

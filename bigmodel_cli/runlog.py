@@ -160,6 +160,9 @@ class RunLogger:
             # Imported here to keep `bigmodel --help` and non-training commands fast.
             from tensorboardX import SummaryWriter
 
+            if storage.is_url(self.run_dir):
+                _send_tensorboard_urls_through_storage()
+
             # tensorboardX names event files by the second and overwrites on a clash; a nanosecond
             # suffix keeps a quickly restarted writer's file separate and still sorted by time.
             self._tb = SummaryWriter(
@@ -173,3 +176,39 @@ class RunLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+class _ObjectEventFile:
+    """An event file in a bucket for tensorboardX: an object cannot be appended to, so each flush rewrites the
+    whole object (the same scheme as metrics.jsonl). tensorboardX's own GCS writer uploads again from its
+    destructor, after close, which at exit can retry for minutes and print a traceback."""
+
+    def __init__(self, url: str) -> None:
+        self.path, self.data, self.closed = storage.path(url), bytearray(), False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+
+    def flush(self) -> None:
+        if not self.closed:
+            self.path.write_bytes(bytes(self.data))
+
+    def close(self) -> None:
+        self.flush()
+        self.closed = True
+
+
+class _ObjectEventFiles:
+    @staticmethod
+    def open(url: str) -> _ObjectEventFile:
+        return _ObjectEventFile(url)
+
+    @staticmethod
+    def directory_check(url: str) -> None:
+        """A bucket has no directories to create."""
+
+
+def _send_tensorboard_urls_through_storage() -> None:
+    from tensorboardX.record_writer import register_writer_factory
+
+    register_writer_factory("gs", _ObjectEventFiles())

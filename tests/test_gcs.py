@@ -97,6 +97,17 @@ def test_kill_then_resume_from_the_bucket_alone_is_bit_identical_to_a_local_run(
     assert {"config.toml", "status.json", "metrics.jsonl", "tokenizer.model", "checkpoints", "tensorboard"} <= names
     assert (run / "tokenizer.model").read_bytes() == (tiny_data / "tokenizer.model").read_bytes()
     assert not [name for name in names if name.startswith("bigmodel.lock")]
+    # TensorBoard's events in the bucket are whole event files: the resumed run's losses read back.
+    events = tmp_path / "tensorboard"
+    events.mkdir()
+    for event_file in (run / "tensorboard").iterdir():
+        (events / event_file.name).write_bytes(event_file.read_bytes())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    loss_tags = [tag for tag in acc.Tags()["scalars"] if tag.endswith("loss") and "val" not in tag]
+    assert loss_tags and {e.step for e in acc.Scalars(loss_tags[0])} >= set(range(25, STEPS + 1, 5))
 
 
 def test_a_damaged_checkpoint_in_the_bucket_is_moved_aside_and_the_previous_one_used(gcs, tiny_data, tmp_path):

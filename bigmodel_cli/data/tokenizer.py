@@ -137,8 +137,32 @@ class Tokenizer:
         # Read from the model, never assumed: Llama's has no pad (-1), others put eos at 1 or have none.
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
 
+    # What transformers adds around a prompt and the chat template it renders with (from tokenizer_config.json
+    # where the model ships one); bigmodel's own tokenizers add nothing and have no template of their own.
+    add_bos = False
+    add_eos = False
+    chat_template: str | None = None
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.sp.id_to_piece(self.bos_id) if self.bos_id >= 0 else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.sp.id_to_piece(self.eos_id) if self.eos_id >= 0 else None
+
     def encode(self, texts: list[str], num_threads: int = 0) -> list[list[int]]:
+        """The ids of each text alone: no BOS or EOS added."""
         return self.sp.encode(texts, num_threads=num_threads)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids a model sees for text as a prompt: transformers' `tokenizer(text).input_ids`."""
+        bos = [self.bos_id] if self.add_bos and self.bos_id >= 0 else []
+        eos = [self.eos_id] if self.add_eos and self.eos_id >= 0 else []
+        return bos + self.encode([text])[0] + eos
+
+    def pieces(self, ids: list[int]) -> list[str]:
+        return [self.sp.id_to_piece(i) for i in ids]
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)

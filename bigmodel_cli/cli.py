@@ -228,6 +228,14 @@ def generate(
     raw: Annotated[
         bool, typer.Option("--raw", help="Instruct models: continue the prompt as plain text, not as a chat turn.")
     ] = False,
+    chat: Annotated[
+        bool,
+        typer.Option(
+            "--chat",
+            help="Chat in the model's chat template: reply to each line of stdin (until an empty line or /exit), "
+            "or with --prompt to that one message.",
+        ),
+    ] = False,
 ) -> None:
     """Continue a prompt with a trained model (KV-cache decoding); an instruct model replies to it as a chat.
 
@@ -235,19 +243,16 @@ def generate(
     """
     from bigmodel_cli.evaluate import generate as stage
 
+    if chat and raw:
+        raise UserError("--raw continues plain text and --chat holds a conversation: pass one of them")
     _setup_jax()
-    text = stage.run(
-        model,
-        prompt,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        seed=seed,
-        stop=tuple(stop or ()),
-        raw=raw,
-    )
-    print(text)
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    sampling |= {"seed": seed, "stop": tuple(stop or ())}
+    if chat:
+        messages = [prompt] if prompt else stage.terminal_lines()
+        stage.chat(model, messages, lambda reply: print(reply, flush=True), **sampling)
+        return
+    print(stage.run(model, prompt, raw=raw, **sampling))
 
 
 @command

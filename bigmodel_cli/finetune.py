@@ -121,6 +121,8 @@ def run(
     """Finetune per the config into run_dir (or, with show_examples, only print formatted examples)."""
     console = console or Console()
     loop_cfg, base, tokenizer = resolve(cfg, console)
+    # Chats render with the template the starting model was finetuned with (an instruct run), else its own.
+    tokenizer.chat_template = taskinfo.chat_template(taskinfo.read(base.home), tokenizer)
     seq_len = loop_cfg.data.seq_len
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TaskWarning)
@@ -151,7 +153,7 @@ def run(
     def on_ready(run_dir: Path) -> None:  # the run directory is prepared: the stage's own files, then training
         if jax.process_index() == 0:
             storage.copy_file(base.tokenizer_file, storage.path(run_dir) / rundir.TOKENIZER_FILE)
-            taskinfo.write(run_dir, kind, cfg.task, seq_len, info)
+            taskinfo.write(run_dir, kind, cfg.task, seq_len, info, tokenizer)
             atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
         console.info(
             f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "

@@ -19,7 +19,7 @@ from bigmodel_cli import config, tasks
 from bigmodel_cli.data import tokenizer as tokenizer_lib
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import masks
-from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, render_chat
+from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat
 from bigmodel_cli.tasks.options import TaskOptions, TaskWarning
 from tests.conftest import REPO, synthetic_text
 
@@ -502,9 +502,10 @@ def test_chat_trains_on_every_assistant_turn_and_nothing_else(tmp_path, tok):
     assert tasks.get("instruct").extract_answer("seven<|end|>\n<|user|>") == "seven"
 
 
-def test_render_chat_matches_the_stored_jinja_template():
+def test_the_builtin_chat_template_renders_the_same_with_and_without_trim_blocks():
     jinja2 = pytest.importorskip("jinja2")
-    template = jinja2.Template(CHAT_TEMPLATE)
+    template = jinja2.Template(CHAT_TEMPLATE)  # no trim_blocks: a literal newline after a tag would survive here
+    render_chat = ChatFormat(CHAT_TEMPLATE).render  # transformers' settings
     messages = [
         {"role": "system", "content": "s"},
         {"role": "user", "content": "u"},

@@ -1,10 +1,14 @@
 """Text generation: a jitted KV-cache decode loop (prefill, then one token per step) with greedy,
-temperature, top-k and top-p sampling, EOS and stop strings, and batched prompts of different lengths."""
+temperature, top-k and top-p sampling, EOS and stop strings, and batched prompts of different lengths; and
+conversations in a model's chat format."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,7 @@ from bigmodel_cli.data.tokenizer import Tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
-from bigmodel_cli.tasks.chat import END_OF_TURN, render_chat
+from bigmodel_cli.tasks.chat import chat_format
 
 
 @dataclass(frozen=True)
@@ -150,6 +154,63 @@ def _check_utf8(option: str, text: str) -> None:
         ) from None
 
 
+def _load(model: Path) -> tuple[LoadedModel, Tokenizer, taskinfo.TaskInfo | None]:
+    """The model, its tokenizer (holding the chat template the model was finetuned with) and its task info."""
+    loaded = modelio.load(model)
+    if not loaded.tokenizer_file.is_file():
+        raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
+    tokenizer = Tokenizer(loaded.tokenizer_file)
+    info = taskinfo.read(loaded.home)
+    tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)
+    return loaded, tokenizer, info
+
+
+class Chat:
+    """A conversation with a model in its chat format: each reply is generated from the whole history,
+    rendered and encoded afresh (the oldest exchanges left out when it outgrows the model)."""
+
+    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, sampling: Sampling, stop: tuple[str, ...] = ()):
+        self.loaded, self.tokenizer, self.sampling, self.stop = loaded, tokenizer, sampling, stop
+        self.format = chat_format(tokenizer)
+        self.messages: list[dict] = []
+        marker = tokenizer.encode([self.format.end_of_turn])[0]
+        # A reply ends at EOS or at the template's end-of-turn token (<|im_end|>, <|eot_id|>); an end-of-turn
+        # marker of several tokens (bigmodel's "<|end|>") is cut from the decoded text instead.
+        self.stop_ids = {tokenizer.eos_id, *(marker if len(marker) == 1 else ())}
+
+    def _prompt(self) -> list[int]:
+        """The conversation's prompt ids, leaving room for the reply; a UserError when the last message alone
+        does not fit."""
+        room = self.loaded.model_cfg.max_seq_len - self.sampling.max_new_tokens
+        keep = 1 if self.messages[0]["role"] == "system" else 0
+        messages = self.messages
+        while True:
+            text = self.format.render(messages, add_generation_prompt=True)
+            ids = [self.tokenizer.eos_id] * self.format.builtin + self.tokenizer.encode([text])[0]
+            later = [i for i, m in enumerate(messages) if i > keep and m["role"] == "user"]
+            if len(ids) <= room or not later:
+                return ids
+            messages = messages[:keep] + messages[later[0] :]
+
+    def reply(self, text: str) -> str:
+        """The model's reply to a user message, which joins the conversation with it."""
+        self.messages.append({"role": "user", "content": text})
+        ids = self._prompt()
+        # Prompts padded to a power of two: a conversation compiles the decoder a few times, not every turn.
+        room = self.loaded.model_cfg.max_seq_len - self.sampling.max_new_tokens
+        pad_to = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
+        turn = len(self.messages) // 2
+        sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + turn)
+        new = generate_ids(self.loaded, [ids], sampling, self.tokenizer.eos_id, pad_to=pad_to)[0]
+        new = new[: next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))]
+        answer = self.tokenizer.decode(new)
+        for stop in (self.format.end_of_turn, *self.stop):
+            answer = answer.split(stop)[0] if stop else answer
+        answer = answer.strip()
+        self.messages.append({"role": "assistant", "content": answer})
+        return answer
+
+
 def run(
     model: Path,
     prompt: str,
@@ -166,13 +227,53 @@ def run(
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
         _check_utf8(option, text)
-    loaded = modelio.load(model)
-    if not loaded.tokenizer_file.is_file():
-        raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
-    tokenizer = Tokenizer(loaded.tokenizer_file)
-    info = taskinfo.read(loaded.home)
+    loaded, tokenizer, info = _load(model)
     if info is not None and info.chat_template and not raw:
-        # The prompt becomes a user turn and the reply ends at the end-of-turn marker, as in finetuning.
-        chat = render_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-        return complete(loaded, tokenizer, [chat], sampling, (*stop, END_OF_TURN))[0]
+        # The prompt becomes a user turn and the reply ends where the turn does, as in finetuning.
+        return Chat(loaded, tokenizer, sampling, stop).reply(prompt)
     return prompt + complete(loaded, tokenizer, [prompt], sampling, stop)[0]
+
+
+END_CHAT = "/exit"  # typed as a message, ends a conversation (as do an empty line and the end of the input)
+
+
+def chat(
+    model: Path,
+    messages: Iterable[str],
+    on_reply: Callable[[str], None],
+    *,
+    max_new_tokens: int = 100,
+    temperature: float = 0.8,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: tuple[str, ...] = (),
+) -> int:
+    """Hold a conversation in the model's chat format: reply to each user message in turn, until an empty one
+    or END_CHAT. Returns the number of replies."""
+    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    for option, text in (("--stop", s) for s in stop):
+        _check_utf8(option, text)
+    conversation = Chat(*_load(model)[:2], sampling, stop)
+    replies = 0
+    for message in messages:
+        if not message.strip() or message.strip() == END_CHAT:
+            break
+        _check_utf8("a message", message)
+        on_reply(conversation.reply(message))
+        replies += 1
+    return replies
+
+
+def terminal_lines() -> Iterator[str]:
+    """Lines of standard input, with a prompt on stderr when a person types them."""
+    while True:
+        if sys.stdin.isatty():
+            print("> ", end="", file=sys.stderr, flush=True)
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise UserError("standard input is not UTF-8 text: type or pipe UTF-8 messages") from None
+        if not line:
+            return
+        yield line.rstrip("\n")

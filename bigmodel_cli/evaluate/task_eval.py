@@ -201,7 +201,9 @@ def run(
         if predictions is not None:
             preds = kind.read_predictions(predictions)
         else:
-            predictor = _ModelPredictor(loaded, Tokenizer(loaded.tokenizer_file), opts, seq_len, batch_size)
+            tokenizer = Tokenizer(loaded.tokenizer_file)
+            tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)  # chats as the model was trained
+            predictor = _ModelPredictor(loaded, tokenizer, opts, seq_len, batch_size)
             preds = kind.predict(examples, labels, predictor)
         if preds is None:  # a kind scored by loss
             metrics = _loss(kind, loaded, predictor.tokenizer, examples, opts, seq_len, batch_size, str(data))

@@ -53,7 +53,6 @@ class Task:
     name = ""  # what --task and task.json call it
     windowed = False  # a too-long context is read in overlapping windows (qa) instead of being cut
     paired_files = False  # a second, line-aligned file may hold the targets (translate)
-    chat_template = ""  # the Jinja chat template of its prompts, stored with the model (instruct)
     metric_choices: tuple[str, ...] = ()  # the metrics --metric chooses among (qa); () = fixed metrics
 
     # ---- files -> Examples ------------------------------------------------------------------------------
@@ -85,6 +84,11 @@ class Task:
         """Raise a UserError when `examples` hold a label that training never saw (only classify has labels)."""
 
     # ---- Examples -> tokens -----------------------------------------------------------------------------
+
+    def chat_template(self, tokenizer) -> str:
+        """The Jinja chat template its prompts are rendered with for this tokenizer, stored with the model
+        (instruct); "" for a kind whose prompts are not chats."""
+        return ""
 
     def parts(self, example: Example) -> list[tuple[str, str]]:
         """The example's full text (prompt + target) as (text, role) parts: head, the input, tail, target."""

@@ -183,9 +183,11 @@ def encode(
     opts: TaskOptions,
     *,
     source: str = "",
+    framed: bool = True,
 ) -> dict[str, np.ndarray]:
     """One [seq_len + 1] window per example (given as its parts) -> inputs, targets, weights [N, seq_len] and
-    example_index [N]; examples not `trainable` are left out.
+    example_index [N]; examples not `trainable` are left out. Not `framed`: no EOS before the prompt or after
+    the target, whose text writes its own markers (a model's chat template).
 
     Weights are 1 exactly where the predicted token belongs to the target or is the EOS after it (chats: every
     assistant turn), 0 on the prompt and on the right padding (EOS). Too-long contexts are cut at the end; QA
@@ -220,9 +222,10 @@ def encode(
         finished = len(target) == len(layout.target)  # a cut target must not teach the model to stop there
         cut += not finished
         context = layout.context[start : start + size]
-        tokens = [eos, *layout.before, *context, *layout.after, *target, *[eos] * finished]
-        weights = [0.0, *layout.before_weights, *[0.0] * size, *layout.after_weights, *[1.0] * len(target)]
-        weights += [1.0] * finished
+        lead, end = [eos] * framed, [eos] * (finished and framed)
+        tokens = [*lead, *layout.before, *context, *layout.after, *target, *end]
+        weights = [0.0] * len(lead) + [*layout.before_weights, *[0.0] * size, *layout.after_weights]
+        weights += [1.0] * (len(target) + len(end))
         row = len(index)
         windows[row, : len(tokens)] = tokens
         mask[row, : len(weights)] = weights
@@ -258,7 +261,7 @@ def encode(
 
 
 def generation_prompts(
-    parts: Sequence[Parts], windowed: bool, tokenizer, seq_len: int, opts: TaskOptions
+    parts: Sequence[Parts], windowed: bool, tokenizer, seq_len: int, opts: TaskOptions, *, framed: bool = True
 ) -> list[list[list[int]]]:
     """Token ids to generate from, per example: [prompt], or for a too-long qa context one per window.
 
@@ -276,6 +279,6 @@ def generation_prompts(
         prompts = []
         for start in starts:
             tokens = [*layout.before, *layout.context[start : start + size], *layout.after]
-            prompts.append([eos, *tokens[-limit:]])
+            prompts.append([eos] * framed + tokens[-limit:])
         out.append(prompts)
     return out

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from bigmodel_cli.errors import UserError
@@ -23,17 +25,23 @@ def check_masks(encoded: dict[str, np.ndarray]) -> None:
 
 
 def _decoded_runs(tokens: list[int], flags: list[bool], tokenizer) -> list[tuple[str, bool]]:
-    """Text of each run of tokens with the same flag; EOS written ⟨eos⟩."""
+    """Text of each run of tokens with the same flag; EOS written ⟨eos⟩, other special tokens (which decoding
+    leaves out, such as a chat template's <|im_start|>) written as they are spelled."""
+
+    @functools.cache
+    def special(token: int) -> bool:
+        return token == tokenizer.eos_id or tokenizer.decode([token]) == ""
+
     runs: list[tuple[list[int], bool]] = []
     for token, flag in zip(tokens, flags, strict=True):
-        if runs and runs[-1][1] == flag and (token == tokenizer.eos_id) == (runs[-1][0][-1] == tokenizer.eos_id):
+        if runs and runs[-1][1] == flag and not special(token) and not special(runs[-1][0][-1]):
             runs[-1][0].append(token)
         else:
             runs.append(([token], flag))
     out, plain, shown = [], [], ""
     for ids, flag in runs:
-        if ids[0] == tokenizer.eos_id:
-            out.append(("⟨eos⟩" * len(ids), flag))
+        if special(ids[0]):
+            out.append(("⟨eos⟩" if ids[0] == tokenizer.eos_id else "".join(tokenizer.pieces(ids)), flag))
             continue
         # Decode the growing text and take the new part, so that word-start spaces survive between runs.
         plain += ids
@@ -44,7 +52,7 @@ def _decoded_runs(tokens: list[int], flags: list[bool], tokenizer) -> list[tuple
         out.append((text[same:], flag))
         shown = text
     merged: list[tuple[str, bool]] = []
-    for text, flag in out:  # EOS split the runs only for decoding: show one run per flag
+    for text, flag in out:  # special tokens split the runs only for decoding: show one run per flag
         if merged and merged[-1][1] == flag:
             merged[-1] = (merged[-1][0] + text, flag)
         else:

@@ -17,6 +17,7 @@ from bigmodel_cli import atomic, storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.rundir import CONFIG_FILE, TASK_FILE
 from bigmodel_cli.tasks.base import Task
+from bigmodel_cli.tasks.chat import stored_template
 from bigmodel_cli.tasks.options import TaskOptions
 
 
@@ -29,15 +30,16 @@ class TaskInfo:
     chat_template: str = ""  # instruct: the Jinja chat template of the prompts (Hugging Face's chat_template)
 
 
-def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_info: dict) -> None:
-    """Record the task a run is finetuned for; `data_info` is what loading the task file found."""
+def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_info: dict, tokenizer) -> None:
+    """Record the task a run is finetuned for; `data_info` is what loading the task file found, `tokenizer`
+    the one it was encoded with (instruct: its chat template is the one trained)."""
     record = json.loads(json.dumps(data_info, default=str))  # counts and file names, for people reading it
     record.update(
         task=kind.name,
         options=dataclasses.asdict(options),
         labels=list(data_info.get("labels", [])),
         seq_len=seq_len,
-        chat_template=kind.chat_template,
+        chat_template=kind.chat_template(tokenizer),
     )
     atomic.write_json(storage.path(run_dir) / TASK_FILE, record)
 
@@ -61,8 +63,13 @@ def read(home: Path) -> TaskInfo | None:
         options=options,
         labels=tuple(str(x) for x in record.get("labels", [])),
         seq_len=int(record.get("seq_len", 0)),
-        chat_template=str(record.get("chat_template", "")),
+        chat_template=stored_template(str(record.get("chat_template", ""))),
     )
+
+
+def chat_template(info: TaskInfo | None, tokenizer) -> str | None:
+    """The chat template a model chats with: the one it was finetuned with, else its tokenizer's own (or None)."""
+    return (info.chat_template if info is not None else "") or tokenizer.chat_template
 
 
 def _options_from_config(home: Path) -> TaskOptions:

@@ -30,8 +30,9 @@ def _message(where: str, role, content) -> dict:
     """One checked {role, content} message."""
     if role not in ROLES or not isinstance(content, str):
         raise UserError(
-            f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content, got "
-            f"{role!r}: {content!r}"[:300]
+            f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content, got {role!r}: {content!r}"[
+                :300
+            ]
         )
     return {"role": role, "content": content}
 

@@ -53,8 +53,9 @@ class _ZstdFrames(io.RawIOBase):
         super().close()
 
 
-def _open_binary(path: Path, compression: str, name: str):
-    raw = storage.path(path).open("rb")  # closed by the wrapper that owns it; a gs:// object streams
+def _decompressed(raw, compression: str, name: str):
+    """The decompressing reader over an open binary file, which its opener closes (gzip, bz2 and lzma leave a
+    file object they are given open)."""
     if compression == ".gz":
         return gzip.GzipFile(fileobj=raw)
     if compression == ".bz2":
@@ -74,9 +75,12 @@ def read_text(path: Path, compression: str, name: str, block: int | None) -> Ite
     """A (maybe compressed) UTF-8 text file as lines (block None) or blocks of that many characters, newlines
     normalised to \\n; bad input raises a UserError."""
     try:
-        with io.TextIOWrapper(
-            io.BufferedReader(_open_binary(path, compression, name)), encoding="utf-8", newline=None
-        ) as f:
+        with (
+            storage.path(path).open("rb") as raw,  # a gs:// object streams
+            io.TextIOWrapper(
+                io.BufferedReader(_decompressed(raw, compression, name)), encoding="utf-8", newline=None
+            ) as f,
+        ):
             for text in f if block is None else iter(lambda: f.read(block), ""):
                 if "\x00" in text:
                     raise UserError(f"{name} looks binary (it holds NUL bytes): pass text files only")

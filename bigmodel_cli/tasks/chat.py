@@ -163,7 +163,7 @@ class ChatFormat:
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         messages = messages[: last + 1]
         full, marker = self.render(messages, where=where), self.end_of_turn
-        last_user = max((i for i, m in enumerate(messages) if m["role"] == "user"), default=-1)
+        context = self._last_user_message(messages, full)
         parts: Parts = []
         done = 0  # the text before it is in parts
         for turn, message in enumerate(messages):
@@ -185,27 +185,31 @@ class ChatFormat:
                     f"{marker!r}, so its place cannot be found: check the template against the data"
                 )
             end = start + len(reply) + len(tail) - len(tail.lstrip()) + len(marker)
-            if last_user < turn and last_user >= 0 and done < len(prompt):
-                parts += _with_context(full[done : len(prompt)], messages[last_user]["content"])
-                last_user = -1
+            if context is not None and done <= context[0] and context[1] <= len(prompt):
+                (c0, c1), p = context, len(prompt)
+                parts += [(full[done:c0], PROMPT), (full[c0:c1], CONTEXT), (full[c1:p], PROMPT)]
             else:
                 parts.append((full[done : len(prompt)], PROMPT))
             parts.append((full[len(prompt) : end], TARGET if turn == last else TRAINED))
             done = end
         return parts
 
+    def _last_user_message(self, messages: Sequence[dict], full: str) -> tuple[int, int] | None:
+        """Where the last user message's text lies in the rendered conversation `full`, when that shows."""
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        text = messages[users[-1]]["content"].strip() if users else ""
+        if not text:
+            return None
+        try:  # the conversation up to that message: its text is the last thing in it (but the turn's marker)
+            upto = self.render(messages[: users[-1] + 1])
+        except UserError:
+            return None
+        at = upto.rfind(text) if full.startswith(upto) else -1
+        return (at, at + len(text)) if at >= 0 else None
+
 
 def _at(where: str) -> str:
     return f"{where}: " if where else ""
-
-
-def _with_context(prompt: str, user: str) -> Parts:
-    """A prompt part split around the user message in it (the part a too-long prompt cuts), when it shows."""
-    user = user.strip()
-    at = prompt.rfind(user) if user else -1
-    if at < 0:
-        return [(prompt, PROMPT)]
-    return [(prompt[:at], PROMPT), (user, CONTEXT), (prompt[at + len(user) :], PROMPT)]
 
 
 def chat_format(tokenizer) -> ChatFormat:

@@ -246,13 +246,23 @@ def generate(
     if chat and raw:
         raise UserError("--raw continues plain text and --chat holds a conversation: pass one of them")
     _setup_jax()
-    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-    sampling |= {"seed": seed, "stop": tuple(stop or ())}
     if chat:
+        sampling = stage.Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         messages = [prompt] if prompt else stage.terminal_lines()
-        stage.chat(model, messages, lambda reply: print(reply, flush=True), **sampling)
+        stage.chat(model, messages, lambda reply: print(reply, flush=True), sampling, tuple(stop or ()))
         return
-    print(stage.run(model, prompt, raw=raw, **sampling))
+    text = stage.run(
+        model,
+        prompt,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop or ()),
+        raw=raw,
+    )
+    print(text)
 
 
 @command

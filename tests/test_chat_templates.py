@@ -17,7 +17,7 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat, chat_format
 from bigmodel_cli.tasks.options import TaskOptions
-from tests.conftest import synthetic_text
+from tests.conftest import pretrain_args, synthetic_text
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -436,20 +436,8 @@ def chatml_run(cli, tmp_path_factory):
     corpus = synthetic_text(400) + "<|im_start|>system user assistant<|im_end|>\nYou are Qwen, created.\n" * 20
     write(root / "corpus.txt", corpus)
     cli("preprocess", root / "corpus.txt", "--out", root / "data", "--model-type", "char")
-    cli(
-        "pretrain",
-        Path(__file__).parents[1] / "recipes" / "tiny.toml",
-        "--run-dir",
-        root / "base",
-        "--set",
-        f"data.path={root / 'data'}",
-        "--set",
-        "train.steps=2",
-        "--set",
-        "model.max_seq_len=256",
-        "--set",
-        "checkpoint.every=2",
-    )
+    settings = {"train.steps": 2, "model.max_seq_len": 256, "checkpoint.every": 2}
+    cli(*pretrain_args(root / "base", root / "data", settings))
     chats = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
     write(root / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in chats * 4))
     # The base model's tokenizer carries the template: set here on the loaded tokenizer, and written where

@@ -241,19 +241,13 @@ def chat(
     model: Path,
     messages: Iterable[str],
     on_reply: Callable[[str], None],
-    *,
-    max_new_tokens: int = 100,
-    temperature: float = 0.8,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    seed: int = 0,
+    sampling: Sampling,
     stop: tuple[str, ...] = (),
 ) -> int:
     """Hold a conversation in the model's chat format: reply to each user message in turn, until an empty one
     or END_CHAT. Returns the number of replies."""
-    sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
-    for option, text in (("--stop", s) for s in stop):
-        _check_utf8(option, text)
+    for text in stop:
+        _check_utf8("--stop", text)
     conversation = Chat(*_load(model)[:2], sampling, stop)
     replies = 0
     for message in messages:

@@ -179,8 +179,8 @@ class Chat:
         self.stop_ids = {tokenizer.eos_id, *(marker if len(marker) == 1 else ())}
 
     def _prompt(self) -> list[int]:
-        """The conversation's prompt ids, leaving room for the reply; a UserError when the last message alone
-        does not fit."""
+        """The conversation's prompt ids, its oldest exchanges (not a system message) left out until the reply
+        has room; too long still when the last message alone does not fit (generate_ids then says so)."""
         room = self.loaded.model_cfg.max_seq_len - self.sampling.max_new_tokens
         keep = 1 if self.messages[0]["role"] == "system" else 0
         messages = self.messages

@@ -29,11 +29,8 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 def _message(where: str, role, content) -> dict:
     """One checked {role, content} message."""
     if role not in ROLES or not isinstance(content, str):
-        raise UserError(
-            f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content, got {role!r}: {content!r}"[
-                :300
-            ]
-        )
+        got = f"{role!r}: {content!r}"[:200]
+        raise UserError(f"{where}: each message needs a role ({', '.join(ROLES)}) and a text content, got {got}")
     return {"role": role, "content": content}
 
 
@@ -45,11 +42,14 @@ def _turns(where: str, record: dict, name: str, keys: tuple[str, str]) -> list:
     return turns
 
 
-def chat_messages(where: str, record: dict) -> list[dict]:
+def _chat_messages(where: str, record: dict) -> list[dict]:
     """A record's chat as checked {role, content} messages: its messages, its ShareGPT conversation, or an
     Alpaca record turned into a user message and a reply."""
     if "messages" in record:
-        return [_message(where, m.get("role"), m.get("content")) for m in _turns(where, record, "messages", ROLES)]
+        return [
+            _message(where, m.get("role"), m.get("content"))
+            for m in _turns(where, record, "messages", ("role", "content"))
+        ]
     if "conversations" in record:
         turns = _turns(where, record, "conversations", ("from", "value"))
         for t in turns:
@@ -86,7 +86,7 @@ class Instruct(Task):
         skipped = R.Skipped(path, "records")
         for number, (where, record) in enumerate(records, start=1):
             rid = R.text(record.get("id")) or str(number)
-            messages = chat_messages(where, record)
+            messages = _chat_messages(where, record)
             replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
             alpaca = "messages" not in record and "conversations" not in record
             if alpaca and not R.text(record["instruction"]):

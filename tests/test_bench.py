@@ -141,6 +141,7 @@ def test_chunked_attention_never_builds_the_full_score_matrix():
     assert chunked["gflop_per_step"] < xla["gflop_per_step"]
 
 
+@pytest.mark.slow
 def test_bench_load_compares_bigmodel_with_transformers_on_a_tiny_model(tmp_path):
     # --tiny --config llama: a 2-layer Llama saved by transformers in bfloat16, loaded by both sides in fresh
     # processes: the first greedy token agrees, and each side reports its times and peak memory.

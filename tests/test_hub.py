@@ -132,14 +132,14 @@ def _generate(model, **run):
     return run_cli_subprocess(*args, **run)
 
 
+@pytest.mark.slow
 def test_generate_reads_the_cache_named_by_the_environment(hub, monkeypatch):
     env = {"HF_HUB_CACHE": str(hub["cache"]), "HF_HUB_OFFLINE": "1"}
     by_id = _generate(f"hf:{REPO}", env=env)
     assert by_id.stdout == _generate(f"hf:{hub['main']}").stdout
     assert by_id.stdout.startswith("the red fox") and len(by_id.stdout) > len("the red fox\n")
     assert "fetching" not in by_id.stderr  # cached: no download was attempted
-    tagged = _generate(f"hf:{REPO}@v1", env=env)
-    assert tagged.stdout == _generate(f"hf:{hub['tagged']}").stdout != by_id.stdout  # other weights, other text
+    assert _generate(f"hf:{REPO}@v1", env=env).stdout != by_id.stdout  # the tag's other weights: other text
     (hub["root"] / "home").mkdir()
     (hub["root"] / "home" / "hub").symlink_to(hub["cache"])  # without HF_HUB_CACHE, the cache is HF_HOME/hub
     home = {"HF_HOME": str(hub["root"] / "home"), "HF_HUB_OFFLINE": "1"}

@@ -15,6 +15,7 @@ import typer
 
 from bigmodel_cli import cli_evaluate, cli_runs, storage
 from bigmodel_cli.cli_app import (
+    MODEL_SOURCES,
     AllowConfigChange,
     Coordinator,
     NumProcesses,
@@ -145,7 +146,7 @@ def pretrain(
 def finetune(
     recipe: Annotated[Path | None, typer.Argument(help="A finetuning recipe (default: the task's own).")] = None,
     task: Annotated[str, typer.Option(help="qa, classify, summarize, translate or instruct.")] = "",
-    init_from: Annotated[str, typer.Option(help="Starting model: run dir, checkpoint, export or hf:DIR.")] = "",
+    init_from: Annotated[str, typer.Option(help=f"Starting model: {MODEL_SOURCES}.")] = "",
     data: Annotated[Path | None, typer.Option(help="Task data to train on.")] = None,
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     val_data: Annotated[Path | None, typer.Option(help="Held-out task data (default: 10% of --data).")] = None,
@@ -215,9 +216,7 @@ evaluate = command(cli_evaluate.evaluate)
 
 @command
 def generate(
-    model: Annotated[
-        Path, typer.Argument(parser=storage.parse, help="A run directory, one of its checkpoints, an export or hf:DIR.")
-    ],
+    model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="How many tokens to add.")] = 100,
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 is greedy.")] = 0.8,
@@ -267,9 +266,7 @@ def generate(
 
 @command
 def export(
-    model: Annotated[
-        Path, typer.Argument(parser=storage.parse, help="A run directory, a checkpoint, an export, or hf:DIR.")
-    ],
+    model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
     out: Annotated[
         Path,
         typer.Option("--out", parser=storage.parse, help="New directory for the export (must not exist or be empty)."),

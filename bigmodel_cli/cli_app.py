@@ -31,6 +31,11 @@ ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's 
 
 Resume = Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")]
 AllowConfigChange = Annotated[bool, typer.Option(help="Resume even though the recipe changed.")]
+# What every model argument takes (bigmodel_cli/modelio.py): hf: names a local directory when one exists, else a Hub id.
+MODEL_SOURCES = (
+    "a run directory, one of its checkpoints, an export, hf:DIR, or hf:ORG/NAME[@REV] "
+    "(a Hugging Face Hub model, unless a directory of that name exists)"
+)
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
 ]

@@ -9,6 +9,7 @@ import typer
 
 from bigmodel_cli import storage
 from bigmodel_cli.cli_app import (
+    MODEL_SOURCES,
     Coordinator,
     NumProcesses,
     ProcessId,
@@ -21,7 +22,7 @@ from bigmodel_cli.errors import UserError
 def evaluate(
     model: Annotated[
         Path | None,
-        typer.Argument(parser=storage.parse, help="A run directory, one of its checkpoints, an export or hf:DIR."),
+        typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}."),
     ] = None,
     data: Annotated[
         Path | None,
@@ -135,7 +136,7 @@ def _check_evaluate_options(given: dict) -> None:
     if stray:
         raise UserError(f"{stray[0]} applies with --task only: add --task or remove it")
     if given["model"] is None:
-        raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export or hf:DIR)")
+        raise UserError("pass the MODEL to evaluate (a run directory, checkpoint, export, hf:DIR or hf:ORG/NAME)")
     if given["text"] is not None:
         clash = [
             flag for name, flag in (("data", "--data"), *_LM_ONLY.items()) if name != "text" and given[name] is not None

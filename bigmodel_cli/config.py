@@ -327,7 +327,7 @@ def _build_section(
 
 
 def _resolve_path(where: str, value: str, base: Path) -> str:
-    """Absolute form of a path value; URLs (gs://...) stay as they are, hf:DIR keeps its prefix."""
+    """Absolute form of a path value; URLs (gs://...) and hf:ORG/NAME stay as they are, hf:DIR keeps its prefix."""
     if "\0" in value:  # the one character no path can hold; os calls would fail with a bare ValueError
         raise UserError(f"{where} contains a NUL character, which no path can hold: {value!r}")
     if not value:
@@ -335,8 +335,9 @@ def _resolve_path(where: str, value: str, base: Path) -> str:
     if storage.is_url(value):
         storage.check_client(value, where)
         return value
-    if value.startswith("hf:"):
-        return "hf:" + str((base / value[3:]).resolve())
+    if value.startswith("hf:"):  # a directory that exists wins; anything else stays as written (a Hub id, ORG/NAME)
+        local = base / value[3:]
+        return "hf:" + str(local.resolve()) if local.exists() else value
     return str((base / value).resolve())
 
 

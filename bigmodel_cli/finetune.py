@@ -82,7 +82,7 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
     if not ft.task:
         raise UserError(f"no task: pass --task ({', '.join(tasks.NAMES)})")
     if not ft.init_from:
-        raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR")
+        raise UserError("no starting model: pass --init-from RUN_DIR|CHECKPOINT|EXPORT|hf:DIR|hf:ORG/NAME")
     if not ft.train_file:
         raise UserError("no training data: pass --data FILE")
     # The run's one mesh is base.mesh. A LoRA-finetuned start is folded: training (full or with new adapters)

@@ -25,7 +25,7 @@ from bigmodel_cli.tasks.options import TaskOptions
 @dataclass(frozen=True)
 class FinetuneSection:
     task: str = ""  # qa, classify, summarize, translate or instruct
-    init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export or hf:DIR to start from
+    init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export, hf:DIR or hf:ORG/NAME[@REV]
     train_file: str = _path_field(doc="task data")  # task data to train on (format per task)
     train_file2: str = _path_field(doc="translate")  # translate: target-language file, line-aligned with train_file
     val_file: str = _path_field(doc="held-out task data")  # held-out data; "" = a share of train_file

@@ -1,4 +1,4 @@
-"""Open any model path (a run directory, one of its checkpoints, an export, hf:DIR) as a LoadedModel."""
+"""Open any model path (a run directory, one of its checkpoints, an export, hf:DIR, hf:ORG/NAME) as a LoadedModel."""
 
 from __future__ import annotations
 
@@ -20,19 +20,28 @@ from bigmodel_cli.model.params import LoadedModel, abstract_params, with_adapter
 from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.train.checkpoint import Checkpoints
 
-HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face Llama directory (see bigmodel_cli/hf.py)
+HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face model directory; hf:ORG/NAME[@REVISION] a Hub model
+# What bigmodel reads from a Hub model. Everything else stays on the Hub: pickle checkpoints (*.bin, *.pt), other
+# formats (ONNX, GGUF), and second copies of the weights such as Mistral's consolidated.safetensors. Patterns
+# without a leading * match top-level files only.
+HUB_FILES = (
+    "config.json",
+    "generation_config.json",
+    hf.WEIGHTS,
+    hf.WEIGHTS_INDEX,
+    "model-*-of-*.safetensors",  # the shards transformers writes; an index naming others is followed below
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def locate(path: Path) -> tuple[str, Path, int | None]:
-    """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR); step None = latest checkpoint."""
+    """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR or hf:ORG/NAME); step None = latest checkpoint."""
     if str(path).startswith(HF_PREFIX):
-        home = Path(str(path)[len(HF_PREFIX) :])
-        if not home.is_dir():
-            raise UserError(
-                f"{home} is not a directory: hf:DIR takes a local Hugging Face model directory "
-                "(bigmodel downloads nothing: fetch it first, e.g. with `hf download`)"
-            )
-        return "hf", home, None
+        return "hf", _hf_home(str(path)[len(HF_PREFIX) :]), None
     path = storage.path(path)  # a gs:// run or export stays an epath.Path
     if not path.exists():
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
@@ -46,6 +55,115 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
         f"{path} is not a run directory, checkpoint or export: pass e.g. runs/NAME, runs/NAME/checkpoints/STEP "
         "or an export directory"
     )
+
+
+def _hf_home(text: str) -> Path:
+    """The directory behind hf:TEXT: an existing local directory wins; otherwise a Hub id's snapshot in the cache."""
+    local = Path(text)
+    if local.is_dir():
+        return local
+    hub_id = _hub_id(text)
+    if hub_id is None:
+        raise UserError(
+            f"{local} is not a directory: hf: takes a local Hugging Face model directory or a Hub id "
+            "(hf:ORG/NAME or hf:ORG/NAME@REVISION)"
+        )
+    return _hub_snapshot(*hub_id)
+
+
+def _hub_id(text: str) -> tuple[str, str | None] | None:
+    """'ORG/NAME[@REVISION]' -> (repo id, revision or None); None when text is not shaped like a Hub model id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id, at, revision = text.partition("@")
+    if repo_id.count("/") != 1 or (at and not revision):
+        return None
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return None
+    return repo_id, revision or None
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The cached snapshot of a Hub model at revision (default: main), fetching what bigmodel reads if the cache
+    lacks it. huggingface_hub decides where the cache is and whether it may go online (HF_HOME, HF_HUB_CACHE,
+    HF_HUB_OFFLINE, HF_TOKEN), exactly as for transformers."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    source = f"{HF_PREFIX}{repo_id}" + (f"@{revision}" if revision else "")
+    cached = None
+    try:  # a model that is in the cache is used as it is, without asking the Hub for a newer commit
+        cached = Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES), local_files_only=True)
+        )
+    except LocalEntryNotFoundError:
+        pass
+    if cached is not None and not _missing_files(cached):
+        return cached
+    fix = f"run `hf download {repo_id}` where there is network, or point HF_HUB_CACHE at a cache that holds it"
+    if constants.HF_HUB_OFFLINE:
+        if cached is not None:  # a partial copy: hf.load says what it lacks (or refuses its pickles)
+            return cached
+        raise UserError(
+            f"{source}: no local directory {repo_id}, and the Hub model is not in the cache "
+            f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: {fix}"
+        )
+    if jax.process_index() == 0:
+        print(f"fetching {source} from the Hugging Face Hub into {constants.HF_HUB_CACHE}", file=sys.stderr)
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES)))
+        missing = _missing_files(folder)
+        if missing and (folder / hf.WEIGHTS_INDEX).is_file():  # shards named other than model-*-of-*
+            snapshot_download(repo_id, revision=folder.name, allow_patterns=missing)  # folder.name: the commit
+        elif hf.WEIGHTS in missing:
+            raise UserError(
+                f"{source} has no safetensors weights on the Hub, and bigmodel never loads pickle checkpoints "
+                "(*.bin): pick a revision that has model.safetensors (a safetensors conversion, e.g. @refs/pr/N)"
+            )
+    except LocalEntryNotFoundError:  # no connection (or the Hub is down)
+        if cached is not None:
+            return cached
+        raise UserError(
+            f"{source}: no local directory {repo_id}, and the Hub model is neither in the cache "
+            f"({constants.HF_HUB_CACHE}) nor reachable: {fix}"
+        ) from None
+    except GatedRepoError:
+        raise UserError(
+            f"{source} is gated: accept its terms on huggingface.co, then log in (`hf auth login` or HF_TOKEN)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise UserError(
+            f"{source}: no local directory {repo_id} and no such model on the Hub (a private one needs "
+            "`hf auth login` or HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise UserError(
+            f"{source}: the Hub model has no revision {revision!r} (a branch, tag or commit hash)"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:  # the Hub's other answers; a cache we cannot write
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{source}: could not fetch it into {constants.HF_HUB_CACHE}: {first_line}") from None
+    return folder
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """Files a model directory needs for hf.load and does not have: config.json, and the weights its index names."""
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if (folder / hf.WEIGHTS_INDEX).is_file():
+        try:
+            shards = set(json.loads((folder / hf.WEIGHTS_INDEX).read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return missing  # hf.load names the broken index
+        return missing + sorted(s for s in shards if not (folder / s).is_file())
+    return missing + ([] if (folder / hf.WEIGHTS).is_file() else [hf.WEIGHTS])
 
 
 def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:

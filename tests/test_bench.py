@@ -3,6 +3,7 @@
 import ast
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 
@@ -138,3 +139,27 @@ def test_chunked_attention_never_builds_the_full_score_matrix():
     assert chunked["chunks"] == 2 and chunked["full_score_tensors"] == 0 and xla["full_score_tensors"] > 0
     assert chunked["slow_dots"] == 0 and xla["slow_dots"] == 0
     assert chunked["gflop_per_step"] < xla["gflop_per_step"]
+
+
+@pytest.mark.slow
+def test_bench_load_compares_bigmodel_with_transformers_on_a_tiny_model(tmp_path):
+    # --tiny --config llama: a 2-layer Llama saved by transformers in bfloat16, loaded by both sides in fresh
+    # processes: the first greedy token agrees, and each side reports its times and peak memory.
+    script = REPO / "scripts" / "bench" / "bench_load.py"
+    command = [sys.executable, str(script), "--model-dir", str(tmp_path), "--config", "llama", "--tiny"]
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.run([*command, "--repeats", "1", "--cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result, row = json.loads(proc.stdout.splitlines()[0]), proc.stdout.splitlines()[1]
+    assert result["model"] == "llama-tiny-bf16" and result["same_first_token"]
+    config = json.loads((tmp_path / "llama-tiny-bf16" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and config["tie_word_embeddings"] and config["hidden_size"] == 64
+    attention = 2 * 64 * 64 + 2 * 64 * 32  # q, o [64,64]; k, v [32,64] (2 of 4 heads' width)
+    assert result["weight_bytes"] == 2 * (512 * 64 + 2 * (attention + 3 * 64 * 128 + 2 * 64) + 64)  # tied: no head
+    for side in ("bigmodel", "transformers"):
+        times = result[side]
+        assert 0 < times["import_s"] < times["first_token_s"] and times["load_s"] > 0
+        assert times["peak_rss_bytes"] >= times["load_peak_rss_bytes"] > 0
+        assert times["rss_over_weights"] == round(times["peak_rss_bytes"] / result["weight_bytes"], 3)
+    assert result["bigmodel"]["glibc_tunables"] and not result["transformers"]["glibc_tunables"]
+    assert row.startswith("| llama-tiny-bf16 | 0.000 |") and row.count("|") == 8

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli import modelio, parallel
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import AnyTokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
@@ -122,13 +122,15 @@ def generate_ids(
 
 def complete(
     loaded: LoadedModel,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     prompts: list[str],
     sampling: Sampling,
     stop: tuple[str, ...] = (),
 ) -> list[str]:
     """Continuations (without the prompts) of a batch of text prompts, cut at EOS and at any stop string."""
-    ids = [p or [tokenizer.eos_id] for p in tokenizer.encode(prompts)]
+    # As transformers encodes a prompt (BOS where the model's tokenizer adds one); an empty one starts at EOS,
+    # the document boundary of training.
+    ids = [tokenizer.encode_prompt(p) or [tokenizer.eos_id] for p in prompts]
     texts = []
     for new in generate_ids(loaded, ids, sampling, tokenizer.eos_id):
         text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
@@ -167,9 +169,7 @@ def run(
     for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
         _check_utf8(option, text)
     loaded = modelio.load(model)
-    if not loaded.tokenizer_file.is_file():
-        raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
-    tokenizer = Tokenizer(loaded.tokenizer_file)
+    tokenizer = loaded.tokenizer("trained on synthetic tokens? there is nothing to decode with")
     info = taskinfo.read(loaded.home)
     if info is not None and info.chat_template and not raw:
         # The prompt becomes a user turn and the reply ends at the end-of-turn marker, as in finetuning.

@@ -190,9 +190,9 @@ def _write_tokenizer_json(files: TokenizerFiles, tokenizer: AnyTokenizer, direct
     if tokenizer.chat_template:  # from chat_template.jinja too: one place, where _write_task may replace it
         config["chat_template"] = tokenizer.chat_template
     (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    special_map = files.main.parent / SPECIAL_TOKENS_MAP_FILE
-    if special_map.is_file():
-        storage.copy_file(special_map, directory / SPECIAL_TOKENS_MAP_FILE)
+    for companion in files.companions:  # a tokenizer.model it restates, the older special-tokens file
+        if companion.name in (TOKENIZER_FILE, SPECIAL_TOKENS_MAP_FILE):
+            storage.copy_file(companion, directory / companion.name)
 
 
 def _write_sentencepiece(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:

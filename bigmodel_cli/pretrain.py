@@ -12,7 +12,7 @@ from bigmodel_cli.config import Config
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
-from bigmodel_cli.data.tokenizer import find_files, sha256_file
+from bigmodel_cli.data.tokenizer import tokenizer_sha
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.train import loop
 
@@ -77,9 +77,9 @@ def open_data(cfg: Config, parts: list[loader.DataPart], run_dir: Path):
         train = loader.TokenWindows(path, "train", manifest, seq_len, vocab)
         # --val-fraction 0 data has no val split: the run trains without validation.
         val = loader.TokenWindows(path, "val", manifest, seq_len, vocab) if "val" in manifest["splits"] else None
-    run_tokenizer = find_files(run_dir)
+    run_tokenizer = tokenizer_sha(run_dir, manifest["tokenizer"]["sha256"])
     if run_tokenizer is not None:  # resuming: the data must fit the run's tokenizer
-        check_compatible(manifest, sha256_file(run_tokenizer.main), vocab, cfg.data.mixture or cfg.data.path)
+        check_compatible(manifest, run_tokenizer, vocab, cfg.data.mixture or cfg.data.path)
     return train, val
 
 

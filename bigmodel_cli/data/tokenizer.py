@@ -150,7 +150,10 @@ class Tokenizer:
 
     def configure(self, config: dict) -> None:
         """Apply tokenizer_config.json as transformers 5 does to a bare tokenizer.model: BOS and EOS added as
-        add_bos_token and add_eos_token say (neither when absent), the special tokens it names, its template."""
+        add_bos_token and add_eos_token say (neither when absent), the special tokens it names, its template.
+        BOS and EOS default to the model's own; PAD, as transformers has it, to none unless the config names one."""
+        if config:  # an empty config is none at all: bigmodel's own tokenizer, its ids as the model has them
+            config = {"pad_token": None, **config}
         for kind in ("bos", "eos", "pad"):
             if f"{kind}_token" in config:
                 text = token_text(config[f"{kind}_token"])
@@ -208,7 +211,7 @@ class TokenizerFiles:
     """A tokenizer on disk: its main file, and the Hugging Face files beside it that configure it."""
 
     main: Path  # a tokenizer.json, or a SentencePiece model
-    companions: tuple[Path, ...] = ()  # those of COMPANION_FILES that exist beside it
+    companions: tuple[Path, ...] = ()  # those of COMPANION_FILES beside it (and a tokenizer.json's tokenizer.model)
 
     @property
     def is_json(self) -> bool:
@@ -252,7 +255,27 @@ def find_files(source: Path | str) -> TokenizerFiles | None:
         main = source if source.is_file() else None
     if main is None:
         return None
-    return TokenizerFiles(main, tuple(main.parent / n for n in COMPANION_FILES if (main.parent / n).is_file()))
+    names = COMPANION_FILES
+    if main.name == rundir.TOKENIZER_JSON_FILE:
+        # Kept beside the tokenizer.json that restates it (Hugging Face models, bigmodel's HF exports): data
+        # made with either file fits the model (tokenizer_sha).
+        names += (rundir.TOKENIZER_FILE,)
+    return TokenizerFiles(main, tuple(main.parent / n for n in names if (main.parent / n).is_file()))
+
+
+def tokenizer_sha(home: Path | str, like: str | None = None) -> str | None:
+    """The sha256 of a model directory's tokenizer (None without one), for checking data against it.
+
+    A directory may hold one tokenizer twice, as tokenizer.json and tokenizer.model (Hugging Face models and
+    bigmodel's HF exports do): `like`, the sha256 the data was made with, is the tokenizer's if either has it."""
+    files = find_files(home)
+    if files is None:
+        return None
+    home = storage.path(home)
+    for name in (rundir.TOKENIZER_JSON_FILE, rundir.TOKENIZER_FILE):
+        if like is not None and (home / name).is_file() and sha256_file(home / name) == like:
+            return like
+    return sha256_file(files.main)
 
 
 def open_tokenizer(source: Path | str, needed_for: str = "pass a model directory, tokenizer.json or .model file"):

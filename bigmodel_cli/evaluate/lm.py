@@ -11,7 +11,7 @@ import numpy as np
 from bigmodel_cli import atomic, modelio, parallel, rundir, storage
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
-from bigmodel_cli.data.tokenizer import sequence_start, sha256_file
+from bigmodel_cli.data.tokenizer import sequence_start, tokenizer_sha
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model.params import LoadedModel
@@ -36,9 +36,8 @@ def run(
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split!r} is not in {data_dir} (has {', '.join(manifest['splits'])})")
-    files = loaded.tokenizer_files
-    tokenizer_sha = sha256_file(files.main) if files is not None else None
-    check_compatible(manifest, tokenizer_sha, loaded.model_cfg.vocab_size, str(data_dir))
+    model_sha = tokenizer_sha(loaded.home, manifest["tokenizer"]["sha256"])
+    check_compatible(manifest, model_sha, loaded.model_cfg.vocab_size, str(data_dir))
     dp = parallel.data_parallel_size(loaded.mesh)
     if batch_size % dp:
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")

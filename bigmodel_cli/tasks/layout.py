@@ -207,7 +207,7 @@ def encode(
             f"{where}no question has an answer whose answer_start points at its text in the context: training "
             "needs the answer's place; fix the answer_start values"
         )
-    eos, start = _eos(tokenizer), sequence_start(tokenizer)
+    eos, first = _eos(tokenizer), sequence_start(tokenizer)
     windows = np.full((len(placed), seq_len + 1), eos, np.int32)  # padding: EOS, never trained on
     mask = np.zeros((len(placed), seq_len + 1), np.float32)  # 1 where the token is trained on
     index = []
@@ -222,7 +222,7 @@ def encode(
         finished = len(target) == len(layout.target)  # a cut target must not teach the model to stop there
         cut += not finished
         context = layout.context[start : start + size]
-        tokens = [start, *layout.before, *context, *layout.after, *target, *[eos] * finished]
+        tokens = [first, *layout.before, *context, *layout.after, *target, *[eos] * finished]
         weights = [0.0, *layout.before_weights, *[0.0] * size, *layout.after_weights, *[1.0] * len(target)]
         weights += [1.0] * finished
         row = len(index)
@@ -271,7 +271,7 @@ def generation_prompts(
     too long even without its context keeps its last tokens, so every example gets an answer.
     """
     _eos(tokenizer)  # generation stops at EOS: refused without one, as in training
-    start, limit = sequence_start(tokenizer), _check_room(seq_len, opts)
+    first, limit = sequence_start(tokenizer), _check_room(seq_len, opts)
     out = []
     for layout in _layouts(parts, tokenizer):
         size = max(_context_size(layout, seq_len, opts), 0)
@@ -279,6 +279,6 @@ def generation_prompts(
         prompts = []
         for start in starts:
             tokens = [*layout.before, *layout.context[start : start + size], *layout.after]
-            prompts.append([start, *tokens[-limit:]])
+            prompts.append([first, *tokens[-limit:]])
         out.append(prompts)
     return out

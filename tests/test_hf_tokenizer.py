@@ -14,6 +14,7 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bigmodel_cli.data import preprocess
 from bigmodel_cli.data.tokenizer import HFTokenizer, open_tokenizer, sequence_start
 from bigmodel_cli.tasks import layout
 from bigmodel_cli.tasks.options import TaskOptions
@@ -195,6 +196,29 @@ def test_preprocess_starts_documents_with_bos_and_keeps_the_tokenizer_files(worl
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (world["run"] / name).read_bytes() == (data / name).read_bytes()
         assert (world["export"] / name).is_file()
+
+
+def test_every_document_starts_with_bos_whatever_the_worker_count(tmp_path, monkeypatch, byte_level):
+    monkeypatch.setattr(preprocess, "BATCH_CHARS", 2000)  # many batches: documents start across batch ends
+    texts = CORPUS[:40]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    outs = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        config = preprocess.PreprocessConfig(
+            (tmp_path / "c.jsonl",), out, tokenizer=byte_level["bos"], val_fraction=0, workers=workers
+        )
+        manifest = preprocess.run(config)
+        outs.append((out / "train-00000.bin").read_bytes())
+    assert outs[0] == outs[1]
+    tokenizer = open_tokenizer(out)
+    tokens = np.frombuffer(outs[0], dtype=manifest["dtype"]).tolist()
+    documents = []
+    while tokens:
+        end = tokens.index(tokenizer.eos_id) + 1
+        documents.append(tokens[:end])
+        tokens = tokens[end:]
+    assert documents == [tokenizer.encode_prompt(t) + [tokenizer.eos_id] for t in texts]
 
 
 def _tokenize(cli, source, text: str) -> list[int]:

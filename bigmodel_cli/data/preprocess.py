@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bigmodel_cli import atomic, storage
+from bigmodel_cli import atomic
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import sources as src_lib
 from bigmodel_cli.data import tokenizer as tok
@@ -130,10 +130,8 @@ def _given_tokenizer(source: Path | str) -> tok.TokenizerFiles:
     files = tok.find_files(source)
     if files is None:
         raise UserError(
-            f"--tokenizer {source}: no tokenizer.json or tokenizer.model there; pass a SentencePiece .model, a "
-            "tokenizer.json, or a model directory that holds one"
-            if storage.path(source).is_dir()
-            else f"--tokenizer {source} not found: pass a SentencePiece .model, a tokenizer.json or a model directory"
+            f"--tokenizer {source}: no such tokenizer; pass a SentencePiece .model, a tokenizer.json, or a model "
+            "directory holding tokenizer.json or tokenizer.model"
         )
     files.open()
     return files
@@ -173,14 +171,12 @@ def _init_pool_worker(model_file: str, bos_id: int, eos_id: int, dtype: str) -> 
     _init_worker(model_file, bos_id, eos_id, dtype)
 
 
-def _encode_batch(
-    texts: list[str], firsts: list[bool], ends: list[bool], num_threads: int = 1
-) -> tuple[np.ndarray, np.ndarray]:
+def _encode_batch(texts: list[str], ends: list[bool], starts: bool, num_threads: int = 1) -> tuple[np.ndarray, ...]:
     """Token ids of the pieces, flat, with BOS (when bos >= 0) before each document's first piece and EOS
-    after its last; and each piece's length."""
+    after its last; and each piece's length. `starts`: the first piece starts a document."""
     ids = _WORKER["tokenizer"].encode(texts, num_threads=num_threads)
     bos, eos = _WORKER["bos"], _WORKER["eos"]
-    for piece, first, last in zip(ids, firsts, ends, strict=True):
+    for piece, first, last in zip(ids, [starts, *ends[:-1]], ends, strict=True):
         if first and bos >= 0:
             piece.insert(0, bos)
         if last and eos >= 0:
@@ -215,35 +211,25 @@ def encode_stream(
     bos_id -1: documents start without BOS."""
     batches = iter(batches)
     head = list(itertools.islice(batches, 2))
-    after_end = True  # the next piece starts a document
-
-    def firsts_and_ends(batch: list[src_lib.Piece]) -> tuple[list[bool], list[bool]]:
-        nonlocal after_end
-        ends = [last for _, last in batch]
-        firsts = [after_end, *ends[:-1]]
-        after_end = ends[-1]
-        return firsts, ends
-
+    starts = True  # the next batch's first piece starts a document
     if workers <= 1 or len(head) < 2:
         _init_worker(str(model_file), bos_id, eos_id, dtype)
         for batch in itertools.chain(head, batches):
-            firsts, ends = firsts_and_ends(batch)
-            encoded = _encode_batch([t for t, _ in batch], firsts, ends, num_threads=os.cpu_count() or 1)
+            ends = [last for _, last in batch]
+            encoded = _encode_batch([t for t, _ in batch], ends, starts, num_threads=os.cpu_count() or 1)
+            starts = ends[-1]
             yield (ends, *encoded, _utf8_bytes(batch))
         return
     # forkserver: the workers do not inherit this process's threads (JAX, when run from the test suite).
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=context,
-        initializer=_init_pool_worker,
-        initargs=(str(model_file), bos_id, eos_id, dtype),
-    ) as pool:
+    initargs = (str(model_file), bos_id, eos_id, dtype)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker, initargs=initargs) as pool:
         pending: deque = deque()
         try:
             for batch in itertools.chain(head, batches):
-                firsts, ends = firsts_and_ends(batch)
-                future = pool.submit(_encode_batch, [t for t, _ in batch], firsts, ends)
+                ends = [last for _, last in batch]
+                future = pool.submit(_encode_batch, [t for t, _ in batch], ends, starts)
+                starts = ends[-1]
                 pending.append((ends, future, _utf8_bytes(batch)))
                 if len(pending) >= 2 * workers:
                     ends, future, nbytes = pending.popleft()

@@ -3,6 +3,7 @@ transformers' AutoTokenizer: ids, BOS/EOS, decoding, and through preprocess, pre
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the Hub
@@ -196,6 +197,16 @@ def test_preprocess_starts_documents_with_bos_and_keeps_the_tokenizer_files(worl
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (world["run"] / name).read_bytes() == (data / name).read_bytes()
         assert (world["export"] / name).is_file()
+
+
+def test_pretrain_refuses_data_whose_tokenizer_config_was_changed(world, cli, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(world["data"], data)
+    config = json.loads((data / "tokenizer_config.json").read_text())
+    (data / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": None}))
+    result = cli(*pretrain_args(tmp_path / "run", data, {"train.steps": 1}), ok=False)
+    assert result.exit_code != 0 and not (tmp_path / "run").exists()
+    assert f"{data / 'tokenizer_config.json'} is damaged or was replaced" in result.stderr
 
 
 def test_every_document_starts_with_bos_whatever_the_worker_count(tmp_path, monkeypatch, byte_level):

@@ -309,7 +309,7 @@ def load_mixture(spec: str) -> list[DataPart]:
         if manifest["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
             raise UserError(
                 f"data.mixture: {path} was tokenized with a different tokenizer than {first_dir}: preprocess it "
-                f"again with --tokenizer {first_dir / 'tokenizer.model'}"
+                f"again with --tokenizer {first_dir}"
             )
     return parts
 

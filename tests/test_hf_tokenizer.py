@@ -15,12 +15,13 @@ from tokenizers import Tokenizer as RustTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from bigmodel_cli import export
 from bigmodel_cli.data import preprocess
 from bigmodel_cli.data.tokenizer import HFTokenizer, open_tokenizer, sequence_start
 from bigmodel_cli.tasks import layout
 from bigmodel_cli.tasks.options import TaskOptions
 from tests.conftest import pretrain_args
-from tests.test_hf import CORPUS, SAMPLES, _sentencepiece
+from tests.test_hf import CORPUS, SAMPLES, _sentencepiece, tiny_loaded
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
 # Special-token strings inside text: transformers reads them as the special token (unless split_special_tokens).
@@ -118,6 +119,21 @@ def test_sentencepiece_dir_with_add_bos_token_starts_prompts_with_bos(tmp_path):
     assert_same_as_transformers(ours, tmp_path, SAMPLES)
     (tmp_path / "tokenizer_config.json").unlink()  # transformers 5 adds nothing without the config
     assert not open_tokenizer(tmp_path).add_bos and AutoTokenizer.from_pretrained(tmp_path)("Hi").input_ids[0] != 1
+
+
+def test_hf_export_of_a_sentencepiece_model_that_adds_bos_tells_transformers_so(tmp_path):
+    home = tmp_path / "model"
+    home.mkdir()
+    _sentencepiece(home / "tokenizer.model", True, ["\n"])
+    (home / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": True, "chat_template": CHAT_TEMPLATE}))
+    ours = open_tokenizer(home)
+    out = export.export(tiny_loaded(home, vocab_size=ours.vocab_size), tmp_path / "hf", "hf")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["chat_template"]) == (True, CHAT_TEMPLATE)
+    theirs = AutoTokenizer.from_pretrained(out)  # reads the restated tokenizer.json, whose post-processor adds BOS
+    for text in SAMPLES:
+        assert theirs(text).input_ids == ours.encode_prompt(text), repr(text)
+    assert open_tokenizer(out).encode_prompt(SAMPLES[0]) == ours.encode_prompt(SAMPLES[0])
 
 
 def test_generate_from_a_sentencepiece_hf_dir_matches_transformers_greedy(tmp_path, cli):

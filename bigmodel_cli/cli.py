@@ -44,7 +44,13 @@ def preprocess(
     ],
     vocab_size: Annotated[int, typer.Option(help="Tokenizer vocabulary size (char sizes itself).")] = 8000,
     model_type: Annotated[str, typer.Option(help="Tokenizer kind: bpe, unigram or char.")] = "bpe",
-    tokenizer: Annotated[Path | None, typer.Option(help="Use this SentencePiece .model instead of training.")] = None,
+    tokenizer: Annotated[
+        Path | None,
+        typer.Option(
+            help="Use this tokenizer instead of training one: a SentencePiece .model, a tokenizer.json, or a model "
+            "directory (run, export, hf:DIR) holding one."
+        ),
+    ] = None,
     val_fraction: Annotated[
         float, typer.Option(help="Share of documents held out for validation: 0 = none, 1 = all (a test file).")
     ] = 0.1,
@@ -262,6 +268,36 @@ def generate(
         raw=raw,
     )
     print(text)
+
+
+@command
+def tokenize(
+    source: Annotated[
+        Path,
+        typer.Argument(
+            parser=storage.parse,
+            help="A run directory, a checkpoint, an export, hf:DIR, a tokenizer.json or a SentencePiece .model file.",
+        ),
+    ],
+    text: Annotated[str, typer.Option(help="The text to tokenize, as a prompt.")],
+    json_out: Annotated[
+        bool, typer.Option("--json", help='Print {"ids": [...], "tokens": [...]} as one object.')
+    ] = False,
+) -> None:
+    """Show the token ids and pieces a model sees for a prompt (BOS where transformers adds one); no weights load.
+
+    Example: bigmodel tokenize hf:models/llama --text "Hello world" --json
+    """
+    import json
+
+    from bigmodel_cli.evaluate import tokenize as stage
+
+    result = stage.run(source, text)
+    if json_out:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(f"ids:    {json.dumps(result['ids'])}")
+        print(f"tokens: {json.dumps(result['tokens'], ensure_ascii=False)}")
 
 
 @command

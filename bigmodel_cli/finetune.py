@@ -19,7 +19,7 @@ from bigmodel_cli.config import (
 )
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import AnyTokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa: F401 (callers use finetune.*)
 from bigmodel_cli.model import lora as lora_lib
@@ -76,7 +76,7 @@ def _examples(cfg: FinetuneConfig) -> tuple[list, list, dict]:
     return train, val, info
 
 
-def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel, Tokenizer]:
+def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel, AnyTokenizer]:
     """The starting model, its tokenizer, and the loop's config (model sizes come from the model)."""
     ft = cfg.finetune
     if not ft.task:
@@ -88,9 +88,7 @@ def resolve(cfg: FinetuneConfig, console: Console) -> tuple[Config, LoadedModel,
     # The run's one mesh is base.mesh. A LoRA-finetuned start is folded: training (full or with new adapters)
     # starts from plain weights.
     base = modelio.plain(modelio.load(storage.path(ft.init_from), parallel.make_mesh(cfg.mesh)))
-    if not base.tokenizer_file.is_file():
-        raise UserError(f"{base.home} has no tokenizer.model: finetuning needs the model's own tokenizer")
-    tokenizer = Tokenizer(base.tokenizer_file)
+    tokenizer = base.tokenizer("finetuning needs the model's own tokenizer")
     seq_len = cfg.data.seq_len or base.model_cfg.max_seq_len
     if seq_len > base.model_cfg.max_seq_len:  # a task recipe's length on a shorter model: use what it has
         console.info(
@@ -152,7 +150,7 @@ def run(
 
     def on_ready(run_dir: Path) -> None:  # the run directory is prepared: the stage's own files, then training
         if jax.process_index() == 0:
-            storage.copy_file(base.tokenizer_file, storage.path(run_dir) / rundir.TOKENIZER_FILE)
+            base.tokenizer_files.copy_to(run_dir)  # tokenizer.model, or tokenizer.json and its config
             taskinfo.write(run_dir, kind, cfg.task, seq_len, info, tokenizer)
             atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
         console.info(

@@ -19,11 +19,17 @@ import numpy as np
 
 from bigmodel_cli import storage
 from bigmodel_cli.config import ModelConfig
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
+from bigmodel_cli.data.tokenizer_hf import read_json
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
-from bigmodel_cli.rundir import TOKENIZER_FILE
+from bigmodel_cli.rundir import (
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_JSON_FILE,
+)
 from bigmodel_cli.tasks import taskinfo
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
@@ -74,9 +80,10 @@ def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_M
         raise UserError(f"parameters of dtype {', '.join(sorted(dtypes))}: export with --dtype float32 or bfloat16")
     _write_weights(flat, directory, max_shard_bytes)
     ids: dict[str, int | None] = {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
-    if loaded.tokenizer_file.is_file():
-        tokenizer = Tokenizer(loaded.tokenizer_file)
-        _write_tokenizer(loaded.tokenizer_file, tokenizer, directory, loaded.seq_len)
+    tokenizer_files = loaded.tokenizer_files
+    if tokenizer_files is not None:
+        tokenizer = tokenizer_files.open()
+        _write_tokenizer(tokenizer_files, tokenizer, directory, loaded.seq_len)
         ids = {
             f"{kind}_token_id": i if i >= 0 else None
             for kind, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id))
@@ -160,8 +167,36 @@ def _write_weights(flat: dict[str, Any], directory: Path, max_shard_bytes: int) 
         (directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:
-    """tokenizer.model plus the files AutoTokenizer needs, set up to give exactly our ids (no BOS added)."""
+def _write_tokenizer(files: TokenizerFiles, tokenizer: AnyTokenizer, directory: Path, seq_len: int) -> None:
+    """The tokenizer's files, with a tokenizer_config.json whose BOS/EOS settings say what bigmodel does with
+    the model: transformers then encodes a prompt exactly as bigmodel does."""
+    if files.is_json:
+        _write_tokenizer_json(files, tokenizer, directory, seq_len)
+    else:
+        _write_sentencepiece(files.main, tokenizer, directory, seq_len)
+
+
+def _write_tokenizer_json(files: TokenizerFiles, tokenizer: AnyTokenizer, directory: Path, seq_len: int) -> None:
+    """tokenizer.json as it is (its post-processor adds what bigmodel adds), and the model's own config."""
+    storage.copy_file(files.main, directory / TOKENIZER_JSON_FILE)
+    config: dict[str, Any] = read_json(files.main.parent / TOKENIZER_CONFIG_FILE) or {}
+    # Without a class, transformers would pick the model type's (LlamaTokenizer), which rebuilds the pipeline
+    # from the vocabulary; the generic class uses tokenizer.json verbatim.
+    config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
+    config.update(add_bos_token=tokenizer.add_bos, add_eos_token=tokenizer.add_eos, model_max_length=seq_len)
+    for kind, i in (("bos", tokenizer.bos_id), ("eos", tokenizer.eos_id), ("pad", tokenizer.pad_id)):
+        if i >= 0:  # named for transformers where the config leaves it to the post-processor
+            config.setdefault(f"{kind}_token", tokenizer.pieces([i])[0])
+    if tokenizer.chat_template:  # from chat_template.jinja too: one place, where _write_task may replace it
+        config["chat_template"] = tokenizer.chat_template
+    (directory / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    for companion in files.companions:  # a tokenizer.model it restates, the older special-tokens file
+        if companion.name in (TOKENIZER_FILE, SPECIAL_TOKENS_MAP_FILE):
+            storage.copy_file(companion, directory / companion.name)
+
+
+def _write_sentencepiece(model_file: Path, tokenizer, directory: Path, seq_len: int) -> None:
+    """tokenizer.model plus the files AutoTokenizer needs, set up to give exactly our ids."""
     storage.copy_file(model_file, directory / TOKENIZER_FILE)  # model_file may be in a bucket
     sp = tokenizer.sp
     special = {
@@ -174,14 +209,17 @@ def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int)
         )
         if i >= 0
     }
-    fast = tokenizer_json(model_file.read_bytes())
+    bos = (special["bos_token"], tokenizer.bos_id) if tokenizer.add_bos else None
+    eos = (special["eos_token"], tokenizer.eos_id) if tokenizer.add_eos else None
+    fast = tokenizer_json(model_file.read_bytes(), bos, eos)
     config: dict[str, Any] = {
         # The generic fast class uses tokenizer.json verbatim. LlamaTokenizer would replace its normaliser
         # and pre-tokenizer with its own, which put the dummy-prefix space differently from SentencePiece
         # (none before text that starts with a space, one even when the model has none).
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": False,  # bigmodel trains without BOS
-        "add_eos_token": False,
+        # What bigmodel adds: nothing for the tokenizers it trains; what the model's config says for others.
+        "add_bos_token": tokenizer.add_bos,
+        "add_eos_token": tokenizer.add_eos,
         # SentencePiece reads "<s>" in text as characters; transformers would otherwise read a control token.
         "split_special_tokens": True,
         "clean_up_tokenization_spaces": False,
@@ -189,6 +227,8 @@ def _write_tokenizer(model_file: Path, tokenizer, directory: Path, seq_len: int)
         "model_max_length": seq_len,
         **special,
     }
+    if tokenizer.chat_template:
+        config["chat_template"] = tokenizer.chat_template
     if fast is not None:
         (directory / "tokenizer.json").write_text(json.dumps(fast, ensure_ascii=False, indent=1) + "\n")
     else:  # a normalising model: transformers converts tokenizer.model itself, closely but not exactly

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 
 from bigmodel_cli import config as config_lib
-from bigmodel_cli import rundir, storage
+from bigmodel_cli import storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
@@ -73,6 +73,6 @@ def write(loaded: LoadedModel, staging: Path) -> None:
         "data_path": loaded.data_path,
     }
     (staging / CONFIG).write_text(json.dumps(info, indent=2) + "\n")
-    if loaded.tokenizer_file.is_file():
-        storage.copy_file(loaded.tokenizer_file, staging / rundir.TOKENIZER_FILE)
+    if loaded.tokenizer_files is not None:
+        loaded.tokenizer_files.copy_to(staging)
     taskinfo.copy(loaded.home, staging)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import jax
 
-from bigmodel_cli import parallel, rundir, storage
+from bigmodel_cli import parallel, storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.console import Console
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
-from bigmodel_cli.data.tokenizer import sha256_file
+from bigmodel_cli.data.tokenizer import tokenizer_sha
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.train import loop
 
@@ -77,9 +77,9 @@ def open_data(cfg: Config, parts: list[loader.DataPart], run_dir: Path):
         train = loader.TokenWindows(path, "train", manifest, seq_len, vocab)
         # --val-fraction 0 data has no val split: the run trains without validation.
         val = loader.TokenWindows(path, "val", manifest, seq_len, vocab) if "val" in manifest["splits"] else None
-    run_tokenizer = run_dir / rundir.TOKENIZER_FILE
-    if run_tokenizer.is_file():  # resuming: the data must fit the run's tokenizer
-        check_compatible(manifest, sha256_file(run_tokenizer), vocab, cfg.data.mixture or cfg.data.path)
+    run_tokenizer = tokenizer_sha(run_dir, manifest["tokenizer"]["sha256"])
+    if run_tokenizer is not None:  # resuming: the data must fit the run's tokenizer
+        check_compatible(manifest, run_tokenizer, vocab, cfg.data.mixture or cfg.data.path)
     return train, val
 
 
@@ -116,8 +116,10 @@ def run(
 
     def copy_tokenizer(run_dir: Path) -> None:
         if parts is not None and jax.process_index() == 0:
-            tokenizer_file = parts[0].path / parts[0].manifest["tokenizer"]["file"]
-            storage.copy_file(tokenizer_file, run_dir / rundir.TOKENIZER_FILE)  # the run is self-contained (checked)
+            # The run is self-contained: the data's tokenizer file (checked) and any config files beside it.
+            data_tokenizer = parts[0].manifest["tokenizer"]
+            for name in data_tokenizer.get("files", [data_tokenizer["file"]]):
+                storage.copy_file(parts[0].path / name, run_dir / name)
 
     inputs = loop.LoopInputs(
         cfg=cfg, mesh=mesh, run_dir=run_dir, open_batches=open_batches, seq_len=seq_len, meta=meta, console=console

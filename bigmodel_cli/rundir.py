@@ -43,7 +43,12 @@ CONFIG_FILE = "config.toml"  # the fully resolved config the run was made with
 CHECKPOINTS_DIR = "checkpoints"  # Orbax checkpoints, one directory per step
 PARTIAL_CHECKPOINT = "*.orbax-checkpoint-tmp*"  # Orbax writes a step here, then renames it to <step>
 COMMIT_SUCCESS_FILE = "commit_success.txt"  # in a bucket: Orbax writes <step> in place, then this file in it
-TOKENIZER_FILE = "tokenizer.model"  # the SentencePiece model (a data directory names its own the same)
+TOKENIZER_FILE = "tokenizer.model"  # a SentencePiece model (a data directory names its own the same)
+# A Hugging Face model's tokenizer, under the names transformers gives them (see bigmodel_cli/data/tokenizer.py):
+TOKENIZER_JSON_FILE = "tokenizer.json"  # the `tokenizers` library's; AutoTokenizer prefers it to tokenizer.model
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"  # BOS/EOS for tokenizer.model, special tokens, the chat template
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"  # older special-token names, read when the config has none
+CHAT_TEMPLATE_FILE = "chat_template.jinja"  # the chat template as transformers 5 saves it (wins over the config's)
 MODEL_FILE = "model.json"  # finetuning: the ModelConfig of the model it started from
 TASK_FILE = "task.json"  # finetuning: the task and its prompt options (taskinfo)
 METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step

@@ -19,10 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
-from bigmodel_cli.rundir import TOKENIZER_FILE
 
 FORMAT = "bigmodel-stablehlo-v1"
 FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
@@ -35,7 +33,7 @@ PLATFORMS = ("cpu", "cuda", "tpu")
 
 
 def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLATFORMS) -> None:
-    """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and tokenizer.model)."""
+    """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and the tokenizer's files)."""
     from safetensors.numpy import save_file
 
     flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
@@ -84,10 +82,10 @@ def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLA
     (directory / DECODE).write_bytes(exported_decode.serialize())
     (directory / MLIR).write_text(exported.mlir_module())
     save_file(dict(zip(names, weights, strict=True)), directory / WEIGHTS)
-    tokenizer = None
-    if loaded.tokenizer_file.is_file():
-        storage.copy_file(loaded.tokenizer_file, directory / TOKENIZER_FILE)
-        tokenizer = TOKENIZER_FILE
+    tokenizer = None  # the main file's name (tokenizer.model or tokenizer.json); its config files lie beside it
+    if loaded.tokenizer_files is not None:
+        loaded.tokenizer_files.copy_to(directory)
+        tokenizer = loaded.tokenizer_files.main_name
     manifest = {
         "format": FORMAT,
         "function": FUNCTION,

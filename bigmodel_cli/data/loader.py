@@ -133,17 +133,20 @@ def check_files(checks: list[tuple[Path, str | None, np.dtype | None]], vocab_si
 
 
 def check_tokenizer(data_dir: Path, manifest: dict) -> Path:
-    """The data directory's tokenizer file, refused unless its sha256 is the manifest's; returns its path."""
-    path = storage.path(data_dir) / manifest["tokenizer"]["file"]
-    if not path.is_file():
-        raise UserError(f"{path} is missing: rerun bigmodel preprocess into a new directory")
-    actual, expected = sha256_file(path), manifest["tokenizer"]["sha256"]
-    if actual != expected:
-        raise UserError(
-            f"{path} is damaged or was replaced (its sha256 {actual[:12]} is not the manifest's {expected[:12]}): "
-            "rerun bigmodel preprocess into a new directory"
-        )
-    return path
+    """The data directory's tokenizer file (and a Hugging Face tokenizer's config files), refused unless each
+    sha256 is the manifest's; returns the tokenizer file's path."""
+    info = manifest["tokenizer"]
+    for name, expected in {info["file"]: info["sha256"], **info.get("files", {})}.items():
+        path = storage.path(data_dir) / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing: rerun bigmodel preprocess into a new directory")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise UserError(
+                f"{path} is damaged or was replaced (its sha256 {actual[:12]} is not the manifest's "
+                f"{expected[:12]}): rerun bigmodel preprocess into a new directory"
+            )
+    return storage.path(data_dir) / info["file"]
 
 
 class _ObjectTokens:
@@ -306,7 +309,7 @@ def load_mixture(spec: str) -> list[DataPart]:
         if manifest["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
             raise UserError(
                 f"data.mixture: {path} was tokenized with a different tokenizer than {first_dir}: preprocess it "
-                f"again with --tokenizer {first_dir / 'tokenizer.model'}"
+                f"again with --tokenizer {first_dir}"
             )
     return parts
 

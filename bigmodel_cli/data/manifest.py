@@ -49,7 +49,7 @@ def check_compatible(manifest: dict, tokenizer_sha256: str | None, vocab_size: i
     if tokenizer_sha256 is not None and info["sha256"] != tokenizer_sha256:
         raise UserError(
             f"{what} was tokenized with a different tokenizer (sha256 {info['sha256'][:12]}) than the model's "
-            f"({tokenizer_sha256[:12]}): preprocess it with --tokenizer MODEL_DIR/tokenizer.model"
+            f"({tokenizer_sha256[:12]}): preprocess it with --tokenizer MODEL_DIR"
         )
     if info["vocab_size"] > vocab_size:
         raise UserError(

@@ -2,7 +2,10 @@
 
 Two passes over the inputs: the first samples lines to train a tokenizer on (skipped with --tokenizer),
 the second encodes documents in batches on worker processes and appends the tokens to shard files in
-input order. Everything is written into a hidden staging directory that is renamed to --out only at the
+input order. Each document ends with EOS; with a tokenizer that adds BOS to a prompt (Llama's, from
+--tokenizer), it also starts with BOS, as the model was pretrained.
+
+Everything is written into a hidden staging directory that is renamed to --out only at the
 end, so an interrupted run leaves no output, and the same inputs always give byte-identical files.
 """
 
@@ -15,7 +18,6 @@ import math
 import multiprocessing
 import os
 import random
-import shutil
 import signal
 from collections import deque
 from collections.abc import Iterator
@@ -25,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import sentencepiece as spm
 
 from bigmodel_cli import atomic
 from bigmodel_cli.console import Console
@@ -47,7 +48,7 @@ class PreprocessConfig:
     out: Path  # output directory; must not exist or be empty
     vocab_size: int = 8000  # tokenizer size (ignored for char, which sizes itself)
     model_type: str = "bpe"  # bpe, unigram or char
-    tokenizer: Path | None = None  # an existing SentencePiece .model instead of training one
+    tokenizer: Path | None = None  # an existing tokenizer instead of training one: .model, tokenizer.json, model dir
     val_fraction: float = 0.1  # share of documents (of tokens, for tiny corpora) held out; 0 none, 1 all (a test set)
     text_field: str = "text"  # record field(s) holding the text: "a.b" nests, "title,body" joins several
     txt_mode: str = "file"  # a .txt file is one document (file), one per line, or one per paragraph
@@ -120,11 +121,27 @@ def sample_lines(pieces: Iterator[src_lib.Piece], k: int, seed: int = SAMPLE_SEE
     return reservoir
 
 
-def _make_tokenizer(cfg: PreprocessConfig, sources, opts, tokenizer_file: Path) -> None:
+def _given_tokenizer(source: Path | str) -> tok.TokenizerFiles:
+    """The files of --tokenizer: a tokenizer file, a model directory, or hf:DIR; opened once to validate."""
+    if str(source).startswith("hf:"):
+        from bigmodel_cli import modelio  # jax and the model formats: loaded only for an hf: source
+
+        source = modelio.locate(source)[1]
+    files = tok.find_files(source)
+    if files is None:
+        raise UserError(
+            f"--tokenizer {source}: no such tokenizer; pass a SentencePiece .model, a tokenizer.json, or a model "
+            "directory holding tokenizer.json or tokenizer.model"
+        )
+    files.open()
+    return files
+
+
+def _make_tokenizer(cfg: PreprocessConfig, sources, opts, staging: Path) -> dict[str, str]:
+    """The tokenizer's files in staging (given with --tokenizer, or trained): name -> sha256."""
     if cfg.tokenizer is not None:
-        tok.Tokenizer(cfg.tokenizer)  # validates before copying
-        shutil.copyfile(cfg.tokenizer, tokenizer_file)
-        return
+        return _given_tokenizer(cfg.tokenizer).copy_to(staging)
+    tokenizer_file = staging / TOKENIZER_FILE
     lines = sample_lines(_all_pieces(sources, opts), cfg.max_sentences)
     if not lines:
         raise UserError(NO_TEXT)
@@ -137,6 +154,7 @@ def _make_tokenizer(cfg: PreprocessConfig, sources, opts, tokenizer_file: Path) 
         character_coverage=cfg.character_coverage,
         special_tokens=cfg.special_tokens,
     )
+    return {TOKENIZER_FILE: tok.sha256_file(tokenizer_file)}
 
 
 # ---- pass 2: encoding on worker processes -----------------------------------------------------
@@ -144,23 +162,25 @@ def _make_tokenizer(cfg: PreprocessConfig, sources, opts, tokenizer_file: Path) 
 _WORKER: dict = {}
 
 
-def _init_worker(model_file: str, eos_id: int, dtype: str) -> None:
-    _WORKER.update(sp=spm.SentencePieceProcessor(model_file=model_file), eos=eos_id, dtype=np.dtype(dtype))
+def _init_worker(model_file: str, bos_id: int, eos_id: int, dtype: str) -> None:
+    _WORKER.update(tokenizer=tok.open_tokenizer(model_file), bos=bos_id, eos=eos_id, dtype=np.dtype(dtype))
 
 
-def _init_pool_worker(model_file: str, eos_id: int, dtype: str) -> None:
+def _init_pool_worker(model_file: str, bos_id: int, eos_id: int, dtype: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
-    _init_worker(model_file, eos_id, dtype)
+    _init_worker(model_file, bos_id, eos_id, dtype)
 
 
-def _encode_batch(texts: list[str], ends: list[bool], num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the pieces, flat, with EOS after each document's last piece; and each piece's length."""
-    ids = _WORKER["sp"].encode(texts, num_threads=num_threads)
-    eos = _WORKER["eos"]
-    if eos >= 0:
-        for piece, last in zip(ids, ends, strict=True):
-            if last:
-                piece.append(eos)
+def _encode_batch(texts: list[str], ends: list[bool], starts: bool, num_threads: int = 1) -> tuple[np.ndarray, ...]:
+    """Token ids of the pieces, flat, with BOS (when bos >= 0) before each document's first piece and EOS
+    after its last; and each piece's length. `starts`: the first piece starts a document."""
+    ids = _WORKER["tokenizer"].encode(texts, num_threads=num_threads)
+    bos, eos = _WORKER["bos"], _WORKER["eos"]
+    for piece, first, last in zip(ids, [starts, *ends[:-1]], ends, strict=True):
+        if first and bos >= 0:
+            piece.insert(0, bos)
+        if last and eos >= 0:
+            piece.append(eos)
     lengths = np.fromiter(map(len, ids), np.int64, len(ids))
     flat = np.fromiter(itertools.chain.from_iterable(ids), _WORKER["dtype"], int(lengths.sum()))
     return flat, lengths
@@ -183,28 +203,33 @@ def _utf8_bytes(batch: list[src_lib.Piece]) -> int:
     return sum(len(text.encode("utf-8", "surrogatepass")) for text, _ in batch)
 
 
-def encode_stream(batches: Iterator[list[src_lib.Piece]], model_file: Path, eos_id: int, dtype: str, workers: int):
+def encode_stream(
+    batches: Iterator[list[src_lib.Piece]], model_file: Path, bos_id: int, eos_id: int, dtype: str, workers: int
+):
     """(ends, tokens, lengths, utf8_bytes) per batch, in input order. A corpus of one batch is encoded here;
-    a larger one on `workers` processes with at most two batches each in flight, so memory stays constant."""
+    a larger one on `workers` processes with at most two batches each in flight, so memory stays constant.
+    bos_id -1: documents start without BOS."""
     batches = iter(batches)
     head = list(itertools.islice(batches, 2))
+    starts = True  # the next batch's first piece starts a document
     if workers <= 1 or len(head) < 2:
-        _init_worker(str(model_file), eos_id, dtype)
+        _init_worker(str(model_file), bos_id, eos_id, dtype)
         for batch in itertools.chain(head, batches):
             ends = [last for _, last in batch]
-            encoded = _encode_batch([t for t, _ in batch], ends, num_threads=os.cpu_count() or 1)
+            encoded = _encode_batch([t for t, _ in batch], ends, starts, num_threads=os.cpu_count() or 1)
+            starts = ends[-1]
             yield (ends, *encoded, _utf8_bytes(batch))
         return
     # forkserver: the workers do not inherit this process's threads (JAX, when run from the test suite).
     context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(
-        workers, mp_context=context, initializer=_init_pool_worker, initargs=(str(model_file), eos_id, dtype)
-    ) as pool:
+    initargs = (str(model_file), bos_id, eos_id, dtype)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_pool_worker, initargs=initargs) as pool:
         pending: deque = deque()
         try:
             for batch in itertools.chain(head, batches):
                 ends = [last for _, last in batch]
-                future = pool.submit(_encode_batch, [t for t, _ in batch], ends)
+                future = pool.submit(_encode_batch, [t for t, _ in batch], ends, starts)
+                starts = ends[-1]
                 pending.append((ends, future, _utf8_bytes(batch)))
                 if len(pending) >= 2 * workers:
                     ends, future, nbytes = pending.popleft()
@@ -237,7 +262,8 @@ class Router:
     """Assigns pieces to splits in stream order and finds where document segments start in each split.
 
     A segment starts at each EOS (which opens the next document, as it opens generation from an empty prompt),
-    or, with no EOS in the tokenizer, at each document's first token; and wherever a split's stream jumps
+    or, when documents start with BOS (eos_id -1 here) or the tokenizer has no EOS, at each document's first
+    token; and wherever a split's stream jumps
     (its previous piece of the same document went to the other split)."""
 
     def __init__(self, fraction: float, eos_id: int):
@@ -336,19 +362,21 @@ class ShardWriter:
 
 
 def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console) -> dict:
-    tokenizer_file = staging / TOKENIZER_FILE
     if cfg.tokenizer is None:
         console.info(f"training a {cfg.model_type} tokenizer on at most {cfg.max_sentences:,} sampled lines")
-    _make_tokenizer(cfg, sources, opts, tokenizer_file)
-    tokenizer = tok.Tokenizer(tokenizer_file)
+    tokenizer_shas = _make_tokenizer(cfg, sources, opts, staging)
+    files = tok.find_files(staging)
+    tokenizer_file, tokenizer = files.main, files.open()
     eos = tokenizer.eos_id
+    bos = tok.sequence_start(tokenizer) if tokenizer.add_bos else -1  # Llama-style: documents start with BOS
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32)
     writers = {s: ShardWriter(staging, s, dtype, cfg.shard_tokens, cfg.pack_documents) for s in SPLITS}
     counts = np.zeros(tokenizer.vocab_size, np.int64)  # token frequencies, for the unigram entropy
     # ...of the train split; of the val split when that is all there is (a test set: the baseline to beat)
     counted = "train" if cfg.val_fraction < 1 else "val"
     docs = [0] * len(sources)
-    router = Router(cfg.val_fraction, eos)
+    # Segments start at each EOS, or where documents start with BOS, at each BOS: every document's first token.
+    router = Router(cfg.val_fraction, eos if bos < 0 else -1)
     workers = cfg.workers or os.cpu_count() or 1
 
     pieces = _all_pieces(sources, opts, docs)
@@ -358,7 +386,7 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
         head = list(itertools.islice(pieces, needed))
         if len(head) < needed:
             # Too few pieces to hold some out whole: split the token stream instead (the last val_fraction).
-            encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, eos, dtype.name, 1))
+            encoded = list(encode_stream(_batches(iter(head)), tokenizer_file, bos, eos, dtype.name, 1))
             meter.advance(sum(batch[3] for batch in encoded), sum(len(batch[1]) for batch in encoded))
             ends = [e for batch in encoded for e in batch[0]]
             flat = np.concatenate([batch[1] for batch in encoded]) if encoded else np.zeros(0, dtype)
@@ -372,7 +400,7 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
             counts += np.bincount(tokens[:cut], minlength=tokenizer.vocab_size)
         else:
             for ends, flat, lengths, nbytes in encode_stream(
-                _batches(itertools.chain(head, pieces)), tokenizer_file, eos, dtype.name, workers
+                _batches(itertools.chain(head, pieces)), tokenizer_file, bos, eos, dtype.name, workers
             ):
                 meter.advance(nbytes, len(flat))
                 for split, (tokens, starts) in router.route(ends, flat, lengths).items():
@@ -388,17 +416,20 @@ def _write(cfg: PreprocessConfig, sources, opts, staging: Path, console: Console
             raise UserError(f"the {name} split got {info['tokens']} tokens: add data or change --val-fraction")
 
     probs = counts[counts > 0] / counts.sum()
+    tokenizer_info = {
+        "file": files.main_name,
+        "sha256": tokenizer_shas[files.main_name],
+        "model_type": "given" if cfg.tokenizer is not None else cfg.model_type,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": eos,
+        "pad_id": tokenizer.pad_id,
+    }
+    if len(tokenizer_shas) > 1 or bos >= 0:  # a Hugging Face model's tokenizer: its config files, BOS or not
+        tokenizer_info.update(files=tokenizer_shas, add_bos=bos >= 0)
     manifest = {
         "format": FORMAT,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "sha256": tok.sha256_file(tokenizer_file),
-            "model_type": "given" if cfg.tokenizer is not None else cfg.model_type,
-            "vocab_size": tokenizer.vocab_size,
-            "bos_id": tokenizer.bos_id,
-            "eos_id": eos,
-            "pad_id": tokenizer.pad_id,
-        },
+        "tokenizer": tokenizer_info,
         "dtype": dtype.name,
         "splits": splits,
         "pack_documents": cfg.pack_documents,

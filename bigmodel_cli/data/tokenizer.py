@@ -1,15 +1,20 @@
-"""SentencePiece tokenizers: training with settings that round-trip text exactly, and loading."""
+"""Tokenizers: SentencePiece training with settings that round-trip text exactly, and loading a model's
+tokenizer, SentencePiece (`tokenizer.model`) or Hugging Face (`tokenizer.json`, bigmodel_cli/data/tokenizer_hf.py),
+the way transformers' AutoTokenizer finds it in a model directory."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
 
-from bigmodel_cli import storage
+from bigmodel_cli import rundir, storage
+from bigmodel_cli.data.tokenizer_hf import HFTokenizer, read_config, token_text
+from bigmodel_cli.data.tokenizer_hf import chat_template as config_chat_template
 from bigmodel_cli.errors import UserError
 
 MODEL_TYPES = ("bpe", "unigram", "char")
@@ -137,11 +142,26 @@ class Tokenizer:
         # Read from the model, never assumed: Llama's has no pad (-1), others put eos at 1 or have none.
         self.bos_id, self.eos_id, self.pad_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.pad_id()
 
-    # What transformers adds around a prompt and the chat template it renders with (from tokenizer_config.json
-    # where the model ships one); bigmodel's own tokenizers add nothing and have no template of their own.
+    # What transformers adds around a prompt and the chat template it renders with: configure() sets them from
+    # a model directory's tokenizer_config.json; bigmodel's own tokenizers add nothing and have no template.
     add_bos = False
     add_eos = False
     chat_template: str | None = None
+
+    def configure(self, config: dict) -> None:
+        """Apply tokenizer_config.json as transformers 5 does to a bare tokenizer.model: BOS and EOS added as
+        add_bos_token and add_eos_token say (neither when absent), the special tokens it names, its template.
+        BOS and EOS default to the model's own; PAD, as transformers has it, to none unless the config names one."""
+        if config:  # an empty config is none at all: bigmodel's own tokenizer, its ids as the model has them
+            config = {"pad_token": None, **config}
+        for kind in ("bos", "eos", "pad"):
+            if f"{kind}_token" in config:
+                text = token_text(config[f"{kind}_token"])
+                found = self.sp.piece_to_id(text) if text is not None else -1
+                setattr(self, f"{kind}_id", found if found >= 0 and self.sp.id_to_piece(found) == text else -1)
+        self.add_bos = bool(config.get("add_bos_token", False)) and self.bos_id >= 0
+        self.add_eos = bool(config.get("add_eos_token", False)) and self.eos_id >= 0
+        self.chat_template = config_chat_template(config.get("chat_template"))
 
     @property
     def bos_token(self) -> str | None:
@@ -157,8 +177,8 @@ class Tokenizer:
 
     def encode_prompt(self, text: str) -> list[int]:
         """The ids a model sees for text as a prompt: transformers' `tokenizer(text).input_ids`."""
-        bos = [self.bos_id] if self.add_bos and self.bos_id >= 0 else []
-        eos = [self.eos_id] if self.add_eos and self.eos_id >= 0 else []
+        bos = [self.bos_id] if self.add_bos else []
+        eos = [self.eos_id] if self.add_eos else []
         return bos + self.encode([text])[0] + eos
 
     def pieces(self, ids: list[int]) -> list[str]:
@@ -166,3 +186,102 @@ class Tokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.sp.decode(ids)
+
+
+AnyTokenizer = Tokenizer | HFTokenizer
+
+
+def sequence_start(tokenizer: AnyTokenizer) -> int:
+    """The token bigmodel puts first in a sequence (-1 for none): the BOS where the tokenizer adds one, as
+    transformers does to a prompt and Llama-family pretraining to each document; else the EOS that ends every
+    preprocessed document, which opens the next one."""
+    if tokenizer.add_bos:
+        return tokenizer.encode_prompt("")[0]  # the post-processor's first token, whatever the config names
+    return tokenizer.eos_id
+
+
+# ---- a model's tokenizer files ------------------------------------------------------------------------------
+
+# The files beside the main one that change what a tokenizer does (read by tokenizer_hf.read_config).
+COMPANION_FILES = (rundir.TOKENIZER_CONFIG_FILE, rundir.SPECIAL_TOKENS_MAP_FILE, rundir.CHAT_TEMPLATE_FILE)
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    """A tokenizer on disk: its main file, and the Hugging Face files beside it that configure it."""
+
+    main: Path  # a tokenizer.json, or a SentencePiece model
+    companions: tuple[Path, ...] = ()  # those of COMPANION_FILES beside it (and a tokenizer.json's tokenizer.model)
+
+    @property
+    def is_json(self) -> bool:
+        return self.main.name.endswith(".json")
+
+    @property
+    def main_name(self) -> str:
+        """The main file's name in a run, data or export directory (transformers' name)."""
+        return rundir.TOKENIZER_JSON_FILE if self.is_json else rundir.TOKENIZER_FILE
+
+    @property
+    def names(self) -> dict[Path, str]:
+        """Each file -> its name in a run, data or export directory."""
+        return {self.main: self.main_name, **{p: p.name for p in self.companions}}
+
+    def open(self) -> AnyTokenizer:
+        config = read_config(self.main.parent)
+        if self.is_json:
+            return HFTokenizer(self.main, config)
+        tokenizer = Tokenizer(self.main)
+        tokenizer.configure(config)
+        return tokenizer
+
+    def copy_to(self, directory: Path) -> dict[str, str]:
+        """Copy every file into directory under its name there (either end may be a bucket); name -> sha256."""
+        directory = storage.path(directory)
+        for source, name in self.names.items():
+            storage.copy_file(source, directory / name)
+        return {name: sha256_file(directory / name) for name in self.names.values()}
+
+
+def find_files(source: Path | str) -> TokenizerFiles | None:
+    """The tokenizer of a model directory, as AutoTokenizer picks it: tokenizer.json, else tokenizer.model (None:
+    neither). A file is that tokenizer, configured by the files beside it."""
+    source = storage.path(source)
+    if source.is_dir():
+        main = next(
+            (source / n for n in (rundir.TOKENIZER_JSON_FILE, rundir.TOKENIZER_FILE) if (source / n).is_file()), None
+        )
+    else:
+        main = source if source.is_file() else None
+    if main is None:
+        return None
+    names = COMPANION_FILES
+    if main.name == rundir.TOKENIZER_JSON_FILE:
+        # Kept beside the tokenizer.json that restates it (Hugging Face models, bigmodel's HF exports): data
+        # made with either file fits the model (tokenizer_sha).
+        names += (rundir.TOKENIZER_FILE,)
+    return TokenizerFiles(main, tuple(main.parent / n for n in names if (main.parent / n).is_file()))
+
+
+def tokenizer_sha(home: Path | str, like: str | None = None) -> str | None:
+    """The sha256 of a model directory's tokenizer (None without one), for checking data against it.
+
+    A directory may hold one tokenizer twice, as tokenizer.json and tokenizer.model (Hugging Face models and
+    bigmodel's HF exports do): `like`, the sha256 the data was made with, is the tokenizer's if either has it."""
+    files = find_files(home)
+    if files is None:
+        return None
+    home = storage.path(home)
+    for name in (rundir.TOKENIZER_JSON_FILE, rundir.TOKENIZER_FILE):
+        if like is not None and (home / name).is_file() and sha256_file(home / name) == like:
+            return like
+    return sha256_file(files.main)
+
+
+def open_tokenizer(source: Path | str, needed_for: str = "pass a model directory, tokenizer.json or .model file"):
+    """The tokenizer of a model directory or a tokenizer file; a UserError ending in needed_for when none."""
+    files = find_files(source)
+    if files is None:
+        what = f"{source} has no {rundir.TOKENIZER_JSON_FILE} or {rundir.TOKENIZER_FILE}"
+        raise UserError(f"{what}: {needed_for}" if storage.path(source).is_dir() else f"tokenizer {source} not found")
+    return files.open()

@@ -108,8 +108,28 @@ def read_sentencepiece(data: bytes) -> SpModel:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def tokenizer_json(model_data: bytes) -> dict | None:
-    """A tokenizer.json that encodes like the SentencePiece model, or None for models it cannot restate.
+def template_processing(bos: tuple[str, int] | None, eos: tuple[str, int] | None) -> dict:
+    """A TemplateProcessing post-processor that puts the (token, id) bos before a text and eos after it."""
+    ends = {"bos": [bos] if bos else [], "eos": [eos] if eos else []}
+
+    def template(type_id: int, sequence: str) -> list[dict]:
+        special = [{"SpecialToken": {"id": token, "type_id": type_id}} for token, _ in ends["bos"]]
+        tail = [{"SpecialToken": {"id": token, "type_id": type_id}} for token, _ in ends["eos"]]
+        return [*special, {"Sequence": {"id": sequence, "type_id": type_id}}, *tail]
+
+    return {
+        "type": "TemplateProcessing",
+        "single": template(0, "A"),
+        "pair": template(0, "A") + template(1, "B"),
+        "special_tokens": {t: {"id": t, "ids": [i], "tokens": [t]} for t, i in ends["bos"] + ends["eos"]},
+    }
+
+
+def tokenizer_json(
+    model_data: bytes, bos: tuple[str, int] | None = None, eos: tuple[str, int] | None = None
+) -> dict | None:
+    """A tokenizer.json that encodes like the SentencePiece model, or None for models it cannot restate; its
+    post-processor adds the (token, id) bos and eos around a prompt, as bigmodel does with the model.
 
     Restated: BPE, unigram and char models without text normalisation (bigmodel's own settings). SentencePiece
     BPE merges, at each step, the adjacent pair whose concatenation is the highest-scoring piece; a BPE merge
@@ -182,12 +202,7 @@ def tokenizer_json(model_data: bytes) -> dict | None:
         "added_tokens": added,
         "normalizer": {"type": "Sequence", "normalizers": normalizers},
         "pre_tokenizer": None,
-        "post_processor": {
-            "type": "TemplateProcessing",
-            "single": [{"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {},
-        },
+        "post_processor": template_processing(bos, eos),
         "decoder": {"type": "Sequence", "decoders": decoders},
         "model": {
             "type": "Unigram",

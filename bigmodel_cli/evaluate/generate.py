@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli import modelio, parallel
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import AnyTokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
@@ -126,13 +126,15 @@ def generate_ids(
 
 def complete(
     loaded: LoadedModel,
-    tokenizer: Tokenizer,
+    tokenizer: AnyTokenizer,
     prompts: list[str],
     sampling: Sampling,
     stop: tuple[str, ...] = (),
 ) -> list[str]:
     """Continuations (without the prompts) of a batch of text prompts, cut at EOS and at any stop string."""
-    ids = [p or [tokenizer.eos_id] for p in tokenizer.encode(prompts)]
+    # As transformers encodes a prompt (BOS where the model's tokenizer adds one); an empty one starts at EOS,
+    # the document boundary of training.
+    ids = [tokenizer.encode_prompt(p) or [tokenizer.eos_id] for p in prompts]
     texts = []
     for new in generate_ids(loaded, ids, sampling, tokenizer.eos_id):
         text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
@@ -154,12 +156,10 @@ def _check_utf8(option: str, text: str) -> None:
         ) from None
 
 
-def _load(model: Path) -> tuple[LoadedModel, Tokenizer, taskinfo.TaskInfo | None]:
+def _load(model: Path) -> tuple[LoadedModel, AnyTokenizer, taskinfo.TaskInfo | None]:
     """The model, its tokenizer (holding the chat template the model was finetuned with) and its task info."""
     loaded = modelio.load(model)
-    if not loaded.tokenizer_file.is_file():
-        raise UserError(f"{loaded.home} has no tokenizer.model (trained on synthetic tokens?): nothing to decode")
-    tokenizer = Tokenizer(loaded.tokenizer_file)
+    tokenizer = loaded.tokenizer("trained on synthetic tokens? there is nothing to decode with")
     info = taskinfo.read(loaded.home)
     tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)
     return loaded, tokenizer, info
@@ -169,7 +169,7 @@ class Chat:
     """A conversation with a model in its chat format: each reply is generated from the whole history,
     rendered and encoded afresh (the oldest exchanges left out when it outgrows the model)."""
 
-    def __init__(self, loaded: LoadedModel, tokenizer: Tokenizer, sampling: Sampling, stop: tuple[str, ...] = ()):
+    def __init__(self, loaded: LoadedModel, tokenizer: AnyTokenizer, sampling: Sampling, stop: tuple[str, ...] = ()):
         self.loaded, self.tokenizer, self.sampling, self.stop = loaded, tokenizer, sampling, stop
         self.format = chat_format(tokenizer)
         self.messages: list[dict] = []

@@ -11,7 +11,7 @@ import numpy as np
 from bigmodel_cli import atomic, modelio, parallel, rundir, storage
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
-from bigmodel_cli.data.tokenizer import Tokenizer, sha256_file
+from bigmodel_cli.data.tokenizer import sequence_start, tokenizer_sha
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model.params import LoadedModel
@@ -36,8 +36,8 @@ def run(
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split!r} is not in {data_dir} (has {', '.join(manifest['splits'])})")
-    tokenizer_sha = sha256_file(loaded.tokenizer_file) if loaded.tokenizer_file.is_file() else None
-    check_compatible(manifest, tokenizer_sha, loaded.model_cfg.vocab_size, str(data_dir))
+    model_sha = tokenizer_sha(loaded.home, manifest["tokenizer"]["sha256"])
+    check_compatible(manifest, model_sha, loaded.model_cfg.vocab_size, str(data_dir))
     dp = parallel.data_parallel_size(loaded.mesh)
     if batch_size % dp:
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")
@@ -76,23 +76,22 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     """Loss, perplexity and bits per byte of every token of a raw text file, as one document.
 
     The text is cut into consecutive windows of the model's sequence length (each token is predicted once,
-    from the tokens before it in its window, as nanoGPT's evaluation does), after the end-of-document token
-    that separates documents in training. Bits per byte divide the summed loss by the text's UTF-8 bytes,
-    so that models with different tokenizers compare."""
+    from the tokens before it in its window, as nanoGPT's evaluation does), after the token that starts
+    documents in training (BOS for a tokenizer that adds one, else the EOS between documents). Bits per byte
+    divide the summed loss by the text's UTF-8 bytes, so that models with different tokenizers compare."""
     text = records.read_text(Path(text_file), "--text")
     loaded = modelio.load(model)
-    if not loaded.tokenizer_file.is_file():
-        raise UserError(f"{loaded.home} has no tokenizer.model: --text needs the model's tokenizer")
-    tokenizer = Tokenizer(loaded.tokenizer_file)
+    tokenizer = loaded.tokenizer("--text needs the model's tokenizer")
     if tokenizer.vocab_size > loaded.model_cfg.vocab_size:
         raise UserError(
-            f"{loaded.tokenizer_file} has {tokenizer.vocab_size} tokens but the model only "
+            f"{tokenizer.path} has {tokenizer.vocab_size} tokens but the model only "
             f"{loaded.model_cfg.vocab_size}: pass the model's own directory"
         )
     dp = parallel.data_parallel_size(loaded.mesh)
     if batch_size % dp:
         raise UserError(f"--batch-size {batch_size} must be a multiple of the {dp} devices")
-    start = [tokenizer.eos_id] if tokenizer.eos_id >= 0 else []
+    first = sequence_start(tokenizer)
+    start = [first] if first >= 0 else []
     ids = np.asarray(start + tokenizer.encode([text])[0], np.int32)
     seq_len = loaded.seq_len
     n_windows = -(-(len(ids) - 1) // seq_len)

@@ -17,7 +17,7 @@ from flax import nnx
 from bigmodel_cli import atomic, config, modelio, rundir, storage, tasks
 from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import AnyTokenizer, sequence_start
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.evaluate.loss import loss_sums
@@ -62,7 +62,7 @@ class _ModelPredictor:
     """A loaded model's predictions for Task.predict: greedy generation, or the likeliest of some continuations."""
 
     loaded: LoadedModel
-    tokenizer: Tokenizer
+    tokenizer: AnyTokenizer
     opts: TaskOptions
     seq_len: int
     batch_size: int
@@ -70,13 +70,14 @@ class _ModelPredictor:
     def choose(self, examples: list[Example], continuations: list[str]) -> dict[str, int]:
         """Each example's continuation (index) that the model finds most likely (no free generation to parse)."""
         tokenizer = self.tokenizer
+        first = sequence_start(tokenizer)  # BOS where the model's tokenizer adds one, else EOS as in training
         pairs = []
         for e in examples:
             prompt = tokenizer.encode([e.prompt])[0]
             for continuation in continuations:
                 full = tokenizer.encode([e.prompt + continuation])[0]
                 same = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
-                pairs.append(([tokenizer.eos_id, *full[:same]], [*full[same:], tokenizer.eos_id]))
+                pairs.append(([first, *full[:same]], [*full[same:], tokenizer.eos_id]))
         scores = [total for total, _ in _logprobs(self.loaded, pairs, self.batch_size, progress="score labels")]
         k = len(continuations)
         return {e.id: int(np.argmax(scores[i * k : (i + 1) * k])) for i, e in enumerate(examples)}
@@ -201,7 +202,7 @@ def run(
         if predictions is not None:
             preds = kind.read_predictions(predictions)
         else:
-            tokenizer = Tokenizer(loaded.tokenizer_file)
+            tokenizer = loaded.tokenizer("evaluation needs the model's tokenizer")
             tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)  # chats as the model was trained
             predictor = _ModelPredictor(loaded, tokenizer, opts, seq_len, batch_size)
             preds = kind.predict(examples, labels, predictor)

@@ -11,8 +11,9 @@ from typing import Any
 import jax
 from flax import nnx
 
-from bigmodel_cli import parallel, rundir
+from bigmodel_cli import parallel
 from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles, find_files, open_tokenizer
 from bigmodel_cli.model.lora import Build, LoraConfig
 from bigmodel_cli.model.transformer import Transformer
 
@@ -23,15 +24,20 @@ class LoadedModel:
     graphdef: nnx.GraphDef
     params: Any  # pure dict of jax arrays, laid out on `mesh`
     mesh: Any
-    home: Path  # the run or export directory: where tokenizer.model and metrics.json live
+    home: Path  # the run or export directory: where the tokenizer's files and metrics.json live
     step: int
     seq_len: int  # the sequence length the model was trained with
     data_path: str  # the data it was trained on ("" if unknown)
     lora: Any = None  # the LoraConfig when params hold adapters beside the (frozen) base weights
 
     @property
-    def tokenizer_file(self) -> Path:
-        return self.home / rundir.TOKENIZER_FILE
+    def tokenizer_files(self) -> TokenizerFiles | None:
+        """The model's tokenizer files (tokenizer.json or tokenizer.model, and their config); None without one."""
+        return find_files(self.home)
+
+    def tokenizer(self, needed_for: str) -> AnyTokenizer:
+        """The model's tokenizer; without one, a UserError saying what needed it."""
+        return open_tokenizer(self.home, needed_for)
 
 
 def param_name(path: tuple) -> str:

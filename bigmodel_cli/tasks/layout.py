@@ -3,11 +3,12 @@ generation starts from.
 
 Every task is decoder-only text: a prompt, then the target the model learns to write, then EOS. A sequence is
 
-    EOS  prompt  target  EOS  padding          (seq_len + 1 tokens, split into inputs/targets like pretraining)
-    0    0...0   1...1   1    0...0            (loss weight of each token as a prediction target)
+    START  prompt  target  EOS  padding        (seq_len + 1 tokens, split into inputs/targets like pretraining)
+    0      0...0   1...1   1    0...0          (loss weight of each token as a prediction target)
 
-The leading EOS is the document boundary the model saw in pretraining (preprocess ends every document with
-one), so a finetuning sequence starts the way every pretraining document did.
+START is the BOS where the model's tokenizer adds one to a prompt (Llama's: a model from Hugging Face then
+sees what transformers feeds it), else the EOS that ends every preprocessed document: either way, a
+finetuning sequence starts the way every pretraining document did.
 
 A task kind describes an example as text parts, each with a role (below). The prompt may hold one long, elastic
 part (QA context, document, source sentence, classified text, the last user message of a chat). It is cut to fit
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bigmodel_cli.data.tokenizer import sequence_start
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks.options import TaskOptions, TaskWarning
 
@@ -122,7 +124,7 @@ def _layouts(all_parts: Sequence[Parts], tokenizer) -> list[_Layout]:
 
 
 def _eos(tokenizer) -> int:
-    """The tokenizer's EOS id, which starts, ends and pads every sequence."""
+    """The tokenizer's EOS id, which ends and pads every sequence (and starts it, without a BOS)."""
     if tokenizer.eos_id < 0:
         raise UserError(
             f"tokenizer {getattr(tokenizer, 'path', '')} has no EOS token, which finetuning needs to mark where "
@@ -132,7 +134,7 @@ def _eos(tokenizer) -> int:
 
 
 def _check_room(seq_len: int, opts: TaskOptions) -> int:
-    """The most prompt tokens (leading EOS included) that leave room for the target; a UserError if none."""
+    """The most prompt tokens (START included) that leave room for the target; a UserError if none."""
     room = seq_len - 1 - opts.max_target_tokens
     if room < 1:
         raise UserError(
@@ -154,7 +156,7 @@ def _window_starts(length: int, size: int, stride: int) -> list[int]:
 
 
 def _context_size(layout: _Layout, seq_len: int, opts: TaskOptions) -> int:
-    """Context tokens that fit: seq_len minus the leading EOS, the rest of the prompt and the target budget;
+    """Context tokens that fit: seq_len minus START, the rest of the prompt and the target budget;
     negative when even the rest of the prompt does not fit."""
     room = seq_len - 1 - opts.max_target_tokens - len(layout.before) - len(layout.after)
     return min(room, len(layout.context))
@@ -207,7 +209,7 @@ def encode(
             f"{where}no question has an answer whose answer_start points at its text in the context: training "
             "needs the answer's place; fix the answer_start values"
         )
-    eos = _eos(tokenizer)
+    eos, first = _eos(tokenizer), sequence_start(tokenizer)
     windows = np.full((len(placed), seq_len + 1), eos, np.int32)  # padding: EOS, never trained on
     mask = np.zeros((len(placed), seq_len + 1), np.float32)  # 1 where the token is trained on
     index = []
@@ -222,7 +224,7 @@ def encode(
         finished = len(target) == len(layout.target)  # a cut target must not teach the model to stop there
         cut += not finished
         context = layout.context[start : start + size]
-        lead, end = [eos] * framed, [eos] * (finished and framed)
+        lead, end = [first] * framed, [eos] * (finished and framed)
         tokens = [*lead, *layout.before, *context, *layout.after, *target, *end]
         weights = [0.0] * len(lead) + [*layout.before_weights, *[0.0] * size, *layout.after_weights]
         weights += [1.0] * (len(target) + len(end))
@@ -265,13 +267,14 @@ def generation_prompts(
 ) -> list[list[list[int]]]:
     """Token ids to generate from, per example: [prompt], or for a too-long qa context one per window.
 
-    A prompt is the training sequence up to the target (same tokens, same cut, leading EOS included), at
+    A prompt is the training sequence up to the target (same tokens, same cut, START included), at
     most seq_len - max_target_tokens long so that max_target_tokens new tokens fit. For several qa windows,
     generate from each and keep the answer with the highest mean token log-probability among those that are
     not UNANSWERABLE (all unanswerable -> ""). Stop generating at EOS (chats: also at END_OF_TURN). A prompt
     too long even without its context keeps its last tokens, so every example gets an answer.
     """
-    eos, limit = _eos(tokenizer), _check_room(seq_len, opts)
+    _eos(tokenizer)  # generation stops at EOS: refused without one, as in training
+    first, limit = sequence_start(tokenizer), _check_room(seq_len, opts)
     out = []
     for layout in _layouts(parts, tokenizer):
         size = max(_context_size(layout, seq_len, opts), 0)
@@ -279,6 +282,6 @@ def generation_prompts(
         prompts = []
         for start in starts:
             tokens = [*layout.before, *layout.context[start : start + size], *layout.after]
-            prompts.append([eos] * framed + tokens[-limit:])
+            prompts.append([first] * framed + tokens[-limit:])
         out.append(prompts)
     return out

@@ -4,6 +4,7 @@ conversations and templates give one line, and `generate --chat` holds a convers
 
 import dataclasses
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from bigmodel_cli import tasks
-from bigmodel_cli.data.tokenizer import Tokenizer
+from bigmodel_cli.data.tokenizer import Tokenizer, open_tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat, chat_format
@@ -153,26 +154,11 @@ def hf_tokenizer(bpe, style: str):
     return fast
 
 
-class HFTokens:
-    """The shared tokenizer interface over a transformers tokenizer (what a tokenizer.json model offers)."""
-
-    def __init__(self, fast):
-        self.fast = fast
-        self.chat_template = fast.chat_template
-        self.bos_token, self.eos_token = fast.bos_token, fast.eos_token
-        self.bos_id = fast.bos_token_id if fast.bos_token else -1
-        self.eos_id = fast.eos_token_id
-        self.pad_id = -1
-        self.vocab_size = len(fast)
-
-    def encode(self, texts):
-        return [self.fast(text, add_special_tokens=False).input_ids for text in texts]
-
-    def decode(self, ids):
-        return self.fast.decode(ids, skip_special_tokens=True)
-
-    def pieces(self, ids):
-        return self.fast.convert_ids_to_tokens(ids)
+def bigmodel_tokenizer(fast):
+    """bigmodel's tokenizer for a transformers one, read from the files save_pretrained writes."""
+    directory = Path(tempfile.mkdtemp())
+    fast.save_pretrained(directory)
+    return open_tokenizer(directory)
 
 
 def conversations(style: str) -> list[list[dict]]:
@@ -203,7 +189,7 @@ def write(path: Path, text: str) -> Path:
 @pytest.mark.parametrize("style", sorted(STYLES))
 def test_rendering_equals_transformers_apply_chat_template(bpe, style):
     fast = hf_tokenizer(bpe, style)
-    ours = chat_format(HFTokens(fast))
+    ours = chat_format(bigmodel_tokenizer(fast))
     for chat in conversations(style):
         for prompt in (chat, chat[:-1]):  # ending with a reply, and with a user message to answer
             for add_generation_prompt in (False, True):
@@ -214,7 +200,7 @@ def test_rendering_equals_transformers_apply_chat_template(bpe, style):
                 ids = fast.apply_chat_template(
                     prompt, tokenize=True, add_generation_prompt=add_generation_prompt, return_dict=False
                 )
-                assert HFTokens(fast).encode([text])[0] == list(ids)
+                assert bigmodel_tokenizer(fast).encode([text])[0] == list(ids)
     assert ours.end_of_turn == STYLES[style][3]
 
 
@@ -228,7 +214,7 @@ def test_template_helpers_behave_as_in_transformers(bpe):
     fast = hf_tokenizer(bpe, "llama3")
     fast.chat_template = template
     messages = [SYSTEM, {"role": "user", "content": 'Say "<b>héllo</b>"'}]
-    assert chat_format(HFTokens(fast)).render(messages) == fast.apply_chat_template(messages, tokenize=False)
+    assert chat_format(bigmodel_tokenizer(fast)).render(messages) == fast.apply_chat_template(messages, tokenize=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +241,7 @@ def test_loss_falls_on_every_assistant_reply_and_its_end_marker_only(bpe, style,
     chat = conversations(style)[0]
     path = write(tmp_path / "chat.jsonl", json.dumps({"messages": chat}) + "\n")
     examples, _ = tasks.get("instruct").load(path, TaskOptions())
-    enc = tasks.get("instruct").encode(examples, HFTokens(fast), 512, TaskOptions())
+    enc = tasks.get("instruct").encode(examples, bigmodel_tokenizer(fast), 512, TaskOptions())
     ids = [int(enc["inputs"][0, 0]), *map(int, enc["targets"][0])]
     trained = [False, *(float(w) > 0 for w in enc["weights"][0])]  # the first token is never predicted
 
@@ -286,7 +272,7 @@ def test_show_examples_marks_the_replies_of_a_templated_chat(bpe, tmp_path):
     fast.eos_token = "<|endoftext|>"  # a base model's EOS: the end-of-turn marker is another token
     path = write(tmp_path / "chat.json", json.dumps([{"messages": CHAT}]))
     examples, _ = tasks.get("instruct").load(path, TaskOptions())
-    tokens = HFTokens(fast)
+    tokens = bigmodel_tokenizer(fast)
     shown = masks.show_examples(tasks.get("instruct").encode(examples, tokens, 256, TaskOptions()), tokens, 1)
     body = shown.split("\n", 1)[1]
     assert body.startswith("<|im_start|>system\nYou are Qwen")
@@ -317,7 +303,7 @@ def test_a_chat_stops_at_the_end_of_turn_token_and_drops_its_oldest_turns_to_fit
 
     fast = hf_tokenizer(bpe, "qwen")
     fast.eos_token = "<|endoftext|>"  # so that <|im_end|>, one token, is not EOS
-    tokens = HFTokens(fast)
+    tokens = bigmodel_tokenizer(fast)
     replies = iter(CHAT[1::2] + [{"content": "Yes."}])
     prompts = []
 
@@ -360,7 +346,7 @@ def test_sharegpt_conversations_give_the_same_examples_as_messages(tmp_path, bpe
         "sharegpt.jsonl": "".join(json.dumps(r) + "\n" for r in sharegpt),
         "sharegpt.json": json.dumps(sharegpt),
     }
-    kind, tokens = tasks.get("instruct"), HFTokens(hf_tokenizer(bpe, "qwen"))
+    kind, tokens = tasks.get("instruct"), bigmodel_tokenizer(hf_tokenizer(bpe, "qwen"))
     loaded = {name: kind.load(write(tmp_path / name, text), TaskOptions())[0] for name, text in files.items()}
     reference = loaded["messages.jsonl"]
     assert [e.meta["messages"] for e in reference] == [[SYSTEM, *CHAT], CHAT[:2]]
@@ -392,7 +378,7 @@ def test_a_template_that_refuses_the_roles_or_is_not_prefix_stable_gives_one_lin
     with pytest.raises(
         UserError, match="example c7: the chat template refused the conversation: Conversation roles must alternate"
     ):
-        kind.encode(examples, HFTokens(hf_tokenizer(bpe, "mistral")), 256, TaskOptions(), source=str(path))
+        kind.encode(examples, bigmodel_tokenizer(hf_tokenizer(bpe, "mistral")), 256, TaskOptions(), source=str(path))
     # Mistral v0.3's way with a system message: into the last user turn, which moves as the chat grows.
     moving = MISTRAL.replace(
         "{{- '[INST] ' + message['content'] + ' [/INST]' }}",
@@ -403,7 +389,7 @@ def test_a_template_that_refuses_the_roles_or_is_not_prefix_stable_gives_one_lin
     with pytest.raises(UserError, match=r"example c8: .*not prefix-stable.*: use a template") as err:
         kind.encode(
             [dataclasses.replace(e, id="c8", meta={"messages": CHAT}) for e in examples],
-            HFTokens(fast),
+            bigmodel_tokenizer(fast),
             256,
             TaskOptions(),
         )
@@ -440,23 +426,18 @@ def chatml_run(cli, tmp_path_factory):
     cli(*pretrain_args(root / "base", root / "data", settings))
     chats = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
     write(root / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in chats * 4))
-    # The base model's tokenizer carries the template: set here on the loaded tokenizer, and written where
-    # transformers keeps it for the loaders that read tokenizer_config.json.
-    write(root / "base" / "tokenizer_config.json", json.dumps({"chat_template": QWEN}))
-    patch = pytest.MonkeyPatch()
-    patch.setattr(Tokenizer, "chat_template", QWEN)
-    try:
-        data = ("--data", root / "chats.jsonl", "--set", "task.max_target_tokens=16")
-        common = ("--task", "instruct", "--init-from", root / "base", *data)
-        shown = cli("finetune", *common, "--show-examples", "1").stdout
-        bad = write(root / "bad.jsonl", (json.dumps({"messages": [CHAT[1], CHAT[0]]}) + "\n") * 2)
-        patch.setattr(Tokenizer, "chat_template", MISTRAL)  # a reply before any question: refused
-        refused = cli("finetune", *common[:4], "--data", bad, "--show-examples", "1", ok=False)
-        patch.setattr(Tokenizer, "chat_template", QWEN)
-        settings = ("train.steps=4", "train.batch_size=8", "train.eval_every=4")
-        cli("finetune", *common, "--run-dir", root / "run", *[a for s in settings for a in ("--set", s)])
-    finally:
-        patch.undo()
+    # The base model's tokenizer carries the template, where transformers keeps it.
+    config = root / "base" / "tokenizer_config.json"
+    write(config, json.dumps({"chat_template": QWEN}))
+    data = ("--data", root / "chats.jsonl", "--set", "task.max_target_tokens=16")
+    common = ("--task", "instruct", "--init-from", root / "base", *data)
+    shown = cli("finetune", *common, "--show-examples", "1").stdout
+    bad = write(root / "bad.jsonl", (json.dumps({"messages": [CHAT[1], CHAT[0]]}) + "\n") * 2)
+    write(config, json.dumps({"chat_template": MISTRAL}))  # a reply before any question: refused
+    refused = cli("finetune", *common[:4], "--data", bad, "--show-examples", "1", ok=False)
+    write(config, json.dumps({"chat_template": QWEN}))
+    settings = ("train.steps=4", "train.batch_size=8", "train.eval_every=4")
+    cli("finetune", *common, "--run-dir", root / "run", *[a for s in settings for a in ("--set", s)])
     return {"root": root, "run": root / "run", "shown": shown, "refused": refused}
 
 

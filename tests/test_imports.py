@@ -31,6 +31,7 @@ STAGES = {
     "evaluate.lm",
     "evaluate.generate",
     "evaluate.task_eval",
+    "evaluate.tokenize",
 }
 # The only stage-to-stage imports: the command line and quickstart call stages; task evaluation decodes with
 # generate's sampler.

@@ -1,0 +1,181 @@
+"""The Hugging Face families beyond plain Llama (Llama 3 / linear / YaRN RoPE, Mistral's sliding window, Qwen2's
+biases, Qwen3's q/k norms): import matches transformers, decoding matches its generate, and a finetuned model
+exports back as the same architecture."""
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the Hub
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+from bigmodel_cli import modelio
+from bigmodel_cli.config import MeshConfig, ModelConfig
+from bigmodel_cli.data.tokenizer import Tokenizer, train
+from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.parallel import make_mesh
+from tests.conftest import model_tolerance
+
+WINDOW = 16  # Mistral's sliding window here: prompts are longer
+PROMPT_LEN = 40
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    initializer_range=0.2,  # spread logits: greedy decoding without near-ties that rounding could flip
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
+# name -> (config class, its fields beyond SIZES, tied embeddings, how to save: f32, bf16 or sharded)
+FAMILIES = {
+    "llama3": (
+        LlamaConfig,
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 10000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            }
+        },
+        False,
+        "f32",
+    ),
+    "llama-linear": (LlamaConfig, {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, True, "bf16"),
+    "llama-yarn": (
+        LlamaConfig,
+        {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+        False,
+        "f32",
+    ),
+    "mistral": (
+        MistralConfig,
+        {"sliding_window": WINDOW, "rope_parameters": {"rope_type": "default"}},
+        False,
+        "sharded",
+    ),
+    "qwen2": (Qwen2Config, {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6}}, True, "f32"),
+    "qwen3": (Qwen3Config, {"head_dim": 24, "rope_parameters": {"rope_type": "default"}}, False, "f32"),
+}
+EXPECTED = {  # what the import must make of each
+    "llama3": dict(architecture="llama", rope_type="llama3", rope_factor=8.0, rope_original_max_positions=32),
+    "llama-linear": dict(architecture="llama", rope_type="linear", rope_factor=2.0, param_dtype="bfloat16"),
+    "llama-yarn": dict(architecture="llama", rope_type="yarn", rope_factor=4.0, rope_beta_fast=32.0),
+    "mistral": dict(architecture="mistral", sliding_window=WINDOW),
+    "qwen2": dict(architecture="qwen2", qkv_bias=True, rope_theta=1e6, tie_embeddings=True),
+    "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=24),
+}
+PLAIN_ROPE = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("rope_")}
+PLAIN_ROPE.pop("rope_theta")
+WITHOUT_FEATURE = {
+    "mistral": {"sliding_window": 0},
+    **{n: PLAIN_ROPE for n in ("llama3", "llama-linear", "llama-yarn")},
+}
+QA_TEXT = [
+    f"the {c} fox sees the owl in the garden. where is the owl? garden. Context: Question: Answer:"
+    for c in ("red", "blue", "green", "brown", "black", "white")
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A small SentencePiece BPE model, as an HF directory may ship it (tokenizer.model)."""
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
+    return train([line * 3 for line in QA_TEXT] * 20, path, 300, "bpe")
+
+
+@functools.cache
+def _family_dir(name: str, root: Path, tokenizer_file: Path) -> tuple[Path, torch.nn.Module]:
+    """A random transformers model of the family saved under root/name (in f32, bf16 or shards), with a tokenizer."""
+    config_class, fields, tie, save = FAMILIES[name]
+    torch.manual_seed(0)
+    vocab = Tokenizer(tokenizer_file).vocab_size
+    config = config_class(vocab_size=vocab, tie_word_embeddings=tie, **SIZES, **fields)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # norms and biases away from their initial 1 and 0, so that their layout matters
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name:
+                param.normal_(1.0, 0.1)
+            elif param_name.endswith(".bias"):
+                param.normal_(0.0, 0.2)
+    directory = root / name
+    if save == "bf16":
+        model = model.to(torch.bfloat16)
+    model.save_pretrained(directory, **({"max_shard_size": "40KB"} if save == "sharded" else {}))
+    (directory / "tokenizer.model").write_bytes(tokenizer_file.read_bytes())
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()  # as saved, in f32
+    model.generation_config.eos_token_id = None
+    return directory, model
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory, tokenizer_file):
+    root = tmp_path_factory.mktemp("families")
+    return lambda name: _family_dir(name, root, tokenizer_file)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _forward(graphdef, params, tokens):
+    return nnx.merge(graphdef, params)(tokens)
+
+
+def _ours(loaded, tokens: np.ndarray, **changes) -> np.ndarray:
+    graphdef = loaded.graphdef
+    if changes:
+        model_cfg = dataclasses.replace(loaded.model_cfg, **changes)
+        graphdef = nnx.graphdef(nnx.eval_shape(lambda: _rebuild(model_cfg)))
+    return np.asarray(_forward(graphdef, loaded.params, jnp.asarray(tokens, jnp.int32)))
+
+
+def _rebuild(model_cfg: ModelConfig):
+    from bigmodel_cli.model.transformer import Transformer
+
+    return Transformer(model_cfg, rngs=nnx.Rngs(0))
+
+
+def _load(directory: Path):
+    return modelio.load(Path(f"hf:{directory}"), make_mesh(MeshConfig(data=1), devices=jax.devices()[:1]))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_import_matches_transformers_logits_and_greedy_decoding(family, name):
+    directory, model = family(name)
+    loaded = _load(directory)
+    for key, value in EXPECTED[name].items():
+        assert getattr(loaded.model_cfg, key) == value, key
+    tokens = np.random.default_rng(1).integers(0, loaded.model_cfg.vocab_size, (2, PROMPT_LEN))
+    with torch.no_grad():
+        their_logits = model(torch.tensor(tokens)).logits.numpy()
+    tolerance = model_tolerance(their_logits, loaded.model_cfg, PROMPT_LEN)
+    for attention in ("chunked", "xla"):
+        ours = _ours(loaded, tokens, attention=attention)
+        np.testing.assert_allclose(ours, their_logits, atol=min(tolerance, 1e-4), rtol=0, err_msg=attention)
+    if name in WITHOUT_FEATURE:  # the feature under test matters here: without it the logits are far off
+        plain = _ours(loaded, tokens, attention="chunked", **WITHOUT_FEATURE[name])
+        assert np.abs(plain - their_logits).max() > 100 * tolerance
+
+    prompt = tokens[0].tolist()
+    with torch.no_grad():
+        generated = model.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, PROMPT_LEN, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=10,
+            pad_token_id=0,
+        )
+    ours_new = generate_ids(loaded, [prompt], Sampling(max_new_tokens=10, temperature=0.0))[0]
+    assert ours_new == generated[0, PROMPT_LEN:].tolist()

@@ -4,6 +4,7 @@ exports back as the same architecture."""
 
 import dataclasses
 import functools
+import json
 import os
 from pathlib import Path
 
@@ -15,14 +16,17 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from safetensors.numpy import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from bigmodel_cli import modelio
+from bigmodel_cli import config, hf_config, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
+from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.model.transformer import Transformer, causal_attention
 from bigmodel_cli.parallel import make_mesh
-from tests.conftest import model_tolerance
+from tests.conftest import f32_tolerance, model_tolerance
 
 WINDOW = 16  # Mistral's sliding window here: prompts are longer
 PROMPT_LEN = 40
@@ -141,9 +145,7 @@ def _ours(loaded, tokens: np.ndarray, **changes) -> np.ndarray:
     return np.asarray(_forward(graphdef, loaded.params, jnp.asarray(tokens, jnp.int32)))
 
 
-def _rebuild(model_cfg: ModelConfig):
-    from bigmodel_cli.model.transformer import Transformer
-
+def _rebuild(model_cfg: ModelConfig) -> Transformer:
     return Transformer(model_cfg, rngs=nnx.Rngs(0))
 
 
@@ -179,3 +181,146 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, name):
         )
     ours_new = generate_ids(loaded, [prompt], Sampling(max_new_tokens=10, temperature=0.0))[0]
     assert ours_new == generated[0, PROMPT_LEN:].tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# finetune hf:DIR -> export --format hf -> transformers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _squad(path: Path) -> Path:
+    contexts = {
+        c: f"the {c} fox sees the owl in the garden." for c in ("red", "blue", "green", "brown", "black", "grey")
+    }
+    paragraphs = [
+        {
+            "context": text,
+            "qas": [
+                {
+                    "id": c,
+                    "question": "where is the owl?",
+                    "answers": [{"text": "garden", "answer_start": text.index("garden")}],
+                }
+            ],
+        }
+        for c, text in contexts.items()
+    ]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    return path
+
+
+def _tensors(directory: Path) -> dict[str, np.ndarray]:
+    return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
+
+
+@pytest.mark.parametrize("name,lora", [("qwen2", False), ("qwen3", False), ("mistral", True)])
+def test_finetuned_model_exports_as_its_own_architecture(cli, family, tmp_path, name, lora):
+    source, _ = family(name)
+    run, out = tmp_path / "run", tmp_path / "hf"
+    adapters = ["--set", "lora.rank=4", "--set", "lora.targets=all"] if lora else []
+    cli(
+        "finetune", "--task", "qa", "--init-from", f"hf:{source}", "--data", _squad(tmp_path / "qa.json"),
+        "--run-dir", run, "--set", "train.steps=3", "--set", "optim.warmup_steps=1", "--set", "optim.lr=1e-2",
+        *adapters,
+    )  # fmt: skip
+    cli("export", run, "--out", out, "--format", "hf")
+    cli("export", run, "--out", tmp_path / "native")  # bigmodel's own format keeps every family field
+    assert modelio.load(tmp_path / "native").model_cfg == modelio.load(run).model_cfg
+
+    config = json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert (
+        type(model).__name__
+        == config["architectures"][0]
+        == FAMILIES[name][0].__name__[: -len("Config")] + ("ForCausalLM")
+    )
+    assert (config.get("sliding_window"), config["head_dim"]) == (
+        (WINDOW, 16) if name == "mistral" else (None, 16 if name != "qwen3" else 24)
+    )
+    # The same tensors as the source (biases, q/k norms, tied or not), finetuned (LoRA merged into the kernels).
+    exported, original = _tensors(out), _tensors(source)
+    assert sorted(exported) == sorted(original)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert np.abs(exported[key] - original[key]).max() > 1e-4
+
+    tokenizer = Tokenizer(run / "tokenizer.model")
+    prompt = QA_TEXT[0]
+    ids = tokenizer.encode([prompt])[0]
+    assert len(ids) > WINDOW
+    text = cli("generate", run, "--prompt", prompt, "--max-new-tokens", "10", "--temperature", "0").stdout
+    with torch.no_grad():
+        new = model.generate(
+            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+            max_new_tokens=10, pad_token_id=0,
+        )[0, len(ids) :].tolist()  # fmt: skip
+    new = new[: new.index(tokenizer.eos_id)] if tokenizer.eos_id in new else new
+    assert text.rstrip("\n") == (prompt + tokenizer.decode(new)).rstrip("\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, recipes, and the sliding window's own attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("architecture", ["Gemma2ForCausalLM", "GPTNeoXForCausalLM"])
+def test_unsupported_architectures_are_refused_in_one_line(cli, tmp_path, architecture):
+    home = tmp_path / "model"
+    home.mkdir()
+    config = {"architectures": [architecture], "model_type": architecture[:-11].lower(), "vocab_size": 128}
+    (home / "config.json").write_text(json.dumps(config))
+    for args in (
+        ["export", f"hf:{home}", "--out", tmp_path / "out", "--format", "hf"],
+        ["finetune", "--task", "qa", "--init-from", f"hf:{home}", "--data", _squad(tmp_path / "qa.json"),
+         "--run-dir", tmp_path / "out"],
+    ):  # fmt: skip
+        result = cli(*args, ok=False)
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and architecture in lines[0], lines
+        assert hf_config.SUPPORTED in lines[0] and "Qwen3ForCausalLM" in hf_config.SUPPORTED
+        assert not (tmp_path / "out").exists()
+
+
+def test_family_fields_round_trip_through_recipes_and_refuse_what_the_family_lacks(tmp_path):
+    model = dict(architecture="mistral", sliding_window=8, rope_type="yarn", rope_factor=2.0)
+    cfg = config.build_config({"model": {**model, "rope_original_max_positions": 64}}, {}, config.Config, tmp_path)
+    (tmp_path / "config.toml").write_text(config.dumps(cfg))
+    assert config.load_config(tmp_path / "config.toml") == cfg
+    for fields, message in [
+        ({"qkv_bias": True}, "model.qkv_bias=true .* needs model.architecture=qwen2, not llama"),
+        ({"architecture": "qwen3"}, "model.architecture=qwen3 has RMSNorms on q and k: set model.qk_norm=true"),
+        ({"sliding_window": 8}, "model.sliding_window needs model.architecture=mistral"),
+        ({"architecture": "gemma"}, "model.architecture must be one of llama, mistral, qwen2, qwen3"),
+        ({"rope_factor": 2.0}, "model.rope_factor has no effect with model.rope_type=default"),
+        ({"rope_type": "llama3", "rope_factor": 8.0}, "needs model.rope_original_max_positions > 0"),
+        ({"rope_type": "dynamic"}, "model.rope_type must be one of default, linear, llama3, yarn"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            ModelConfig(**fields)
+
+
+@pytest.mark.parametrize("chunks,packed", [(1, False), (4, True)])
+def test_sliding_window_chunked_attention_equals_dot_product_attention_with_gradients(chunks, packed):
+    b, t, h, kv, e, window = 2, 40, 4, 2, 8, 7
+    keys = jax.random.split(jax.random.key(2), 4)
+    shapes = [(b, t, h, e), (b, t, kv, e), (b, t, kv, e), (b, t, h, e)]
+    q, k, v, g = (jax.random.normal(key, shape) for key, shape in zip(keys, shapes, strict=True))
+    segments = jnp.asarray(np.sort(np.random.default_rng(0).integers(0, 3, (b, t)), axis=1)) if packed else None
+    mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
+
+    def ours(q, k, v):
+        return jnp.sum(causal_attention(q, k, v, chunks, segments, window) * g)
+
+    def reference(q, k, v):
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, local_window_size=(window - 1, 0))
+        return jnp.sum(out * g)
+
+    got = jax.jit(jax.value_and_grad(ours, argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.value_and_grad(reference, argnums=(0, 1, 2)))(q, k, v)
+    for a, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        reductions = (t, e, b * t * h * e) if w.ndim == 0 else (t, e)  # as in tests/test_model_train.py
+        np.testing.assert_allclose(a, w, atol=f32_tolerance(w, *reductions, chained=4), rtol=0)
+    windowed, full = jax.jit(lambda q, k, v: [causal_attention(q, k, v, chunks, segments, w) for w in (window, 0)])(
+        q, k, v
+    )
+    assert np.abs(np.asarray(full) - np.asarray(windowed)).max() > 0.1  # the window matters here

@@ -213,6 +213,7 @@ def _tensors(directory: Path) -> dict[str, np.ndarray]:
     return {k: v for file in sorted(directory.glob("*.safetensors")) for k, v in load_file(file).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,lora", [("qwen2", False), ("qwen3", False), ("mistral", True)])
 def test_finetuned_model_exports_as_its_own_architecture(cli, family, tmp_path, name, lora):
     source, _ = family(name)

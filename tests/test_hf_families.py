@@ -17,14 +17,14 @@ import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
-from bigmodel_cli import config, hf_config, modelio
+from bigmodel_cli import config, export, hf_config, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
-from bigmodel_cli.model.transformer import Transformer, causal_attention
+from bigmodel_cli.model.transformer import Transformer, causal_attention, count_params
 from bigmodel_cli.parallel import make_mesh
 from tests.conftest import f32_tolerance, model_tolerance
 
@@ -83,11 +83,11 @@ EXPECTED = {  # what the import must make of each
     "qwen2": dict(architecture="qwen2", qkv_bias=True, rope_theta=1e6, tie_embeddings=True),
     "qwen3": dict(architecture="qwen3", qk_norm=True, head_dim=24),
 }
-PLAIN_ROPE = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name.startswith("rope_")}
-PLAIN_ROPE.pop("rope_theta")
+# transformers' config fields that turn each family's feature off
+PLAIN_ROPE = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
 WITHOUT_FEATURE = {
-    "mistral": {"sliding_window": 0},
-    **{n: PLAIN_ROPE for n in ("llama3", "llama-linear", "llama-yarn")},
+    "mistral": {"sliding_window": None},
+    **dict.fromkeys(("llama3", "llama-linear", "llama-yarn"), PLAIN_ROPE),
 }
 QA_TEXT = [
     f"the {c} fox sees the owl in the garden. where is the owl? garden. Context: Question: Answer:"
@@ -154,7 +154,7 @@ def _load(directory: Path):
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_import_matches_transformers_logits_and_greedy_decoding(family, name):
+def test_import_matches_transformers_logits_and_greedy_decoding(family, tmp_path, name):
     directory, model = family(name)
     loaded = _load(directory)
     for key, value in EXPECTED[name].items():
@@ -166,9 +166,13 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, name):
     for attention in ("chunked", "xla"):
         ours = _ours(loaded, tokens, attention=attention)
         np.testing.assert_allclose(ours, their_logits, atol=min(tolerance, 1e-4), rtol=0, err_msg=attention)
-    if name in WITHOUT_FEATURE:  # the feature under test matters here: without it the logits are far off
-        plain = _ours(loaded, tokens, attention="chunked", **WITHOUT_FEATURE[name])
-        assert np.abs(plain - their_logits).max() > 100 * tolerance
+    if name in WITHOUT_FEATURE:  # the feature under test matters here: without it transformers is far off
+        without = AutoConfig.from_pretrained(directory)
+        for key, value in WITHOUT_FEATURE[name].items():
+            setattr(without, key, value)
+        plain = AutoModelForCausalLM.from_pretrained(directory, config=without, dtype=torch.float32).eval()
+        with torch.no_grad():
+            assert np.abs(plain(torch.tensor(tokens)).logits.numpy() - their_logits).max() > 100 * tolerance
 
     prompt = tokens[0].tolist()
     with torch.no_grad():
@@ -181,6 +185,16 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, name):
         )
     ours_new = generate_ids(loaded, [prompt], Sampling(max_new_tokens=10, temperature=0.0))[0]
     assert ours_new == generated[0, PROMPT_LEN:].tolist()
+
+    # Re-exported, it is the same model to transformers: its class, its RoPE, window and biases, the same bits.
+    out = export.export(loaded, tmp_path / "again", "hf")
+    assert sorted(_tensors(out)) == sorted(_tensors(directory))
+    assert all(np.array_equal(a, _tensors(directory)[k]) and a.dtype == _tensors(directory)[k].dtype
+               for k, a in _tensors(out).items())  # fmt: skip
+    again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(again) is type(model)
+    with torch.no_grad():
+        np.testing.assert_array_equal(again(torch.tensor(tokens)).logits.numpy(), their_logits)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,15 +228,15 @@ def _tensors(directory: Path) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,lora", [("qwen2", False), ("qwen3", False), ("mistral", True)])
+@pytest.mark.parametrize("name,lora", [("qwen2", True), ("qwen3", False), ("mistral", False)])
 def test_finetuned_model_exports_as_its_own_architecture(cli, family, tmp_path, name, lora):
     source, _ = family(name)
     run, out = tmp_path / "run", tmp_path / "hf"
-    adapters = ["--set", "lora.rank=4", "--set", "lora.targets=all"] if lora else []
+    settings = ["train.steps=3", "optim.warmup_steps=1", "optim.lr=1e-2", "data.seq_len=64", "task.max_target_tokens=8"]
+    settings += ["lora.rank=4", "lora.targets=all"] if lora else []
     cli(
         "finetune", "--task", "qa", "--init-from", f"hf:{source}", "--data", _squad(tmp_path / "qa.json"),
-        "--run-dir", run, "--set", "train.steps=3", "--set", "optim.warmup_steps=1", "--set", "optim.lr=1e-2",
-        *adapters,
+        "--run-dir", run, *[arg for setting in settings for arg in ("--set", setting)],
     )  # fmt: skip
     cli("export", run, "--out", out, "--format", "hf")
     cli("export", run, "--out", tmp_path / "native")  # bigmodel's own format keeps every family field
@@ -243,6 +257,9 @@ def test_finetuned_model_exports_as_its_own_architecture(cli, family, tmp_path, 
     assert sorted(exported) == sorted(original)
     key = "model.layers.0.self_attn.q_proj.weight"
     assert np.abs(exported[key] - original[key]).max() > 1e-4
+    if lora:  # the adapters sit beside the kernels only: biases and norms stay the base model's
+        bias = "model.layers.0.self_attn.q_proj.bias"
+        assert np.array_equal(exported[bias], original[bias])
 
     tokenizer = Tokenizer(run / "tokenizer.model")
     prompt = QA_TEXT[0]
@@ -325,3 +342,39 @@ def test_sliding_window_chunked_attention_equals_dot_product_attention_with_grad
         q, k, v
     )
     assert np.abs(np.asarray(full) - np.asarray(windowed)).max() > 0.1  # the window matters here
+
+
+def test_transformers_4_configs_read_the_same(tmp_path):
+    """rope_theta and rope_scaling ({"type": ...}) as transformers 4 wrote them; Qwen3's head_dim default."""
+    home = tmp_path / "m"
+    home.mkdir()
+    llama31 = {"type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    base = dict(vocab_size=128, hidden_size=256, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    for fields, expected in [
+        (
+            dict(architectures=["LlamaForCausalLM"], model_type="llama", rope_theta=5e5, rope_scaling=llama31),
+            dict(rope_type="llama3", rope_theta=5e5, rope_factor=8.0, rope_original_max_positions=2048, head_dim=0),
+        ),
+        (
+            dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", max_position_embeddings=131072,
+                 rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}),
+            dict(rope_type="yarn", rope_factor=4.0, rope_original_max_positions=32768, head_dim=128, qk_norm=True),
+        ),
+        (  # no factor: transformers takes max_position_embeddings / original; mscale pair as DeepSeek writes it
+            dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", max_position_embeddings=8192,
+                 rope_parameters={"rope_type": "yarn", "original_max_position_embeddings": 2048, "mscale": 2.0,
+                                  "mscale_all_dim": 1.0}),
+            dict(rope_factor=4.0, rope_attention_factor=(0.2 * np.log(4) + 1) / (0.1 * np.log(4) + 1)),
+        ),
+    ]:  # fmt: skip
+        (home / "config.json").write_text(json.dumps({**base, **fields}))
+        cfg, _ = hf_config.read_config(home)
+        for key, value in expected.items():
+            assert getattr(cfg, key) == pytest.approx(value), key
+
+
+def test_param_count_covers_biases_and_norms():
+    for fields in (dict(architecture="qwen2", qkv_bias=True), dict(architecture="qwen3", qk_norm=True, head_dim=24)):
+        cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, **fields)
+        model = nnx.eval_shape(lambda cfg=cfg: Transformer(cfg, rngs=nnx.Rngs(0)))
+        assert count_params(cfg)[0] == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

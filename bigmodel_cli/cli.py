@@ -307,13 +307,13 @@ def export(
         Path,
         typer.Option("--out", parser=storage.parse, help="New directory for the export (must not exist or be empty)."),
     ],
-    fmt: Annotated[str, typer.Option("--format", help="bigmodel, hf (transformers Llama) or stablehlo.")] = "bigmodel",
+    fmt: Annotated[str, typer.Option("--format", help="bigmodel, hf (transformers) or stablehlo.")] = "bigmodel",
     dtype: Annotated[str, typer.Option(help="Weights as float32 or bfloat16 (default: as stored).")] = "",
     max_shard_bytes: Annotated[
         int | None, typer.Option(help="--format hf: split the weights into files of at most this size (default 5e9).")
     ] = None,
 ) -> None:
-    """Write a self-contained model directory: bigmodel's own, a Hugging Face Llama directory, or StableHLO.
+    """Write a self-contained model directory: bigmodel's own, a Hugging Face one (the model's family), or StableHLO.
 
     Example: bigmodel export runs/tiny --format hf --out exports/tiny-hf
     """

@@ -16,6 +16,7 @@ from typing import Any
 from bigmodel_cli import storage
 from bigmodel_cli.data.mixture import resolve_mixture
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import families
 
 
 def _path_field(default: str = "", doc: str = "") -> Any:
@@ -26,15 +27,28 @@ def _path_field(default: str = "", doc: str = "") -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     preset: str = ""  # named size from PRESETS; explicit keys in [model] override its fields
+    architecture: str = "llama"  # the Hugging Face family: llama, mistral, qwen2 or qwen3 (export writes it)
     vocab_size: int = 0  # 0 = take it from the data's manifest
     d_model: int = 256  # width of the residual stream
     n_layers: int = 4  # number of Transformer blocks
     n_heads: int = 4  # query heads
     n_kv_heads: int = 0  # key/value heads for grouped-query attention; 0 = n_heads
     head_dim: int = 0  # 0 = d_model // n_heads
+    qkv_bias: bool = False  # biases on the q/k/v projections (qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
     d_ff: int = 1024  # hidden width of the SwiGLU MLP
     max_seq_len: int = 256  # longest sequence the model is trained and evaluated on
+    sliding_window: int = 0  # a token attends to this many most recent tokens, itself included (mistral); 0 = all
     rope_theta: float = 10000.0  # RoPE base frequency
+    rope_type: str = "default"  # RoPE frequency scaling: default (none), linear, llama3 or yarn
+    rope_factor: float = 1.0  # linear, llama3, yarn: how many times longer than pretraining the context gets
+    rope_original_max_positions: int = 0  # llama3, yarn: the context length of pretraining
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths over original/this are divided by rope_factor
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under original/this stay; between, they blend
+    rope_beta_fast: float = 32.0  # yarn: dimensions turning more often than this in the original context keep theirs
+    rope_beta_slow: float = 1.0  # yarn: dimensions turning less often than this are divided by rope_factor
+    rope_attention_factor: float = 0.0  # yarn: scale of cos and sin; 0 = 0.1 * ln(rope_factor) + 1
+    rope_truncate: bool = True  # yarn: round the blended band of dimensions out to whole dimensions
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = False  # reuse the token embedding as the output head
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (bf16 pays off on GPU/TPU, not CPU)
@@ -58,6 +72,7 @@ class ModelConfig:
         _check_choice("model.attention", self.attention, ("auto", "chunked", "xla", "cudnn"))
         if self.attention_chunks < 0:
             raise UserError(f"model.attention_chunks must be 0 (automatic) or positive, got {self.attention_chunks}")
+        families.check(self)  # the family switches and the RoPE fields
 
     @property
     def kv_heads(self) -> int:

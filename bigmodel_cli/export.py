@@ -1,7 +1,8 @@
 """`bigmodel export`: a model -> a new self-contained directory in one of three formats.
 
-bigmodel: safetensors + our config (reloadable by every bigmodel command); hf: a transformers Llama
-directory; stablehlo: the forward pass serialised with jax.export, weights as arguments.
+bigmodel: safetensors + our config (reloadable by every bigmodel command); hf: a transformers
+directory of the model's family (Llama, Mistral, Qwen2, Qwen3); stablehlo: the forward pass serialised with
+jax.export, weights as arguments.
 """
 
 from __future__ import annotations

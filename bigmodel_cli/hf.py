@@ -1,9 +1,11 @@
-"""Hugging Face interop: export a directory that transformers loads as Llama; load `hf:DIR` Llama directories.
+"""Hugging Face interop: export a directory that transformers loads (Llama, Mistral, Qwen2 or Qwen3, as the model
+is); load `hf:DIR` directories of those families. config.json <-> ModelConfig lives in bigmodel_cli/hf_config.py.
 
-Our parameter names are Hugging Face's without the `model.` prefix and `.weight` suffix, and we store kernels
-[in, out] where torch stores [out, in]: conversion is a rename plus a transpose of every 2-D kernel. Nothing
-here imports transformers or runs code from a model directory: config.json is parsed as JSON and weights are
-read from safetensors only (PyTorch .bin files are pickles, which can run code when loaded).
+Our parameter names are Hugging Face's without the `model.` prefix and `.weight` suffix (a bias `q_proj_bias`
+is `q_proj.bias`), and we store kernels [in, out] where torch stores [out, in]: conversion is a rename plus a
+transpose of every 2-D kernel. Nothing here imports transformers or runs code from a model directory: config.json
+is parsed as JSON and weights are read from safetensors only (PyTorch .bin files are pickles, which can run code
+when loaded).
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ import jax
 import numpy as np
 
 from bigmodel_cli import storage
-from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.data.tokenizer_hf import read_json
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.hf_config import FAMILIES, hf_config, read_config
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 from bigmodel_cli.rundir import (
     SPECIAL_TOKENS_MAP_FILE,
@@ -33,7 +35,6 @@ from bigmodel_cli.rundir import (
 from bigmodel_cli.tasks import taskinfo
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
-MAX_IMPORT_SEQ_LEN = 4096  # cap on the context taken from max_position_embeddings (generation pads to it)
 DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's --dtype choices)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -46,9 +47,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickl
 
 
 def hf_name(name: str) -> str:
-    """'layers.0.mlp.up_proj' -> 'model.layers.0.mlp.up_proj.weight', the transformers state-dict key."""
+    """'layers.0.mlp.up_proj' -> 'model.layers.0.mlp.up_proj.weight', the transformers state-dict key;
+    'layers.0.self_attn.q_proj_bias' -> 'model.layers.0.self_attn.q_proj.bias'."""
     if name == "lm_head":
         return "lm_head.weight"
+    if name.endswith("_proj_bias"):
+        return f"model.{name.removesuffix('_bias')}.bias"
     return f"model.{name}" if name.endswith(".weight") else f"model.{name}.weight"
 
 
@@ -74,7 +78,7 @@ def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_M
     expected = {param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
     if set(flat) != expected:
         odd = sorted(set(flat) ^ expected)[0]
-        raise UserError(f"parameter {odd} does not fit a Llama model (LoRA adapters?): export the merged model")
+        raise UserError(f"parameter {odd} does not fit the model (LoRA adapters?): export the merged model")
     dtypes = {str(v.dtype) for v in flat.values()}
     if len(dtypes) != 1 or not dtypes <= set(DTYPES):
         raise UserError(f"parameters of dtype {', '.join(sorted(dtypes))}: export with --dtype float32 or bfloat16")
@@ -105,37 +109,6 @@ def _write_task(home: Path, directory: Path) -> None:
         config = json.loads(tokenizer_config.read_text())
         config["chat_template"] = info.chat_template
         tokenizer_config.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def hf_config(cfg: ModelConfig, max_positions: int, dtype: str, token_ids: dict[str, int | None]) -> dict:
-    """config.json for transformers' LlamaForCausalLM (field names as transformers 5 writes them)."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.d_model,
-        "intermediate_size": cfg.d_ff,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.dims_per_head,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": cfg.norm_eps,
-        # transformers 5 reads rope_parameters; 4.x reads rope_theta and rope_scaling.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        **token_ids,
-        "dtype": dtype,  # transformers 5
-        "torch_dtype": dtype,  # transformers 4
-    }
 
 
 def _write_weights(flat: dict[str, Any], directory: Path, max_shard_bytes: int) -> None:
@@ -242,86 +215,6 @@ def _write_sentencepiece(model_file: Path, tokenizer, directory: Path, seq_len: 
 # Import
 # ----------------------------------------------------------------------------------------------------------
 
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
-
-
-def read_config(home: Path) -> tuple[ModelConfig, int]:
-    """(model config, sequence length) from a Llama/Mistral config.json, refusing what we do not implement."""
-    where = home / "config.json"
-    if not where.is_file():
-        raise UserError(f"{where} not found: hf:DIR needs a Hugging Face model directory with config.json")
-    try:
-        cfg = json.loads(where.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where} is not valid JSON ({err})") from None
-
-    def refuse(field: str, why: str) -> UserError:
-        return UserError(f"{where}: {field}={json.dumps(cfg.get(field))} is not supported: {why}")
-
-    architectures = cfg.get("architectures") or []
-    if len(architectures) != 1 or architectures[0] not in ARCHITECTURES:
-        raise refuse("architectures", "bigmodel loads LlamaForCausalLM and MistralForCausalLM only")
-    if cfg.get("model_type") != ARCHITECTURES[architectures[0]]:
-        raise refuse("model_type", f"expected {ARCHITECTURES[architectures[0]]!r} for {architectures[0]}")
-    if cfg.get("quantization_config"):
-        raise refuse("quantization_config", "load the unquantized weights")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise refuse("hidden_act", "our MLP is SwiGLU (silu)")
-    for field in ("attention_bias", "mlp_bias"):
-        if cfg.get(field, False):
-            raise refuse(field, "our projections have no biases")
-    if cfg.get("rope_scaling") is not None:
-        raise refuse("rope_scaling", "only plain RoPE is implemented (no scaled/extended context)")
-    rope = cfg.get("rope_parameters") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default" or rope.get("partial_rotary_factor", 1.0) != 1.0:
-        raise refuse("rope_parameters", "only plain RoPE is implemented (rope_type 'default')")
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise refuse("partial_rotary_factor", "RoPE must rotate the whole head")
-    # MistralConfig defaults to a 4096-token sliding window when the field is absent.
-    window = cfg.get("sliding_window", 4096)
-    if architectures[0] == "MistralForCausalLM" and window is not None:
-        raise UserError(
-            f"{where}: sliding_window={json.dumps(window)} is not supported: our attention is "
-            "full causal; only Mistral models with sliding_window null load"
-        )
-    missing = [
-        f
-        for f in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-        )
-        if not isinstance(cfg.get(f), int)
-    ]
-    if missing:
-        raise UserError(f"{where}: {missing[0]} is missing or not an integer")
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    max_positions = int(cfg.get("max_position_embeddings", 2048))
-    seq_len = min(max_positions, MAX_IMPORT_SEQ_LEN)
-    try:
-        model_cfg = ModelConfig(
-            vocab_size=cfg["vocab_size"],
-            d_model=cfg["hidden_size"],
-            n_layers=cfg["num_hidden_layers"],
-            n_heads=heads,
-            n_kv_heads=cfg.get("num_key_value_heads") or heads,
-            head_dim=0 if head_dim * heads == cfg["hidden_size"] else head_dim,
-            d_ff=cfg["intermediate_size"],
-            max_seq_len=seq_len,
-            rope_theta=float(rope_theta),
-            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),  # LlamaConfig's default, not ours
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            init_std=float(cfg.get("initializer_range", 0.02)),
-        )
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from None
-    return model_cfg, seq_len
-
 
 def _weight_files(home: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it; refuses pickle checkpoints."""
@@ -354,7 +247,7 @@ def _refuse_pickles(home: Path) -> None:
 
 
 def load(home: Path, mesh) -> LoadedModel:
-    """A Hugging Face Llama-architecture directory (safetensors, one file or sharded) as a LoadedModel."""
+    """A Hugging Face directory of a supported family (safetensors, one file or sharded) as a LoadedModel."""
     from safetensors import safe_open
 
     _refuse_pickles(home)  # first: a pickle checkpoint is refused whatever its config says
@@ -380,7 +273,10 @@ def load(home: Path, mesh) -> LoadedModel:
         ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
         extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
         if extra:
-            raise UserError(f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain Llama checkpoint")
+            raise UserError(
+                f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain "
+                f"{FAMILIES[model_cfg.architecture].hf_class} checkpoint"
+            )
 
         def take(path, spec):
             name = param_name(path)

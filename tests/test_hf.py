@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from bigmodel_cli import export, hf, modelio
+from bigmodel_cli import export, hf, hf_config, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
@@ -221,19 +221,36 @@ def _write_config(directory: Path, **changes) -> Path:
     [
         ({"architectures": ["GPT2LMHeadModel"]}, "architectures"),
         ({"architectures": ["LlamaForCausalLM", "Extra"]}, "architectures"),
-        ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling"),
+        ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}, "architectures"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_scaling"),
         ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "rope_parameters"),
         ({"attention_bias": True}, "attention_bias"),
         ({"mlp_bias": True}, "mlp_bias"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         (
-            {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": 4096},
+            {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": -4},
             "sliding_window",
         ),
         (
-            {"architectures": ["MistralForCausalLM"], "model_type": "mistral"},
-            "sliding_window",
-        ),  # default is 4096
+            {
+                "architectures": ["Qwen2ForCausalLM"],
+                "model_type": "qwen2",
+                "use_sliding_window": True,
+                "max_window_layers": 0,  # layers from this one on slide, in a window of 4096 (Qwen2Config's)
+            },
+            "use_sliding_window",
+        ),
+        (
+            {
+                "architectures": ["Qwen3ForCausalLM"],
+                "model_type": "qwen3",
+                "use_sliding_window": True,
+                "sliding_window": 8,
+                "max_window_layers": 1,
+            },
+            "use_sliding_window",
+        ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
         ({"hidden_size": "absent"}, "hidden_size"),
     ],
@@ -264,7 +281,7 @@ def test_import_refuses_unexpected_tensors(tmp_path):
         modelio.load(Path(f"hf:{source}"))
 
 
-def test_import_accepts_mistral_without_sliding_window(tmp_path):
+def test_import_reads_mistral_sliding_windows(tmp_path):
     home = _write_config(
         tmp_path / "m",
         architectures=["MistralForCausalLM"],
@@ -273,8 +290,11 @@ def test_import_accepts_mistral_without_sliding_window(tmp_path):
         max_position_embeddings=32768,
         rope_theta=1e6,
     )
-    cfg, seq_len = hf.read_config(home)
-    assert (cfg.rope_theta, cfg.kv_heads, seq_len, cfg.max_seq_len) == (1e6, 2, hf.MAX_IMPORT_SEQ_LEN, 4096)
+    cfg, seq_len = hf_config.read_config(home)
+    assert (cfg.rope_theta, cfg.kv_heads, seq_len, cfg.max_seq_len) == (1e6, 2, hf_config.MAX_IMPORT_SEQ_LEN, 4096)
+    assert (cfg.architecture, cfg.sliding_window) == ("mistral", 0)
+    absent = _write_config(tmp_path / "absent", architectures=["MistralForCausalLM"], model_type="mistral")
+    assert hf_config.read_config(absent)[0].sliding_window == 4096  # MistralConfig's default
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -97,14 +97,15 @@ def test_attention_is_causal():
 def test_rope_scores_depend_only_on_relative_position():
     key = jax.random.key(0)
     q, k = jax.random.normal(key, (2, 1, 1, 1, 8))
+    head8 = ModelConfig(d_model=8, n_heads=1)  # head dim 8, RoPE base 1e4
 
     def score(pq, pk):
-        cq, sq = rope_tables(jnp.array([[pq]]), 8, 10000.0)
-        ck, sk = rope_tables(jnp.array([[pk]]), 8, 10000.0)
+        cq, sq = rope_tables(jnp.array([[pq]]), head8)
+        ck, sk = rope_tables(jnp.array([[pk]]), head8)
         return jnp.sum(apply_rope(q, cq, sq) * apply_rope(k, ck, sk))
 
     assert score(5, 2) == pytest.approx(float(score(13, 10)), abs=1e-5)
-    cos, sin = rope_tables(jnp.zeros((1, 1), jnp.int32), 8, 10000.0)
+    cos, sin = rope_tables(jnp.zeros((1, 1), jnp.int32), head8)
     np.testing.assert_allclose(apply_rope(q, cos, sin), q, atol=1e-7)
 
 

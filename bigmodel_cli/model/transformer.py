@@ -1,5 +1,8 @@
 """The Llama-style decoder: embeddings, RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
 
+The families of bigmodel_cli/model/families.py are switches read here: q/k/v biases (Qwen2), q/k RMSNorms
+(Qwen3), a sliding attention window (Mistral), and RoPE scaling (linear, llama3, yarn) for any of them.
+
 Dimension letters in shape comments: B batch, T time, D model width, H query heads, K key/value heads,
 E head dim, F MLP hidden, V vocabulary. Parameter names mirror Hugging Face Llama so that export is a
 rename plus a transpose of each kernel (we store [in, out], torch stores [out, in]).
@@ -8,6 +11,7 @@ rename plus a transpose of each kernel (we store [in, out], torch stores [out, i
 from __future__ import annotations
 
 import itertools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,13 +50,17 @@ def _dense_bwd(residuals, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
-def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None) -> jax.Array:
+def causal_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None, window: int = 0
+) -> jax.Array:
     """Causal attention over q [B,T,H,E] and k, v [B,T,K,E] -> [B,T,H,E], in `chunks` blocks of queries.
 
     Block i attends only to keys up to its own end, so the masked upper triangle is mostly never computed
     (with 8 blocks, 56% of the full score matrix), and the hand-written backward keeps every matmul in a
     layout XLA:CPU runs fast. One layer of the 35M config (B8 T512 H8 E64), forward and backward on 2 CPU
-    cores: 159 ms through jax.nn.dot_product_attention, 93 ms here, 106 ms for torch's fused kernel."""
+    cores: 159 ms through jax.nn.dot_product_attention, 93 ms here, 106 ms for torch's fused kernel.
+    With a sliding window (window > 0: query t sees keys t-window+1..t), a block also starts at the first key
+    its earliest query sees, so the cost grows with T*window instead of T*T."""
     b, t, h, e = q.shape
     kv = k.shape[2]
     # [B,K,G,T,E]: query heads grouped under the key/value head they share (GQA), time next to the head dim.
@@ -61,12 +69,16 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segm
     bounds = [round(i * t / chunks) for i in range(chunks + 1)]
     outs = []
     for lo, hi in itertools.pairwise(bounds):
-        visible = jnp.arange(hi)[None, :] <= jnp.arange(lo, hi)[:, None]  # [t, s] causal within the block
+        start = max(0, lo - window + 1) if window else 0  # keys left of this are outside every query's window
+        query_pos, key_pos = jnp.arange(lo, hi)[:, None], jnp.arange(start, hi)[None, :]
+        visible = key_pos <= query_pos  # [t, s] causal within the block
+        if window:
+            visible = visible & (key_pos > query_pos - window)
         if segment_ids is not None:
-            same = segment_ids[:, lo:hi, None] == segment_ids[:, None, :hi]  # [B,t,s]
+            same = segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]  # [B,t,s]
             visible = visible & same
-        visible = jnp.broadcast_to(visible, (b, hi - lo, hi))[:, None, None]  # [B,1,1,t,s]
-        outs.append(_attention_block(q[:, :, :, lo:hi], k[:, :, :hi], v[:, :, :hi], visible))
+        visible = jnp.broadcast_to(visible, (b, hi - lo, hi - start))[:, None, None]  # [B,1,1,t,s]
+        outs.append(_attention_block(q[:, :, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi], visible))
     out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
@@ -111,6 +123,8 @@ _attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
 def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:
     """How many query blocks the chunked attention uses for sequences of seq_len."""
     chunks = cfg.attention_chunks or min(8, seq_len // 64)
+    if cfg.sliding_window and not cfg.attention_chunks:  # blocks about a window long skip the keys left of it
+        chunks = max(chunks, min(16, -(-seq_len // cfg.sliding_window)))
     return max(1, min(chunks, seq_len))
 
 
@@ -121,13 +135,17 @@ def uses_chunked_attention(cfg: ModelConfig) -> bool:
 class Projections(nnx.Module):
     """Base for modules made of [in, out] kernels, each optionally with a LoRA adapter beside it (see lora.py)."""
 
-    def _add(self, rngs, name, shape, axes, cfg: ModelConfig, lora: LoraConfig | None):
+    def _add(self, rngs, name, shape, axes, cfg: ModelConfig, lora: LoraConfig | None, bias: bool = False):
         pd = jnp.dtype(cfg.param_dtype)
         setattr(self, name, _param(rngs, shape, axes, cfg.init_std, pd))
+        if bias:  # `name`_bias [out]: a frozen base weight under LoRA, like the kernel beside it
+            setattr(self, f"{name}_bias", nnx.Param(jnp.zeros(shape[-1:], pd), logical_axes=axes[-1:]))
         attach(self, rngs, name, shape, axes, pd, lora)
 
     def project(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         y = dense(x, getattr(self, name)[...].astype(x.dtype))
+        if hasattr(self, f"{name}_bias"):
+            y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         low_rank = adapter(self, name, x.dtype)
         if low_rank is not None:
             a, b = low_rank
@@ -146,11 +164,44 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_frequencies(cfg: ModelConfig) -> tuple[jax.Array, float]:
+    """(inverse frequencies [E/2], scale of cos/sin) of RoPE with cfg.rope_type's scaling, as transformers'
+    modeling_rope_utils computes them: linear divides every frequency by the factor; llama3 divides only the
+    low frequencies and blends a middle band; yarn blends per dimension by rotations over the original context
+    and scales cos/sin (attention sharpens as the context stretches)."""
+    e, base, factor = cfg.dims_per_head, cfg.rope_theta, cfg.rope_factor
+    inv_freq = 1.0 / base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
+    if cfg.rope_type == "linear":
+        return inv_freq / factor, 1.0
+    if cfg.rope_type == "llama3":
+        original, low, high = cfg.rope_original_max_positions, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
+        smooth = (original / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        middle = (wavelen >= original / high) & (wavelen <= original / low)
+        return jnp.where(middle, blended, scaled), 1.0
+    if cfg.rope_type == "yarn":
+
+        def dim_turning(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times
+            return e * math.log(cfg.rope_original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = dim_turning(cfg.rope_beta_fast), dim_turning(cfg.rope_beta_slow)
+        if cfg.rope_truncate:
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, e - 1)
+        ramp = jnp.clip((jnp.arange(e // 2, dtype=jnp.float32) - lo) / ((hi - lo) or 0.001), 0, 1)
+        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # fast dims keep theirs, slow ones scale
+        scale = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
+        return inv_freq, scale
+    return inv_freq, 1.0
+
+
+def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
     """cos/sin of shape [B, T, E/2] for the rotate-half RoPE used by Hugging Face Llama."""
-    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)  # [E/2]
+    inv_freq, scale = rope_frequencies(cfg)  # [E/2]
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
-    return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -164,10 +215,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Attention(Projections):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dims_per_head
-        self._add(rngs, "q_proj", (d, h * e), ("embed", "heads"), cfg, lora)
-        self._add(rngs, "k_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora)
-        self._add(rngs, "v_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora)
+        self._add(rngs, "q_proj", (d, h * e), ("embed", "heads"), cfg, lora, bias=cfg.qkv_bias)
+        self._add(rngs, "k_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora, bias=cfg.qkv_bias)
+        self._add(rngs, "v_proj", (d, k * e), ("embed", "kv_heads"), cfg, lora, bias=cfg.qkv_bias)
         self._add(rngs, "o_proj", (h * e, d), ("heads", "embed"), cfg, lora)
+        if cfg.qk_norm:  # Qwen3: one RMSNorm [E] shared by every head, before RoPE
+            self.q_norm = RMSNorm(e, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
+            self.k_norm = RMSNorm(e, cfg.norm_eps, jnp.dtype(cfg.param_dtype))
         self.cfg = cfg
 
     def __call__(
@@ -186,23 +240,37 @@ class Attention(Projections):
         q = self.project("q_proj", x, dropout_key).reshape(b, t, cfg.n_heads, cfg.dims_per_head)  # [B,T,H,E]
         k = self.project("k_proj", x, dropout_key).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
         v = self.project("v_proj", x, dropout_key).reshape(b, t, cfg.kv_heads, cfg.dims_per_head)  # [B,T,K,E]
+        if cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         implementation = None if cfg.attention == "auto" else cfg.attention
+        window = cfg.sliding_window  # 0: every earlier token; else the last `window` ones, the query's own included
         if cache is None and uses_chunked_attention(cfg):
-            out = causal_attention(q, k, v, attention_chunks(cfg, t), segment_ids)
+            out = causal_attention(q, k, v, attention_chunks(cfg, t), segment_ids, window)
             new_cache = None
         elif cache is None:
             mask = None
             if segment_ids is not None:  # packed documents: a token sees only its own document
                 mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,T]
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=implementation)
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=mask,
+                is_causal=True,
+                local_window_size=(window - 1, 0) if window else None,  # keys t-(window-1)..t
+                implementation=implementation,
+            )
             new_cache = None
         else:
             write = jax.vmap(lambda buf, new, pos: jax.lax.dynamic_update_slice(buf, new, (pos, 0, 0)))
             keys = write(cache["k"], k.astype(cache["k"].dtype), cache_pos)  # [B,S,K,E]
             values = write(cache["v"], v.astype(cache["v"].dtype), cache_pos)  # [B,S,K,E]
-            query_pos = cache_pos[:, None] + jnp.arange(t)  # [B,T]
-            visible = jnp.arange(keys.shape[1])[None, None, :] <= query_pos[:, :, None]  # [B,T,S]
+            query_pos = cache_pos[:, None, None] + jnp.arange(t)[None, :, None]  # [B,T,1]
+            key_pos = jnp.arange(keys.shape[1])[None, None, :]  # [1,1,S]
+            visible = key_pos <= query_pos  # [B,T,S]
+            if window:
+                visible = visible & (key_pos > query_pos - window)
             out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=visible[:, None])
             new_cache = {"k": keys, "v": values}
         out = self.project("o_proj", out.reshape(b, t, -1), dropout_key)  # [B,T,D]
@@ -293,7 +361,7 @@ class Transformer(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B,T]
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)  # [B,T,D]
         x = constrain(x, ("batch", "length", None))
-        cos, sin = rope_tables(positions, cfg.dims_per_head, cfg.rope_theta)
+        cos, sin = rope_tables(positions, cfg)
         new_cache = []
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
@@ -315,11 +383,14 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
     """(all parameters, parameters outside the embedding table) without building the model."""
     d, e, f, v = cfg.d_model, cfg.dims_per_head, cfg.d_ff, cfg.vocab_size
     per_layer = d * e * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * d * f + 2 * d
+    per_layer += (cfg.n_heads + 2 * cfg.kv_heads) * e * cfg.qkv_bias + 2 * e * cfg.qk_norm
     body = cfg.n_layers * per_layer + d + (0 if cfg.tie_embeddings else d * v)
     return body + v * d, body
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per non-embedding weight plus causal attention's 12*L*T*D (PaLM's count)."""
+    """Training FLOPs per token: 6 per non-embedding weight plus causal attention's 12*L*T*D (PaLM's count),
+    with T the keys a query sees (at most the sliding window)."""
     _, non_embedding = count_params(cfg)
-    return 6.0 * non_embedding + 12.0 * cfg.n_layers * seq_len * cfg.n_heads * cfg.dims_per_head
+    context = min(seq_len, cfg.sliding_window or seq_len)
+    return 6.0 * non_embedding + 12.0 * cfg.n_layers * context * cfg.n_heads * cfg.dims_per_head

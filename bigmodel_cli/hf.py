@@ -10,7 +10,6 @@ when loaded).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 from pathlib import Path
@@ -253,41 +252,39 @@ def load(home: Path, mesh) -> LoadedModel:
     _refuse_pickles(home)  # first: a pickle checkpoint is refused whatever its config says
     model_cfg, seq_len = read_config(home)
     files = _weight_files(home)
-    with contextlib.ExitStack() as stack:
-        handles: dict[Path, Any] = {}
 
-        def open_for(name: str):
-            if name not in files:
-                raise UserError(f"{home}: tensor {name} is missing from the weights")
-            if files[name] not in handles:
-                handles[files[name]] = stack.enter_context(safe_open(files[name], framework="numpy"))
-            return handles[files[name]]
+    def read(name: str, what: str = "tensor"):
+        """One tensor, through a file opened for it alone: a memory map held open across the whole load would
+        keep every page it touched resident (counted in the process's RSS) until the end."""
+        if name not in files:
+            raise UserError(f"{home}: tensor {name} is missing from the weights")
+        with safe_open(files[name], framework="numpy") as f:
+            return f.get_slice(name).get_dtype() if what == "dtype" else f.get_tensor(name)
 
-        stored = open_for(hf_name("embed_tokens")).get_slice(hf_name("embed_tokens")).get_dtype()
-        if stored not in ("F32", "BF16", "F16"):
-            raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
-        # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
-        model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
-        graphdef, like = abstract_params(model_cfg, mesh)
-        wanted = {hf_name(param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
-        ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
-        extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
-        if extra:
-            raise UserError(
-                f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain "
-                f"{FAMILIES[model_cfg.architecture].hf_class} checkpoint"
-            )
+    stored = read(hf_name("embed_tokens"), "dtype")
+    if stored not in ("F32", "BF16", "F16"):
+        raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
+    # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
+    model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
+    graphdef, like = abstract_params(model_cfg, mesh)
+    wanted = {hf_name(param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
+    extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise UserError(
+            f"{home}: unexpected tensor {extra[0]} ({len(extra)} in all): not a plain "
+            f"{FAMILIES[model_cfg.architecture].hf_class} checkpoint"
+        )
 
-        def take(path, spec):
-            name = param_name(path)
-            array = open_for(hf_name(name)).get_tensor(hf_name(name))
-            expected = spec.shape[::-1] if _is_kernel(name) else spec.shape
-            if array.shape != expected:
-                raise UserError(
-                    f"{home}: tensor {hf_name(name)} has shape {array.shape}; config.json implies {expected}"
-                )
-            array = array.T if _is_kernel(name) else array
-            return jax.device_put(np.ascontiguousarray(array.astype(spec.dtype)), spec.sharding)
+    def take(path, spec):
+        name = param_name(path)
+        array = read(hf_name(name))
+        expected = spec.shape[::-1] if _is_kernel(name) else spec.shape
+        if array.shape != expected:
+            raise UserError(f"{home}: tensor {hf_name(name)} has shape {array.shape}; config.json implies {expected}")
+        # One host copy at most (transpose and dtype in one go), freed once the tensor is on its devices.
+        array = np.ascontiguousarray(array.T if _is_kernel(name) else array, dtype=spec.dtype)
+        return jax.device_put(array, spec.sharding)
 
-        params = jax.tree_util.tree_map_with_path(take, like)
+    params = jax.tree_util.tree_map_with_path(take, like)
     return LoadedModel(model_cfg, graphdef, params, mesh, home, 0, seq_len, "")

@@ -250,7 +250,7 @@ def generate(
 
     if chat and raw:
         raise UserError("--raw continues plain text and --chat holds a conversation: pass one of them")
-    _setup_jax()
+    _setup_jax(inference=True)
     if chat:
         sampling = stage.Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         messages = [prompt] if prompt else stage.terminal_lines()

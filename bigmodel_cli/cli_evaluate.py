@@ -66,7 +66,7 @@ def evaluate(
     import json
 
     _check_evaluate_options(locals())
-    _setup_jax(coordinator, num_processes, process_id)
+    _setup_jax(coordinator, num_processes, process_id, inference=True)
     if task:
         from bigmodel_cli.evaluate import task_eval
 

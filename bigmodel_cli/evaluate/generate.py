@@ -71,17 +71,22 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B,V]
     first = _pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
 
+    if max_new_tokens == 1:  # the prefill's token is all there is (an empty scan would still trace its step)
+        return first[:, None]
+
     def step(carry, i):
         token, cache, done = carry
         logits, cache = model.decode(token[:, None], cache, lengths + i)  # [B,1,V]
         nxt = _pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
         done = done | (token == eos_id)
         nxt = jnp.where(done, eos_id, nxt)
-        return (nxt, cache, done), token
+        return (nxt, cache, done), nxt
 
     done = jnp.zeros((batch,), bool)
-    _, tokens = jax.lax.scan(step, (first, cache, done), jnp.arange(max_new_tokens))
-    return tokens.T  # [B, max_new_tokens]
+    # The prefill gave the first token; each step feeds one token and yields the next, so no forward pass is
+    # spent on logits past the last token asked for.
+    _, rest = jax.lax.scan(step, (first, cache, done), jnp.arange(max_new_tokens - 1))
+    return jnp.concatenate([first[:, None], rest.T], axis=1)  # [B, max_new_tokens]
 
 
 def generate_ids(

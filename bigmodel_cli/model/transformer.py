@@ -310,6 +310,8 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "length", None)), new_cache
 
 
+HEAD_SLICES = 8  # output-head slices converted one at a time when parameters and compute differ in dtype
+
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -375,7 +377,12 @@ class Transformer(nnx.Module):
             new_cache.append(layer_cache)
         x = self.norm(x)
         head = self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D,V]
-        logits = dense(x, head.astype(dt)).astype(jnp.float32)  # [B,T,V]
+        if head.dtype == dt:
+            logits = dense(x, head)
+        else:  # a whole float32 copy of a bfloat16 head is inference's largest buffer: convert a slice at a time
+            parts = jnp.array_split(head, HEAD_SLICES, axis=1)
+            logits = jnp.concatenate([dense(x, part.astype(dt)) for part in parts], axis=-1)
+        logits = logits.astype(jnp.float32)  # [B,T,V]
         return logits, (new_cache if cache is not None else None)
 
 

@@ -182,7 +182,8 @@ def worker(side: str, home: Path, started: float) -> dict:
 
 def side_env(side: str, cpu: bool) -> dict[str, str]:
     """The environment each side runs in: bigmodel's as its CLI sets it up (on a CPU-only host the CLI re-executes
-    itself with glibc malloc tunables that spare XLA:CPU a page fault per scratch page), transformers' as is."""
+    itself with glibc malloc tunables that spare XLA:CPU a page fault per scratch page; inference commands schedule
+    XLA:CPU for memory), transformers' as is."""
     env = {**os.environ, **({"JAX_PLATFORMS": "cpu"} if cpu else {})}
     if side == "bigmodel" and "GLIBC_TUNABLES" not in env:
         sys.path.insert(0, str(REPO))
@@ -190,6 +191,10 @@ def side_env(side: str, cpu: bool) -> dict[str, str]:
 
         if (cpu and sys.platform == "linux") or cli._cpu_only_host():  # --cpu: JAX_PLATFORMS=cpu, as the CLI reads it
             env["GLIBC_TUNABLES"] = cli.CPU_MALLOC_TUNABLES
+    if side == "bigmodel" and "XLA_FLAGS" not in env:  # as `generate` and `evaluate` set it up
+        from bigmodel_cli import cli_app
+
+        env["XLA_FLAGS"] = cli_app.MEMORY_SCHEDULING
     return env
 
 

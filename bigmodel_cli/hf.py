@@ -32,6 +32,7 @@ from bigmodel_cli.rundir import (
     TOKENIZER_JSON_FILE,
 )
 from bigmodel_cli.tasks import taskinfo
+from bigmodel_cli.tasks.chat import ChatFormat, chat_format
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's --dtype choices)
@@ -93,8 +94,22 @@ def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_M
         }
     config = hf_config(loaded.model_cfg, max(loaded.seq_len, loaded.model_cfg.max_seq_len), dtypes.pop(), ids)
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    info = taskinfo.read(loaded.home)
+    if tokenizer_files is not None and info is not None and info.chat_template:
+        ids["eos_token_id"] = generation_eos(tokenizer, info.chat_template)
     (directory / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
     _write_task(loaded.home, directory)
+
+
+def generation_eos(tokenizer: AnyTokenizer, chat_template: str) -> int | list[int] | None:
+    """generation_config's eos_token_id for a chat model: EOS, and the token that closes an assistant turn where
+    the template closes turns with a token of its own (ChatML's <|im_end|> on a base model whose EOS is
+    <|endoftext|>), so that transformers' generate stops where bigmodel's does."""
+    eos = tokenizer.eos_id if tokenizer.eos_id >= 0 else None
+    marker = tokenizer.encode([ChatFormat(chat_template, chat_format(tokenizer).special_tokens).end_of_turn])[0]
+    if len(marker) != 1 or marker[0] == eos:
+        return eos
+    return marker if eos is None else [eos, marker[0]]
 
 
 def _write_task(home: Path, directory: Path) -> None:

@@ -506,3 +506,15 @@ def test_the_hf_export_carries_the_template_transformers_renders_as_we_do(cli, c
             assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation) == (
                 ours.render(messages, generation)
             )
+
+
+def test_an_export_stops_generation_at_the_templates_end_of_turn_token_too(bpe, tmp_path):
+    """A base model (EOS <|endoftext|>) finetuned in ChatML: transformers' generate on the export must also stop at
+    <|im_end|>, as bigmodel does, so generation_config lists both; a template closing turns with EOS adds none."""
+    from bigmodel_cli.hf import generation_eos
+
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tokenizer = bigmodel_tokenizer(fast)
+    im_end = fast.convert_tokens_to_ids("<|im_end|>")
+    assert generation_eos(tokenizer, QWEN) == [fast.eos_token_id, im_end] and im_end != fast.eos_token_id
+    assert generation_eos(bigmodel_tokenizer(hf_tokenizer(bpe, "qwen")), QWEN) == im_end  # EOS is <|im_end|>

@@ -117,7 +117,7 @@ def test_plan_refuses_settings_that_cannot_change_a_finetuning_plan(cli, qwen):
     assert result.exit_code == 2 and "batch_size / train.grad_accum = 4 does not divide by" in result.stderr
 
 
-def test_plan_to_finetune_a_run_directory(cli, tiny_data, tmp_path):
+def test_plan_to_finetune_a_run_directory_its_checkpoint_and_export(cli, tiny_data, tmp_path):
     from bigmodel_cli.config import load_config
     from bigmodel_cli.model.transformer import count_params
 
@@ -129,6 +129,8 @@ def test_plan_to_finetune_a_run_directory(cli, tiny_data, tmp_path):
     assert plan["params"] == plan["trainable_params"] == count_params(model_cfg)[0]
     assert plan["tokens_per_step"] == 16 * model_cfg.max_seq_len
     assert _plan(cli, run / "checkpoints" / "1", "--set", "train.batch_size=16")["params"] == plan["params"]
+    cli("export", run, "--out", tmp_path / "export")
+    assert _plan(cli, tmp_path / "export", "--set", "train.batch_size=16")["params"] == plan["params"]
 
 
 def test_plan_of_a_hub_model_reads_its_config_and_safetensors_header_only(cli, qwen, tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import typer
 
 from bigmodel_cli import storage
 from bigmodel_cli.cli_app import (
+    MODEL_SOURCES,
     Overrides,
     _console,
     _options,
@@ -20,15 +22,25 @@ from bigmodel_cli.errors import UserError
 
 
 def plan(
-    recipe: Annotated[Path, typer.Argument(help="A TOML recipe.")],
+    recipe_or_model: Annotated[
+        Path,
+        typer.Argument(
+            parser=storage.parse, help=f"A TOML pretraining recipe, or a model to finetune: {MODEL_SOURCES}."
+        ),
+    ],
     overrides: Overrides = None,
     devices: Annotated[int, typer.Option(help="Plan for N devices (on CPU: N fake devices).")] = 0,
-    memory_budget_gb: Annotated[float, typer.Option(help="Refuse a recipe needing more GiB per device.")] = 0.0,
+    memory_budget_gb: Annotated[float, typer.Option(help="Refuse a plan needing more GiB per device.")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
 ) -> None:
-    """Compile the train step for a recipe's mesh without training: sizes, memory per device, FLOPs, shardings.
+    """Compile the train step without training: sizes, trainable parameters, memory per device, FLOPs, shardings.
+
+    A recipe plans pretraining it; a model plans finetuning it (from its config alone, no weights), with the
+    finetuning defaults and --set train.batch_size, train.grad_accum, data.seq_len, lora.*, mesh.*.
 
     Example: bigmodel plan recipes/base.toml --devices 8 --memory-budget-gb 16
+
+    Example: bigmodel plan hf:Qwen/Qwen2.5-7B --set lora.rank=8 --set data.seq_len=2048 --memory-budget-gb 80
     """
     import json
 
@@ -41,9 +53,12 @@ def plan(
 
     if devices and jax.device_count() != devices:
         raise UserError(f"--devices {devices}: this process already has {jax.device_count()} devices")
-    cfg = config.load_config(recipe, overrides or [])
+    if str(recipe_or_model).endswith(".toml"):
+        cfg, run = config.load_config(recipe_or_model, overrides or []), stage.run
+    else:  # any other argument is a model source
+        cfg, run = stage.finetune_config(overrides or []), functools.partial(stage.run_finetune, recipe_or_model)
     _setup_jax()
-    result = stage.run(cfg, memory_budget_gb)
+    result = run(cfg, memory_budget_gb)
     if json_out:
         print(json.dumps(result))
         return

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from bigmodel_cli import storage
+from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.data.tokenizer_hf import read_json
@@ -39,6 +40,11 @@ DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's 
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
+# The safetensors dtypes bigmodel loads, and the param_dtype each becomes: float16 widens to float32 without loss;
+# bfloat16 stays bfloat16 so that re-export is bit-identical.
+STORED_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float32"}
+CONFIG_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}  # config.json's dtype names for them
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors format's own limit on a header
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -239,10 +245,7 @@ def _weight_files(home: Path) -> dict[str, Path]:
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise UserError(f"{home / WEIGHTS_INDEX} is not a safetensors index (no weight_map)") from None
     if (home / WEIGHTS).is_file():
-        from safetensors import safe_open
-
-        with safe_open(home / WEIGHTS, framework="numpy") as f:
-            return dict.fromkeys(f.keys(), home / WEIGHTS)
+        return dict.fromkeys(_header(home / WEIGHTS), home / WEIGHTS)
     _refuse_pickles(home)
     raise UserError(f"{home} has no {WEIGHTS} or {WEIGHTS_INDEX}: pass a directory saved with safetensors")
 
@@ -260,27 +263,57 @@ def _refuse_pickles(home: Path) -> None:
         )
 
 
+def read_model_config(home: Path) -> tuple[ModelConfig, int]:
+    """What load() makes of home's config.json, param_dtype included, reading no tensor (for `plan`): the dtype
+    is the stored embedding's, from its safetensors header; without the weights here (a Hub model planned from
+    its config.json alone), the dtype config.json declares."""
+    _refuse_pickles(home)
+    model_cfg, seq_len = read_config(home)
+    name = hf_name("embed_tokens")
+    files = _weight_files(home) if (home / WEIGHTS).is_file() or (home / WEIGHTS_INDEX).is_file() else {}
+    if files.get(name) and files[name].is_file():
+        stored = _header(files[name])[name]["dtype"]
+    else:  # transformers saves the weights' dtype as "dtype" (5.x) or "torch_dtype" (4.x), and reads float32 without
+        config = json.loads((home / "config.json").read_text(encoding="utf-8"))
+        declared = str(config.get("dtype") or config.get("torch_dtype") or "float32")
+        stored = CONFIG_DTYPES.get(declared, declared)
+    if stored not in STORED_DTYPES:
+        raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
+    return dataclasses.replace(model_cfg, param_dtype=STORED_DTYPES[stored]), seq_len
+
+
+def _header(file: Path) -> dict[str, dict]:
+    """A safetensors file's header, {tensor name: {"dtype", "shape", "data_offsets"}}, read without its data
+    (the format: an 8-byte little-endian length, then that many bytes of JSON). safetensors' own reader checks
+    the data too, which `plan` of a Hub model whose weights were never fetched must not need."""
+    try:
+        with file.open("rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(size)) if 0 < size <= MAX_HEADER_BYTES else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        header = None
+    if isinstance(header, dict):
+        header.pop("__metadata__", None)  # the file's own string metadata, not a tensor
+    if not isinstance(header, dict) or not all(isinstance(v, dict) and "dtype" in v for v in header.values()):
+        raise UserError(f"{file} is not a safetensors file (no readable header): download it again")
+    return header
+
+
 def load(home: Path, mesh) -> LoadedModel:
     """A Hugging Face directory of a supported family (safetensors, one file or sharded) as a LoadedModel."""
     from safetensors import safe_open
 
-    _refuse_pickles(home)  # first: a pickle checkpoint is refused whatever its config says
-    model_cfg, seq_len = read_config(home)
+    model_cfg, seq_len = read_model_config(home)  # first: a pickle checkpoint is refused whatever its config says
     files = _weight_files(home)
 
-    def read(name: str, what: str = "tensor"):
+    def read(name: str):
         """One tensor, through a file opened for it alone: a memory map held open across the whole load would
         keep every page it touched resident (counted in the process's RSS) until the end."""
         if name not in files:
             raise UserError(f"{home}: tensor {name} is missing from the weights")
         with safe_open(files[name], framework="numpy") as f:
-            return f.get_slice(name).get_dtype() if what == "dtype" else f.get_tensor(name)
+            return f.get_tensor(name)
 
-    stored = read(hf_name("embed_tokens"), "dtype")
-    if stored not in ("F32", "BF16", "F16"):
-        raise UserError(f"{home}: weights of dtype {stored} are not supported: F32, BF16 or F16 only")
-    # float16 widens to float32 without loss; bfloat16 stays bfloat16 so that re-export is bit-identical.
-    model_cfg = dataclasses.replace(model_cfg, param_dtype="bfloat16" if stored == "BF16" else "float32")
     graphdef, like = abstract_params(model_cfg, mesh)
     wanted = {hf_name(param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
     ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()

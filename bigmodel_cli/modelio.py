@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from bigmodel_cli import config as config_lib
 from bigmodel_cli import hf, native, parallel, rundir, storage
-from bigmodel_cli.config import Config, MeshConfig
+from bigmodel_cli.config import Config, MeshConfig, ModelConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora
@@ -38,10 +38,12 @@ HUB_FILES = (
 )
 
 
-def locate(path: Path) -> tuple[str, Path, int | None]:
-    """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR or hf:ORG/NAME); step None = latest checkpoint."""
+def locate(path: Path, config_only: bool = False) -> tuple[str, Path, int | None]:
+    """(kind, home, step): kind is 'export', 'run' or 'hf' (hf:DIR or hf:ORG/NAME); step None = latest checkpoint.
+
+    config_only: the caller reads a Hub model's config.json alone (plan), so a download fetches nothing else."""
     if str(path).startswith(HF_PREFIX):
-        return "hf", _hf_home(str(path)[len(HF_PREFIX) :]), None
+        return "hf", _hf_home(str(path)[len(HF_PREFIX) :], config_only), None
     path = storage.path(path)  # a gs:// run or export stays an epath.Path
     if not path.exists():
         raise UserError(f"model {path} not found: pass a run directory, a checkpoint or an export")
@@ -57,7 +59,7 @@ def locate(path: Path) -> tuple[str, Path, int | None]:
     )
 
 
-def _hf_home(text: str) -> Path:
+def _hf_home(text: str, config_only: bool = False) -> Path:
     """The directory behind hf:TEXT: an existing local directory wins; otherwise a Hub id's snapshot in the cache."""
     local = Path(text)
     if local.is_dir():
@@ -68,7 +70,7 @@ def _hf_home(text: str) -> Path:
             f"{local} is not a directory: hf: takes a local Hugging Face model directory or a Hub id "
             "(hf:ORG/NAME or hf:ORG/NAME@REVISION)"
         )
-    return _hub_snapshot(*hub_id)
+    return _hub_snapshot(*hub_id, config_only)
 
 
 def _hub_id(text: str) -> tuple[str, str | None] | None:
@@ -85,11 +87,11 @@ def _hub_id(text: str) -> tuple[str, str | None] | None:
     return repo_id, revision or None
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None, config_only: bool = False) -> Path:
     """The cached snapshot of a Hub model at revision (default: main), fetching what bigmodel reads if the cache
-    lacks it. huggingface_hub decides where the cache is and whether it may go online (HF_HOME, HF_HUB_CACHE,
-    HF_HUB_OFFLINE, HF_TOKEN), exactly as for transformers."""
-    from huggingface_hub import constants, snapshot_download
+    lacks it (with config_only, config.json alone). huggingface_hub decides where the cache is and whether it may
+    go online (HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE, HF_TOKEN), exactly as for transformers."""
+    from huggingface_hub import constants, hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -106,7 +108,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         )
     except LocalEntryNotFoundError:
         pass
-    if cached is not None and not _missing_files(cached):
+    if cached is not None and not _missing_files(cached, config_only):
         return cached
     fix = f"run `hf download {repo_id}` where there is network, or point HF_HUB_CACHE at a cache that holds it"
     if constants.HF_HUB_OFFLINE:
@@ -117,8 +119,11 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
             f"({constants.HF_HUB_CACHE}) while HF_HUB_OFFLINE is set: {fix}"
         )
     if jax.process_index() == 0:
-        print(f"fetching {source} from the Hugging Face Hub into {constants.HF_HUB_CACHE}", file=sys.stderr)
+        what = f"config.json of {source}" if config_only else source
+        print(f"fetching {what} from the Hugging Face Hub into {constants.HF_HUB_CACHE}", file=sys.stderr)
     try:
+        if config_only:
+            return Path(hf_hub_download(repo_id, "config.json", revision=revision)).parent
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_FILES)))
         missing = _missing_files(folder)
         if missing and (folder / hf.WEIGHTS_INDEX).is_file():  # shards named other than model-*-of-*
@@ -154,9 +159,12 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     return folder
 
 
-def _missing_files(folder: Path) -> list[str]:
-    """Files a model directory needs for hf.load and does not have: config.json, and the weights its index names."""
+def _missing_files(folder: Path, config_only: bool = False) -> list[str]:
+    """Files a model directory needs for hf.load and does not have: config.json, and (unless config_only) the
+    weights its index names."""
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    if config_only:
+        return missing
     if (folder / hf.WEIGHTS_INDEX).is_file():
         try:
             shards = set(json.loads((folder / hf.WEIGHTS_INDEX).read_text())["weight_map"].values())
@@ -192,6 +200,19 @@ def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
     )
 
 
+def model_config(path: Path) -> ModelConfig:
+    """The config of the model at path, param_dtype included, from what it stores beside its weights: no weights
+    are read, and a Hub model that is not in the cache fetches its config.json alone (for plan)."""
+    kind, home, _ = locate(path, config_only=True)
+    if kind == "hf":
+        return hf.read_model_config(home)[0]
+    if kind == "export":
+        return native.read_config(home)[1]
+    if taskinfo.read(home) is not None:  # a finetuning run: the model it started from (adapters merge into it)
+        return _finetune_model_config(home)
+    return config_lib.load_config(home / rundir.CONFIG_FILE, base_dir=home).model
+
+
 def warn(message: str) -> None:
     """A one-line warning on stderr from the first process: stdout may carry the command's result."""
     if jax.process_index() == 0:
@@ -209,9 +230,7 @@ def plain(loaded: LoadedModel) -> LoadedModel:
 def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
     """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
     cfg: FinetuneConfig = config_lib.load_config(home / rundir.CONFIG_FILE, cls=FinetuneConfig, base_dir=home)
-    model_cfg = config_lib.build_config(
-        {"model": json.loads((home / rundir.MODEL_FILE).read_text())}, {}, Config, home
-    ).model
+    model_cfg = _finetune_model_config(home)
     ckpt = Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
     try:
         if step is None and ckpt.latest_step() is None:
@@ -230,3 +249,9 @@ def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
     return LoadedModel(
         model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
     )
+
+
+def _finetune_model_config(home: Path) -> ModelConfig:
+    """The ModelConfig a finetuning run records (rundir.MODEL_FILE): that of the model it started from."""
+    raw = {"model": json.loads((home / rundir.MODEL_FILE).read_text())}
+    return config_lib.build_config(raw, {}, Config, home, where=str(home / rundir.MODEL_FILE)).model

@@ -12,7 +12,7 @@ import numpy as np
 
 from bigmodel_cli import config as config_lib
 from bigmodel_cli import storage
-from bigmodel_cli.config import Config
+from bigmodel_cli.config import Config, ModelConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 from bigmodel_cli.tasks import taskinfo
@@ -28,14 +28,19 @@ def is_export(path: Path) -> bool:
     return (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def read_config(home: Path) -> tuple[dict, ModelConfig]:
+    """The export's config.json, and the model config in it."""
+    info = json.loads((home / CONFIG).read_text())
+    if info.get("format") != FORMAT:
+        raise UserError(f"{home / CONFIG} is not a bigmodel export (format {info.get('format')!r})")
+    return info, config_lib.build_config({"model": info["model"]}, {}, Config, home, where=str(home / CONFIG)).model
+
+
 def load(home: Path, mesh) -> LoadedModel:
     """The export in `home`, laid out on mesh."""
     from safetensors.numpy import load, load_file
 
-    info = json.loads((home / CONFIG).read_text())
-    if info.get("format") != FORMAT:
-        raise UserError(f"{home / CONFIG} is not a bigmodel export (format {info.get('format')!r})")
-    model_cfg = config_lib.build_config({"model": info["model"]}, {}, Config, home, where=str(home / CONFIG)).model
+    info, model_cfg = read_config(home)
     graphdef, like = abstract_params(model_cfg, mesh)
     # safetensors opens local files only: a bucket's weights are read into memory
     tensors = load((home / WEIGHTS).read_bytes()) if storage.is_url(home) else load_file(home / WEIGHTS)

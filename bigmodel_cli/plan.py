@@ -1,21 +1,42 @@
-"""`bigmodel plan`: compile the train step for a recipe's mesh without training, and report its cost."""
+"""`bigmodel plan`: compile the train step without training, and report its cost.
+
+Two things can be planned: pretraining a recipe (its mesh, a fresh model of its size), and finetuning a model
+(any model source, as `bigmodel finetune --init-from` would start from it: all weights training, or LoRA
+adapters beside frozen ones). Either way the real train step is compiled for abstract arrays, so nothing is
+allocated and no weights are read.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from pathlib import Path
 
 import jax
 import numpy as np
 
-from bigmodel_cli import parallel, storage
+from bigmodel_cli import config as config_lib
+from bigmodel_cli import modelio, parallel, storage
 from bigmodel_cli.config import Config
 from bigmodel_cli.data.manifest import MANIFEST_FILE, load_manifest
-from bigmodel_cli.model.params import param_name
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.finetune_config import FinetuneConfig
+from bigmodel_cli.model import lora as lora_lib
+from bigmodel_cli.model.params import abstract_params, param_name, with_adapters
 from bigmodel_cli.model.transformer import count_params, flops_per_token
+from bigmodel_cli.train.loop import check_layout
 from bigmodel_cli.train.memory import memory_per_device, refuse_unless_fits
-from bigmodel_cli.train.state import jit_train_step, make_state
+from bigmodel_cli.train.state import Initial, jit_train_step, make_state
 
 DEFAULT_VOCAB = 32000  # assumed when neither the recipe nor existing data fixes the vocabulary
+# The --set keys that change what finetuning a model runs (None: the whole section); any other is refused, since
+# it could not change the plan. train.remat is not among them: finetune builds its model without recomputation.
+FINETUNE_SETTINGS: dict[str, tuple[str, ...] | None] = {
+    "train": ("batch_size", "grad_accum"),
+    "data": ("seq_len",),
+    "lora": None,
+    "mesh": None,
+}
 
 
 def _with_vocab(cfg: Config) -> tuple[Config, str]:
@@ -28,11 +49,72 @@ def _with_vocab(cfg: Config) -> tuple[Config, str]:
 
 
 def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
-    """Lower and compile the train step; returns sizes, FLOPs, per-device memory and the parameter table."""
+    """Plan pretraining a recipe: sizes, FLOPs, per-device memory and the parameter table of its train step."""
     cfg, note = _with_vocab(cfg)
-    mesh = parallel.make_mesh(cfg.mesh)
     seq_len = cfg.data.seq_len or cfg.model.max_seq_len
-    graphdef, tx, state = make_state(cfg, mesh, abstract=True)
+    return _compile(cfg, seq_len, memory_budget_gb, note)
+
+
+def finetune_config(overrides: list[str]) -> FinetuneConfig:
+    """Finetuning's defaults with --set overrides, refusing a key that cannot change a plan."""
+    cfg = config_lib.load_config(None, overrides, cls=FinetuneConfig)  # unknown keys: the closest known one
+    for section, keys in config_lib.parse_overrides(overrides).items():
+        for key in keys:
+            allowed = FINETUNE_SETTINGS.get(section, ())
+            if allowed is not None and key not in allowed:
+                accepted = ", ".join(f"{s}.{k}" for s, names in FINETUNE_SETTINGS.items() for k in names or ("*",))
+                raise UserError(
+                    f"--set {section}.{key} does not change what finetuning a model runs: plan takes {accepted}"
+                )
+    return cfg
+
+
+def run_finetune(source: Path, cfg: FinetuneConfig, memory_budget_gb: float = 0.0) -> dict:
+    """Plan finetuning the model at source as `bigmodel finetune --init-from source` would run it, with LoRA
+    adapters when lora.rank is set, from the model's config alone."""
+    model_cfg = modelio.model_config(source)
+    seq_len, note = cfg.data.seq_len or model_cfg.max_seq_len, ""
+    if seq_len > model_cfg.max_seq_len:  # what finetune does with a longer data.seq_len
+        note = f"data.seq_len {seq_len} exceeds the model's {model_cfg.max_seq_len} positions: finetune uses those"
+        seq_len = model_cfg.max_seq_len
+    loop_cfg = Config(
+        model=model_cfg,
+        data=dataclasses.replace(cfg.data, seq_len=seq_len),
+        optim=cfg.optim,
+        train=cfg.train,
+        mesh=cfg.mesh,
+        checkpoint=cfg.checkpoint,
+    )
+    lora = cfg.lora if cfg.lora.rank else None
+
+    def initial(mesh):  # finetune's starting state, abstract: the model's weights train, or adapters beside them
+        graphdef, params = abstract_params(model_cfg, mesh)
+        if lora is None:
+            return graphdef, params, None
+        graphdef, adapters = lora_lib.abstract_adapters(with_adapters(model_cfg, lora), mesh)
+        return graphdef, adapters, params
+
+    dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
+    result = _compile(loop_cfg, seq_len, memory_budget_gb, note, initial, dropout_seed)
+    if lora is not None:  # frozen weights get no weight gradient: 2 FLOPs per weight fewer, and 6 per adapter weight
+        _, non_embedding = count_params(model_cfg)
+        per_token = flops_per_token(model_cfg, seq_len) - 2 * non_embedding + 6 * result["trainable_params"]
+        result["model_flops_per_step"] = per_token * result["tokens_per_step"]
+    return result
+
+
+def _compile(
+    cfg: Config,
+    seq_len: int,
+    memory_budget_gb: float,
+    note: str,
+    initial: Initial | None = None,
+    dropout_seed: int | None = None,
+) -> dict:
+    """Lower and compile the train step for cfg's mesh from initial's abstract state (None: a fresh model)."""
+    mesh = parallel.make_mesh(cfg.mesh)
+    check_layout(cfg, mesh)  # a batch the mesh cannot split: one line, as training gives it
+    graphdef, tx, state = make_state(cfg, mesh, initial, abstract=True)
     batch_sharding = parallel.batch_sharding(mesh)
     shape = (cfg.train.batch_size, seq_len)
     batch = {
@@ -40,25 +122,28 @@ def run(cfg: Config, memory_budget_gb: float = 0.0) -> dict:
         "targets": jax.ShapeDtypeStruct(shape, np.int32, sharding=batch_sharding),
         "weights": jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding),
     }
-    step = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
+    step = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, dropout_seed=dropout_seed)
     with parallel.activate(mesh):
         compiled = step.lower(state, batch).compile()
     memory = compiled.memory_analysis()
-    n_params, _ = count_params(cfg.model)
-    per_device = memory_per_device(state["params"], state["opt_state"], getattr(memory, "temp_size_in_bytes", 0))
+    weights = (state["params"], state.get("frozen"))  # what trains, and what joins it without training (LoRA)
+    per_device = memory_per_device(weights, state["opt_state"], getattr(memory, "temp_size_in_bytes", 0))
+    trainable = {param_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(state["params"])[0]}
     table = [
         {
             "name": param_name(path),
             "shape": list(leaf.shape),
             "dtype": str(leaf.dtype),
             "sharding": str(leaf.sharding.spec),
+            "trainable": param_name(path) in trainable,
         }
-        for path, leaf in jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(lora_lib.merge_params(weights[1], weights[0]))[0]
     ]
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     result = {
-        "params": n_params,
+        "params": sum(math.prod(row["shape"]) for row in table),
+        "trainable_params": sum(math.prod(row["shape"]) for row in table if row["trainable"]),
         "mesh": dict(mesh.shape),
         "devices": jax.device_count(),
         "tokens_per_step": cfg.train.batch_size * seq_len,
@@ -80,7 +165,11 @@ def render(result: dict, console) -> None:
     if result["note"]:
         console.print(f"note: {result['note']}")
     gib = {k: f"{v / 2**30:.3f} GiB" for k, v in result["bytes_per_device"].items()}
-    console.print(f"parameters: {result['params']:,} | mesh {result['mesh']} on {result['devices']} devices")
+    params, trainable = result["params"], result["trainable_params"]
+    console.print(
+        f"parameters: {params:,} (trainable {trainable:,}: {100 * trainable / params:.2f}%) | "
+        f"mesh {result['mesh']} on {result['devices']} devices"
+    )
     console.print(
         f"per device: params {gib['params']}, optimizer {gib['optimizer']}, "
         f"activations+temporaries {gib['activations_and_temporaries']}, total {gib['total']}"
@@ -90,7 +179,8 @@ def render(result: dict, console) -> None:
         f"(XLA, per device: {result['xla_flops_per_step_per_device']:.3e}), "
         f"{result['tokens_per_step']:,} tokens per step"
     )
-    table = Table("parameter", "shape", "dtype", "sharding")
+    table = Table("parameter", "shape", "dtype", "sharding", "trains")
     for row in result["parameters"]:
-        table.add_row(row["name"], "x".join(map(str, row["shape"])), row["dtype"], row["sharding"])
+        shape = "x".join(map(str, row["shape"]))
+        table.add_row(row["name"], shape, row["dtype"], row["sharding"], "yes" if row["trainable"] else "no")
     console.print(table)

@@ -70,9 +70,9 @@ def _pretrain_args(run_dir, data, steps=40):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_matches_uninterrupted(tiny_data, tmp_path):
+def test_resume_after_kill_matches_uninterrupted(tiny_data, tmp_path, cli):
     full = tmp_path / "full"
-    run_cli_subprocess(*_pretrain_args(full, tiny_data))
+    cli(*_pretrain_args(full, tiny_data))  # in this process: only the killed run needs one of its own
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, "-m", "bigmodel_cli", *map(str, _pretrain_args(killed, tiny_data))],
@@ -86,7 +86,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_data, tmp_path):
     proc.wait()
     steps_done = max(r["step"] for r in _metrics(killed))
     assert steps_done < 40, "the run finished before it could be killed"
-    out = run_cli_subprocess(*_pretrain_args(killed, tiny_data))
+    out = cli(*_pretrain_args(killed, tiny_data))
     assert "resumed from step" in out.stdout
     final_full, final_resumed = _metrics(full)[-1], _metrics(killed)[-1]
     assert final_resumed["step"] == final_full["step"] == 40

@@ -14,7 +14,7 @@ ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TINY = REPO / "recipes" / "tiny.toml"
 
 
-def test_non_tty_output_has_no_ansi_and_json_mode_is_json_lines(tiny_data, tmp_path):
+def test_non_tty_output_has_no_ansi_and_json_mode_is_json_lines(tiny_data, tmp_path, cli):
     args = [
         "pretrain",
         TINY,
@@ -41,10 +41,11 @@ def test_non_tty_output_has_no_ansi_and_json_mode_is_json_lines(tiny_data, tmp_p
     quiet = run_cli_subprocess("--quiet", *args[:3], tmp_path / "run_quiet", *args[4:])
     assert "step 2/4" not in quiet.stdout and "run_dir:" in quiet.stdout
 
-    listing = run_cli_subprocess("runs", tmp_path)
+    # runs and report read those runs; in this process (a CliRunner's output is no TTY either)
+    listing = cli("runs", tmp_path)
     assert "run_json" in listing.stdout and "finished" in listing.stdout
 
-    report = run_cli_subprocess("report", tmp_path / "run", tmp_path / "run_json", "--out", tmp_path / "r.png")
+    report = cli("report", tmp_path / "run", tmp_path / "run_json", "--out", tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 10_000 and "r.png" in report.stdout
 
 

@@ -35,15 +35,9 @@ def _losses(run_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path):
+def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path, cli):
     single = tmp_path / "single"
-    subprocess.run(
-        [sys.executable, "-m", "bigmodel_cli", *map(str, _args(single, tiny_data))],
-        env=_env(8),
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+    cli(*_args(single, tiny_data))  # one process: this one, with its 8 devices (tests/conftest.py)
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [

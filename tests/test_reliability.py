@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pretrain_args, run_cli_subprocess
+from tests.conftest import pretrain_args
 
 STEPS = 60
 
@@ -21,17 +21,21 @@ def _args(run_dir: Path, data: Path, *extra: str) -> list:
     return pretrain_args(run_dir, data, {**settings, "train.eval_every": 30}, *extra)
 
 
-def _weights(run_dir: Path, out: Path) -> bytes:
-    run_cli_subprocess("export", run_dir, "--out", out)
+# Only the runs that are signalled or killed need a process of their own; the others run in this one (`cli`),
+# where the step is compiled once, not once per process.
+
+
+def _weights(cli, run_dir: Path, out: Path) -> bytes:
+    cli("export", run_dir, "--out", out)
     return (out / "model.safetensors").read_bytes()
 
 
 @pytest.fixture(scope="module")
-def reference_run(tiny_data, tmp_path_factory) -> tuple[Path, bytes]:
+def reference_run(tiny_data, tmp_path_factory, cli) -> tuple[Path, bytes]:
     """An uninterrupted run, finished, and its final weights."""
     root = tmp_path_factory.mktemp("reference")
-    run_cli_subprocess(*_args(root / "run", tiny_data))
-    return root / "run", _weights(root / "run", root / "export")
+    cli(*_args(root / "run", tiny_data))
+    return root / "run", _weights(cli, root / "run", root / "export")
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +61,7 @@ def _wait_for_checkpoint(run_dir: Path, step: int, proc) -> None:
 
 
 @pytest.mark.slow
-def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, reference):
+def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, reference, cli):
     rng = random.Random(7)
     run = tmp_path / "run"
     for after in (10, 20, 40):  # each kill lands somewhere after that checkpoint appeared
@@ -66,15 +70,15 @@ def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, 
         time.sleep(rng.uniform(0.0, 0.4))
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    finished = run_cli_subprocess(*_args(run, tiny_data))
+    finished = cli(*_args(run, tiny_data))
     assert "resumed from step" in finished.stdout
-    assert _weights(run, tmp_path / "export") == reference
+    assert _weights(cli, run, tmp_path / "export") == reference
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(5, STEPS + 1, 5))  # no duplicated or missing log lines after resumes
 
 
 @pytest.mark.slow
-def test_sigterm_saves_at_step_boundary_and_resumes_bit_identical(tiny_data, tmp_path, reference):
+def test_sigterm_saves_at_step_boundary_and_resumes_bit_identical(tiny_data, tmp_path, reference, cli):
     run = tmp_path / "run"
     proc = _start(run, tiny_data)
     _wait_for_checkpoint(run, 10, proc)
@@ -84,9 +88,9 @@ def test_sigterm_saves_at_step_boundary_and_resumes_bit_identical(tiny_data, tmp
     assert "SIGTERM: saved a checkpoint at step" in out
     stopped = json.loads((run / "status.json").read_text())
     assert stopped["state"] == "stopped" and (run / "checkpoints" / str(stopped["step"])).is_dir()
-    run_cli_subprocess(*_args(run, tiny_data))
+    cli(*_args(run, tiny_data))
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
-    assert _weights(run, tmp_path / "export") == reference
+    assert _weights(cli, run, tmp_path / "export") == reference
 
 
 def _remove_chunks(ckpt: Path):
@@ -105,31 +109,31 @@ def _break_metadata(ckpt: Path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", [_remove_chunks, _empty_chunks, _break_metadata], ids=lambda f: f.__name__)
-def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_data, tmp_path, reference_run, damage):
+def test_damaged_latest_checkpoint_falls_back_to_previous(tiny_data, tmp_path, reference_run, damage, cli):
     run = tmp_path / "run"
     shutil.copytree(reference_run[0], run)  # a finished run, as training left it
     reference = reference_run[1]
     damage(run / "checkpoints" / str(STEPS))
-    again = run_cli_subprocess(*_args(run, tiny_data))
+    again = cli(*_args(run, tiny_data))
     lines = [line for line in again.stdout.splitlines() if "is damaged" in line]
     assert len(lines) == 1 and f"moved to {STEPS}.corrupt-1" in lines[0]
     assert "resumed from step 50" in again.stdout
     assert (run / "checkpoints" / f"{STEPS}.corrupt-1").is_dir()  # kept for inspection, never deleted
-    assert _weights(run, tmp_path / "export") == reference
+    assert _weights(cli, run, tmp_path / "export") == reference
 
 
-def test_nonfinite_loss_stops_at_the_right_step_and_keeps_checkpoints(tiny_data, tmp_path):
+def test_nonfinite_loss_stops_at_the_right_step_and_keeps_checkpoints(tiny_data, tmp_path, cli):
     run = tmp_path / "run"
-    proc = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.inject_nonfinite_at=13"), check=False)
-    assert proc.returncode == 2
+    proc = cli(*_args(run, tiny_data, "--set", "train.inject_nonfinite_at=13"), ok=False)
+    assert proc.exit_code == 2
     assert "non-finite loss or gradient norm at step 13" in proc.stderr and "data windows" in proc.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["10"]
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
 
 
-def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path):
+def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path, cli):
     run = tmp_path / "run"
-    out = run_cli_subprocess(
+    out = cli(
         *_args(
             run,
             tiny_data,
@@ -146,17 +150,15 @@ def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path):
     assert rows[-1]["step"] == 20 and rows[-1]["skipped_steps"] == 1 and rows[-1]["loss"] is not None
 
 
-def test_changed_recipe_is_refused_unless_allowed(tiny_data, tmp_path):
+def test_changed_recipe_is_refused_unless_allowed(tiny_data, tmp_path, cli):
     run = tmp_path / "run"
-    run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=10"))
-    changed = run_cli_subprocess(
-        *_args(run, tiny_data, "--set", "train.steps=20", "--set", "optim.lr=0.01"), check=False
-    )
-    assert changed.returncode == 2
+    cli(*_args(run, tiny_data, "--set", "train.steps=10"))
+    changed = cli(*_args(run, tiny_data, "--set", "train.steps=20", "--set", "optim.lr=0.01"), ok=False)
+    assert changed.exit_code == 2
     assert "optim.lr: 0.003 -> 0.01" in changed.stderr and "train.steps: 10 -> 20" in changed.stderr
-    allowed = run_cli_subprocess(*_args(run, tiny_data, "--set", "train.steps=20", "--allow-config-change"))
+    allowed = cli(*_args(run, tiny_data, "--set", "train.steps=20", "--allow-config-change"))
     assert "resumed from step 10" in allowed.stdout
-    never = run_cli_subprocess(*_args(run, tiny_data, "--resume", "never"), check=False)
-    assert never.returncode == 2 and "not empty" in never.stderr
-    must = run_cli_subprocess(*_args(tmp_path / "fresh", tiny_data, "--resume", "must"), check=False)
-    assert must.returncode == 2 and "no checkpoint" in must.stderr and not (tmp_path / "fresh").exists()
+    never = cli(*_args(run, tiny_data, "--resume", "never"), ok=False)
+    assert never.exit_code == 2 and "not empty" in never.stderr
+    must = cli(*_args(tmp_path / "fresh", tiny_data, "--resume", "must"), ok=False)
+    assert must.exit_code == 2 and "no checkpoint" in must.stderr and not (tmp_path / "fresh").exists()

@@ -177,3 +177,20 @@ def test_quantize_flag_on_generate_and_evaluate(cli, trained, tiny_data):
     predictions = ("--task", "classify", "--data", run / "x.jsonl", "--predictions", run / "p.jsonl")
     refused = cli("evaluate", *predictions, "--quantize", "int8", ok=False)
     assert refused.exit_code == 2 and "--quantize has no effect with --predictions" in refused.stderr
+
+
+@pytest.mark.slow
+def test_bench_int8_script_reports_every_figure(trained):
+    """scripts/bench/bench_int8.py (the figures in docs/benchmarks.md) on the tiny trained model."""
+    run, _, _ = trained
+    script = REPO / "scripts" / "bench" / "bench_int8.py"
+    args = ["--max-batches", "2", "--prompts", "2", "--prompt-tokens", "8", "--new-tokens", "8", "--repeats", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run), *args], capture_output=True, text=True, env={**os.environ}, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout[proc.stdout.index("{") :])
+    assert abs(report["perplexity_change_pct"]) < 1 and report["greedy_token_agreement"] >= 0.9
+    assert report["int8_vs_float32"] < 0.3 and report["int8_vs_bfloat16"] < 0.6
+    assert report["decode_tokens_per_s"]["int8"] > 0
+    assert report["decode_temp_bytes"]["int8"] < 0.3 * report["weight_bytes"]["float32"]

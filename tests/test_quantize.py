@@ -1,11 +1,13 @@
 """int8 weight-only quantization: logits and greedy text close to the float model, a quarter of its weight bytes,
 no float copy of all the weights at run time, and `--quantize int8` on generate and evaluate."""
 
+import dataclasses
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +95,37 @@ def test_int8_model_computes_with_its_dequantized_weights(dtype):
     # weight), which the 2 layers compound to a few percent (observed: 1e-6 and 3%).
     bound = 1e-5 if dtype == "float32" else 0.05
     assert np.max(np.abs(quantized - reference)) <= bound * np.max(np.abs(reference))
+
+
+def test_int8_of_a_hugging_face_import(tmp_path):
+    """An hf: import (Qwen2: q/k/v biases that stay float, a tied head) quantizes and computes as its
+    dequantized weights do."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "qwen2")
+    mesh = parallel.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    full = modelio.load(Path(f"hf:{tmp_path / 'qwen2'}"), mesh)
+    int8 = quantize.int8(full)
+    assert (
+        int8.params["layers"][0]["self_attn"]["q_proj_bias"].dtype
+        == full.params["layers"][0]["self_attn"]["q_proj_bias"].dtype
+    )
+    tokens = np.arange(32, dtype=np.int32).reshape(1, 32) * 3 % 128
+    reference = _logits(dataclasses.replace(full, params=_dequantized(int8, jnp.float32)), tokens)
+    quantized = _logits(int8, tokens)
+    assert np.max(np.abs(quantized - reference)) <= 1e-5 * np.max(np.abs(reference))
 
 
 def _bytes(tree) -> int:

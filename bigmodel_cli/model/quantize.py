@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 
 import jax
 import jax.numpy as jnp
@@ -43,16 +44,23 @@ def int8(loaded: LoadedModel) -> LoadedModel:
     """The same model with int8 weights and per-output-channel float32 scales; LoRA adapters are merged first."""
     params = loaded.params if loaded.lora is None else lora.fold(loaded.params, loaded.lora)
     graphdef, like = abstract_int8_params(loaded.model_cfg, loaded.mesh)
-    quantized = {}
-    for path, target in _flat(like).items():
-        value = _lookup(params, path)
-        if isinstance(target, dict):  # {"q", "scale"}: one jitted call per weight keeps the float temporaries small
-            shardings = (target["q"].sharding, target["scale"].sharding)
-            q, scale = _quantize(value, reduce_axis=1 if path[-1] == EMBEDDING else 0, out_shardings=shardings)
-            _store(quantized, path, {"q": q, "scale": scale})
-        else:
-            _store(quantized, path, value)
+
+    def convert(path, target):
+        name = tuple(entry.key for entry in path)
+        value = functools.reduce(operator.getitem, name, params)
+        if not _is_int8(target):  # norms and biases stay as they are
+            return value
+        # One jitted call per weight keeps the float temporaries of the conversion small.
+        shardings = (target["q"].sharding, target["scale"].sharding)
+        q, scale = _quantize(value, reduce_axis=1 if name[-1] == EMBEDDING else 0, out_shardings=shardings)
+        return {"q": q, "scale": scale}
+
+    quantized = jax.tree_util.tree_map_with_path(convert, like, is_leaf=_is_int8)
     return dataclasses.replace(loaded, graphdef=graphdef, params=quantized, lora=None)
+
+
+def _is_int8(node) -> bool:
+    return isinstance(node, dict) and set(node) == {"q", "scale"}
 
 
 @functools.partial(jax.jit, static_argnames=("reduce_axis", "out_shardings"))
@@ -94,26 +102,3 @@ def _int8_model(model_cfg: ModelConfig) -> Transformer:
 def weight_bytes(params) -> int:
     """Bytes held by a parameter tree (int8 values, their scales, and everything left unquantized)."""
     return sum(leaf.nbytes for leaf in jax.tree.leaves(params))
-
-
-def _flat(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
-    """{path: leaf} of a params dict, where an int8 weight's {"q", "scale"} counts as one leaf."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and set(value) != {"q", "scale"}:
-            out.update(_flat(value, (*prefix, key)))
-        else:
-            out[(*prefix, key)] = value
-    return out
-
-
-def _lookup(tree: dict, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def _store(tree: dict, path: tuple, value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value

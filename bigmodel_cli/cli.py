@@ -21,6 +21,7 @@ from bigmodel_cli.cli_app import (
     NumProcesses,
     Overrides,
     ProcessId,
+    Quantize,
     Resume,
     _console,
     _setup_jax,
@@ -241,6 +242,7 @@ def generate(
             "or with --prompt to that one message.",
         ),
     ] = False,
+    quantize: Quantize = "",
 ) -> None:
     """Continue a prompt with a trained model (KV-cache decoding); an instruct model replies to it as a chat.
 
@@ -254,7 +256,7 @@ def generate(
     if chat:
         sampling = stage.Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         messages = [prompt] if prompt else stage.terminal_lines()
-        stage.chat(model, messages, lambda reply: print(reply, flush=True), sampling, tuple(stop or ()))
+        stage.chat(model, messages, lambda reply: print(reply, flush=True), sampling, tuple(stop or ()), quantize)
         return
     text = stage.run(
         model,
@@ -266,6 +268,7 @@ def generate(
         seed=seed,
         stop=tuple(stop or ()),
         raw=raw,
+        quantize=quantize,
     )
     print(text)
 

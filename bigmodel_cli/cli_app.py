@@ -37,6 +37,9 @@ MODEL_SOURCES = (
     "a run directory, one of its checkpoints, an export, hf:DIR, or hf:ORG/NAME[@REV] "
     "(a Hugging Face Hub model, unless a directory of that name exists)"
 )
+Quantize = Annotated[
+    str, typer.Option(help="int8: weight-only int8 weights with per-channel scales, for CPU and edge inference.")
+]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
 ]

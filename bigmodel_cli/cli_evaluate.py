@@ -13,6 +13,7 @@ from bigmodel_cli.cli_app import (
     Coordinator,
     NumProcesses,
     ProcessId,
+    Quantize,
     _console,
     _setup_jax,
 )
@@ -54,6 +55,7 @@ def evaluate(
     ] = None,
     max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
+    quantize: Quantize = "",
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,
@@ -82,12 +84,13 @@ def evaluate(
             metric=metric or "auto",
             batch_size=batch_size or 8,
             max_examples=max_examples or 0,
+            quantize=quantize,
         )
     else:
         from bigmodel_cli.evaluate import lm as stage
 
         if text is not None:
-            metrics = stage.run_text(model, text, batch_size=batch_size or 8, out=out)
+            metrics = stage.run_text(model, text, batch_size=batch_size or 8, out=out, quantize=quantize)
         else:
             metrics = stage.run(
                 model,
@@ -96,6 +99,7 @@ def evaluate(
                 batch_size=batch_size or 8,
                 max_batches=50 if max_batches is None else max_batches,
                 out=out,
+                quantize=quantize,
             )
     if json_out:
         print(json.dumps(metrics, ensure_ascii=False))
@@ -129,8 +133,9 @@ def _check_evaluate_options(given: dict) -> None:
             raise UserError(f"{stray[0]} is for language-model evaluation, not --task: remove it")
         if given["data"] is None:
             raise UserError("--task needs --data FILE (the task's data)")
-        if given["predictions"] is not None and given["batch_size"] is not None:
-            raise UserError("--batch-size has no effect with --predictions (no model runs): remove it")
+        for name, flag in (("batch_size", "--batch-size"), ("quantize", "--quantize")):
+            if given["predictions"] is not None and given[name]:
+                raise UserError(f"{flag} has no effect with --predictions (no model runs): remove it")
         return
     stray = [flag for name, flag in _TASK_ONLY.items() if given[name]]
     if stray:

@@ -180,6 +180,15 @@ def _batch_size(cli, w):
     _refused(cli, "evaluate", w["run"], "--batch-size", "0", mentions="--batch-size")
 
 
+def _quantize(cli, w):
+    # The int8 model is another model: its loss moves (tests/test_quantize.py bounds by how much).
+    plain = _json(cli("evaluate", w["run"], "--max-batches", "1", "--json"))
+    int8 = _json(cli("evaluate", w["run"], "--max-batches", "1", "--quantize", "int8", "--json"))
+    assert int8["tokens"] == plain["tokens"] and int8["loss"] != plain["loss"]
+    _refused(cli, *_qa(w, "--quantize", "int8"), mentions="--quantize")
+    _refused(cli, "evaluate", w["run"], "--quantize", "int4", mentions="--quantize")
+
+
 def _max_batches(cli, w):
     one = _json(cli("evaluate", w["run"], "--max-batches", "1", "--json"))
     every = _json(cli("evaluate", w["run"], "--max-batches", "0", "--json"))
@@ -219,6 +228,7 @@ OPTION_CHECKS = {
     "max_batches": _max_batches,
     "max_examples": _max_examples,
     "json_out": _json_out,
+    "quantize": _quantize,
     "coordinator": _multi_process,
     "num_processes": _multi_process,
     "process_id": _multi_process,

@@ -20,6 +20,7 @@ from flax import nnx
 from bigmodel_cli import modelio, parallel
 from bigmodel_cli.data.tokenizer import AnyTokenizer
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import quantize as quantization
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
 from bigmodel_cli.tasks.chat import chat_format
@@ -161,9 +162,11 @@ def _check_utf8(option: str, text: str) -> None:
         ) from None
 
 
-def _load(model: Path) -> tuple[LoadedModel, AnyTokenizer, taskinfo.TaskInfo | None]:
-    """The model, its tokenizer (holding the chat template the model was finetuned with) and its task info."""
-    loaded = modelio.load(model)
+def _load(model: Path, quantize: str = "") -> tuple[LoadedModel, AnyTokenizer, taskinfo.TaskInfo | None]:
+    """The model (quantized as --quantize asks), its tokenizer (holding the chat template the model was
+    finetuned with) and its task info."""
+    quantization.check(quantize)
+    loaded = quantization.apply(modelio.load(model), quantize)
     tokenizer = loaded.tokenizer("trained on synthetic tokens? there is nothing to decode with")
     info = taskinfo.read(loaded.home)
     tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)
@@ -227,12 +230,13 @@ def run(
     seed: int = 0,
     stop: tuple[str, ...] = (),
     raw: bool = False,
+    quantize: str = "",
 ) -> str:
     """Prompt + its continuation as text; for a model finetuned on chats (and not raw), its reply alone."""
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
         _check_utf8(option, text)
-    loaded, tokenizer, info = _load(model)
+    loaded, tokenizer, info = _load(model, quantize)
     if info is not None and info.chat_template and not raw:
         # The prompt becomes a user turn and the reply ends where the turn does, as in finetuning.
         return Chat(loaded, tokenizer, sampling, stop).reply(prompt)
@@ -248,12 +252,13 @@ def chat(
     on_reply: Callable[[str], None],
     sampling: Sampling,
     stop: tuple[str, ...] = (),
+    quantize: str = "",
 ) -> int:
     """Hold a conversation in the model's chat format: reply to each user message in turn, until an empty one
     or END_CHAT. Returns the number of replies."""
     for text in stop:
         _check_utf8("--stop", text)
-    conversation = Chat(*_load(model)[:2], sampling, stop)
+    conversation = Chat(*_load(model, quantize)[:2], sampling, stop)
     replies = 0
     for message in messages:
         if not message.strip() or message.strip() == END_CHAT:

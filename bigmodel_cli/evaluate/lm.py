@@ -14,6 +14,7 @@ from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import sequence_start, tokenizer_sha
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.loss import loss_sums
+from bigmodel_cli.model import quantize as quantization
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import records
 from bigmodel_cli.tasks.metrics import perplexity
@@ -27,9 +28,12 @@ def run(
     batch_size: int = 8,
     max_batches: int = 50,
     out: Path | None = None,
+    quantize: str = "",
 ) -> dict:
-    """Evaluate the model on a preprocessed split (max_batches 0 = all of it); writes metrics.json."""
-    loaded = modelio.load(model)
+    """Evaluate the model (quantized as --quantize asks) on a preprocessed split (max_batches 0 = all of it);
+    writes metrics.json."""
+    quantization.check(quantize)
+    loaded = quantization.apply(modelio.load(model), quantize)
     data_dir = storage.path(data) if data is not None else storage.path(loaded.data_path) if loaded.data_path else None
     if data_dir is None or not data_dir.is_dir():
         raise UserError(f"no evaluation data: pass --data DIR (a bigmodel preprocess output); got {data_dir}")
@@ -72,15 +76,16 @@ def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) ->
         print(f"warning: could not write {target / 'metrics.json'} ({err.strerror or err}): {hint}", file=sys.stderr)
 
 
-def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | None = None) -> dict:
+def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | None = None, quantize: str = "") -> dict:
     """Loss, perplexity and bits per byte of every token of a raw text file, as one document.
 
     The text is cut into consecutive windows of the model's sequence length (each token is predicted once,
     from the tokens before it in its window, as nanoGPT's evaluation does), after the token that starts
     documents in training (BOS for a tokenizer that adds one, else the EOS between documents). Bits per byte
     divide the summed loss by the text's UTF-8 bytes, so that models with different tokenizers compare."""
+    quantization.check(quantize)
     text = records.read_text(Path(text_file), "--text")
-    loaded = modelio.load(model)
+    loaded = quantization.apply(modelio.load(model), quantize)
     tokenizer = loaded.tokenizer("--text needs the model's tokenizer")
     if tokenizer.vocab_size > loaded.model_cfg.vocab_size:
         raise UserError(

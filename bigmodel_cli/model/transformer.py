@@ -132,6 +132,33 @@ def uses_chunked_attention(cfg: ModelConfig) -> bool:
     return cfg.attention == "chunked" or (cfg.attention == "auto" and jax.default_backend() == "cpu")
 
 
+class Int8Kernel(nnx.Module):
+    """A weight stored as int8 `q` with a float32 `scale` per output channel (absmax/127), made by
+    model/quantize.py: the weight is q * scale, scale [1, out] for a kernel [in, out], [V, 1] for the embedding
+    table (whose rows are the tied head's output channels)."""
+
+    def __init__(self, q: nnx.Param, scale: nnx.Param):
+        self.q, self.scale = q, scale
+
+
+def _weight(param) -> tuple[jax.Array, jax.Array | None]:
+    """(values, scale per output channel or None) of an nnx.Param or an Int8Kernel."""
+    if isinstance(param, Int8Kernel):
+        return param.q[...], param.scale[...].reshape(-1)
+    return param[...], None
+
+
+def _matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """x @ kernel in x's dtype; an int8 kernel is converted for its matmul alone and `scale` multiplies the
+    product's columns (the same as scaling the kernel's). The barrier ties the kernel to x, so that XLA converts
+    it only once x exists: otherwise it converts every kernel up front, or hoists the conversions out of the
+    decoding loop, holding a float copy of all the weights at once."""
+    if scale is None:
+        return dense(x, kernel.astype(x.dtype))
+    x, kernel = jax.lax.optimization_barrier((x, kernel))
+    return dense(x, kernel.astype(x.dtype)) * scale.astype(x.dtype)
+
+
 class Projections(nnx.Module):
     """Base for modules made of [in, out] kernels, each optionally with a LoRA adapter beside it (see lora.py)."""
 
@@ -143,7 +170,7 @@ class Projections(nnx.Module):
         attach(self, rngs, name, shape, axes, pd, lora)
 
     def project(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = dense(x, getattr(self, name)[...].astype(x.dtype))
+        y = _matmul(x, *_weight(getattr(self, name)))
         if hasattr(self, f"{name}_bias"):
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         low_rank = adapter(self, name, x.dtype)
@@ -361,7 +388,10 @@ class Transformer(nnx.Module):
         dt = jnp.dtype(cfg.dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B,T]
-        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)  # [B,T,D]
+        table, row_scale = _weight(self.embed_tokens)  # [V,D], and [V] when int8
+        x = jnp.take(table, tokens, axis=0).astype(dt)  # [B,T,D]
+        if row_scale is not None:
+            x = x * jnp.take(row_scale, tokens)[..., None].astype(dt)
         x = constrain(x, ("batch", "length", None))
         cos, sin = rope_tables(positions, cfg)
         new_cache = []
@@ -376,12 +406,15 @@ class Transformer(nnx.Module):
                 )(block, x, key)
             new_cache.append(layer_cache)
         x = self.norm(x)
-        head = self.embed_tokens[...].T if cfg.tie_embeddings else self.lm_head[...]  # [D,V]
+        head, head_scale = (table.T, row_scale) if cfg.tie_embeddings else _weight(self.lm_head)  # [D,V], [V]
         if head.dtype == dt:
             logits = dense(x, head)
-        else:  # a whole float32 copy of a bfloat16 head is inference's largest buffer: convert a slice at a time
+        else:  # a whole float32 copy of a bfloat16 or int8 head is inference's largest buffer: a slice at a time
             parts = jnp.array_split(head, HEAD_SLICES, axis=1)
-            logits = jnp.concatenate([dense(x, part.astype(dt)) for part in parts], axis=-1)
+            scales = [None] * HEAD_SLICES if head_scale is None else jnp.array_split(head_scale, HEAD_SLICES)
+            logits = jnp.concatenate(
+                [_matmul(x, part, scale) for part, scale in zip(parts, scales, strict=True)], axis=-1
+            )
         logits = logits.astype(jnp.float32)  # [B,T,V]
         return logits, (new_cache if cache is not None else None)
 

@@ -171,3 +171,18 @@ def test_bad_input_is_one_line_and_writes_nothing(models, cli, tmp_path):
     assert result.exit_code != 0 and "no sliding window" in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".x.gguf*"))  # no temp file left behind
+
+
+def test_llama3_rope_is_written_as_llama_cpp_frequency_divisors():
+    """llama.cpp divides each base frequency by rope_freqs[i]: that must give bigmodel's Llama 3 frequencies."""
+    from bigmodel_cli.config import ModelConfig
+    from bigmodel_cli.gguf_export import _llama3_rope_divisors
+    from bigmodel_cli.model.transformer import rope_frequencies
+
+    cfg = ModelConfig(
+        vocab_size=64, rope_type="llama3", rope_factor=8.0, rope_original_max_positions=32, rope_theta=1e4
+    )
+    base = cfg.rope_theta ** (-np.arange(cfg.dims_per_head // 2) * 2 / cfg.dims_per_head)
+    divisors = _llama3_rope_divisors(cfg)
+    assert divisors.min() == 1.0 and divisors.max() == 8.0  # high frequencies kept, low ones stretched 8 times
+    np.testing.assert_allclose(base / divisors, np.asarray(rope_frequencies(cfg)[0]), rtol=1e-6)

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import secrets
-import sys
 from pathlib import Path
 
 import jax
@@ -30,11 +29,12 @@ import numpy as np
 
 from bigmodel_cli import storage
 from bigmodel_cli.config import ModelConfig
-from bigmodel_cli.data.tokenizer import AnyTokenizer, Tokenizer
-from bigmodel_cli.data.tokenizer_formats import read_sentencepiece
+from bigmodel_cli.data.tokenizer import AnyTokenizer, Tokenizer, TokenizerFiles
+from bigmodel_cli.data.tokenizer_formats import UNKNOWN, read_sentencepiece
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.hf import generation_eos, hf_name
 from bigmodel_cli.model.params import LoadedModel, param_name
+from bigmodel_cli.modelio import warn
 from bigmodel_cli.tasks import taskinfo
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0")  # export's --quant choices
@@ -81,10 +81,10 @@ def write(loaded: LoadedModel, out: Path, quant: str = "f16") -> Path:
         raise UserError(f"{loaded.home} has no tokenizer, which a GGUF file must carry: export a model that has one")
     tokenizer = files.open()
     temp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.tmp")  # beside out: the rename is atomic
-    writer = gguf.GGUFWriter(temp, arch)
+    writer = gguf.GGUFWriter(temp, arch, use_temp_file=True)  # tensors spool to disk, not to memory
     try:
         _write_metadata(writer, loaded, arch, quant)
-        _write_tokenizer(writer, tokenizer, cfg.vocab_size, _chat_template(loaded, tokenizer))
+        _write_tokenizer(writer, files, tokenizer, cfg.vocab_size, _chat_template(loaded, tokenizer))
         _write_tensors(writer, loaded, arch, quant)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -110,8 +110,10 @@ def _architecture(cfg: ModelConfig, context: int) -> str:
             "GGUF export needs model.sliding_window=0 or at least the context length"
         )
     if cfg.rope_type == "yarn" and (cfg.rope_attention_factor or not cfg.rope_truncate):
-        raise UserError("llama.cpp's yarn RoPE has its own attention factor and rounding: GGUF export needs "
-                        "model.rope_attention_factor=0 and model.rope_truncate=true")  # fmt: skip
+        raise UserError(
+            "llama.cpp's yarn RoPE has its own attention factor and rounding: GGUF export needs "
+            "model.rope_attention_factor=0 and model.rope_truncate=true"
+        )
     return ARCHITECTURES[cfg.architecture]
 
 
@@ -166,12 +168,22 @@ def _write_metadata(writer, loaded: LoadedModel, arch: str, quant: str) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _write_tokenizer(writer, tokenizer: AnyTokenizer, n_vocab: int, chat_template: str | None) -> None:
+def _write_tokenizer(
+    writer, files: TokenizerFiles, tokenizer: AnyTokenizer, n_vocab: int, chat_template: str | None
+) -> None:
     """The vocabulary (padded to the model's rows, as llama.cpp requires), special ids, flags and template."""
-    if isinstance(tokenizer, Tokenizer):
-        tokens, scores, types = _sentencepiece_vocab(tokenizer, writer)
+    spec = None if isinstance(tokenizer, Tokenizer) else json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
+    sentencepiece = next((f for f in files.companions if f.name.endswith(".model")), None)
+    if spec is None:
+        tokens, scores, types = _sentencepiece_vocab(tokenizer.path, writer)
+    elif _is_byte_level(spec):
+        tokens, scores, types = _byte_level_vocab(tokenizer, spec, writer)
+    elif sentencepiece is not None:  # a tokenizer.json restating a SentencePiece model (Llama 2, Mistral)
+        tokens, scores, types = _sentencepiece_vocab(sentencepiece, writer)
     else:
-        tokens, scores, types = _byte_level_vocab(tokenizer, writer)
+        raise UserError(
+            f"{tokenizer.path}: GGUF export supports SentencePiece and byte-level BPE tokenizers, not this one"
+        )
     if len(tokens) > n_vocab:
         raise UserError(f"the tokenizer has {len(tokens)} tokens but the model only {n_vocab} embedding rows")
     unused = 5  # gguf.TokenType.UNUSED
@@ -194,28 +206,28 @@ def _write_tokenizer(writer, tokenizer: AnyTokenizer, n_vocab: int, chat_templat
             writer.add_eot_token_id(eos[-1])
 
 
-def _sentencepiece_vocab(tokenizer: Tokenizer, writer) -> tuple[list[str], list[float], list[int]]:
+def _sentencepiece_vocab(model_file: Path, writer) -> tuple[list[str], list[float], list[int]]:
     """SentencePiece pieces with their scores and types (sentencepiece's type numbers are gguf's TokenType)."""
-    model = read_sentencepiece(tokenizer.path.read_bytes())
+    model = read_sentencepiece(storage.path(model_file).read_bytes())
     if model.normalizer not in ("", "identity"):
-        print(f"warning: llama.cpp does not apply the tokenizer's {model.normalizer} normaliser", file=sys.stderr)
+        warn(f"llama.cpp does not apply the tokenizer's {model.normalizer} normaliser: rare characters may differ")
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")
     writer.add_add_space_prefix(model.add_dummy_prefix)
-    unk = tokenizer.sp.unk_id()
+    unk = next((i for i, (_, _, kind) in enumerate(model.pieces) if kind == UNKNOWN), -1)
     if unk >= 0:
         writer.add_unk_token_id(unk)
     return [p for p, _, _ in model.pieces], [s for _, s, _ in model.pieces], [t for _, _, t in model.pieces]
 
 
-def _byte_level_vocab(tokenizer, writer) -> tuple[list[str], list[float], list[int]]:
+def _is_byte_level(spec: dict) -> bool:
+    """A tokenizer.json of byte-level BPE (GPT-2, Llama 3, Qwen): llama.cpp's "gpt2" tokenizer."""
+    return (spec.get("model") or {}).get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+
+
+def _byte_level_vocab(tokenizer, spec: dict, writer) -> tuple[list[str], list[float], list[int]]:
     """A byte-level BPE tokenizer.json as llama.cpp's "gpt2" model: tokens, merges and the pre-tokenizer."""
-    spec = json.loads(Path(tokenizer.path).read_text(encoding="utf-8"))
-    model = spec.get("model") or {}
-    if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("pre_tokenizer")):
-        raise UserError(
-            f"{tokenizer.path}: GGUF export supports SentencePiece and byte-level BPE tokenizers, not this one"
-        )
+    model = spec["model"]
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(_pre_tokenizer(spec, tokenizer.path))
     vocab = tokenizer.tk.get_vocab(with_added_tokens=True)
@@ -281,11 +293,7 @@ def _write_tensors(writer, loaded: LoadedModel, arch: str, quant: str) -> None:
     if cfg.rope_type == "llama3":
         writer.add_tensor("rope_freqs.weight", _llama3_rope_divisors(cfg), raw_dtype=gguf.GGMLQuantizationType.F32)
     if fell_back:
-        print(
-            f"note: {len(fell_back)} tensors ({fell_back[0]}...) have rows that do not divide into {quant} blocks: "
-            "written as f16",
-            file=sys.stderr,
-        )
+        warn(f"{len(fell_back)} tensors ({fell_back[0]}...) have rows that do not divide into blocks: written as f16")
 
 
 def _interleave_rotary_rows(weight: np.ndarray, heads: int) -> np.ndarray:

@@ -16,7 +16,8 @@ files with `bigmodel export --format gguf`, then, on the same prompt ids (the mo
   model is the same;
 - measures decode tokens/s of both in this one process, on this CPU: the time from the first new token to the
   last, so prompt processing and (bigmodel's) compilation are left out. Each side runs once to warm up, then
-  --repeats times; the median counts. llama.cpp uses every core (n_threads = cpu count), as XLA does.
+  --repeats times; the median counts. llama.cpp uses --threads threads (default: every core, as XLA does; on a
+  host busy with other work, llama.cpp's OpenMP threads wait for each other, and fewer can be faster).
 Prints one JSON line, then one markdown row (`--header` prints the table's header first).
 """
 
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out-dir", type=Path, help="where the GGUF files go (default: a temporary directory)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
     parser.add_argument("--header", action="store_true", help="print the markdown table's header first")
     args = parser.parse_args()
     try:
@@ -72,6 +74,7 @@ def main() -> None:
         "llama_cpp_python": llama_cpp.__version__,
         "prompt_tokens": len(prompt),
         "new_tokens": n,
+        "llama_cpp_threads": args.threads,
         "bigmodel_tokens_per_s": round(ours_rate, 1),
     }
     sequence = prompt + ours[:-1]  # each new token is predicted from the position before it
@@ -80,7 +83,7 @@ def main() -> None:
         path = out_dir / f"model-{quant}.gguf"
         if not path.exists():
             export.run(Path(args.model), path, "gguf", quant=quant)
-        theirs, rate = _llama_cpp(llama_cpp, path, prompt, n, args.repeats)
+        theirs, rate = _llama_cpp(llama_cpp, path, prompt, n, args.repeats, args.threads)
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), n)
         their_logits = _llama_cpp_logits(llama_cpp, path, sequence)[len(prompt) - 1 :]
         result[f"{quant}_agreement"] = f"{agree}/{n}"
@@ -138,11 +141,9 @@ def _llama_cpp_logits(llama_cpp, path: Path, sequence: list[int]) -> np.ndarray:
     return logits
 
 
-def _llama_cpp(llama_cpp, path: Path, prompt: list[int], n: int, repeats: int) -> tuple[list[int], float]:
+def _llama_cpp(llama_cpp, path: Path, prompt: list[int], n: int, repeats: int, threads: int) -> tuple[list[int], float]:
     """llama.cpp's greedy tokens (top_k 1), and decode tokens/s from the first new token to the last."""
-    llm = llama_cpp.Llama(
-        model_path=str(path), n_ctx=len(prompt) + n + 8, n_threads=os.cpu_count(), seed=0, verbose=False
-    )
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_threads=threads, seed=0, verbose=False)
 
     def run() -> tuple[list[int], float]:
         tokens, first_at = [], 0.0

@@ -251,6 +251,8 @@ def _pre_tokenizer(spec: dict, where: Path) -> str:
     pattern = splits[0] if len(splits) == 1 else None
     if len(splits) > 1 or (pattern is None and not (byte_level and byte_level[0].get("use_regex", True))):
         pattern = "?"  # no regex llama.cpp knows
+    if any(s.get("add_prefix_space") for s in byte_level):  # llama.cpp's BPE never adds a leading space
+        pattern = "?"
     if pattern not in PRE_TOKENIZERS:
         raise UserError(
             f"{where}: llama.cpp has no pre-tokenizer for this split pattern; GGUF export knows GPT-2's, "

@@ -186,3 +186,28 @@ def test_llama3_rope_is_written_as_llama_cpp_frequency_divisors():
     divisors = _llama3_rope_divisors(cfg)
     assert divisors.min() == 1.0 and divisors.max() == 8.0  # high frequencies kept, low ones stretched 8 times
     np.testing.assert_allclose(base / divisors, np.asarray(rope_frequencies(cfg)[0]), rtol=1e-6)
+
+
+def test_pre_tokenizers_are_known_by_their_split_regex():
+    from bigmodel_cli.errors import UserError
+    from bigmodel_cli.gguf_export import _pre_tokenizer
+
+    qwen2 = (  # as Qwen2's tokenizer.json spells it
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
+    llama3 = qwen2.replace(r"\p{N}|", r"\p{N}{1,3}|")
+
+    def spec(*steps):
+        return {"pre_tokenizer": {"type": "Sequence", "pretokenizers": list(steps)}}
+
+    def split(regex):
+        return {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated"}
+
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
+    assert _pre_tokenizer(spec(split(qwen2), byte_level), Path("t")) == "qwen2"
+    assert _pre_tokenizer(spec(split(llama3), byte_level), Path("t")) == "llama-bpe"
+    assert _pre_tokenizer({"pre_tokenizer": {**byte_level, "use_regex": True}}, Path("t")) == "gpt2"
+    for unknown in (spec(split(r"\s+"), byte_level), {"pre_tokenizer": {**byte_level, "add_prefix_space": True}}):
+        with pytest.raises(UserError, match="no pre-tokenizer"):
+            _pre_tokenizer(unknown, Path("t"))

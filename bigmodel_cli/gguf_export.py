@@ -44,7 +44,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
 _LETTERS_DIGITS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
 _REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 PRE_TOKENIZERS = {
-    None: "gpt2",
+    None: "gpt-2",
     _LETTERS_DIGITS + "{1,3}" + _REST: "llama-bpe",  # Llama 3
     _LETTERS_DIGITS + _REST: "qwen2",
 }

@@ -140,7 +140,7 @@ def test_metadata_follows_llama_cpp(models):
     assert "output.weight" in types  # untied head
     assert value(qwen2, "general.architecture") == "qwen2"
     assert value(qwen2, "tokenizer.ggml.model") == "gpt2"
-    assert value(qwen2, "tokenizer.ggml.pre") == "gpt2"  # ByteLevel's own GPT-2 split
+    assert value(qwen2, "tokenizer.ggml.pre") == "gpt-2"  # ByteLevel's own GPT-2 split
     assert value(qwen2, "tokenizer.ggml.add_bos_token") is False
     assert "<|im_start|>" in value(qwen2, "tokenizer.chat_template")
     names = {t.name for t in qwen2.tensors}
@@ -207,7 +207,7 @@ def test_pre_tokenizers_are_known_by_their_split_regex():
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
     assert _pre_tokenizer(spec(split(qwen2), byte_level), Path("t")) == "qwen2"
     assert _pre_tokenizer(spec(split(llama3), byte_level), Path("t")) == "llama-bpe"
-    assert _pre_tokenizer({"pre_tokenizer": {**byte_level, "use_regex": True}}, Path("t")) == "gpt2"
+    assert _pre_tokenizer({"pre_tokenizer": {**byte_level, "use_regex": True}}, Path("t")) == "gpt-2"
     for unknown in (spec(split(r"\s+"), byte_level), {"pre_tokenizer": {**byte_level, "add_prefix_space": True}}):
         with pytest.raises(UserError, match="no pre-tokenizer"):
             _pre_tokenizer(unknown, Path("t"))

@@ -9,6 +9,7 @@ files with `bigmodel export --format gguf`, then, on the same prompt ids (the mo
 `bigmodel generate` encodes a prompt):
 - runs llama.cpp's greedy decoding on each file and bigmodel's greedy `generate` (temperature 0) on the model,
   and reports how many of the new tokens agree (the common prefix, out of --max-new-tokens);
+- checks that llama.cpp's tokenizer, read from the file, gives the prompt bigmodel's ids (BOS as the file says);
 - feeds llama.cpp bigmodel's whole greedy sequence (teacher forcing) and compares its logits with bigmodel's at
   every new position: the share of positions whose argmax agrees, and the largest logit difference relative to
   the logits' standard deviation. A greedy sequence of a weakly trained model runs into near-ties, where a
@@ -85,7 +86,9 @@ def main() -> None:
             export.run(Path(args.model), path, "gguf", quant=quant)
         theirs, rate = _llama_cpp(llama_cpp, path, prompt, n, args.repeats, args.threads)
         agree = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), n)
-        their_logits = _llama_cpp_logits(llama_cpp, path, sequence)[len(prompt) - 1 :]
+        their_ids, their_logits = _llama_cpp_logits(llama_cpp, path, sequence, args.prompt)
+        their_logits = their_logits[len(prompt) - 1 :]
+        result[f"{quant}_prompt_ids_equal"] = their_ids == prompt
         result[f"{quant}_agreement"] = f"{agree}/{n}"
         result[f"{quant}_forced_argmax_agreement"] = round(
             float((their_logits.argmax(-1) == our_logits.argmax(-1)).mean()), 3
@@ -132,13 +135,15 @@ def _bigmodel_logits(loaded, sequence: list[int]) -> np.ndarray:
     return np.asarray(model(jnp.asarray([sequence], jnp.int32))[0], np.float32)
 
 
-def _llama_cpp_logits(llama_cpp, path: Path, sequence: list[int]) -> np.ndarray:
-    """llama.cpp's logits [T, V] over one sequence."""
+def _llama_cpp_logits(llama_cpp, path: Path, sequence: list[int], text: str) -> tuple[list[int], np.ndarray]:
+    """llama.cpp's ids for text (special tokens read as such, BOS where the file asks for it), and its logits
+    [T, V] over one sequence."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(sequence) + 8, logits_all=True, verbose=False)
+    ids = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
     llm.eval(sequence)
     logits = np.array(llm.scores[: len(sequence)], np.float32)
     llm.close()
-    return logits
+    return ids, logits
 
 
 def _llama_cpp(llama_cpp, path: Path, prompt: list[int], n: int, repeats: int, threads: int) -> tuple[list[int], float]:

@@ -308,22 +308,31 @@ def export(
     model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
     out: Annotated[
         Path,
-        typer.Option("--out", parser=storage.parse, help="New directory for the export (must not exist or be empty)."),
+        typer.Option(
+            "--out",
+            parser=storage.parse,
+            help="New directory for the export (must not exist or be empty); --format gguf: a new file.",
+        ),
     ],
-    fmt: Annotated[str, typer.Option("--format", help="bigmodel, hf (transformers) or stablehlo.")] = "bigmodel",
+    fmt: Annotated[
+        str, typer.Option("--format", help="bigmodel, hf (transformers), stablehlo or gguf (llama.cpp, Ollama).")
+    ] = "bigmodel",
     dtype: Annotated[str, typer.Option(help="Weights as float32 or bfloat16 (default: as stored).")] = "",
     max_shard_bytes: Annotated[
         int | None, typer.Option(help="--format hf: split the weights into files of at most this size (default 5e9).")
     ] = None,
+    quant: Annotated[str, typer.Option(help="--format gguf: weights as f16 (default), bf16, q8_0 or q4_0.")] = "",
 ) -> None:
-    """Write a self-contained model directory: bigmodel's own, a Hugging Face one (the model's family), or StableHLO.
+    """Write a self-contained model: bigmodel's own directory, a Hugging Face one (the model's family), StableHLO,
+    or one GGUF file for llama.cpp and Ollama.
 
     Example: bigmodel export runs/tiny --format hf --out exports/tiny-hf
+    Example: bigmodel export runs/tiny --format gguf --quant q8_0 --out tiny-q8_0.gguf
     """
     from bigmodel_cli import export as stage
 
     _setup_jax()
-    path = stage.run(model, out, fmt, dtype or None, max_shard_bytes)
+    path = stage.run(model, out, fmt, dtype or None, max_shard_bytes, quant or None)
     _console().result({"out": str(path)})
 
 

@@ -1,8 +1,8 @@
-"""`bigmodel export`: a model -> a new self-contained directory in one of three formats.
+"""`bigmodel export`: a model -> a new self-contained directory (or file) in one of four formats.
 
 bigmodel: safetensors + our config (reloadable by every bigmodel command); hf: a transformers
 directory of the model's family (Llama, Mistral, Qwen2, Qwen3); stablehlo: the forward pass serialised with
-jax.export, weights as arguments.
+jax.export, weights as arguments; gguf: one file for llama.cpp and Ollama (bigmodel_cli/gguf_export.py).
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from pathlib import Path
 
 import jax
 
-from bigmodel_cli import atomic, hf, modelio, native
+from bigmodel_cli import atomic, gguf_export, hf, modelio, native
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel
 
-FORMATS = ("bigmodel", "hf", "stablehlo")
+FORMATS = ("bigmodel", "hf", "stablehlo", "gguf")
 
 
 def run(
@@ -25,16 +25,19 @@ def run(
     format: str = "bigmodel",
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    quant: str | None = None,
 ) -> Path:
-    """Export the model at `model` (run dir, checkpoint, export or hf:DIR) into the new directory `out`."""
-    check_options(format, dtype)
-    return export(modelio.load(model), out, format, dtype, max_shard_bytes)
+    """Export the model at `model` (run dir, checkpoint, export or hf:DIR) into the new directory (gguf: file)
+    `out`."""
+    check_options(format, dtype, quant)
+    return export(modelio.load(model), out, format, dtype, max_shard_bytes, quant)
 
 
-def check_options(format: str, dtype: str | None) -> None:
-    """Refuse a bad --format or --dtype before loading anything."""
+def check_options(format: str, dtype: str | None, quant: str | None = None) -> None:
+    """Refuse a bad --format, --dtype or --quant before loading anything."""
     if format not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}; got {format!r}")
+    gguf_export.check_options(format, quant, dtype)
     if dtype and dtype not in hf.DTYPES:
         raise UserError(f"--dtype must be one of {', '.join(hf.DTYPES)}; got {dtype!r}")
 
@@ -45,12 +48,16 @@ def export(
     format: str = "bigmodel",
     dtype: str | None = None,
     max_shard_bytes: int | None = None,
+    quant: str | None = None,
 ) -> Path:
-    """Write `loaded` to `out` in `format`, with parameters cast to `dtype` (None: as they are)."""
-    check_options(format, dtype)
+    """Write `loaded` to `out` in `format`, with parameters cast to `dtype` (None: as they are); gguf's weights
+    in `quant` (default f16)."""
+    check_options(format, dtype, quant)
     if max_shard_bytes is not None and format != "hf":
         raise UserError("--max-shard-bytes applies to --format hf only")
     loaded = modelio.plain(loaded)  # LoRA adapters are merged into the weights
+    if format == "gguf":
+        return gguf_export.write(loaded, out, quant or "f16")
     if dtype:
         loaded = _cast(loaded, dtype)
     if format == "bigmodel":

@@ -69,7 +69,8 @@ def create_app(served: Served) -> FastAPI:
     @app.get("/health")
     def health() -> dict:
         engine = served.engine
-        return {"status": "ok", "active": engine.active(), "waiting": engine.waiting(), "max_batch": engine.max_batch}
+        slots = {"active": engine.active(), "waiting": engine.waiting(), "max_batch": engine.max_batch}
+        return {"status": "ok", **slots, "peak_active": engine.peak_active, "cancelled": engine.cancelled}
 
     @api.get("/models")
     def models() -> dict:

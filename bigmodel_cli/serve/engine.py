@@ -90,6 +90,8 @@ class Engine:
         self._wake = threading.Condition()
         self._closed = False
         self.last_error = ""
+        self.peak_active = 0  # the most slots busy at once so far: above 1, requests were batched
+        self.cancelled = 0  # requests whose slot was freed before they finished (a client gone, a stop string)
         with parallel.activate(loaded.mesh):
             model = nnx.merge(loaded.graphdef, loaded.params)
             self._cache = jax.jit(model.init_cache, static_argnums=(0, 1))(max_batch, max_len)
@@ -150,6 +152,7 @@ class Engine:
         for slot, request in enumerate(self._slots):
             if request is not None and request.cancelled:
                 self._slots[slot] = None
+                self.cancelled += 1
         with self._wake:  # a request cancelled while waiting never takes a slot
             self._waiting = deque(r for r in self._waiting if not r.cancelled)
 
@@ -164,6 +167,7 @@ class Engine:
                 request = self._waiting.popleft()
             token = self._run_prefill(slot, request.prompt, request)
             self._slots[slot] = request
+            self.peak_active = max(self.peak_active, self.active())
             self._deliver(slot, request, token)
 
     def _advance(self) -> None:

@@ -180,3 +180,13 @@ def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(server):
         server["client"].chat.completions.create(model=model, messages=chat["messages"], top_p=0)
     answer = server["client"].completions.create(model=model, prompt="the ", max_tokens=3, temperature=0)
     assert len(answer.choices[0].text) == 3 and _health(server)["active"] == 0
+
+
+def test_serve_refuses_bad_options_before_serving(server, cli):
+    refused = cli("serve", server["run"], "--max-batch", 0, ok=False)
+    assert refused.exit_code == 2 and "--max-batch must be in [1, 256]" in refused.stderr
+    taken = int(server["base"].split(":")[2].split("/")[0])  # the running server's port
+    busy = cli("serve", server["run"], "--port", taken, ok=False)
+    assert busy.exit_code == 2 and "cannot listen on 127.0.0.1" in busy.stderr
+    too_long = cli("serve", server["run"], "--port", 0, "--max-model-len", CONTEXT + 1, ok=False)
+    assert too_long.exit_code == 2 and f"--max-model-len must be in [1, {CONTEXT}]" in too_long.stderr

@@ -29,6 +29,8 @@ from bigmodel_cli.serve.protocol import (
 )
 from bigmodel_cli.tasks.chat import ChatFormat
 
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+
 
 @dataclass(frozen=True)
 class Served:
@@ -85,7 +87,7 @@ def create_app(served: Served) -> FastAPI:
         head["model"] = served.name
         if body.stream:
             return _sse(_stream(served, job, body, head, chat=False))
-        text, finish, used = await _collect(served, job, body)
+        text, finish, used = await _collect(served, job, body, request)
         choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
         return {**head, "choices": [choice], "usage": _usage(job, used)}
 
@@ -110,7 +112,7 @@ def create_app(served: Served) -> FastAPI:
         head["model"] = served.name
         if body.stream:
             return _sse(_stream(served, job, body, {**head, "object": "chat.completion.chunk"}, chat=True))
-        text, finish, used = await _collect(served, job, body)
+        text, finish, used = await _collect(served, job, body, request)
         message = {"role": "assistant", "content": text}
         choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
         return {**head, "choices": [choice], "usage": _usage(job, used)}
@@ -222,12 +224,29 @@ async def _pieces(served: Served, job: _Job, body) -> AsyncIterator[tuple[str, s
         request.cancel()
 
 
-async def _collect(served: Served, job: _Job, body) -> tuple[str, str, int]:
-    """The whole answer: (text, finish reason, completion tokens)."""
+async def _collect(served: Served, job: _Job, body, http: Request) -> tuple[str, str, int]:
+    """The whole answer: (text, finish reason, completion tokens); decoding stops if the client goes away."""
     parts, last = [], ("stop", 0)
-    async for piece, finish, used in _pieces(served, job, body):
-        parts.append(piece)
-        last = (finish or "stop", used)
+
+    async def gather() -> None:
+        nonlocal last
+        async for piece, finish, used in _pieces(served, job, body):
+            parts.append(piece)
+            last = (finish or "stop", used)
+
+    async def client_gone() -> None:
+        while not await http.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+
+    answer, watch = asyncio.create_task(gather()), asyncio.create_task(client_gone())
+    try:
+        await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        answer.cancel()  # when the client left first: _pieces frees the slot
+    if not answer.done() or answer.cancelled():
+        raise ApiError(499, "the client closed the connection")
+    answer.result()  # an engine failure, as its ApiError
     return "".join(parts), *last
 
 

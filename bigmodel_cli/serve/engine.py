@@ -4,6 +4,8 @@ One scheduler thread owns the model. Each request takes a free slot: its prompt 
 power-of-two bucket, so a handful of prompt shapes compile once each) into that slot's rows of a cache
 [max_batch, max_len]; then every step decodes one token for all busy slots together. Requests join and leave
 at step boundaries, so a short answer never waits for a long one and a new request waits at most one step.
+A step's attention reads only the cache positions its longest answer has reached (a power-of-two view), so
+a long --max-model-len costs only the requests that use it. Every bucket and view compiles once, at start.
 """
 
 from __future__ import annotations
@@ -66,16 +68,23 @@ def _prefill(graphdef, params, cache, slot, tokens, length, seed, temperature, t
     return token, cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step(graphdef, params, cache, tokens, positions, seeds, counts, temperature, top_p):
-    """One decode step for every slot: tokens [B] at positions [B] -> next tokens [B] and the cache."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "view"), donate_argnames=("cache",))
+def _step(graphdef, params, cache, tokens, positions, seeds, counts, temperature, top_p, *, view):
+    """One decode step for every slot: tokens [B] at positions [B] -> next tokens [B] and the cache.
+
+    Attention reads only the cache's first `view` positions (all positions < view): a step costs what the
+    longest answer in the batch needs, not the whole --max-model-len."""
     model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(tokens[:, None], cache, positions)  # [B,1,V]
+    part = [{name: layer[name][:, :view] for name in layer} for layer in cache]  # [B,view,K,E] each
+    logits, part = model.decode(tokens[:, None], part, positions)  # [B,1,V]
+    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=1)
+    cache = [{name: put(layer[name], new[name]) for name in layer} for layer, new in zip(cache, part, strict=True)]
     return jax.vmap(_pick_row)(logits[:, 0], seeds, counts, temperature, top_p), cache
 
 
 def bucket(length: int, max_len: int) -> int:
-    """The padded prompt length for a prompt of `length` tokens: a power of two, at least MIN_BUCKET."""
+    """The padded length for `length` tokens (a prompt, or the cache positions a step reads): a power of two,
+    at least MIN_BUCKET, at most max_len."""
     return min(max(MIN_BUCKET, 1 << (length - 1).bit_length()), max_len)
 
 
@@ -100,9 +109,14 @@ class Engine:
     # ---- the HTTP side ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Compile the step and the shortest prefill (so the first request is not slow), then start decoding."""
-        self._run_prefill(0, [0])
-        self._run_step()
+        """Compile every prefill bucket and step view (so that no request waits on a compilation), then start."""
+        size = MIN_BUCKET
+        while True:
+            self._run_prefill(0, [0] * min(size, self.max_len - 1))
+            self._run_step(view=min(size, self.max_len))
+            if size >= self.max_len:
+                break
+            size *= 2
         self._thread.start()
 
     def submit(self, request: Request) -> Request:
@@ -204,7 +218,7 @@ class Engine:
             )
         return int(token)
 
-    def _run_step(self) -> np.ndarray:
+    def _run_step(self, view: int = 0) -> np.ndarray:
         busy = [r if r is not None and not r.cancelled else None for r in self._slots]
         # A free slot decodes a dummy token at position 0 of its own row, which its next prefill rewrites.
         positions = np.array([len(r.prompt) + r.generated - 1 if r else 0 for r in busy], np.int32)
@@ -219,5 +233,6 @@ class Engine:
                 np.array([r.generated if r else 0 for r in busy], np.int32),
                 np.array([r.temperature if r else 0.0 for r in busy], np.float32),
                 np.array([r.top_p if r else 1.0 for r in busy], np.float32),
+                view=view or bucket(int(positions.max()) + 1, self.max_len),
             )
         return np.asarray(tokens)

@@ -280,7 +280,8 @@ def serve(
     ] = "",
     max_batch: Annotated[int, typer.Option(help="Requests decoded together (KV-cache slots).")] = 8,
     max_model_len: Annotated[
-        int, typer.Option(help="Prompt + answer tokens per request (the KV cache's length); 0 = the model's.")
+        int,
+        typer.Option(help="Prompt + answer tokens per request (the KV cache's length); 0 = the model's, at most 4096."),
     ] = 0,
     served_model_name: Annotated[str, typer.Option(help="The model id clients pass; default: MODEL as given.")] = "",
 ) -> None:

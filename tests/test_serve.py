@@ -189,3 +189,66 @@ def test_serve_refuses_bad_options_before_serving(server, cli):
     assert busy.exit_code == 2 and "cannot listen on 127.0.0.1" in busy.stderr
     too_long = cli("serve", server["run"], "--port", 0, "--max-model-len", CONTEXT + 1, ok=False)
     assert too_long.exit_code == 2 and f"--max-model-len must be in [1, {CONTEXT}]" in too_long.stderr
+
+
+class _Chars:
+    """A tokenizer stand-in: token i is chr(i)."""
+
+    def decode(self, ids):
+        return "".join(map(chr, ids))
+
+
+def test_streamed_text_holds_back_what_could_start_a_stop_string():
+    from bigmodel_cli.serve.protocol import TextStream
+
+    stream = TextStream(_Chars(), frozenset({0}), ("END", "xy"))
+    shown = [stream.add(ord(c)) for c in "abExNEN"]
+    # "E" may begin "END" and "x" may begin "xy": each waits until the next character rules it out
+    assert shown == ["a", "b", "", "E", "xN", "", ""] and not stream.stopped
+    assert stream.add(ord("D")) == "" and stream.add(0) == ""  # the stop string is never shown
+    assert stream.stopped and stream.text == "abExN" and stream.flush() == ""
+
+
+def test_an_engine_failure_fails_its_requests_and_the_engine_goes_on():
+    import threading
+
+    import jax
+    from flax import nnx
+
+    from bigmodel_cli import parallel
+    from bigmodel_cli.config import MeshConfig
+    from bigmodel_cli.model.params import LoadedModel
+    from bigmodel_cli.model.transformer import Transformer
+    from bigmodel_cli.serve.engine import Engine, Request
+    from tests.test_generate import CFG
+
+    mesh = parallel.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    graphdef, state = nnx.split(Transformer(CFG, rngs=nnx.Rngs(0)))
+    loaded = LoadedModel(CFG, graphdef, nnx.to_pure_dict(state), mesh, None, 0, CFG.max_seq_len, "")
+    engine = Engine(loaded, 2, 32)
+    engine.start()
+    real_step, results = engine._run_step, {}
+
+    def broken_step(view=0):
+        raise RuntimeError("device lost\ndetails")
+
+    def ask(name: str) -> threading.Event:
+        done = threading.Event()
+
+        def emit(token, finish):
+            results.setdefault(name, []).append((token, finish))
+            if finish:
+                done.set()
+
+        engine.submit(Request([1, 2, 3], 5, emit))
+        return done
+
+    try:
+        engine._run_step = broken_step
+        assert ask("failed").wait(30)
+        assert results["failed"][-1] == (-1, "error") and engine.last_error == "RuntimeError: device lost"
+        engine._run_step = real_step
+        assert ask("after").wait(30)
+        assert len(results["after"]) == 5 and results["after"][-1][1] == "length" and engine.active() == 0
+    finally:
+        engine.close()

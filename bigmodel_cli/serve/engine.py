@@ -179,8 +179,8 @@ class Engine:
                 if not self._waiting:
                     return
                 request = self._waiting.popleft()
+            self._slots[slot] = request  # in its slot before prefill: a failure there reaches it as an error
             token = self._run_prefill(slot, request.prompt, request)
-            self._slots[slot] = request
             self.peak_active = max(self.peak_active, self.active())
             self._deliver(slot, request, token)
 

@@ -274,6 +274,39 @@ def generate(
 
 
 @command
+def serve(
+    model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port; 0 picks a free one (printed).")] = 8000,
+    api_key: Annotated[
+        str, typer.Option(envvar="BIGMODEL_API_KEY", help="Require 'Authorization: Bearer KEY' on /v1 requests.")
+    ] = "",
+    max_batch: Annotated[int, typer.Option(help="Requests decoded together (KV-cache slots).")] = 8,
+    max_model_len: Annotated[
+        int,
+        typer.Option(help="Prompt + answer tokens per request (the KV cache's length); 0 = the model's, at most 4096."),
+    ] = 0,
+    served_model_name: Annotated[str, typer.Option(help="The model id clients pass; default: MODEL as given.")] = "",
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), batching requests.
+
+    Example: bigmodel serve runs/tiny --port 8000 --api-key secret
+    """
+    from bigmodel_cli import serve as stage
+
+    _setup_jax(inference=True)
+    stage.run(
+        model,
+        host=host,
+        port=port,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_model_len=max_model_len,
+        name=served_model_name,
+    )
+
+
+@command
 def tokenize(
     source: Annotated[
         Path,

@@ -32,12 +32,19 @@ STAGES = {
     "evaluate.generate",
     "evaluate.task_eval",
     "evaluate.tokenize",
+    "serve",
+    "serve.app",
+    "serve.engine",
 }
 # The only stage-to-stage imports: the command line and quickstart call stages; task evaluation decodes with
 # generate's sampler.
 STAGE_CALLS_STAGE = {
     "quickstart": {"data.preprocess", "pretrain", "evaluate.generate", "evaluate.lm"},
     "evaluate.task_eval": {"evaluate.generate"},
+    # serve loads a model as generate does and samples with its sampler
+    "serve": {"serve.app", "serve.engine", "evaluate.generate"},
+    "serve.app": {"serve.engine"},
+    "serve.engine": {"evaluate.generate"},
 }
 
 

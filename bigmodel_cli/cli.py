@@ -287,6 +287,7 @@ def serve(
         typer.Option(help="Prompt + answer tokens per request (the KV cache's length); 0 = the model's, at most 4096."),
     ] = 0,
     served_model_name: Annotated[str, typer.Option(help="The model id clients pass; default: MODEL as given.")] = "",
+    quantize: Quantize = "",
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions), batching requests.
 
@@ -303,6 +304,7 @@ def serve(
         max_batch=max_batch,
         max_model_len=max_model_len,
         name=served_model_name,
+        quantize=quantize,
     )
 
 

@@ -189,6 +189,8 @@ def test_serve_refuses_bad_options_before_serving(server, cli):
     assert busy.exit_code == 2 and "cannot listen on 127.0.0.1" in busy.stderr
     too_long = cli("serve", server["run"], "--port", 0, "--max-model-len", CONTEXT + 1, ok=False)
     assert too_long.exit_code == 2 and f"--max-model-len must be in [1, {CONTEXT}]" in too_long.stderr
+    int4 = cli("serve", server["run"], "--port", 0, "--quantize", "int4", ok=False)
+    assert int4.exit_code == 2 and "--quantize" in int4.stderr and len(int4.stderr.strip().splitlines()) == 1
 
 
 class _Chars:

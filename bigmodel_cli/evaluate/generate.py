@@ -46,7 +46,7 @@ class Sampling:
             raise UserError(f"--top-p must be in (0, 1], got {self.top_p}")
 
 
-def _pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
+def pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Array:
     """Next token for each row of logits [B, V]."""
     greedy = jnp.argmax(logits, axis=-1)
     scaled = logits / jnp.maximum(temperature, 1e-6)
@@ -70,7 +70,7 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
     cache = model.init_cache(batch, cache_len)
     logits, cache = model.decode(prompts, cache, jnp.zeros((batch,), jnp.int32))  # prefill [B,P,V]
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B,V]
-    first = _pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    first = pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
 
     if max_new_tokens == 1:  # the prefill's token is all there is (an empty scan would still trace its step)
         return first[:, None]
@@ -78,7 +78,7 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
     def step(carry, i):
         token, cache, done = carry
         logits, cache = model.decode(token[:, None], cache, lengths + i)  # [B,1,V]
-        nxt = _pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
+        nxt = pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
         done = done | (token == eos_id)
         nxt = jnp.where(done, eos_id, nxt)
         return (nxt, cache, done), nxt
@@ -162,7 +162,7 @@ def _check_utf8(option: str, text: str) -> None:
         ) from None
 
 
-def _load(model: Path, quantize: str = "") -> tuple[LoadedModel, AnyTokenizer, taskinfo.TaskInfo | None]:
+def open_model(model: Path, quantize: str = "") -> tuple[LoadedModel, AnyTokenizer, taskinfo.TaskInfo | None]:
     """The model (quantized as --quantize asks), its tokenizer (holding the chat template the model was
     finetuned with) and its task info."""
     quantization.check(quantize)
@@ -236,7 +236,7 @@ def run(
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
         _check_utf8(option, text)
-    loaded, tokenizer, info = _load(model, quantize)
+    loaded, tokenizer, info = open_model(model, quantize)
     if info is not None and info.chat_template and not raw:
         # The prompt becomes a user turn and the reply ends where the turn does, as in finetuning.
         return Chat(loaded, tokenizer, sampling, stop).reply(prompt)
@@ -258,7 +258,7 @@ def chat(
     or END_CHAT. Returns the number of replies."""
     for text in stop:
         _check_utf8("--stop", text)
-    conversation = Chat(*_load(model, quantize)[:2], sampling, stop)
+    conversation = Chat(*open_model(model, quantize)[:2], sampling, stop)
     replies = 0
     for message in messages:
         if not message.strip() or message.strip() == END_CHAT:

@@ -22,11 +22,12 @@ def run(
     max_batch: int = 8,
     max_model_len: int = 0,
     name: str = "",
+    quantize: str = "",
 ) -> None:
     """Load the model, compile the engine, and answer requests until interrupted."""
     import uvicorn
 
-    from bigmodel_cli.evaluate.generate import _load
+    from bigmodel_cli.evaluate.generate import open_model
     from bigmodel_cli.serve.app import Served, create_app
     from bigmodel_cli.serve.engine import Engine
     from bigmodel_cli.tasks.chat import chat_format
@@ -36,7 +37,7 @@ def run(
     if not 0 <= port <= 65535:
         raise UserError(f"--port must be in [0, 65535] (0 = any free port), got {port}")
     listener = _listen(host, port)  # before the model loads: a taken port fails at once
-    loaded, tokenizer, _info = _load(model)
+    loaded, tokenizer, _info = open_model(model, quantize)
     positions = loaded.model_cfg.max_seq_len
     if max_model_len > positions or max_model_len < 0:
         raise UserError(f"--max-model-len must be in [1, {positions}] (the model's positions), got {max_model_len}")

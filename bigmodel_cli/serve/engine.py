@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli import parallel
-from bigmodel_cli.evaluate.generate import _pick
+from bigmodel_cli.evaluate.generate import pick
 from bigmodel_cli.model.params import LoadedModel
 
 MIN_BUCKET = 16  # the shortest padded prompt: shorter buckets would only add compilations
@@ -53,7 +53,7 @@ class Request:
 def _pick_row(logits, seed, index, temperature, top_p):
     """The next token from one row of logits [V], sampled with the request's own key for its index-th token."""
     key = jax.random.fold_in(jax.random.key(seed), index)
-    return _pick(logits[None], key, temperature, 0, top_p)[0]
+    return pick(logits[None], key, temperature, 0, top_p)[0]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))

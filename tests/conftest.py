@@ -23,6 +23,12 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("BIGMODEL_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+# The shape of every tiny transformers model the tests build (vocabulary, positions and the rest vary by test).
+TINY_HF_SHAPE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+)
+
+
 def pretrain_args(run_dir, data, settings: dict, *extra, recipe: Path = REPO / "recipes" / "tiny.toml") -> list:
     """`pretrain RECIPE --run-dir RUN_DIR --set data.path=DATA --set KEY=VALUE... EXTRA...` as CLI arguments."""
     args = ["pretrain", recipe, "--run-dir", run_dir, "--set", f"data.path={data}"]

@@ -19,7 +19,7 @@ from bigmodel_cli import modelio
 from bigmodel_cli.config import MeshConfig
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.parallel import make_mesh
-from tests.conftest import pretrain_args
+from tests.conftest import TINY_HF_SHAPE, pretrain_args
 from tests.test_hf import ours
 from tests.test_hf_tokenizer import byte_level_dir
 
@@ -49,11 +49,7 @@ def models(tmp_path_factory, cli, tiny_data) -> dict[str, dict]:
     vocab = len(AutoTokenizer.from_pretrained(hf_dir))
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_HF_SHAPE,
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )

@@ -24,7 +24,7 @@ from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
 from bigmodel_cli.parallel import make_mesh
-from tests.conftest import model_tolerance
+from tests.conftest import TINY_HF_SHAPE, model_tolerance
 
 
 def tiny_loaded(home: Path, vocab_size: int = 96, tie: bool = False, seed: int = 0) -> LoadedModel:
@@ -157,11 +157,7 @@ def hf_random_llama(directory: Path, tie: bool = False, max_shard_size: str | No
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_HF_SHAPE,
         max_position_embeddings=256,
         tie_word_embeddings=tie,
         initializer_range=0.2,

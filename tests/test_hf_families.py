@@ -26,16 +26,12 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.model.transformer import Transformer, causal_attention, count_params
 from bigmodel_cli.parallel import make_mesh
-from tests.conftest import f32_tolerance, model_tolerance
+from tests.conftest import TINY_HF_SHAPE, f32_tolerance, model_tolerance
 
 WINDOW = 16  # Mistral's sliding window here: prompts are longer
 PROMPT_LEN = 40
 SIZES = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
+    **TINY_HF_SHAPE,
     max_position_embeddings=128,
     initializer_range=0.2,  # spread logits: greedy decoding without near-ties that rounding could flip
     bos_token_id=None,

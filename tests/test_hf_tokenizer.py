@@ -20,7 +20,7 @@ from bigmodel_cli.data import preprocess
 from bigmodel_cli.data.tokenizer import HFTokenizer, open_tokenizer, sequence_start
 from bigmodel_cli.tasks import layout
 from bigmodel_cli.tasks.options import TaskOptions
-from tests.conftest import pretrain_args
+from tests.conftest import TINY_HF_SHAPE, pretrain_args
 from tests.test_hf import CORPUS, SAMPLES, _sentencepiece, tiny_loaded
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>"]
@@ -142,11 +142,7 @@ def test_generate_from_a_sentencepiece_hf_dir_matches_transformers_greedy(tmp_pa
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=600,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_HF_SHAPE,
         max_position_embeddings=64,
         initializer_range=0.2,
     )

@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from bigmodel_cli import modelio
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
-from tests.conftest import run_cli_subprocess
+from tests.conftest import TINY_HF_SHAPE, run_cli_subprocess
 
 REPO = "bigmodel-test/tiny-llama"
 PICKLED = "bigmodel-test/pickled"
@@ -56,11 +56,7 @@ def saved_llama(directory: Path, vocab_size: int, seed: int, **save_kwargs) -> d
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_HF_SHAPE,
         max_position_embeddings=256,
         initializer_range=0.2,
         bos_token_id=1,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, pretrain_args
+from tests.conftest import REPO, TINY_HF_SHAPE, pretrain_args
 
 TINY = REPO / "recipes" / "tiny.toml"
 
@@ -64,11 +64,7 @@ def qwen(tmp_path_factory) -> dict:
     torch.manual_seed(0)
     config = Qwen2Config(
         vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_HF_SHAPE,
         max_position_embeddings=128,
         tie_word_embeddings=True,
     )

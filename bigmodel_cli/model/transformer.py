@@ -150,13 +150,24 @@ def _weight(param) -> tuple[jax.Array, jax.Array | None]:
 
 def _matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
     """x @ kernel in x's dtype; an int8 kernel is converted for its matmul alone and `scale` multiplies the
-    product's columns (the same as scaling the kernel's). The barrier ties the kernel to x, so that XLA converts
-    it only once x exists: otherwise it converts every kernel up front, or hoists the conversions out of the
-    decoding loop, holding a float copy of all the weights at once."""
-    if scale is None:
-        return dense(x, kernel.astype(x.dtype))
-    x, kernel = jax.lax.optimization_barrier((x, kernel))
-    return dense(x, kernel.astype(x.dtype)) * scale.astype(x.dtype)
+    product's columns (the same as scaling the kernel's). A kernel narrower than x (int8, or bfloat16 under
+    float32 compute) is tied to x by the barrier, so that XLA converts it only once x exists: otherwise it
+    converts every kernel up front, or hoists the conversions out of the decoding loop, holding a float copy of
+    all the weights at once."""
+    if kernel.dtype.itemsize < x.dtype.itemsize:
+        x, kernel = jax.lax.optimization_barrier((x, kernel))
+    y = dense(x, kernel.astype(x.dtype))
+    return y if scale is None else y * scale.astype(x.dtype)
+
+
+def _rows(table: jax.Array, tokens: jax.Array, decoding: bool) -> jax.Array:
+    """table[tokens]. Decoding gathers a 16-bit float table as 16-bit integers: XLA:CPU gathers floats in float32,
+    converting the whole table, and hoists that conversion out of the decoding loop, holding a float32 copy of
+    the table throughout (integers carry no gradient, hence decoding only)."""
+    if not decoding or table.dtype.itemsize != 2 or not jnp.issubdtype(table.dtype, jnp.floating):
+        return jnp.take(table, tokens, axis=0)
+    bits = jnp.take(jax.lax.bitcast_convert_type(table, jnp.uint16), tokens, axis=0)
+    return jax.lax.bitcast_convert_type(bits, table.dtype)
 
 
 class Projections(nnx.Module):
@@ -389,7 +400,7 @@ class Transformer(nnx.Module):
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)  # [B,T]
         table, row_scale = _weight(self.embed_tokens)  # [V,D], and [V] when int8
-        x = jnp.take(table, tokens, axis=0).astype(dt)  # [B,T,D]
+        x = _rows(table, tokens, decoding=cache is not None).astype(dt)  # [B,T,D]
         if row_scale is not None:
             x = x * jnp.take(row_scale, tokens)[..., None].astype(dt)
         x = constrain(x, ("batch", "length", None))
@@ -412,9 +423,12 @@ class Transformer(nnx.Module):
         else:  # a whole float32 copy of a bfloat16 or int8 head is inference's largest buffer: a slice at a time
             parts = jnp.array_split(head, HEAD_SLICES, axis=1)
             scales = [None] * HEAD_SLICES if head_scale is None else jnp.array_split(head_scale, HEAD_SLICES)
-            logits = jnp.concatenate(
-                [_matmul(x, part, scale) for part, scale in zip(parts, scales, strict=True)], axis=-1
-            )
+            outs = []
+            for part, scale in zip(parts, scales, strict=True):
+                if outs:  # each slice waits for the one before: one converted slice alive at a time
+                    x, _ = jax.lax.optimization_barrier((x, outs[-1]))
+                outs.append(_matmul(x, part, scale))
+            logits = jnp.concatenate(outs, axis=-1)
         logits = logits.astype(jnp.float32)  # [B,T,V]
         return logits, (new_cache if cache is not None else None)
 

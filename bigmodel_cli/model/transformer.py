@@ -348,7 +348,7 @@ class Block(nnx.Module):
         return constrain(x, ("batch", "length", None)), new_cache
 
 
-HEAD_SLICES = 8  # output-head slices converted one at a time when parameters and compute differ in dtype
+HEAD_SLICES = 16  # output-head slices converted one at a time when parameters and compute differ in dtype
 
 _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,

@@ -22,7 +22,6 @@ from bigmodel_cli import storage
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
-from bigmodel_cli.data.tokenizer_hf import read_json
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.hf_config import FAMILIES, hf_config, read_config
 from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
@@ -172,7 +171,7 @@ def _write_tokenizer(files: TokenizerFiles, tokenizer: AnyTokenizer, directory: 
 def _write_tokenizer_json(files: TokenizerFiles, tokenizer: AnyTokenizer, directory: Path, seq_len: int) -> None:
     """tokenizer.json as it is (its post-processor adds what bigmodel adds), and the model's own config."""
     storage.copy_file(files.main, directory / TOKENIZER_JSON_FILE)
-    config: dict[str, Any] = read_json(files.main.parent / TOKENIZER_CONFIG_FILE) or {}
+    config: dict[str, Any] = storage.read_json_object(files.main.parent / TOKENIZER_CONFIG_FILE) or {}
     # Without a class, transformers would pick the model type's (LlamaTokenizer), which rebuilds the pipeline
     # from the vocabulary; the generic class uses tokenizer.json verbatim.
     config.setdefault("tokenizer_class", "PreTrainedTokenizerFast")
@@ -236,14 +235,22 @@ def _write_sentencepiece(model_file: Path, tokenizer, directory: Path, seq_len: 
 # ----------------------------------------------------------------------------------------------------------
 
 
+def weight_map(home: Path) -> dict[str, str] | None:
+    """The sharded weights' index: HF tensor name -> shard file name; None when the weights are not sharded."""
+    index = storage.read_json_object(home / WEIGHTS_INDEX)
+    if index is None:
+        return None
+    shards = index.get("weight_map")
+    if not isinstance(shards, dict) or not all(isinstance(f, str) for f in shards.values()):
+        raise UserError(f"{home / WEIGHTS_INDEX} is not a safetensors index (no weight_map)")
+    return shards
+
+
 def _weight_files(home: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it; refuses pickle checkpoints."""
-    if (home / WEIGHTS_INDEX).is_file():
-        try:
-            weight_map = json.loads((home / WEIGHTS_INDEX).read_text())["weight_map"]
-            return {name: home / file for name, file in weight_map.items()}
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise UserError(f"{home / WEIGHTS_INDEX} is not a safetensors index (no weight_map)") from None
+    shards = weight_map(home)
+    if shards is not None:
+        return {name: home / file for name, file in shards.items()}
     if (home / WEIGHTS).is_file():
         return dict.fromkeys(_header(home / WEIGHTS), home / WEIGHTS)
     _refuse_pickles(home)
@@ -274,7 +281,7 @@ def read_model_config(home: Path) -> tuple[ModelConfig, int]:
     if files.get(name) and files[name].is_file():
         stored = _header(files[name])[name]["dtype"]
     else:  # transformers saves the weights' dtype as "dtype" (5.x) or "torch_dtype" (4.x), and reads float32 without
-        config = json.loads((home / "config.json").read_text(encoding="utf-8"))
+        config = storage.read_json_object(home / "config.json") or {}
         declared = str(config.get("dtype") or config.get("torch_dtype") or "float32")
         stored = CONFIG_DTYPES.get(declared, declared)
     if stored not in STORED_DTYPES:

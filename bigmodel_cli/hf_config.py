@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
 
@@ -107,14 +108,9 @@ def _rope_fields(cfg: ModelConfig) -> dict[str, Any]:
 def read_config(home: Path) -> tuple[ModelConfig, int]:
     """(model config, sequence length) from a supported family's config.json, refusing what we do not implement."""
     where = home / "config.json"
-    if not where.is_file():
+    cfg = storage.read_json_object(where)
+    if cfg is None:
         raise UserError(f"{where} not found: hf:DIR needs a Hugging Face model directory with config.json")
-    try:
-        cfg = json.loads(where.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{where} is not valid JSON ({err})") from None
-    if not isinstance(cfg, dict):
-        raise UserError(f"{where} is not a JSON object")
 
     def refuse(field: str, why: str) -> UserError:
         return UserError(f"{where}: {field}={json.dumps(cfg.get(field))} is not supported: {why}")

@@ -165,12 +165,9 @@ def _missing_files(folder: Path, config_only: bool = False) -> list[str]:
     missing = [] if (folder / "config.json").is_file() else ["config.json"]
     if config_only:
         return missing
-    if (folder / hf.WEIGHTS_INDEX).is_file():
-        try:
-            shards = set(json.loads((folder / hf.WEIGHTS_INDEX).read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            return missing  # hf.load names the broken index
-        return missing + sorted(s for s in shards if not (folder / s).is_file())
+    shards = hf.weight_map(folder)
+    if shards is not None:
+        return missing + sorted(s for s in set(shards.values()) if not (folder / s).is_file())
     return missing + ([] if (folder / hf.WEIGHTS).is_file() else [hf.WEIGHTS])
 
 

@@ -5,6 +5,7 @@ directory named on the command line or in a recipe is parsed here."""
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -126,3 +127,18 @@ def _filesystem(value):
     import fsspec
 
     return fsspec.filesystem(scheme(value))
+
+
+def read_json_object(file) -> dict | None:
+    """A JSON object file (local or in a bucket), None when absent; a UserError naming the file when it is not
+    one: the config files of model and tokenizer directories."""
+    file = path(file)
+    if not file.is_file():
+        return None
+    try:
+        value = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{file} is not valid JSON ({err}): restore the model's own file") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{file} is not a JSON object: restore the model's own file")
+    return value

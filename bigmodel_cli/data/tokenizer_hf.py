@@ -18,7 +18,6 @@ tokenizer.json's (LlamaTokenizer, GPT2Tokenizer, Qwen2Tokenizer...): they are me
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import tokenizers
@@ -30,29 +29,15 @@ from bigmodel_cli.rundir import CHAT_TEMPLATE_FILE, SPECIAL_TOKENS_MAP_FILE, TOK
 PROBE = "a"  # encoded with and without the post-processor to see what it adds around a text
 
 
-def read_json(path: Path) -> dict | None:
-    """A JSON object file, None when absent; a UserError naming the file when it is not one."""
-    path = storage.path(path)
-    if not path.is_file():
-        return None
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise UserError(f"{path} is not valid JSON ({err}): restore the model's own file") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path} is not a JSON object: restore the model's own file")
-    return value
-
-
 def read_config(directory: Path) -> dict:
     """A model directory's tokenizer_config.json as transformers reads it ({} without one).
 
     special_tokens_map.json's tokens override the config's when the config has no added_tokens_decoder (the
     legacy layout), and chat_template.jinja, which transformers 5 writes, wins over the config's template."""
     directory = storage.path(directory)
-    config = read_json(directory / TOKENIZER_CONFIG_FILE) or {}
+    config = storage.read_json_object(directory / TOKENIZER_CONFIG_FILE) or {}
     if "added_tokens_decoder" not in config:
-        config.update(read_json(directory / SPECIAL_TOKENS_MAP_FILE) or {})
+        config.update(storage.read_json_object(directory / SPECIAL_TOKENS_MAP_FILE) or {})
     template = directory / CHAT_TEMPLATE_FILE
     if template.is_file():
         config["chat_template"] = template.read_text(encoding="utf-8")

@@ -68,9 +68,8 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
     model = nnx.merge(graphdef, params)
     batch = prompts.shape[0]
     cache = model.init_cache(batch, cache_len)
-    logits, cache = model.decode(prompts, cache, jnp.zeros((batch,), jnp.int32))  # prefill [B,P,V]
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B,V]
-    first = pick(last, jax.random.fold_in(key, 0), temperature, top_k, top_p)
+    logits, cache = model.decode(prompts, cache, jnp.zeros((batch,), jnp.int32), last=lengths - 1)  # [B,1,V]
+    first = pick(logits[:, 0], jax.random.fold_in(key, 0), temperature, top_k, top_p)
 
     if max_new_tokens == 1:  # the prefill's token is all there is (an empty scan would still trace its step)
         return first[:, None]

@@ -61,8 +61,8 @@ def _prefill(graphdef, params, cache, slot, tokens, length, seed, temperature, t
     """Prefill tokens [P] (the first `length` real) into cache row `slot`; returns (first new token, cache)."""
     model = nnx.merge(graphdef, params)
     row = model.init_cache(1, cache[0]["k"].shape[1])  # the slot's whole row is rewritten: no stale keys survive
-    logits, row = model.decode(tokens[None], row, jnp.zeros((1,), jnp.int32))  # [1,P,V]
-    token = _pick_row(logits[0, length - 1], seed, 0, temperature, top_p)
+    logits, row = model.decode(tokens[None], row, jnp.zeros((1,), jnp.int32), last=length[None] - 1)  # [1,1,V]
+    token = _pick_row(logits[0, 0], seed, 0, temperature, top_p)
     put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=0)
     cache = [{name: put(layer[name], new[name]) for name in layer} for layer, new in zip(cache, row, strict=True)]
     return token, cache

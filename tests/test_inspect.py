@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen3Config
 
+from bigmodel_cli.evaluate import inspect as inspect_stage
 from tests.conftest import TINY_HF_SHAPE
 from tests.test_hf import CHINESE
 from tests.test_hf_tokenizer import byte_level_dir
@@ -150,18 +151,21 @@ def test_html_page_embeds_the_data_and_loads_nothing(inspected):
     [
         ("empty", "--prompt is empty"),
         ("too long", f"more than the model's {POSITIONS} positions"),
+        ("over the cap", "inspect draws at most 8"),
         ("under a file", "is not a writable directory"),
         ("not empty", "already exists and is not empty"),
         ("top-k", "--top-k must be at least 1"),
     ],
 )
-def test_bad_input_fails_in_one_line_and_writes_nothing(inspected, cli, tmp_path, case, message):
+def test_bad_input_fails_in_one_line_and_writes_nothing(inspected, cli, tmp_path, monkeypatch, case, message):
     directory = inspected["mistral"][0]
     prompt, out, extra = PROMPT, tmp_path / "out", []
     if case == "empty":
         prompt = ""
     elif case == "too long":
         prompt = "the owl " * POSITIONS
+    elif case == "over the cap":  # a prompt that fits the model, but not a readable page
+        monkeypatch.setattr(inspect_stage, "MAX_PROMPT_TOKENS", 8)
     elif case == "under a file":
         (tmp_path / "file").write_text("x")
         out = tmp_path / "file" / "out"

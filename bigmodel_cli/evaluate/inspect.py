@@ -19,6 +19,10 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate import inspect_views
 from bigmodel_cli.evaluate.generate import _check_utf8, open_model
 
+# Maps grow with the square of the prompt: [layers, heads, T, T] in the page, the PNG and attention.npz. 256
+# tokens of a 24-layer, 14-head model is a 140 MB page already.
+MAX_PROMPT_TOKENS = 256
+
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "top_k"))
 def _forward(graphdef, params, tokens, *, top_k: int):
@@ -70,6 +74,11 @@ def run(model: Path, prompt: str, out: Path, *, top_k: int = 5) -> dict[str, Pat
     window = loaded.model_cfg.max_seq_len
     if len(ids) > window:
         raise UserError(f"--prompt is {len(ids)} tokens, more than the model's {window} positions: shorten it")
+    if len(ids) > MAX_PROMPT_TOKENS:
+        raise UserError(
+            f"--prompt is {len(ids)} tokens; inspect draws at most {MAX_PROMPT_TOKENS} (the maps grow with the "
+            "square of the prompt): shorten it"
+        )
     top_k = min(top_k, loaded.model_cfg.vocab_size)
     with parallel.activate(loaded.mesh):
         outputs = _forward(loaded.graphdef, loaded.params, jnp.asarray([ids], jnp.int32), top_k=top_k)

@@ -8,14 +8,17 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the Hub
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen3Config
 
+from bigmodel_cli import modelio
 from bigmodel_cli.evaluate import inspect as inspect_stage
-from tests.conftest import TINY_HF_SHAPE
+from tests.conftest import TINY_HF_SHAPE, pretrain_args
 from tests.test_hf import CHINESE
 from tests.test_hf_tokenizer import byte_level_dir
 
@@ -180,3 +183,21 @@ def test_bad_input_fails_in_one_line_and_writes_nothing(inspected, cli, tmp_path
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert sorted(tmp_path.rglob("*")) == before  # no output, no staging directory left behind
+
+
+def test_a_run_with_a_character_tokenizer(cli, tiny_data, tmp_path):
+    """A bigmodel run (character tokenizer, no BOS): the lens's last layer is the model's own forward pass."""
+    run = tmp_path / "run"
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 2, "checkpoint.every": 2, "train.eval_every": 0}))
+    out = tmp_path / "out"
+    cli("inspect", run, "--prompt", "the red fox", "--out", out, "--top-k", "3")
+    lens = json.loads((out / "logit_lens.json").read_text(encoding="utf-8"))
+    assert lens["tokens"] == list("the red fox")  # one token per character, each shown as itself
+    loaded = modelio.load(run)
+    logits = nnx.merge(loaded.graphdef, loaded.params)(np.asarray([lens["ids"]]))[0]  # [T,V]
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    for position, candidates in enumerate(lens["layers"][-1]):
+        expected = np.argsort(-probs[position], kind="stable")[:3]
+        assert [c["id"] for c in candidates] == expected.tolist()
+        np.testing.assert_allclose([c["prob"] for c in candidates], probs[position, expected], atol=1e-5)
+    np.testing.assert_allclose(_attention(out).sum(-1), 1.0, atol=1e-5)

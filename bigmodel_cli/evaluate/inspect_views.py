@@ -21,6 +21,11 @@ def _cjk_fonts() -> list[str]:
     return sorted({f.name for f in font_manager.fontManager.ttflist if any(h in f.name for h in CJK_FONT_HINTS)})
 
 
+def _visible(label: str) -> str:
+    """A token label whose spaces and newlines show, as the HTML page writes them."""
+    return json.dumps(label, ensure_ascii=False)[1:-1].replace(" ", "\u2423")
+
+
 def grid_png(attention: np.ndarray, labels: list[str], path: Path) -> None:
     """attention [L,H,T,T] as one PNG: a row per layer, a column per head, query positions down, keys across."""
     import matplotlib
@@ -31,11 +36,13 @@ def grid_png(attention: np.ndarray, labels: list[str], path: Path) -> None:
     n_layers, n_heads, t, _ = attention.shape
     panel = max(0.8, min(2.4, 24 / max(n_heads, n_layers)))  # inches: the whole grid stays under ~2,600 pixels
     labelled = t <= TICK_LIMIT
+    labels = [_visible(label) for label in labels]
     margin = 1.2 if labelled else 0.5
     style = {"font.family": ["DejaVu Sans", *_cjk_fonts()], "font.size": 7}
     with matplotlib.rc_context(style), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing")  # no CJK font installed: boxes, not noise
-        fig = Figure(figsize=(n_heads * panel + margin + 0.8, n_layers * panel + margin + 0.4), dpi=110)
+        size = (n_heads * panel + margin + 0.8, n_layers * panel + margin + 0.4)
+        fig = Figure(figsize=size, dpi=110, layout="constrained")
         FigureCanvasAgg(fig)
         axes = fig.subplots(n_layers, n_heads, squeeze=False)
         norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=1.0)  # the square root spreads the many small probabilities

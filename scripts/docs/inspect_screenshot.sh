@@ -26,5 +26,5 @@ mkdir -p "$repo/docs/images"
 # Everything that would reach the network is off: the page itself loads nothing.
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run --disable-background-networking \
     --disable-component-update --disable-sync --hide-scrollbars --user-data-dir="$profile" \
-    --screenshot="$repo/docs/images/inspect.png" --window-size=1200,900 "file://$work/inspect/index.html"
+    --screenshot="$repo/docs/images/inspect.png" --window-size=1200,900 "file://$work/inspect/index.html#layer=1&head=2"
 echo "wrote $repo/docs/images/inspect.png"

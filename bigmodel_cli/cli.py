@@ -339,6 +339,25 @@ def tokenize(
 
 
 @command
+def inspect(
+    model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
+    prompt: Annotated[str, typer.Option(help="The text to look at, tokenized as a prompt.")],
+    out: Annotated[Path, typer.Option(parser=storage.parse, help="A new directory for the maps and the lens.")],
+    top_k: Annotated[int, typer.Option(help="Logit lens: candidates per layer and position.")] = 5,
+) -> None:
+    """Show what a model looks at: every layer's and head's attention over the prompt (PNG grid, HTML page,
+    attention.npz) and the logit lens, each layer's likeliest next tokens (logit_lens.json).
+
+    Example: bigmodel inspect runs/tiny --prompt "ROMEO: But soft" --out inspect/romeo
+    """
+    from bigmodel_cli.evaluate import inspect as stage
+
+    _setup_jax(inference=True)
+    for what, path in stage.run(model, prompt, out, top_k=top_k).items():
+        print(f"{what}: {path}")
+
+
+@command
 def export(
     model: Annotated[Path, typer.Argument(parser=storage.parse, help=f"The model: {MODEL_SOURCES}.")],
     out: Annotated[

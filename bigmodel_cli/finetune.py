@@ -24,7 +24,7 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig, FinetuneSection  # noqa: F401 (callers use finetune.*)
 from bigmodel_cli.model import lora as lora_lib
 from bigmodel_cli.model.params import LoadedModel, with_adapters
-from bigmodel_cli.model.transformer import count_params
+from bigmodel_cli.model.sizing import count_params
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from bigmodel_cli.config import load_config
-from bigmodel_cli.model.transformer import count_params, flops_per_token
+from bigmodel_cli.model.sizing import count_params, flops_per_token
 from tests.conftest import REPO, run_cli_subprocess
 
 PEER = REPO.parent / "shared" / "bench" / "torch_peer.py"

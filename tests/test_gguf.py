@@ -173,7 +173,7 @@ def test_llama3_rope_is_written_as_llama_cpp_frequency_divisors():
     """llama.cpp divides each base frequency by rope_freqs[i]: that must give bigmodel's Llama 3 frequencies."""
     from bigmodel_cli.config import ModelConfig
     from bigmodel_cli.gguf_export import _llama3_rope_divisors
-    from bigmodel_cli.model.transformer import rope_frequencies
+    from bigmodel_cli.model.rope import rope_frequencies
 
     cfg = ModelConfig(
         vocab_size=64, rope_type="llama3", rope_factor=8.0, rope_original_max_positions=32, rope_theta=1e4

@@ -24,7 +24,8 @@ from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
-from bigmodel_cli.model.transformer import Transformer, causal_attention, count_params
+from bigmodel_cli.model.sizing import count_params
+from bigmodel_cli.model.transformer import Transformer, causal_attention
 from bigmodel_cli.parallel import make_mesh
 from tests.conftest import TINY_HF_SHAPE, f32_tolerance, model_tolerance
 

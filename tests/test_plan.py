@@ -115,7 +115,7 @@ def test_plan_refuses_settings_that_cannot_change_a_finetuning_plan(cli, qwen):
 
 def test_plan_to_finetune_a_run_directory_its_checkpoint_and_export(cli, tiny_data, tmp_path):
     from bigmodel_cli.config import load_config
-    from bigmodel_cli.model.transformer import count_params
+    from bigmodel_cli.model.sizing import count_params
 
     run = tmp_path / "run"
     settings = {"train.steps": 1, "train.batch_size": 8, "model.d_model": 32, "model.d_ff": 64}

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextvars
 import itertools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from flax import nnx
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.lora import LoraConfig, adapter, attach, input_dropout
+from bigmodel_cli.model.rope import apply_rope, rope_tables
 from bigmodel_cli.parallel import constrain
 
 
@@ -61,7 +61,7 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None, window: int = 0
+    q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None, window: int = 0, probs_out=None
 ) -> jax.Array:
     """Causal attention over q [B,T,H,E] and k, v [B,T,K,E] -> [B,T,H,E], in `chunks` blocks of queries.
 
@@ -70,7 +70,8 @@ def causal_attention(
     layout XLA:CPU runs fast. One layer of the 35M config (B8 T512 H8 E64), forward and backward on 2 CPU
     cores: 159 ms through jax.nn.dot_product_attention, 93 ms here, 106 ms for torch's fused kernel.
     With a sliding window (window > 0: query t sees keys t-window+1..t), a block also starts at the first key
-    its earliest query sees, so the cost grows with T*window instead of T*T."""
+    its earliest query sees, so the cost grows with T*window instead of T*T.
+    A list `probs_out` (forward only) receives each block's attention probabilities [B,K,G,t,s]."""
     b, t, h, e = q.shape
     kv = k.shape[2]
     # [B,K,G,T,E]: query heads grouped under the key/value head they share (GQA), time next to the head dim.
@@ -88,7 +89,13 @@ def causal_attention(
             same = segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]  # [B,t,s]
             visible = visible & same
         visible = jnp.broadcast_to(visible, (b, hi - lo, hi - start))[:, None, None]  # [B,1,1,t,s]
-        outs.append(_attention_block(q[:, :, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi], visible))
+        block = (q[:, :, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi], visible)
+        if probs_out is None:
+            outs.append(_attention_block(*block))
+        else:
+            block_out, (*_, probs, _) = _attention_block_fwd(*block)
+            outs.append(block_out)
+            probs_out.append(probs)
     out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
@@ -212,54 +219,6 @@ class RMSNorm(nnx.Module):
         return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> tuple[jax.Array, float]:
-    """(inverse frequencies [E/2], scale of cos/sin) of RoPE with cfg.rope_type's scaling, as transformers'
-    modeling_rope_utils computes them: linear divides every frequency by the factor; llama3 divides only the
-    low frequencies and blends a middle band; yarn blends per dimension by rotations over the original context
-    and scales cos/sin (attention sharpens as the context stretches)."""
-    e, base, factor = cfg.dims_per_head, cfg.rope_theta, cfg.rope_factor
-    inv_freq = 1.0 / base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)  # [E/2]
-    if cfg.rope_type == "linear":
-        return inv_freq / factor, 1.0
-    if cfg.rope_type == "llama3":
-        original, low, high = cfg.rope_original_max_positions, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > original / low, inv_freq / factor, inv_freq)
-        smooth = (original / wavelen - low) / (high - low)
-        blended = (1 - smooth) * scaled / factor + smooth * scaled
-        middle = (wavelen >= original / high) & (wavelen <= original / low)
-        return jnp.where(middle, blended, scaled), 1.0
-    if cfg.rope_type == "yarn":
-
-        def dim_turning(rotations: float) -> float:  # the dimension whose wavelength fits `rotations` times
-            return e * math.log(cfg.rope_original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        lo, hi = dim_turning(cfg.rope_beta_fast), dim_turning(cfg.rope_beta_slow)
-        if cfg.rope_truncate:
-            lo, hi = math.floor(lo), math.ceil(hi)
-        lo, hi = max(lo, 0), min(hi, e - 1)
-        ramp = jnp.clip((jnp.arange(e // 2, dtype=jnp.float32) - lo) / ((hi - lo) or 0.001), 0, 1)
-        inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)  # fast dims keep theirs, slow ones scale
-        scale = cfg.rope_attention_factor or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-        return inv_freq, scale
-    return inv_freq, 1.0
-
-
-def rope_tables(positions: jax.Array, cfg: ModelConfig) -> tuple[jax.Array, jax.Array]:
-    """cos/sin of shape [B, T, E/2] for the rotate-half RoPE used by Hugging Face Llama."""
-    inv_freq, scale = rope_frequencies(cfg)  # [E/2]
-    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, E/2]
-    return jnp.cos(angles) * scale, jnp.sin(angles) * scale
-
-
-def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate pairs (i, i + E/2) of every head: x [B, T, N, E], cos/sin [B, T, E/2]."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1).astype(x.dtype)
-
-
 class Attention(Projections):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraConfig | None = None):
         d, h, k, e = cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.dims_per_head
@@ -281,8 +240,10 @@ class Attention(Projections):
         cache: dict | None = None,
         cache_pos: jax.Array | None = None,
         dropout_key=None,
+        inspect: bool = False,
     ):
-        """Causal self-attention; with a KV cache, x's keys/values are written at cache_pos [B] first."""
+        """Causal self-attention; with a KV cache, x's keys/values are written at cache_pos [B] first. With inspect,
+        one explicit softmax over all keys, whose probabilities [B,H,T,T] are sown as "attention_probs"."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
         q = self.project("q_proj", x, dropout_key).reshape(b, t, cfg.n_heads, cfg.dims_per_head)  # [B,T,H,E]
@@ -293,7 +254,12 @@ class Attention(Projections):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         implementation = None if cfg.attention == "auto" else cfg.attention
         window = cfg.sliding_window  # 0: every earlier token; else the last `window` ones, the query's own included
-        if cache is None and uses_chunked_attention(cfg):
+        if inspect:  # query head h = kv head h // G, as k and v are repeated for grouped-query attention
+            probs = []
+            out = causal_attention(q, k, v, 1, segment_ids, window, probs)
+            self.sow(nnx.Intermediate, "attention_probs", probs[0].reshape(b, cfg.n_heads, t, t))
+            new_cache = None
+        elif cache is None and uses_chunked_attention(cfg):
             out = causal_attention(q, k, v, attention_chunks(cfg, t), segment_ids, window)
             new_cache = None
         elif cache is None:
@@ -346,15 +312,19 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         self.mlp = MLP(cfg, rngs=rngs, lora=lora)
 
-    def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_pos=None, dropout_key=None):
+    def __call__(self, x, cos, sin, segment_ids=None, cache=None, cache_pos=None, dropout_key=None, inspect=False):
         keys = (
             (None, None)
             if dropout_key is None
             else (jax.random.fold_in(dropout_key, 0), jax.random.fold_in(dropout_key, 1))
         )
-        attn, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, cache, cache_pos, keys[0])
+        attn, new_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, cache, cache_pos, keys[0], inspect=inspect
+        )
         x = x + attn
         x = x + self.mlp(self.post_attention_layernorm(x), keys[1])
+        if inspect:
+            self.sow(nnx.Intermediate, "residual", x)
         return constrain(x, ("batch", "length", None)), new_cache
 
 
@@ -406,6 +376,17 @@ class Transformer(nnx.Module):
         finally:
             _DECODING.reset(token)
 
+    def inspect(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
+        """Logits [B,T,V] for tokens [B,T], and per layer its attention probabilities [B,H,T,T] and the residual
+        stream after it [B,T,D] (`bigmodel inspect`): the sown values of one forward pass, captured."""
+        forward = nnx.capture(
+            lambda model: model._forward(tokens, None, None, None, None, inspect=True)[0], nnx.Intermediate
+        )
+        logits, sown = forward(self)
+        layers = [sown["layers"][i] for i in range(self.cfg.n_layers)]
+        probs = [layer["self_attn"]["attention_probs"][0] for layer in layers]
+        return logits, probs, [layer["residual"][0] for layer in layers]
+
     def init_cache(self, batch: int, length: int) -> list[dict]:
         """An empty KV cache: per layer, keys and values [B, S, K, E] in the compute dtype."""
         cfg = self.cfg
@@ -413,7 +394,7 @@ class Transformer(nnx.Module):
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
         return [{"k": zeros, "v": zeros} for _ in range(cfg.n_layers)]
 
-    def _forward(self, tokens, positions, segment_ids, cache, cache_pos, dropout_key=None, last=None):
+    def _forward(self, tokens, positions, segment_ids, cache, cache_pos, dropout_key=None, inspect=False, last=None):
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
         if positions is None:
@@ -428,8 +409,8 @@ class Transformer(nnx.Module):
         for i, block in enumerate(self.layers):
             layer_cache = None if cache is None else cache[i]
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            if self.remat == "none" or cache is not None:
-                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos, key)
+            if self.remat == "none" or cache is not None or inspect:
+                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos, key, inspect)
             else:
                 x, layer_cache = nnx.remat(
                     lambda blk, h, k: blk(h, cos, sin, segment_ids, dropout_key=k), policy=_REMAT_POLICIES[self.remat]
@@ -437,6 +418,12 @@ class Transformer(nnx.Module):
             new_cache.append(layer_cache)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B,1,D]
+        return self.logits(x), (new_cache if cache is not None else None)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Logits [B,T,V] in float32 of a residual stream x [B,T,D], through the final norm and the output head."""
+        cfg, dt = self.cfg, jnp.dtype(self.cfg.dtype)
+        table, row_scale = _weight(self.embed_tokens)  # [V,D], and [V] when int8
         x = self.norm(x)
         head, head_scale = (table.T, row_scale) if cfg.tie_embeddings else _weight(self.lm_head)  # [D,V], [V]
         if head.dtype == dt:
@@ -450,22 +437,4 @@ class Transformer(nnx.Module):
                     x, _ = jax.lax.optimization_barrier((x, outs[-1]))
                 outs.append(_matmul(x, part, scale))
             logits = jnp.concatenate(outs, axis=-1)
-        logits = logits.astype(jnp.float32)  # [B,T,V]
-        return logits, (new_cache if cache is not None else None)
-
-
-def count_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(all parameters, parameters outside the embedding table) without building the model."""
-    d, e, f, v = cfg.d_model, cfg.dims_per_head, cfg.d_ff, cfg.vocab_size
-    per_layer = d * e * (2 * cfg.n_heads + 2 * cfg.kv_heads) + 3 * d * f + 2 * d
-    per_layer += (cfg.n_heads + 2 * cfg.kv_heads) * e * cfg.qkv_bias + 2 * e * cfg.qk_norm
-    body = cfg.n_layers * per_layer + d + (0 if cfg.tie_embeddings else d * v)
-    return body + v * d, body
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per non-embedding weight plus causal attention's 12*L*T*D (PaLM's count),
-    with T the keys a query sees (at most the sliding window)."""
-    _, non_embedding = count_params(cfg)
-    context = min(seq_len, cfg.sliding_window or seq_len)
-    return 6.0 * non_embedding + 12.0 * cfg.n_layers * context * cfg.n_heads * cfg.dims_per_head
+        return logits.astype(jnp.float32)  # [B,T,V]

@@ -22,7 +22,7 @@ from bigmodel_cli import atomic, parallel, rundir
 from bigmodel_cli import config as config_lib
 from bigmodel_cli.console import Console
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.transformer import count_params, flops_per_token
+from bigmodel_cli.model.sizing import count_params, flops_per_token
 from bigmodel_cli.runlog import RunLogger
 from bigmodel_cli.train import optim
 from bigmodel_cli.train.checkpoint import Checkpoints

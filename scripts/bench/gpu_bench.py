@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 from bigmodel_cli import parallel  # noqa: E402
 from bigmodel_cli.config import PRESETS, Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
 from bigmodel_cli.data.loader import SyntheticBatches  # noqa: E402
-from bigmodel_cli.model.transformer import count_params, flops_per_token  # noqa: E402
+from bigmodel_cli.model.sizing import count_params, flops_per_token  # noqa: E402
 from bigmodel_cli.train.state import jit_train_step, make_state  # noqa: E402
 from bigmodel_cli.utils import device_peak_flops  # noqa: E402
 

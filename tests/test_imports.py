@@ -32,6 +32,7 @@ STAGES = {
     "evaluate.generate",
     "evaluate.task_eval",
     "evaluate.tokenize",
+    "evaluate.suite",
     "serve",
     "serve.app",
     "serve.engine",
@@ -41,6 +42,7 @@ STAGES = {
 STAGE_CALLS_STAGE = {
     "quickstart": {"data.preprocess", "pretrain", "evaluate.generate", "evaluate.lm"},
     "evaluate.task_eval": {"evaluate.generate"},
+    "evaluate.suite": {"evaluate.lm", "evaluate.task_eval", "evaluate.choice"},  # a suite runs each task's own code
     # serve loads a model as generate does and samples with its sampler
     "serve": {"serve.app", "serve.engine", "evaluate.generate"},
     "serve.app": {"serve.engine"},

@@ -93,7 +93,8 @@ def report(
         "report.png"
     ),
 ) -> None:
-    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
+    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics (and, in HTML,
+    each run's `evaluate --suite` tables).
 
     Example: bigmodel report runs/a runs/b --out report.html
     """

@@ -21,7 +21,7 @@ from bigmodel_cli.model.params import LoadedModel
 
 KINDS = (*tasks.NAMES, "perplexity", "choice")
 COUNT_KEYS = ("total", "tokens")  # what a task's n is: examples scored, or tokens for perplexity
-NOT_SCORES = {*COUNT_KEYS, "step", "bytes"}  # numbers in metrics.json that are no score of the model
+NOT_SCORES = {*COUNT_KEYS, "step", "bytes", "missing"}  # numbers in metrics.json that score nothing
 
 
 def _path(doc: str) -> str:

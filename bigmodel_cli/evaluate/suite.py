@@ -11,7 +11,7 @@ import dataclasses
 import re
 import time
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from bigmodel_cli import atomic, config, modelio, rundir, storage, tasks
@@ -24,20 +24,17 @@ COUNT_KEYS = ("total", "tokens")  # what a task's n is: examples scored, or toke
 NOT_SCORES = {*COUNT_KEYS, "step", "bytes", "missing"}  # numbers in metrics.json that score nothing
 
 
-def _path(doc: str) -> str:
-    return field(default="", metadata={"path": True, "doc": doc})
-
-
 @dataclass(frozen=True)
 class SuiteTask:
     """One `[[task]]` of a suite: what `bigmodel evaluate` would be given for it alone."""
 
     name: str = ""  # the row label, and the folder of the task's own outputs
     kind: str = ""  # qa, classify, summarize, translate, instruct, perplexity or choice
-    data: str = _path("the task file; perplexity: a preprocessed directory")  # relative to the data root
-    data2: str = _path("translate: target-language file aligned with data")
-    text: str = _path("perplexity: a raw text file scored whole")
-    fewshot_data: str = _path("choice: the file few-shot examples come from (default: data)")
+    # paths: relative ones start at the data root (--data DIR, else the suite file's folder)
+    data: str = config._path_field(doc="the task file; perplexity: a preprocessed directory")
+    data2: str = config._path_field(doc="translate: target-language file aligned with data")
+    text: str = config._path_field(doc="perplexity: a raw text file scored whole")
+    fewshot_data: str = config._path_field(doc="choice: the file few-shot examples come from (default: data)")
     split: str = "val"  # perplexity on a preprocessed directory: the split
     max_batches: int = 50  # perplexity on a preprocessed directory: batches to score (0 = all)
     max_examples: int = 0  # score only the first N examples (0 = all)
@@ -155,7 +152,6 @@ def _run_task(task: SuiteTask, model: Path, loaded: LoadedModel, out: Path, quan
     """One task's metrics, through the code that `bigmodel evaluate` runs for it alone."""
     from bigmodel_cli.evaluate import lm, task_eval
 
-    path = lambda value: Path(value) if value else None  # noqa: E731 - "" is "not given"
     if task.kind == "perplexity":
         if task.text:
             return lm.run_text(model, path(task.text), batch_size=task.batch_size, out=out, loaded=loaded)
@@ -197,6 +193,11 @@ def _run_task(task: SuiteTask, model: Path, loaded: LoadedModel, out: Path, quan
         max_examples=task.max_examples,
         loaded=loaded,
     )
+
+
+def path(value: str) -> Path | None:
+    """A suite path field as the stages take it: "" (not given) is None."""
+    return Path(value) if value else None
 
 
 def _row(task: SuiteTask, metrics: dict, seconds: float) -> dict:

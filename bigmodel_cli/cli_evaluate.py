@@ -54,6 +54,10 @@ def evaluate(
         int | None, typer.Option(help="With --data DIR: evaluate at most this many batches (default 50; 0 = all).")
     ] = None,
     max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
+    suite: Annotated[
+        Path | None,
+        typer.Option(parser=storage.parse, help="Run the tasks of a suite TOML; --data DIR: its paths' root."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quantize: Quantize = "",
     coordinator: Coordinator = "",
@@ -69,6 +73,12 @@ def evaluate(
 
     _check_evaluate_options(locals())
     _setup_jax(coordinator, num_processes, process_id, inference=True)
+    if suite is not None:  # several tasks, one table: bigmodel_cli/evaluate/suite.py
+        from bigmodel_cli.evaluate import suite as suite_stage
+
+        result = suite_stage.run(model, suite, data_root=data, out=out, quantize=quantize)
+        suite_stage.render(result, json_out or _console().mode == "json")
+        return
     if task:
         from bigmodel_cli.evaluate import task_eval
 
@@ -118,6 +128,9 @@ _TASK_ONLY = {
     "max_examples": "--max-examples",
 }
 
+# With --suite each [[task]] sets these itself (--data is the root of its relative paths)
+_NOT_SUITE = {"task": "--task", "batch_size": "--batch-size", **_LM_ONLY, **_TASK_ONLY}
+
 
 def _check_evaluate_options(given: dict) -> None:
     """Refuse every option that would have no effect in the mode the others select, in one line."""
@@ -127,6 +140,11 @@ def _check_evaluate_options(given: dict) -> None:
         raise UserError(f"--max-batches must be >= 0 (0 = all), got {given['max_batches']}")
     if given["max_examples"] is not None and given["max_examples"] <= 0:
         raise UserError(f"--max-examples must be positive, got {given['max_examples']}")
+    if given["suite"] is not None:
+        stray = [flag for name, flag in _NOT_SUITE.items() if given[name] not in (None, "")]
+        if stray or given["model"] is None:
+            raise UserError(f"{stray[0]} does nothing with --suite: remove it" if stray else "--suite needs a MODEL")
+        return
     if given["task"]:
         stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
         if stray:

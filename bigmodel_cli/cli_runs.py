@@ -32,8 +32,20 @@ def plan(
     devices: Annotated[int, typer.Option(help="Plan for N devices (on CPU: N fake devices).")] = 0,
     memory_budget_gb: Annotated[float, typer.Option(help="Refuse a plan needing more GiB per device.")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as one JSON object.")] = False,
+    tokens: Annotated[
+        float | None, typer.Option(help="Price training on N tokens (e.g. 2e10): wall time, chip-hours.")
+    ] = None,
+    chip: Annotated[
+        str, typer.Option(help="Chip to price --tokens on, a row of the peak table (e.g. 'TPU v5e').")
+    ] = "",
+    chips: Annotated[int | None, typer.Option(help="Chips to price --tokens on (default: the mesh's devices).")] = None,
+    mfu: Annotated[
+        float | None, typer.Option(help="Model-FLOPs utilisation for --tokens (default: measured, else 0.4).")
+    ] = None,
+    price_per_chip_hour: Annotated[float | None, typer.Option(help="Dollars per chip-hour, to price --tokens.")] = None,
 ) -> None:
-    """Compile the train step without training: sizes, trainable parameters, memory per device, FLOPs, shardings.
+    """Compile the train step without training: sizes, trainable parameters, memory per device, FLOPs, shardings;
+    with --tokens, the time, chip-hours and dollars of a training budget.
 
     A recipe plans pretraining it; a model plans finetuning it (from its config alone, no weights), with the
     finetuning defaults and --set train.batch_size, train.grad_accum, data.seq_len, lora.*, mesh.*.
@@ -41,6 +53,8 @@ def plan(
     Example: bigmodel plan recipes/base.toml --devices 8 --memory-budget-gb 16
 
     Example: bigmodel plan hf:Qwen/Qwen2.5-7B --set lora.rank=8 --set data.seq_len=2048 --memory-budget-gb 80
+
+    Example: bigmodel plan recipes/base.toml --tokens 5e9 --chips 8 --chip 'NVIDIA H100' --price-per-chip-hour 3
     """
     import json
 
@@ -53,12 +67,16 @@ def plan(
 
     if devices and jax.device_count() != devices:
         raise UserError(f"--devices {devices}: this process already has {jax.device_count()} devices")
-    if str(recipe_or_model).endswith(".toml"):
+    stage.check_cost_options(tokens, chip, chips, mfu, price_per_chip_hour)
+    pretraining = str(recipe_or_model).endswith(".toml")
+    if pretraining:
         cfg, run = config.load_config(recipe_or_model, overrides or []), stage.run
     else:  # any other argument is a model source
         cfg, run = stage.finetune_config(overrides or []), functools.partial(stage.run_finetune, recipe_or_model)
     _setup_jax()
     result = run(cfg, memory_budget_gb)
+    if tokens is not None:
+        result["cost"] = stage.training_cost(result, tokens, chip, chips, mfu, price_per_chip_hour, pretraining)
     if json_out:
         print(json.dumps(result))
         return
@@ -75,7 +93,8 @@ def report(
         "report.png"
     ),
 ) -> None:
-    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics.
+    """Plot loss, validation loss, learning rate and throughput of runs, with their final metrics (and, in HTML,
+    each run's `evaluate --suite` tables).
 
     Example: bigmodel report runs/a runs/b --out report.html
     """

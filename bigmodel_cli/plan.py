@@ -27,7 +27,9 @@ from bigmodel_cli.model.sizing import count_params, flops_per_token
 from bigmodel_cli.train.loop import check_layout
 from bigmodel_cli.train.memory import memory_per_device, refuse_unless_fits
 from bigmodel_cli.train.state import Initial, jit_train_step, make_state
+from bigmodel_cli.utils import DEFAULT_MFU, MEASURED_MFU, PEAK_FLOPS, chip_peak_flops, peak_row
 
+CHINCHILLA_TOKENS_PER_PARAM = 20  # Hoffmann et al. 2022: compute-optimal tokens per (total) parameter
 DEFAULT_VOCAB = 32000  # assumed when neither the recipe nor existing data fixes the vocabulary
 # The --set keys that change what finetuning a model runs (None: the whole section); any other is refused, since
 # it could not change the plan. train.remat is not among them: finetune builds its model without recomputation.
@@ -147,6 +149,7 @@ def _compile(
         "mesh": dict(mesh.shape),
         "devices": jax.device_count(),
         "tokens_per_step": cfg.train.batch_size * seq_len,
+        "dtype": cfg.model.dtype,
         "model_flops_per_step": flops_per_token(cfg.model, seq_len) * cfg.train.batch_size * seq_len,
         "xla_flops_per_step_per_device": float((cost or {}).get("flops", float("nan"))),
         "bytes_per_device": per_device,
@@ -156,6 +159,108 @@ def _compile(
     if memory_budget_gb:
         refuse_unless_fits(per_device, memory_budget_gb * 2**30, f"the budget is {memory_budget_gb} GiB")
     return result
+
+
+def check_cost_options(
+    tokens: float | None, chip: str, chips: int | None, mfu: float | None, price_per_chip_hour: float | None
+) -> None:
+    """Refuse --chip, --chips, --mfu and --price-per-chip-hour values that could not cost a token budget."""
+    given = {"--chip": chip, "--chips": chips, "--mfu": mfu, "--price-per-chip-hour": price_per_chip_hour}
+    if tokens is None:
+        for option, value in given.items():
+            if value not in (None, ""):
+                raise UserError(f"{option} only prices a token budget: add --tokens N (e.g. --tokens 2e10)")
+        return
+    if not tokens > 0:
+        raise UserError(f"--tokens {tokens:g}: give the number of training tokens, above 0 (e.g. 2e10)")
+    if chips is not None and chips < 1:
+        raise UserError(f"--chips {chips}: give at least 1 chip")
+    if mfu is not None and not 0 < mfu <= 1:
+        raise UserError(f"--mfu {mfu:g}: give a fraction of peak in (0, 1], e.g. 0.4")
+    if price_per_chip_hour is not None and not price_per_chip_hour > 0:
+        raise UserError(f"--price-per-chip-hour {price_per_chip_hour:g}: give a price above 0")
+    chip_row(chip)  # an unknown chip, or none to be had, is refused before the compile
+
+
+def chip_row(chip: str) -> str:
+    """The PEAK_FLOPS row named chip (any case), else that of the local accelerator; refused when neither is one."""
+    known = ", ".join(repr(name) for name in PEAK_FLOPS)
+    if chip:
+        row = {name.lower(): name for name in PEAK_FLOPS}.get(chip.lower())
+        if row is None:
+            raise UserError(f"--chip {chip!r} is not in the peak table: use one of {known}")
+        return row
+    device = jax.devices()[0]
+    row = None if device.platform == "cpu" else peak_row(device.device_kind)
+    if row is None:  # a CPU's measured matmul rate is no chip to rent: the question is about accelerators
+        local = "a CPU has no peak in the table" if device.platform == "cpu" else f"{device.device_kind!r} has none"
+        raise UserError(f"--tokens needs --chip NAME here ({local}): one of {known}")
+    return row
+
+
+def training_cost(
+    result: dict,
+    tokens: float,
+    chip: str = "",
+    chips: int | None = None,
+    mfu: float | None = None,
+    price_per_chip_hour: float | None = None,
+    pretraining: bool = True,
+) -> dict:
+    """Wall time, chip-hours and dollars to train on `tokens` tokens with the planned step, at mfu of the chips'
+    peak: time = model FLOPs per token x tokens / (chips x peak x MFU); plus the Chinchilla-optimal token count."""
+    row = chip_row(chip)
+    chips = chips or math.prod(result["mesh"].values())  # the recipe's mesh, as planned
+    measured = MEASURED_MFU.get(row)
+    source = "--mfu" if mfu else f"measured: {measured[1]}" if measured else "default"
+    mfu = mfu or (measured[0] if measured else DEFAULT_MFU)
+    peak = chip_peak_flops(row, result["dtype"])
+    flops = result["model_flops_per_step"] / result["tokens_per_step"] * tokens
+    seconds = flops / (chips * peak * mfu)
+    chip_hours = seconds * chips / 3600
+    return {
+        "tokens": int(tokens),
+        "training_flops": flops,
+        "chip": row,
+        "chips": chips,
+        "peak_flops_per_chip": peak,
+        "mfu": mfu,
+        "mfu_source": source,
+        "seconds": seconds,
+        "chip_hours": chip_hours,
+        "price_per_chip_hour": price_per_chip_hour,
+        "dollars": chip_hours * price_per_chip_hour if price_per_chip_hour else None,
+        # compute-optimal pretraining of this model's size; a finetune does not choose its tokens by it
+        "chinchilla_tokens": CHINCHILLA_TOKENS_PER_PARAM * result["params"] if pretraining else None,
+    }
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
+def _amount(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def render_cost(cost: dict, dtype: str, console) -> None:
+    """Print training_cost()'s result: FLOPs, wall time, chip-hours, dollars, the Chinchilla reference."""
+    dollars = cost["dollars"]
+    price = f", ${_amount(dollars)} at ${cost['price_per_chip_hour']:g}/chip-hour" if dollars else ""
+    console.print(
+        f"training on {cost['tokens']:.3e} tokens: {cost['training_flops']:.3e} FLOPs on {cost['chips']} x "
+        f"{cost['chip']} ({cost['peak_flops_per_chip'] / 1e12:g} TFLOP/s peak each in {dtype}) at MFU "
+        f"{cost['mfu']:.0%} ({cost['mfu_source']}): {_duration(cost['seconds'])} wall, "
+        f"{_amount(cost['chip_hours'])} chip-hours{price}"
+    )
+    if cost["chinchilla_tokens"]:
+        console.print(
+            f"Chinchilla-optimal for this size: {cost['chinchilla_tokens']:.3e} tokens "
+            f"({CHINCHILLA_TOKENS_PER_PARAM} per parameter, embeddings included; Hoffmann et al. 2022)"
+        )
 
 
 def render(result: dict, console) -> None:
@@ -184,3 +289,5 @@ def render(result: dict, console) -> None:
         shape = "x".join(map(str, row["shape"]))
         table.add_row(row["name"], shape, row["dtype"], row["sharding"], "yes" if row["trainable"] else "no")
     console.print(table)
+    if "cost" in result:
+        render_cost(result["cost"], result["dtype"], console)

@@ -14,7 +14,7 @@ from typing import Any
 
 from bigmodel_cli import atomic, storage
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.rundir import CONFIG_FILE, EVAL_METRICS_FILE, METRICS_FILE, STATUS_FILE
+from bigmodel_cli.rundir import CONFIG_FILE, EVAL_METRICS_FILE, METRICS_FILE, STATUS_FILE, SUITE_FILE, eval_dir
 
 FORMATS = (".png", ".html")
 Table = tuple[list[str], list[list[str]]]  # header, rows
@@ -200,12 +200,30 @@ def _render_png(labels: list[str], runs: list[list[dict[str, Any]]], table: Tabl
     return buf.getvalue()
 
 
-def _render_html(png: bytes, table: Table) -> bytes:
-    """A standalone page: the figure inlined as base64, then the final-metrics table."""
+def _suites(run_dirs: list[Path]) -> list[tuple[str, Table]]:
+    """Each run's evaluation suites (`evaluate --suite` writes RUN/eval-suite-NAME/suite.json): title, table."""
+    found = []
+    for label, d in zip(_labels(run_dirs), run_dirs, strict=True):
+        for path in sorted(d.glob(f"{eval_dir(d, 'suite-*').name}/{SUITE_FILE}")):
+            suite = _read_json(path)
+            table = suite.get("table") or {}
+            if isinstance(table.get("header"), list) and isinstance(table.get("rows"), list):
+                title = f"{label}: {Path(str(suite.get('suite', path.parent.name))).name}"
+                found.append((title, (table["header"], table["rows"])))
+    return found
+
+
+def _html_table(table: Table) -> str:
     header, body = table
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in body)
+    th = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in body)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def _render_html(png: bytes, table: Table, suites: list[tuple[str, Table]] = ()) -> bytes:
+    """A standalone page: the figure inlined as base64, the final-metrics table, then any evaluation suites."""
     image = base64.b64encode(png).decode("ascii")
+    sections = "".join(f"<h2>Evaluation suite {html.escape(title)}</h2>\n{_html_table(t)}\n" for title, t in suites)
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>bigmodel report</title>
 <style>body{{font-family:sans-serif;margin:2em}} table{{border-collapse:collapse}}
@@ -213,8 +231,8 @@ th,td{{border:1px solid #ccc;padding:4px 8px;text-align:right}} img{{max-width:1
 <body><h1>bigmodel report</h1>
 <img src="data:image/png;base64,{image}" alt="training curves">
 <h2>Final metrics</h2>
-<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>
-</body></html>
+{_html_table(table)}
+{sections}</body></html>
 """
     return page.encode("utf-8")
 
@@ -242,5 +260,6 @@ def run(run_dirs: list[Path], out: Path) -> Path:
     table = _table(run_dirs, runs)
     png = _render_png(_labels(run_dirs), runs, table)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_bytes(out, png if out.suffix.lower() == ".png" else _render_html(png, table))  # never half a report
+    page = png if out.suffix.lower() == ".png" else _render_html(png, table, _suites(run_dirs))
+    atomic.write_bytes(out, page)  # never half a report
     return out

@@ -55,6 +55,7 @@ METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of the same metrics
 EVAL_METRICS_FILE = "metrics.json"  # the latest `bigmodel evaluate` of the model
 PREDICTIONS_FILE = "predictions.jsonl"  # a task evaluation's predictions, beside its metrics.json
+SUITE_FILE = "suite.json"  # an evaluation suite's table (`evaluate --suite`), in RUN/eval-suite-NAME by default
 STATUS_FILE = "status.json"  # starting, running, stopped, failed or finished, with a step
 LOCK_FILE = "bigmodel.lock"  # held by the one process that writes (see lock())
 

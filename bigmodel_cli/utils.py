@@ -23,6 +23,11 @@ PEAK_FLOPS = {
     "NVIDIA H100": 989e12,
     "NVIDIA H200": 989e12,
 }
+# Model-FLOPs utilisation we measured per chip (PEAK_FLOPS row: (MFU, where it was measured)): the default of
+# `plan --tokens`. Empty until an accelerator run is recorded in docs/benchmarks.md (its GPU section is pending);
+# chips without a row assume DEFAULT_MFU.
+MEASURED_MFU: dict[str, tuple[float, str]] = {}
+DEFAULT_MFU = 0.40
 
 
 @functools.cache
@@ -44,12 +49,20 @@ def device_peak_flops(dtype: str = "bfloat16") -> float:
     device = jax.devices()[0]
     if device.platform == "cpu":
         return measured_matmul_flops()
-    kind = device.device_kind
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):
-        if kind.startswith(name):
-            # fp32 matmuls run at roughly half the bf16 rate on TPUs (and through TF32 on GPUs)
-            return PEAK_FLOPS[name] * (1.0 if dtype == "bfloat16" else 0.5)
-    return float("nan")
+    row = peak_row(device.device_kind)
+    return float("nan") if row is None else chip_peak_flops(row, dtype)
+
+
+def peak_row(device_kind: str) -> str | None:
+    """The PEAK_FLOPS row a jax device_kind belongs to (the longest row name it starts with), or None."""
+    rows = [name for name in PEAK_FLOPS if device_kind.lower().startswith(name.lower())]
+    return max(rows, key=len, default=None)
+
+
+def chip_peak_flops(row: str, dtype: str = "bfloat16") -> float:
+    """Peak FLOP/s of one chip of a PEAK_FLOPS row for matmuls in dtype."""
+    # fp32 matmuls run at roughly half the bf16 rate on TPUs (and through TF32 on GPUs)
+    return PEAK_FLOPS[row] * (1.0 if dtype == "bfloat16" else 0.5)
 
 
 def host_memory_bytes() -> int:

@@ -207,6 +207,14 @@ def _json_out(cli, w):
     assert "loss: " in plain and _json(cli("evaluate", w["run"], "--json"))["loss"] > 0
 
 
+def _suite(cli, w):
+    # suites run in tests/test_eval_suite.py; here: --suite runs one, and an option it would ignore is refused
+    (w["root"] / "one.toml").write_text('[[task]]\nname = "text"\nkind = "perplexity"\ntext = "held_out.txt"\n')
+    rows = _json(cli("evaluate", w["run"], "--suite", w["root"] / "one.toml", "--json"))["tasks"]
+    assert rows[0]["metrics"]["bytes"] == len((w["root"] / "held_out.txt").read_bytes())
+    _refused(cli, "evaluate", w["run"], "--suite", w["root"] / "one.toml", "--split", "val", mentions="--split")
+
+
 def _multi_process(cli, w):
     # The multi-process options run a real 2-process evaluation in test_multiprocess.py; alone they are refused.
     _refused(cli, "evaluate", w["run"], "--num-processes", "2", mentions="--coordinator")
@@ -228,6 +236,7 @@ OPTION_CHECKS = {
     "max_batches": _max_batches,
     "max_examples": _max_examples,
     "json_out": _json_out,
+    "suite": _suite,
     "quantize": _quantize,
     "coordinator": _multi_process,
     "num_processes": _multi_process,

@@ -33,6 +33,7 @@ STAGES = {
     "evaluate.task_eval",
     "evaluate.tokenize",
     "evaluate.inspect",
+    "evaluate.suite",
     "serve",
     "serve.app",
     "serve.engine",
@@ -43,6 +44,7 @@ STAGE_CALLS_STAGE = {
     "quickstart": {"data.preprocess", "pretrain", "evaluate.generate", "evaluate.lm"},
     "evaluate.task_eval": {"evaluate.generate"},
     "evaluate.inspect": {"evaluate.generate"},  # opens a model as generate does
+    "evaluate.suite": {"evaluate.lm", "evaluate.task_eval", "evaluate.choice"},  # a suite runs each task's own code
     # serve loads a model as generate does and samples with its sampler
     "serve": {"serve.app", "serve.engine", "evaluate.generate"},
     "serve.app": {"serve.engine"},

@@ -53,6 +53,7 @@ def test_plan_refuses_a_recipe_over_the_memory_budget(cli):
 # ----------------------------------------------------------------------------------------------------------
 
 HUB_ID = "bigmodel-test/tiny-qwen"
+PRICED = ("--tokens", "1e9", "--chip", "NVIDIA H100")  # plan --tokens; priced in tests/test_plan_cost.py
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_plan_to_finetune_a_hugging_face_model_fully_or_with_lora(cli, qwen):
     assert {row["dtype"] for row in full["parameters"]} == {"bfloat16"}  # as stored, not float32
     assert full["tokens_per_step"] == 8 * 128  # finetuning's batch of 8, at the model's context
 
-    lora = _plan(cli, f"hf:{qwen['dir']}", "--set", "lora.rank=8", "--set", "data.seq_len=64")
+    lora = _plan(cli, f"hf:{qwen['dir']}", "--set", "lora.rank=8", "--set", "data.seq_len=64", *PRICED)
     c = qwen["config"]
     head = c.hidden_size // c.num_attention_heads
     q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
@@ -99,6 +100,12 @@ def test_plan_to_finetune_a_hugging_face_model_fully_or_with_lora(cli, qwen):
     assert lora_bytes["optimizer"] < full_bytes["optimizer"] / 10  # AdamW state for the adapters only
     assert lora_bytes["total"] < full_bytes["total"]
     assert lora["model_flops_per_step"] < full["model_flops_per_step"]
+    # priced from LoRA's own FLOPs (no weight gradient for frozen weights); no Chinchilla count for a finetune
+    cost = lora["cost"]
+    per_token = lora["model_flops_per_step"] / lora["tokens_per_step"]
+    peak = 989e12 * (1 if lora["dtype"] == "bfloat16" else 0.5)  # H100's table peak, halved for fp32 compute
+    assert cost["seconds"] == pytest.approx(per_token * 1e9 / (8 * peak * 0.4))  # the mesh's 8 devices, MFU 40%
+    assert cost["chinchilla_tokens"] is None
 
 
 def test_plan_refuses_settings_that_cannot_change_a_finetuning_plan(cli, qwen):

@@ -29,11 +29,11 @@ def run(
     max_batches: int = 50,
     out: Path | None = None,
     quantize: str = "",
+    loaded: LoadedModel | None = None,
 ) -> dict:
     """Evaluate the model (quantized as --quantize asks) on a preprocessed split (max_batches 0 = all of it);
-    writes metrics.json."""
-    quantization.check(quantize)
-    loaded = quantization.apply(modelio.load(model), quantize)
+    writes metrics.json. `loaded`: the model, already loaded (and quantized), to skip loading it again."""
+    loaded = loaded or _load(model, quantize)
     data_dir = storage.path(data) if data is not None else storage.path(loaded.data_path) if loaded.data_path else None
     if data_dir is None or not data_dir.is_dir():
         raise UserError(f"no evaluation data: pass --data DIR (a bigmodel preprocess output); got {data_dir}")
@@ -76,7 +76,20 @@ def _write(model: Path, loaded: LoadedModel, out: Path | None, metrics: dict) ->
         print(f"warning: could not write {target / 'metrics.json'} ({err.strerror or err}): {hint}", file=sys.stderr)
 
 
-def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | None = None, quantize: str = "") -> dict:
+def _load(model: Path, quantize: str) -> LoadedModel:
+    quantization.check(quantize)
+    return quantization.apply(modelio.load(model), quantize)
+
+
+def run_text(
+    model: Path,
+    text_file: Path,
+    *,
+    batch_size: int = 8,
+    out: Path | None = None,
+    quantize: str = "",
+    loaded: LoadedModel | None = None,
+) -> dict:
     """Loss, perplexity and bits per byte of every token of a raw text file, as one document.
 
     The text is cut into consecutive windows of the model's sequence length (each token is predicted once,
@@ -85,7 +98,7 @@ def run_text(model: Path, text_file: Path, *, batch_size: int = 8, out: Path | N
     divide the summed loss by the text's UTF-8 bytes, so that models with different tokenizers compare."""
     quantization.check(quantize)
     text = records.read_text(Path(text_file), "--text")
-    loaded = quantization.apply(modelio.load(model), quantize)
+    loaded = loaded or _load(model, quantize)
     tokenizer = loaded.tokenizer("--text needs the model's tokenizer")
     if tokenizer.vocab_size > loaded.model_cfg.vocab_size:
         raise UserError(

@@ -14,14 +14,9 @@ from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
 from bigmodel_cli.model.params import abstract_params, param_name
-from bigmodel_cli.model.transformer import (
-    Transformer,
-    apply_rope,
-    causal_attention,
-    count_params,
-    dense,
-    rope_tables,
-)
+from bigmodel_cli.model.rope import apply_rope, rope_tables
+from bigmodel_cli.model.sizing import count_params
+from bigmodel_cli.model.transformer import Transformer, causal_attention, dense
 from bigmodel_cli.train.state import jit_train_step, make_state
 from tests.conftest import f32_tolerance, model_tolerance
 

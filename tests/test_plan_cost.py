@@ -13,7 +13,7 @@ SETTINGS = ["--set", "model.vocab_size=256", "--set", "model.dtype=bfloat16"]
 def _tiny_flops_per_token() -> float:
     """Training FLOPs per token of tiny.toml at vocabulary 256, computed apart from plan (6N + attention)."""
     from bigmodel_cli.config import load_config
-    from bigmodel_cli.model.transformer import count_params
+    from bigmodel_cli.model.sizing import count_params
 
     model = load_config(TINY, ["model.vocab_size=256"]).model
     _, non_embedding = count_params(model)

@@ -32,7 +32,10 @@ def evaluate(
     text: Annotated[
         Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
     ] = None,
-    task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
+    task: Annotated[
+        str,
+        typer.Option(help="Score a task: qa, classify, summarize, translate, instruct or choice (multiple choice)."),
+    ] = "",
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
     metric: Annotated[
@@ -54,6 +57,16 @@ def evaluate(
         int | None, typer.Option(help="With --data DIR: evaluate at most this many batches (default 50; 0 = all).")
     ] = None,
     max_examples: Annotated[int | None, typer.Option(help="With --task: score only the first N examples.")] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="choice: few-shot examples before each question (default 0).")
+    ] = None,
+    fewshot_seed: Annotated[
+        int | None, typer.Option(help="choice: seed that draws the few-shot examples (default 1234, as lm-eval).")
+    ] = None,
+    fewshot_data: Annotated[
+        Path | None,
+        typer.Option(parser=storage.parse, help="choice: draw few-shot examples from this file, not from --data."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quantize: Quantize = "",
     coordinator: Coordinator = "",
@@ -69,7 +82,22 @@ def evaluate(
 
     _check_evaluate_options(locals())
     _setup_jax(coordinator, num_processes, process_id, inference=True)
-    if task:
+    if task == "choice":
+        from bigmodel_cli.evaluate import choice
+
+        metrics = choice.run(
+            model,
+            data,
+            fewshot_data=fewshot_data,
+            num_fewshot=num_fewshot or 0,
+            fewshot_seed=choice.DEFAULT_FEWSHOT_SEED if fewshot_seed is None else fewshot_seed,
+            batch_size=batch_size or 8,
+            max_examples=max_examples or 0,
+            out=out,
+            quantize=quantize,
+            columns=columns,
+        )
+    elif task:
         from bigmodel_cli.evaluate import task_eval
 
         metrics = task_eval.run(
@@ -117,6 +145,9 @@ _TASK_ONLY = {
     "overrides": "--set",
     "max_examples": "--max-examples",
 }
+# Options of --task choice only, and the --task options that do not apply to it.
+_CHOICE_ONLY = {"num_fewshot": "--num-fewshot", "fewshot_seed": "--fewshot-seed", "fewshot_data": "--fewshot-data"}
+_NOT_CHOICE = {"data2": "--data2", "predictions": "--predictions", "metric": "--metric", "overrides": "--set"}
 
 
 def _check_evaluate_options(given: dict) -> None:
@@ -127,6 +158,15 @@ def _check_evaluate_options(given: dict) -> None:
         raise UserError(f"--max-batches must be >= 0 (0 = all), got {given['max_batches']}")
     if given["max_examples"] is not None and given["max_examples"] <= 0:
         raise UserError(f"--max-examples must be positive, got {given['max_examples']}")
+    stray = [flag for name, flag in _CHOICE_ONLY.items() if given[name] is not None]
+    if stray and given["task"] != "choice":
+        raise UserError(f"{stray[0]} applies with --task choice only: add --task choice or remove it")
+    if given["task"] == "choice":
+        stray = [flag for name, flag in _NOT_CHOICE.items() if given[name]]
+        if stray:
+            raise UserError(f"{stray[0]} does not apply to --task choice (it scores choices by likelihood): remove it")
+        if given["model"] is None:
+            raise UserError("--task choice scores a MODEL: pass a run directory, checkpoint, export or hf:DIR")
     if given["task"]:
         stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
         if stray:

@@ -266,3 +266,32 @@ def test_choice_options_are_refused_elsewhere(cli, tmp_path):
     args = ["evaluate", "hf:x", "--task", "choice", "--data", tmp_path / "d.jsonl"]
     result = cli(*args, "--metric", "squad", ok=False)
     assert result.exit_code == 2 and "--metric" in result.stderr
+
+
+def test_shared_contexts_score_like_separate_sequences(tmp_path):
+    """Choices that share all but their last token are scored from one sequence: same numbers as one each."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from bigmodel_cli.evaluate.loglik import logprobs
+    from tests.test_hf import tiny_loaded
+
+    loaded = tiny_loaded(tmp_path)  # 64 positions
+    model = nnx.merge(loaded.graphdef, loaded.params)
+    prompt, long_prompt = [5, 9, 11, 3], list(range(1, 90))  # the long one is cut from the left
+    pairs = [(prompt, [t]) for t in (7, 8, 9)] + [(prompt, [7, 12, 13]), (long_prompt, [4, 6])]
+
+    forward = jax.jit(lambda tokens: jax.nn.log_softmax(model(tokens), axis=-1))  # one shape: [1, 64]
+
+    def alone(ids: list[int], cont: list[int]) -> float:
+        seq = (ids + cont)[-65:]
+        padded = np.zeros((1, 64), np.int32)  # causal: what follows the sequence changes nothing
+        padded[0, : len(seq) - 1] = seq[:-1]
+        logp = np.asarray(forward(padded))[0]
+        return sum(float(logp[len(seq) - len(cont) - 1 + i, t]) for i, t in enumerate(cont))
+
+    scored = logprobs(loaded, pairs, batch_size=2)
+    assert [n for _, n in scored] == [1, 1, 1, 3, 2]
+    for (total, _), (ids, cont) in zip(scored, pairs, strict=True):
+        assert total == pytest.approx(alone(ids, cont), abs=1e-4)

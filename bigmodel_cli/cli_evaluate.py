@@ -61,7 +61,8 @@ def evaluate(
         int | None, typer.Option(help="choice: few-shot examples before each question (default 0).")
     ] = None,
     fewshot_seed: Annotated[
-        int | None, typer.Option(help="choice: seed that draws the few-shot examples (default 1234, as lm-eval).")
+        int | None,
+        typer.Option(help="choice: seed that draws few-shot examples (default 1234, as lm-eval; not MMLU layout)."),
     ] = None,
     fewshot_data: Annotated[
         Path | None,
@@ -90,7 +91,7 @@ def evaluate(
             data,
             fewshot_data=fewshot_data,
             num_fewshot=num_fewshot or 0,
-            fewshot_seed=choice.DEFAULT_FEWSHOT_SEED if fewshot_seed is None else fewshot_seed,
+            fewshot_seed=fewshot_seed,
             batch_size=batch_size or 8,
             max_examples=max_examples or 0,
             out=out,

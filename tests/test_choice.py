@@ -134,7 +134,7 @@ def test_matches_lm_evaluation_harness(parity, task, shots):
         assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-6), name
     # The same prompts, few-shot examples included, for every choice.
     path, shots_file = parity["files"][task]
-    _, _, contexts = choice.load_items(path, shots_file, shots, choice.DEFAULT_FEWSHOT_SEED, 0, None)
+    _, _, contexts = choice.load_items(path, shots_file, shots, None, 0, None)
     for context, sample, ours in zip(contexts, samples, predictions, strict=True):
         assert [list(a) for a in sample["arguments"]] == [[context, " " + c] for c in ours["choices"]]
         theirs = [float(r[0][0]) for r in sample["resps"]]
@@ -210,6 +210,17 @@ def test_few_shot_examples_are_joined_and_drawn_the_harness_way(tmp_path):
     assert other_seed != contexts
     _, subset, _ = choice.load_items(plain, None, 2, 1234, 2, None)
     assert len(subset) == 2
+
+
+def test_mmlu_layout_takes_the_first_shots_like_the_harness(tmp_path):
+    mmlu = tmp_path / "x_test.csv"
+    mmlu.write_text("".join(f"Q{i}?,a,b,c,d,{'ABCD'[i % 4]}\n" for i in range(4)))
+    _, items, contexts = choice.load_items(mmlu, None, 2, None, 0, None)
+    shot = [f"{item.query} {'ABCD'[i % 4]}\n\n" for i, item in enumerate(items)]
+    assert contexts[0] == shot[1] + shot[2] + items[0].query  # the first two, less the item itself
+    assert contexts[3] == shot[0] + shot[1] + items[3].query
+    with pytest.raises(UserError, match="--fewshot-seed"):
+        choice.load_items(mmlu, None, 2, 7, 0, None)
 
 
 def test_metrics_and_standard_errors_follow_the_harness():

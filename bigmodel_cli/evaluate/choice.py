@@ -84,9 +84,17 @@ def score(items: list[ChoiceItem], loglikelihoods: list[list[float]]) -> tuple[d
 
 
 def load_items(
-    data: Path, fewshot_data: Path | None, num_fewshot: int, fewshot_seed: int, max_examples: int, columns: str | None
+    data: Path,
+    fewshot_data: Path | None,
+    num_fewshot: int,
+    fewshot_seed: int | None,
+    max_examples: int,
+    columns: str | None,
 ) -> tuple[str, list[ChoiceItem], list[str]]:
-    """(layout, the items evaluated, each one's full context); every row checked before a model loads."""
+    """(layout, the items evaluated, each one's full context); every row checked before a model loads.
+
+    The few-shot examples of MMLU-layout files are the first K (the harness's first_n sampler, which its
+    mmlu, ceval and cmmlu tasks use), refusing a seed; the others' are drawn with the seed (default 1234)."""
     if num_fewshot < 0:
         raise UserError(f"--num-fewshot must be >= 0, got {num_fewshot}")
     layout, items, cue = choice_files.load(storage.path(data), columns)
@@ -96,6 +104,14 @@ def load_items(
         if shot_layout != layout:
             raise UserError(f"--fewshot-data is {shot_layout} layout but --data is {layout}: pass the same layout")
     items = items[:max_examples] if max_examples > 0 else items
+    if layout in choice_files.FIRST_N_LAYOUTS:
+        if fewshot_seed is not None:
+            raise UserError(
+                f"--fewshot-seed has no effect on {layout}-layout files: their few-shot examples are the first "
+                "K in file order, as lm-evaluation-harness takes them; remove it"
+            )
+    elif fewshot_seed is None:
+        fewshot_seed = DEFAULT_FEWSHOT_SEED
     contexts = choice_files.contexts(items, pool, num_fewshot, fewshot_seed, same_file=fewshot_data is None)
     return layout, items, contexts
 
@@ -117,7 +133,7 @@ def run(
     *,
     fewshot_data: Path | None = None,
     num_fewshot: int = 0,
-    fewshot_seed: int = DEFAULT_FEWSHOT_SEED,
+    fewshot_seed: int | None = None,
     batch_size: int = 8,
     max_examples: int = 0,
     out: Path | None = None,
@@ -125,9 +141,13 @@ def run(
     columns: str | None = None,
 ) -> dict:
     """Score every item's choices by the summed log-likelihood of " " + choice after its context; writes
-    predictions.jsonl and metrics.json (to `out`, else the model's eval-choice/) and returns the metrics."""
+    predictions.jsonl and metrics.json (to `out`, else the model's eval-choice/) and returns the metrics.
+
+    fewshot_seed None: the default, 1234, for layouts that draw few-shot examples at random; MMLU-layout files
+    take the first K and refuse a seed."""
     quantization.check(quantize)
     layout, items, contexts = load_items(data, fewshot_data, num_fewshot, fewshot_seed, max_examples, columns)
+    first_n = layout in choice_files.FIRST_N_LAYOUTS
     loaded = quantization.apply(modelio.load(model), quantize)
     tokenizer = loaded.tokenizer("multiple-choice evaluation needs the model's tokenizer")
     pairs = _pairs(tokenizer, items, contexts)
@@ -142,7 +162,8 @@ def run(
         "data": str(data),
         "layout": layout,
         "num_fewshot": num_fewshot,
-        "fewshot_seed": fewshot_seed,
+        "fewshot_sampler": "first_n" if first_n else "default",
+        "fewshot_seed": None if first_n else DEFAULT_FEWSHOT_SEED if fewshot_seed is None else fewshot_seed,
         **metrics,
     }
     _write(storage.path(out) if out is not None else rundir.eval_dir(loaded.home, TASK), rows, metrics)

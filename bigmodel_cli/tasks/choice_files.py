@@ -20,6 +20,9 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import records
 
 LAYOUTS = ("mmlu", "arc", "hellaswag", "plain")
+# Layouts whose harness tasks (mmlu, ceval, cmmlu) take the first k few-shot examples in file order (first_n)
+# rather than a seeded random draw: a seed means nothing for them.
+FIRST_N_LAYOUTS = ("mmlu",)
 TARGET_DELIMITER = " "  # between a query and the choice scored after it
 FEWSHOT_DELIMITER = "\n\n"  # after each few-shot example
 ANSWER_CUE = "Answer:"  # MMLU's query ends with this
@@ -219,12 +222,13 @@ def shot_text(item: ChoiceItem) -> str:
     return item.query + TARGET_DELIMITER + item.choices[item.gold] + FEWSHOT_DELIMITER
 
 
-def contexts(items: list[ChoiceItem], pool: list[ChoiceItem], k: int, seed: int, same_file: bool) -> list[str]:
+def contexts(items: list[ChoiceItem], pool: list[ChoiceItem], k: int, seed: int | None, same_file: bool) -> list[str]:
     """Each item's full context: k few-shot examples from `pool`, then its query.
 
-    The examples are drawn as lm-evaluation-harness's default sampler draws them: one random.Random(seed) for
-    the whole file, used item after item; from the same file, k + 1 are drawn and the item itself (and any
-    row equal to it) left out, keeping the first k."""
+    With a seed, the examples are drawn as lm-evaluation-harness's default sampler draws them: one
+    random.Random(seed) for the whole file, used item after item; from the same file, k + 1 are drawn and the
+    item itself (and any row equal to it) left out, keeping the first k. Without (seed None), they are the
+    first k of the pool, less the item itself: the harness's first_n sampler (its MMLU, C-Eval, CMMLU tasks)."""
     if k == 0:
         return [item.query for item in items]
     need = k + 1 if same_file else k
@@ -234,14 +238,16 @@ def contexts(items: list[ChoiceItem], pool: list[ChoiceItem], k: int, seed: int,
     rng = Random(seed)
     out = []
     for item in items:
-        if same_file:
+        rest = [s for s in pool if s.record != item.record] if same_file else pool
+        if seed is None:
+            shots = rest[:k]
+        elif same_file:
             shots = [s for s in rng.sample(pool, k + 1) if s.record != item.record][:k]
-            if len(shots) < k:  # duplicates of the item were drawn: draw again from the rest
-                rest = [s for s in pool if s.record != item.record]
-                if len(rest) < k:
-                    raise UserError(f"{item.where}: too few rows differ from this one for --num-fewshot {k}")
-                shots = rng.sample(rest, k)
+            if len(shots) < k:  # duplicates of the item were drawn: draw again from the rest, as the harness does
+                shots = rng.sample(rest, k) if len(rest) >= k else []
         else:
             shots = rng.sample(pool, k)
+        if len(shots) < k:
+            raise UserError(f"{item.where}: too few rows differ from this one for --num-fewshot {k}: lower it")
         out.append("".join(shot_text(s) for s in shots) + item.query)
     return out

@@ -160,6 +160,20 @@ def test_detects_all_four_layouts_and_builds_the_harness_prompts(tmp_path):
     assert layout == "mmlu" and [i.gold for i in items] == [1, 0]
     assert items[0].query == "What is 2+2?\nA. 3\nB. 4\nC. 5, or 6\nD. 7\nAnswer:"
     assert items[0].choices == ("A", "B", "C", "D")
+    # The harness's mmlu_anatomy description opens every prompt; the subject comes from the file's name.
+    assert items[0].description == "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    assert choice.load_items(mmlu, None, 0, None, 0, None)[2][0] == items[0].description + items[0].query
+
+    hub = tmp_path / "mmlu.jsonl"  # cais/mmlu and ceval-exam rows exported from the Hub as JSON lines
+    _write_jsonl(
+        hub, [{"question": "2+2?", "subject": "high_school_math", "choices": ["3", "4", "5", "6"], "answer": 1}]
+    )
+    layout, items, _ = choice_files.load(hub)
+    assert (layout, items[0].gold, items[0].query) == ("mmlu", 1, "2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:")
+    assert "about high school math." in items[0].description
+    _write_jsonl(hub, [{"id": 0, "question": "一加一？", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"}])
+    layout, items, cue = choice_files.load(hub)
+    assert (layout, cue, items[0].gold, items[0].description) == ("mmlu", "答案：", 1, "")
 
     cmmlu = tmp_path / "cmmlu.csv"
     cmmlu.write_text(",Question,A,B,C,D,Answer\n0,天空是什么颜色？,蓝,红,绿,黑,A\n", encoding="utf-8")
@@ -213,7 +227,7 @@ def test_few_shot_examples_are_joined_and_drawn_the_harness_way(tmp_path):
 
 
 def test_mmlu_layout_takes_the_first_shots_like_the_harness(tmp_path):
-    mmlu = tmp_path / "x_test.csv"
+    mmlu = tmp_path / "questions.csv"  # no subject in the name: no description
     mmlu.write_text("".join(f"Q{i}?,a,b,c,d,{'ABCD'[i % 4]}\n" for i in range(4)))
     _, items, contexts = choice.load_items(mmlu, None, 2, None, 0, None)
     shot = [f"{item.query} {'ABCD'[i % 4]}\n\n" for i, item in enumerate(items)]

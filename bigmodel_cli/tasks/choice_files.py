@@ -16,6 +16,7 @@ from pathlib import Path
 from random import Random
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import records
 
@@ -29,6 +30,7 @@ ANSWER_CUE = "Answer:"  # MMLU's query ends with this
 ANSWER_CUE_ZH = "答案："  # C-Eval's and CMMLU's with this: used when the questions hold Chinese text
 MMLU_COLUMNS = ("question", "A", "B", "C", "D", "answer")  # a headerless MMLU row
 _CJK = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]")
+_SUBJECT_FILE = re.compile(r"^(.+)_(?:test|dev|val)\.(?:csv|tsv)$")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class ChoiceItem:
     query: str = ""
     choices: tuple[str, ...] = ()
     gold: int = 0
+    description: str = ""  # the task description that opens the prompt, before any few-shot example (MMLU)
 
 
 def _bad(where: str, problem: str) -> UserError:
@@ -98,34 +101,38 @@ def _csv_rows(path: Path, columns: str | None) -> list[tuple[str, dict]]:
             f"{path}: a choice CSV needs a header with question, A, B, C, D and answer columns, or MMLU's six "
             "headerless columns: add a header, or name its columns with --columns"
         )
-    lower = {name.lower(): name for name in names}
-    letters = [letter for letter in _letters(26) if letter.lower() in lower]  # the option columns, A, B, ...
-    missing = [want for want in ("question", "answer") if want not in lower] or ([] if letters else ["A"])
-    if missing:
-        raise UserError(f"{path}: no {missing[0]!r} column among {', '.join(names)}: name it with --columns")
-    out = []
-    for number, cells in rows:
-        row = dict(zip(names, [*cells, *[""] * len(names)], strict=False))
-        out.append(
-            (
-                f"{path}:{number}",
-                {
-                    "question": row[lower["question"]],
-                    "answer": row[lower["answer"]],
-                    **{letter: row[lower[letter.lower()]] for letter in letters},
-                },
-            )
-        )
-    return out
+    if not _letter_columns(names) or not {"question", "answer"} <= {n.lower() for n in names}:
+        raise UserError(f"{path}: columns {', '.join(names)} lack question, A-D or answer: name them with --columns")
+    return [(f"{path}:{n}", dict(zip(names, [*cells, *[""] * len(names)], strict=False))) for n, cells in rows]
 
 
-def _mmlu_item(where: str, row: dict, cue: str) -> ChoiceItem:
-    letters = [k for k in row if len(k) == 1]
-    options = [row[k] for k in letters]
+def _letter_columns(names) -> list[str]:
+    """The option columns of an MMLU-layout row, A, B, ... as named there (any case)."""
+    lower = {str(name).lower(): name for name in names}
+    return [lower[letter.lower()] for letter in _letters(26) if letter.lower() in lower]
+
+
+def mmlu_description(subject: str) -> str:
+    """The harness's MMLU task description: a line naming the subject, then a blank line."""
+    return f"The following are multiple choice questions (with answers) about {' '.join(subject.split('_'))}.\n\n"
+
+
+def _mmlu_item(where: str, row: dict, cue: str, subject: str = "") -> ChoiceItem:
+    """An MMLU-layout row: question, A..D (or MMLU's Hub rows: a choices list and an answer index), answer."""
+    lower = {str(k).lower(): k for k in row}
+    if isinstance(row.get("choices"), list):  # cais/mmlu as exported from the Hub
+        options = _check_choices(where, row["choices"])
+    else:
+        options = [row[k] for k in _letter_columns(row)]
+    letters = _letters(len(options))
+    question = str(row.get(lower.get("question"), ""))
+    answer = row.get(lower.get("answer"))
+    answer = answer.strip().upper() if isinstance(answer, str) and len(answer.strip()) == 1 else answer
+    gold = _gold_index(where, answer, letters, letters)
     listed = "".join(f"\n{k}. {v}" for k, v in zip(letters, options, strict=True))
-    answer = row["answer"].strip()
-    gold = _gold_index(where, answer.upper() if len(answer) == 1 else answer, letters, letters)
-    return ChoiceItem(where, row, f"{row['question'].strip()}{listed}\n{cue}", tuple(letters), gold)
+    subject = str(row.get("subject") or subject)
+    description = mmlu_description(subject) if subject and cue == ANSWER_CUE else ""
+    return ChoiceItem(where, row, f"{question.strip()}{listed}\n{cue}", tuple(letters), gold, description)
 
 
 # --- ARC, HellaSwag, plain: JSONL --------------------------------------------------------------------------
@@ -183,7 +190,11 @@ def _jsonl_layout(where: str, row: dict) -> str:
         return "hellaswag"
     if isinstance(row.get("choices"), dict):
         return "arc"
-    if "prompt" in row or isinstance(row.get("choices"), list):
+    if "prompt" in row:
+        return "plain"
+    if "question" in {str(k).lower() for k in row} and (isinstance(row.get("choices"), list) or _letter_columns(row)):
+        return "mmlu"  # MMLU, C-Eval or CMMLU rows exported from the Hub as JSON lines
+    if isinstance(row.get("choices"), list):
         return "plain"
     raise _bad(
         where,
@@ -202,19 +213,24 @@ def load(path: Path, columns: str | None = None, cue: str | None = None) -> tupl
     "Answer:"; pass the evaluated file's cue when loading its few-shot file."""
     kind = records.file_kind(path)
     if kind in ("csv", "tsv"):
-        rows = _csv_rows(path, columns)
+        rows, layout = _csv_rows(path, columns), "mmlu"
         if not rows:
             raise UserError(f"{path} has no rows: pass a file with questions")
-        if cue is None:
-            cue = ANSWER_CUE_ZH if any(_CJK.search(row["question"]) for _, row in rows) else ANSWER_CUE
-        return "mmlu", [_mmlu_item(where, row, cue) for where, row in rows], cue
-    if kind != "jsonl":
+    elif kind != "jsonl":
         raise UserError(f"{path}: choice files are .csv/.tsv (MMLU, C-Eval, CMMLU) or .jsonl, got {kind or 'none'!r}")
-    if columns:
+    elif columns:
         raise UserError("--columns names a CSV's columns: a JSONL file names its own fields, remove it")
-    rows = records.read_jsonl(path, "choice data")
-    layout = _jsonl_layout(*rows[0])
-    return layout, [_JSONL_ITEMS[layout](where, row) for where, row in rows], cue or ANSWER_CUE
+    else:
+        rows = records.read_jsonl(path, "choice data")
+        layout = _jsonl_layout(*rows[0])
+    if layout != "mmlu":
+        return layout, [_JSONL_ITEMS[layout](where, row) for where, row in rows], cue or ANSWER_CUE
+    if cue is None:
+        questions = (str(v) for _, row in rows for k, v in row.items() if str(k).lower() == "question")
+        cue = ANSWER_CUE_ZH if any(_CJK.search(q) for q in questions) else ANSWER_CUE
+    named = _SUBJECT_FILE.match(storage.path(path).name)  # Hendrycks' MMLU files: anatomy_test.csv
+    subject = named.group(1) if named and kind in ("csv", "tsv") else ""
+    return layout, [_mmlu_item(where, row, cue, subject) for where, row in rows], cue
 
 
 def shot_text(item: ChoiceItem) -> str:
@@ -230,7 +246,7 @@ def contexts(items: list[ChoiceItem], pool: list[ChoiceItem], k: int, seed: int 
     item itself (and any row equal to it) left out, keeping the first k. Without (seed None), they are the
     first k of the pool, less the item itself: the harness's first_n sampler (its MMLU, C-Eval, CMMLU tasks)."""
     if k == 0:
-        return [item.query for item in items]
+        return [item.description + item.query for item in items]
     need = k + 1 if same_file else k
     if len(pool) < need:
         where = "the file, leaving the item itself out" if same_file else "--fewshot-data"
@@ -249,5 +265,5 @@ def contexts(items: list[ChoiceItem], pool: list[ChoiceItem], k: int, seed: int 
             shots = rng.sample(pool, k)
         if len(shots) < k:
             raise UserError(f"{item.where}: too few rows differ from this one for --num-fewshot {k}: lower it")
-        out.append("".join(shot_text(s) for s in shots) + item.query)
+        out.append(item.description + "".join(shot_text(s) for s in shots) + item.query)
     return out

@@ -32,7 +32,10 @@ def evaluate(
     text: Annotated[
         Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
     ] = None,
-    task: Annotated[str, typer.Option(help="Score a task: qa, classify, summarize, translate or instruct.")] = "",
+    task: Annotated[
+        str,
+        typer.Option(help="Score a task: qa, classify, summarize, translate, instruct or choice (multiple choice)."),
+    ] = "",
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
     metric: Annotated[
@@ -58,6 +61,17 @@ def evaluate(
         Path | None,
         typer.Option(parser=storage.parse, help="Run the tasks of a suite TOML; --data DIR: its paths' root."),
     ] = None,
+    num_fewshot: Annotated[
+        int | None, typer.Option(help="choice: few-shot examples before each question (default 0).")
+    ] = None,
+    fewshot_seed: Annotated[
+        int | None,
+        typer.Option(help="choice: seed that draws few-shot examples (default 1234, as lm-eval; not MMLU layout)."),
+    ] = None,
+    fewshot_data: Annotated[
+        Path | None,
+        typer.Option(parser=storage.parse, help="choice: draw few-shot examples from this file, not from --data."),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the metrics as one JSON object.")] = False,
     quantize: Quantize = "",
     coordinator: Coordinator = "",
@@ -79,7 +93,22 @@ def evaluate(
         result = suite_stage.run(model, suite, data_root=data, out=out, quantize=quantize)
         suite_stage.render(result, json_out or _console().mode == "json")
         return
-    if task:
+    if task == "choice":
+        from bigmodel_cli.evaluate import choice
+
+        metrics = choice.run(
+            model,
+            data,
+            fewshot_data=fewshot_data,
+            num_fewshot=num_fewshot or 0,
+            fewshot_seed=fewshot_seed,
+            batch_size=batch_size or 8,
+            max_examples=max_examples or 0,
+            out=out,
+            quantize=quantize,
+            columns=columns,
+        )
+    elif task:
         from bigmodel_cli.evaluate import task_eval
 
         metrics = task_eval.run(
@@ -127,9 +156,12 @@ _TASK_ONLY = {
     "overrides": "--set",
     "max_examples": "--max-examples",
 }
+# Options of --task choice only, and the --task options that do not apply to it.
+_CHOICE_ONLY = {"num_fewshot": "--num-fewshot", "fewshot_seed": "--fewshot-seed", "fewshot_data": "--fewshot-data"}
+_NOT_CHOICE = {"data2": "--data2", "predictions": "--predictions", "metric": "--metric", "overrides": "--set"}
 
 # With --suite each [[task]] sets these itself (--data is the root of its relative paths)
-_NOT_SUITE = {"task": "--task", "batch_size": "--batch-size", **_LM_ONLY, **_TASK_ONLY}
+_NOT_SUITE = {"task": "--task", "batch_size": "--batch-size", **_LM_ONLY, **_TASK_ONLY, **_CHOICE_ONLY}
 
 
 def _check_evaluate_options(given: dict) -> None:
@@ -145,6 +177,15 @@ def _check_evaluate_options(given: dict) -> None:
         if stray or given["model"] is None:
             raise UserError(f"{stray[0]} does nothing with --suite: remove it" if stray else "--suite needs a MODEL")
         return
+    stray = [flag for name, flag in _CHOICE_ONLY.items() if given[name] is not None]
+    if stray and given["task"] != "choice":
+        raise UserError(f"{stray[0]} applies with --task choice only: add --task choice or remove it")
+    if given["task"] == "choice":
+        stray = [flag for name, flag in _NOT_CHOICE.items() if given[name]]
+        if stray:
+            raise UserError(f"{stray[0]} does not apply to --task choice (it scores choices by likelihood): remove it")
+        if given["model"] is None:
+            raise UserError("--task choice scores a MODEL: pass a run directory, checkpoint, export or hf:DIR")
     if given["task"]:
         stray = [flag for name, flag in _LM_ONLY.items() if given[name] is not None]
         if stray:

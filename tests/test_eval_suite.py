@@ -27,6 +27,12 @@ batch_size = 4
 name = "held-out"
 kind = "perplexity"
 text = "held_out.txt"
+
+[[task]]
+name = "arc-like"
+kind = "choice"
+data = "choice.jsonl"
+num_fewshot = 1
 """
 
 
@@ -47,6 +53,11 @@ def world(cli, tiny_data, tmp_path_factory) -> dict:
     (files / "squad.json").write_text(json.dumps(squad))
     (files / "news.tsv").write_text("world\tWall St. Bears Claw Back\ntech\tNew chip is fast\nworld\tOil prices rise\n")
     (files / "held_out.txt").write_text(synthetic_text(20, seed=7))
+    choice = [
+        {"prompt": f"the cat {verb}", "choices": ["sleeps", "runs", "eats"], "answer": i % 3}
+        for i, verb in enumerate(["is", "was", "will", "can"])
+    ]
+    (files / "choice.jsonl").write_text("".join(json.dumps(row) + "\n" for row in choice))
     (files / "suite.toml").write_text(SUITE)
     result = json.loads(cli("evaluate", run, "--suite", files / "suite.toml", "--json").stdout.splitlines()[-1])
     return {"root": root, "run": run, "files": files, "result": result}
@@ -58,7 +69,7 @@ def _alone(cli, *args) -> dict:
 
 def test_each_task_scores_what_evaluate_gives_it_alone(cli, world):
     run, files, rows = world["run"], world["files"], {row["name"]: row for row in world["result"]["tasks"]}
-    assert list(rows) == ["squad-dev", "news", "held-out"]
+    assert list(rows) == ["squad-dev", "news", "held-out", "arc-like"]
     qa = _alone(
         cli,
         run,
@@ -75,8 +86,13 @@ def test_each_task_scores_what_evaluate_gives_it_alone(cli, world):
         cli, run, "--task", "classify", "--data", files / "news.tsv", "--columns", "label,text", "--batch-size", "4"
     )
     text = _alone(cli, run, "--text", files / "held_out.txt")
+    choice = _alone(cli, run, "--task", "choice", "--data", files / "choice.jsonl", "--num-fewshot", "1")
     assert rows["squad-dev"]["metrics"] == qa and rows["news"]["metrics"] == news
     assert rows["held-out"]["metrics"] == text
+    assert {k: v for k, v in rows["arc-like"]["metrics"].items() if k != "data"} == {
+        k: v for k, v in choice.items() if k != "data"
+    }
+    assert rows["arc-like"]["n"] == 4 and set(rows["arc-like"]["scores"]) >= {"acc", "acc_norm"}
     assert set(rows["squad-dev"]["scores"]) >= {"exact_match", "f1"} and rows["squad-dev"]["n"] == 2
     assert rows["news"]["scores"] == {"accuracy": news["accuracy"], "macro_f1": news["macro_f1"]}
     assert rows["held-out"]["scores"] == {k: text[k] for k in ("loss", "perplexity", "bits_per_byte")}

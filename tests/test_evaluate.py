@@ -202,6 +202,38 @@ def _max_examples(cli, w):
     _refused(cli, "evaluate", w["run"], "--max-examples", "2", mentions="--max-examples")
 
 
+def _choice(cli, w, *extra) -> list:
+    """The loglikelihoods of --task choice on a small plain file (cached per arguments)."""
+    cache = w.setdefault("choice", {})
+    if extra not in cache:
+        r = w["root"]
+        if not (r / "choice.jsonl").exists():
+            rows = [{"prompt": f"the cat {i}:", "choices": ["sat", "ran"], "answer": i % 2} for i in range(6)]
+            (r / "choice.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+            (r / "shots.jsonl").write_text(json.dumps({"prompt": "a dog:", "choices": ["is"], "answer": 0}) + "\n")
+        out = r / f"choice-{len(cache)}"
+        cli("evaluate", w["run"], "--task", "choice", "--data", r / "choice.jsonl", "--out", out, *extra)
+        lines = (out / "predictions.jsonl").read_text().splitlines()
+        cache[extra] = [json.loads(line)["loglikelihoods"] for line in lines]
+    return cache[extra]
+
+
+def _num_fewshot(cli, w):
+    assert _choice(cli, w) != _choice(cli, w, "--num-fewshot", "2")
+    _refused(cli, *_qa(w, "--num-fewshot", "2"), mentions="--num-fewshot")
+
+
+def _fewshot_seed(cli, w):
+    assert _choice(cli, w, "--num-fewshot", "2") != _choice(cli, w, "--num-fewshot", "2", "--fewshot-seed", "7")
+    _refused(cli, "evaluate", w["run"], "--fewshot-seed", "7", mentions="--fewshot-seed")
+
+
+def _fewshot_data(cli, w):
+    shots = ("--num-fewshot", "1", "--fewshot-data", str(w["root"] / "shots.jsonl"))
+    assert _choice(cli, w, "--num-fewshot", "1") != _choice(cli, w, *shots)
+    _refused(cli, *_qa(w, "--fewshot-data", w["root"] / "shots.jsonl"), mentions="--fewshot-data")
+
+
 def _json_out(cli, w):
     plain = cli("evaluate", w["run"]).stdout
     assert "loss: " in plain and _json(cli("evaluate", w["run"], "--json"))["loss"] > 0
@@ -235,6 +267,9 @@ OPTION_CHECKS = {
     "batch_size": _batch_size,
     "max_batches": _max_batches,
     "max_examples": _max_examples,
+    "num_fewshot": _num_fewshot,
+    "fewshot_seed": _fewshot_seed,
+    "fewshot_data": _fewshot_data,
     "json_out": _json_out,
     "suite": _suite,
     "quantize": _quantize,

@@ -165,20 +165,19 @@ def _run_task(task: SuiteTask, model: Path, loaded: LoadedModel, out: Path, quan
             loaded=loaded,
         )
     if task.kind == "choice":
-        try:
-            from bigmodel_cli.evaluate import choice
-        except ImportError:
-            raise UserError("kind choice needs bigmodel_cli.evaluate.choice, which this install lacks") from None
+        from bigmodel_cli.evaluate import choice
+
         return choice.run(
             model,
             path(task.data),
             fewshot_data=path(task.fewshot_data),
             num_fewshot=task.num_fewshot,
-            fewshot_seed=task.fewshot_seed,
+            # the default seed is choice's own, so that MMLU-layout files (first K shots, no seed) take it too
+            fewshot_seed=None if task.fewshot_seed == choice.DEFAULT_FEWSHOT_SEED else task.fewshot_seed,
             batch_size=task.batch_size,
             max_examples=task.max_examples,
             out=out,
-            quantize=quantize,
+            loaded=loaded,
         )
     return task_eval.run(
         task.kind,

@@ -9,10 +9,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from bigmodel_cli import atomic, config, modelio, rundir, storage, tasks
 from bigmodel_cli.console import track
@@ -20,6 +17,7 @@ from bigmodel_cli.data import loader
 from bigmodel_cli.data.tokenizer import AnyTokenizer, sequence_start
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.evaluate.loglik import logprobs
 from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model import quantize as quantization
 from bigmodel_cli.model.params import LoadedModel
@@ -28,34 +26,6 @@ from bigmodel_cli.tasks.base import EvalSettings, Task
 from bigmodel_cli.tasks.metrics import perplexity
 from bigmodel_cli.tasks.options import Example, TaskOptions, TaskWarning
 from bigmodel_cli.tasks.qa_metrics import QA_METRICS
-
-
-def _logprobs(
-    loaded, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8, progress: str = ""
-) -> list[tuple[float, int]]:
-    """(sum of log-probabilities, token count) of each continuation after its prompt, batched at one shape."""
-    length = loaded.model_cfg.max_seq_len
-    model = nnx.merge(loaded.graphdef, loaded.params)
-
-    @jax.jit
-    def token_logprobs(tokens):  # [B,L] -> log p(tokens[:, t+1] | tokens[:, :t+1]) [B,L-1]
-        logp = jax.nn.log_softmax(model(tokens[:, :-1]), axis=-1)
-        return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-
-    out = []
-    starts = range(0, len(pairs), batch_size)
-    for start in track(starts, progress, len(starts)) if progress else starts:
-        chunk = pairs[start : start + batch_size]
-        tokens = np.zeros((batch_size, length + 1), np.int32)
-        spans = []
-        for row, (prompt, cont) in enumerate(chunk):
-            prompt = prompt[-max(1, length + 1 - len(cont)) :]  # keep the prompt's end if it must be cut
-            seq = (prompt + cont)[: length + 1]
-            tokens[row, : len(seq)] = seq
-            spans.append((len(prompt) - 1, len(seq) - 1))
-        logp = np.asarray(token_logprobs(tokens))
-        out += [(float(logp[row, a:b].sum()), b - a) for row, (a, b) in enumerate(spans)]
-    return out
 
 
 @dataclass(frozen=True)
@@ -79,7 +49,7 @@ class _ModelPredictor:
                 full = tokenizer.encode([e.prompt + continuation])[0]
                 same = next((i for i, (a, b) in enumerate(zip(prompt, full, strict=False)) if a != b), len(prompt))
                 pairs.append(([first, *full[:same]], [*full[same:], tokenizer.eos_id]))
-        scores = [total for total, _ in _logprobs(self.loaded, pairs, self.batch_size, progress="score labels")]
+        scores = [total for total, _ in logprobs(self.loaded, pairs, self.batch_size, progress="score labels")]
         k = len(continuations)
         return {e.id: int(np.argmax(scores[i * k : (i + 1) * k])) for i, e in enumerate(examples)}
 
@@ -104,7 +74,7 @@ class _ModelPredictor:
         for i, ks in by_example.items():
             candidates = [k for k in ks if answers[k]] or ks[:1]
             if len(candidates) > 1:  # qa windows: keep the answer the model is most sure of (mean log-prob)
-                scored = _logprobs(loaded, [(flat[k][1], outputs[k]) for k in candidates], batch_size)
+                scored = logprobs(loaded, [(flat[k][1], outputs[k]) for k in candidates], batch_size)
                 candidates = [candidates[int(np.argmax([t / max(n, 1) for t, n in scored]))]]
             predictions[examples[i].id] = answers[candidates[0]]
         return predictions

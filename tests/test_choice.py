@@ -128,7 +128,7 @@ def test_matches_lm_evaluation_harness(parity, task, shots):
     results = parity["theirs"][shots]
     reference = results["results"][task]
     samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
-    assert metrics["items"] == len(samples) == len(predictions) == 12
+    assert metrics["total"] == len(samples) == len(predictions) == 12
     assert len({p["chosen"] for p in predictions}) > 1, "a model that always picks one answer tests little"
     for name in ("acc", "acc_norm", "acc_stderr", "acc_norm_stderr"):
         assert metrics[name] == pytest.approx(reference[f"{name},none"], abs=1e-6), name
@@ -245,7 +245,7 @@ def test_metrics_and_standard_errors_follow_the_harness():
     ]
     # lls [-1, -2]: acc picks "a"; per character "bbbb" (-0.5) beats "a" (-1).
     metrics, rows = choice.score(items, [[-1.0, -2.0]] * 3)
-    assert (metrics["acc"], metrics["acc_norm"], metrics["items"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3), 3)
+    assert (metrics["acc"], metrics["acc_norm"], metrics["total"]) == (pytest.approx(1 / 3), pytest.approx(2 / 3), 3)
     # sample standard deviation of [0, 1, 0] / sqrt(3)
     assert metrics["acc_stderr"] == pytest.approx((1 / 3) ** 0.5 / 3**0.5)
     assert rows[0]["chosen"] == 0 and rows[0]["chosen_norm"] == 1 and rows[0]["gold"] == 1

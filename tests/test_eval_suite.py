@@ -102,7 +102,7 @@ def test_each_task_scores_what_evaluate_gives_it_alone(cli, world):
 def test_suite_json_and_each_tasks_outputs_land_in_the_runs_evaluation_folder(world):
     out = world["run"] / "eval-suite-suite"  # RUN/eval-suite-NAME, NAME the suite file's stem
     assert json.loads((out / "suite.json").read_text()) == world["result"]
-    assert {p.name for p in out.iterdir()} == {"suite.json", "squad-dev", "news", "held-out"}
+    assert {p.name for p in out.iterdir()} == {"suite.json", "squad-dev", "news", "held-out", "arc-like"}
     assert {p.name for p in (out / "squad-dev").iterdir()} == {"metrics.json", "predictions.jsonl"}
     assert json.loads((out / "held-out" / "metrics.json").read_text()) == world["result"]["tasks"][2]["metrics"]
 
@@ -134,9 +134,7 @@ def test_unknown_keys_and_bad_tasks_stop_in_one_line_naming_the_task(cli, world)
     assert "task 'news': kind 'clasify' is unknown (did you mean 'classify'?)" in _refused(
         cli, world, SUITE.replace('kind = "classify"', 'kind = "clasify"')
     )
-    assert "task 'held-out': metric does nothing for kind perplexity" in _refused(
-        cli, world, SUITE + 'metric = "squad"\n'
-    )
+    assert "task 'arc-like': metric does nothing for kind choice" in _refused(cli, world, SUITE + 'metric = "squad"\n')
     missing = _refused(cli, world, SUITE.replace("news.tsv", "absent.tsv"))
     assert "task 'news': data" in missing and "absent.tsv does not exist" in missing
     # found only when the task runs: a headerless TSV without its columns

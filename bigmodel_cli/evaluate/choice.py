@@ -79,7 +79,7 @@ def score(items: list[ChoiceItem], loglikelihoods: list[list[float]]) -> tuple[d
         "acc_stderr": mean_stderr(acc),
         "acc_norm": sum(acc_norm) / len(acc_norm),
         "acc_norm_stderr": mean_stderr(acc_norm),
-        "items": len(items),
+        "total": len(items),  # items scored, the key every task uses
     }
     return metrics, rows
 

@@ -18,7 +18,6 @@ from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora
 from bigmodel_cli.model.params import LoadedModel, abstract_params, with_adapters
 from bigmodel_cli.tasks import taskinfo
-from bigmodel_cli.train.checkpoint import Checkpoints
 
 HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face model directory; hf:ORG/NAME[@REVISION] a Hub model
 # What bigmodel reads from a Hub model. Everything else stays on the Hub: pickle checkpoints (*.bin, *.pt), other
@@ -183,7 +182,7 @@ def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
     if taskinfo.read(home) is not None:  # finetuning runs record their task (and their model) beside the config
         return _load_finetune_run(home, step, mesh)
     cfg: Config = config_lib.load_config(home / rundir.CONFIG_FILE, base_dir=home)
-    ckpt = Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
+    ckpt = _checkpoints(home)
     try:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: train it first (bigmodel pretrain ...)")
@@ -195,6 +194,14 @@ def load(path: Path, mesh: Mesh | None = None) -> LoadedModel:
     return LoadedModel(
         cfg.model, graphdef, params, mesh, home, step, cfg.data.seq_len or cfg.model.max_seq_len, cfg.data.path
     )
+
+
+def _checkpoints(home: Path):
+    """The run's checkpoints, read-only. Imported here: orbax costs a tenth of a second to import, which
+    loading an export or an hf: directory (the first token of `generate`) need not pay."""
+    from bigmodel_cli.train.checkpoint import Checkpoints
+
+    return Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
 
 
 def model_config(path: Path) -> ModelConfig:
@@ -228,7 +235,7 @@ def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
     """A finetuning run's model: its saved weights, or the base model plus its saved LoRA adapters."""
     cfg: FinetuneConfig = config_lib.load_config(home / rundir.CONFIG_FILE, cls=FinetuneConfig, base_dir=home)
     model_cfg = _finetune_model_config(home)
-    ckpt = Checkpoints(home / rundir.CHECKPOINTS_DIR, read_only=True)
+    ckpt = _checkpoints(home)
     try:
         if step is None and ckpt.latest_step() is None:
             raise UserError(f"{home} has no checkpoint yet: run bigmodel finetune first")

@@ -100,8 +100,8 @@ def causal_attention(
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
-def _attention_probs(q, k, visible):
-    scores = jnp.einsum("bkgte,bkse->bkgts", q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
+def _attention_probs(q, k, visible, layout="bkgte,bkse->bkgts"):
+    scores = jnp.einsum(layout, q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
     scores = jnp.where(visible, scores, -1e30)
     scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     return scores / jnp.sum(scores, axis=-1, keepdims=True)  # [B,K,G,t,s] in float32
@@ -285,7 +285,11 @@ class Attention(Projections):
             visible = key_pos <= query_pos  # [B,T,S]
             if window:
                 visible = visible & (key_pos > query_pos - window)
-            out = jax.nn.dot_product_attention(q, keys.astype(dt), values.astype(dt), mask=visible[:, None])
+            # The cache's own layout, query heads grouped by the key/value head they share: jax.nn's attention
+            # would compute the same, at twice the tracing time of this whole branch.
+            grouped = q.reshape(b, t, cfg.kv_heads, -1, cfg.dims_per_head)  # [B,T,K,G,E]
+            probs = _attention_probs(grouped, keys.astype(dt), visible[:, None, None], "btkge,bske->bkgts")
+            out = jnp.einsum("bkgts,bske->btkge", probs.astype(dt), values.astype(dt))  # [B,T,K,G,E]
             new_cache = {"k": keys, "v": values}
         out = self.project("o_proj", out.reshape(b, t, -1), dropout_key)  # [B,T,D]
         return out, new_cache

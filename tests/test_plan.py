@@ -35,7 +35,8 @@ def test_plan_reports_params_memory_and_shardings(cli):
     per_device = plan["bytes_per_device"]
     # fsdp x tensor = 4-way sharding of every matrix: params per device are about a quarter of the total.
     assert per_device["params"] < plan["params"] * 4 / 3
-    assert per_device["optimizer"] >= 2 * per_device["params"] - 4096
+    # AdamW's two moments are sharded as the parameters are (not replicated on every device), plus step counts
+    assert 2 * per_device["params"] - 4096 <= per_device["optimizer"] <= 2 * per_device["params"] + 64
     assert plan["model_flops_per_step"] > 0 and plan["xla_flops_per_step_per_device"] > 0
 
     text = cli("plan", TINY, "--devices", "8", "--set", "model.vocab_size=256").stdout

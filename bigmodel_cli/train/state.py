@@ -43,12 +43,16 @@ def make_state(
     else:
         graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
     replicated = parallel.replicated(mesh)
+    opt_shardings = optimizer_shardings(tx, params, mesh)
     if abstract:
-        opt_state = _abstract_output(tx.init, params, mesh)
+        shapes = jax.eval_shape(tx.init, params)
+        opt_state = jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, opt_shardings
+        )
         step = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
     else:
         with parallel.activate(mesh):
-            opt_state = jax.jit(tx.init)(params)
+            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
         step = jax.device_put(np.int32(0), replicated)
     state = {"step": step, "params": params, "opt_state": opt_state}
     if frozen:
@@ -56,12 +60,15 @@ def make_state(
     return graphdef, tx, state
 
 
-def _abstract_output(fn: Callable, arg, mesh):
-    """fn(arg) as ShapeDtypeStructs with the shardings jit gives its outputs (known once it is compiled)."""
-    with parallel.activate(mesh):
-        shardings = jax.jit(fn).lower(arg).compile().output_shardings
-    shapes = jax.eval_shape(fn, arg)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings of tx's state for params: every copy of the parameter tree in it (Adam's moments) sharded as
+    the parameters are, the rest (step counts) replicated. Left to jit, the moments, zeros that depend on no
+    input, come out replicated: each device would hold the whole optimizer state however wide mesh.fsdp is."""
+    shapes = jax.eval_shape(tx.init, params)
+    replicated = parallel.replicated(mesh)
+    return optax.tree_map_params(
+        tx, lambda _, param: param.sharding, shapes, params, transform_non_params=lambda _: replicated
+    )
 
 
 def jit_train_step(

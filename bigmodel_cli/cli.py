@@ -21,12 +21,14 @@ from bigmodel_cli.cli_app import (
     NumProcesses,
     Overrides,
     ProcessId,
+    ProfileSteps,
     Quantize,
     Resume,
     _console,
     _setup_jax,
     app,
     command,
+    profile_values,
 )
 from bigmodel_cli.errors import UserError
 
@@ -130,6 +132,7 @@ def pretrain(
     overrides: Overrides = None,
     resume: Resume = "auto",
     allow_config_change: AllowConfigChange = False,
+    profile_steps: ProfileSteps = "",
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,
@@ -141,7 +144,7 @@ def pretrain(
     from bigmodel_cli import config
     from bigmodel_cli import pretrain as stage
 
-    cfg = config.load_config(recipe, overrides or [])
+    cfg = config.load_config(recipe, overrides or [], values=profile_values(profile_steps))
     _setup_jax(coordinator, num_processes, process_id)
     console = _console()
     run_dir = run_dir or Path("runs") / recipe.stem
@@ -170,6 +173,7 @@ def finetune(
     ] = 0,
     resume: Resume = "auto",
     allow_config_change: AllowConfigChange = False,
+    profile_steps: ProfileSteps = "",
     coordinator: Coordinator = "",
     num_processes: NumProcesses = 0,
     process_id: ProcessId = -1,
@@ -189,7 +193,7 @@ def finetune(
         "val_file": val_data,
         "val_file2": val_data2,
     }
-    values = {"finetune": {key: value for key, value in flags.items() if value}}
+    values = {"finetune": {key: value for key, value in flags.items() if value}, **profile_values(profile_steps)}
     if columns is not None:
         values["task"] = {"columns": columns}
     if recipe is None:

@@ -32,6 +32,20 @@ ProcessId = Annotated[int, typer.Option(help="Multi-process run: this process's 
 
 Resume = Annotated[str, typer.Option(help="auto: continue if checkpoints exist; never; must.")]
 AllowConfigChange = Annotated[bool, typer.Option(help="Resume even though the recipe changed.")]
+ProfileSteps = Annotated[
+    str,
+    typer.Option(
+        help="A:B: write a jax.profiler trace of steps A to B-1 (B excluded, counted from 1) to RUN/profile "
+        "(sets train.profile_steps; see docs/profiling.md)."
+    ),
+]
+
+
+def profile_values(profile_steps: str) -> dict:
+    """--profile-steps as the recipe key it sets (a --set of the same key still wins)."""
+    return {"train": {"profile_steps": profile_steps}} if profile_steps else {}
+
+
 # What every model argument takes (bigmodel_cli/modelio.py): hf: names a local directory when one exists, else a Hub id.
 MODEL_SOURCES = (
     "a run directory, one of its checkpoints, an export, hf:DIR, or hf:ORG/NAME[@REV] "

@@ -144,6 +144,7 @@ class TrainConfig:
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop (keeping the last good checkpoint) or skip
     inject_nonfinite_at: int = 0  # testing aid: make the loss of this step NaN; 0 = never
     wandb_project: str = ""  # also log to this Weights & Biases project (needs `pip install wandb`); "" = off
+    profile_steps: str = ""  # "A:B": a jax.profiler trace of steps A to B-1 (B excluded) in RUN/profile; "" = off
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches"):
@@ -155,6 +156,23 @@ class TrainConfig:
             raise UserError(f"train.batch_size ({self.batch_size}) must divide by train.grad_accum ({self.grad_accum})")
         _check_choice("train.remat", self.remat, ("none", "dots", "full"))
         _check_choice("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        self.profile_range()  # refuses a malformed range now, before the run directory is touched
+
+    def profile_range(self) -> range | None:
+        """The steps (counted from 1) that train.profile_steps traces; None when it is off."""
+        if not self.profile_steps:
+            return None
+        first, _, end = self.profile_steps.partition(":")
+        try:
+            steps = range(int(first), int(end))
+        except ValueError:
+            steps = range(0)
+        if not (1 <= steps.start < steps.stop <= self.steps):
+            raise UserError(
+                f"--profile-steps / train.profile_steps must be A:B with 1 <= A < B <= train.steps ({self.steps}), "
+                f"tracing steps A to B-1, e.g. 2:4; got {self.profile_steps!r}"
+            )
+        return steps
 
 
 @dataclass(frozen=True)

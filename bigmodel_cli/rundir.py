@@ -53,6 +53,7 @@ MODEL_FILE = "model.json"  # finetuning: the ModelConfig of the model it started
 TASK_FILE = "task.json"  # finetuning: the task and its prompt options (taskinfo)
 METRICS_FILE = "metrics.jsonl"  # one JSON line per logged step
 TENSORBOARD_DIR = "tensorboard"  # TensorBoard event files of the same metrics
+PROFILE_DIR = "profile"  # train.profile_steps: jax.profiler traces, plugins/profile/<time>/<host>.xplane.pb
 EVAL_METRICS_FILE = "metrics.json"  # the latest `bigmodel evaluate` of the model
 PREDICTIONS_FILE = "predictions.jsonl"  # a task evaluation's predictions, beside its metrics.json
 SUITE_FILE = "suite.json"  # an evaluation suite's table (`evaluate --suite`), in RUN/eval-suite-NAME by default

@@ -24,7 +24,7 @@ from bigmodel_cli.console import Console
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.sizing import count_params, flops_per_token
 from bigmodel_cli.runlog import RunLogger
-from bigmodel_cli.train import optim
+from bigmodel_cli.train import optim, profile
 from bigmodel_cli.train.checkpoint import Checkpoints
 from bigmodel_cli.train.memory import check_fits
 from bigmodel_cli.train.state import Initial, jit_train_step, make_state
@@ -73,6 +73,7 @@ def run(
     directory is prepared, on every process, before training: the stage writes its own files there.
     """
     check_layout(inp.cfg, inp.mesh)
+    profile.check(inp.cfg, inp.run_dir)
     batches = inp.open_batches()
     prepare_run_dir(inp.run_dir, recorded_cfg if recorded_cfg is not None else inp.cfg, resume, allow_config_change)
     if on_ready is not None:
@@ -241,14 +242,17 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     status.write("running", start)
     schedule = optim.schedule(cfg.optim, total_steps)
     skipped = 0
+    trace = profile.StepTrace(cfg.train.profile_range(), inp.run_dir, start + 1, console)
     try:
         with _Preempted() as preempted, console.progress(total_steps, start) as progress:
             window_start, window_steps = time.perf_counter(), 0
             pending: tuple[int, Any] | None = None  # (step, finite flag) checked one step late: no stall
             for step, batch in _prefetch(batches.train, range(start, total_steps)):
+                trace.before(step + 1, state)
                 with parallel.activate(mesh):
                     state, metrics = compiled(state, _to_device(batch, batch_sharding))
                 done = step + 1
+                trace.after(done, (state, metrics))
                 window_steps += 1
                 is_last = done == total_steps
                 boundary = done % cfg.train.log_every == 0 or done % cfg.checkpoint.every == 0 or is_last
@@ -289,6 +293,7 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
                     raise rundir.Stopped(preempted.signum, message)  # the CLI exits 128 + signum, not 0
         ckpt.wait()
     finally:
+        trace.stop()
         ckpt.close()
         logger.close()
     status.write("finished", total_steps, compile_s=compile_s, trace_s=lower_s)

@@ -1,9 +1,10 @@
-"""Small shared helpers: device peak FLOP/s and memory, the compilation cache."""
+"""Small shared helpers: device peak FLOP/s and memory, what CPU this host has, the compilation cache."""
 
 from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -63,6 +64,30 @@ def chip_peak_flops(row: str, dtype: str = "bfloat16") -> float:
     """Peak FLOP/s of one chip of a PEAK_FLOPS row for matmuls in dtype."""
     # fp32 matmuls run at roughly half the bf16 rate on TPUs (and through TF32 on GPUs)
     return PEAK_FLOPS[row] * (1.0 if dtype == "bfloat16" else 0.5)
+
+
+def describe_host() -> dict:
+    """The CPU that benchmark figures depend on: model name, usable cores, widest x86 vector ISA, key flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        lines = []
+    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last core's, same as the first's
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine() or "unknown"
+    return {
+        "cpu_model": fields.get("model name", platform.processor() or "unknown CPU"),
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "isa": isa,
+        "cpu_flags": ",".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags),
+    }
+
+
+def host_line(host: dict | None = None) -> str:
+    """describe_host() in one line for a benchmark's table: 'AMD EPYC 9B14, AVX-512, 2 cores'."""
+    host = host or describe_host()
+    return f"{host['cpu_model']}, {host['isa']}, {host['cores']} cores"
 
 
 def host_memory_bytes() -> int:

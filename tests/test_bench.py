@@ -163,3 +163,17 @@ def test_bench_load_compares_bigmodel_with_transformers_on_a_tiny_model(tmp_path
         assert times["rss_over_weights"] == round(times["peak_rss_bytes"] / result["weight_bytes"], 3)
     assert result["bigmodel"]["glibc_tunables"] and not result["transformers"]["glibc_tunables"]
     assert row.startswith("| llama-tiny-bf16 | 0.000 |") and row.count("|") == 8
+
+
+def test_bench_records_the_host_kind():
+    """bench_vs_torch.py's JSON and ratio table say which host kind (AVX2 or AVX-512, cores) each figure is from."""
+    bench = bench_module()
+    info = bench.machine_info()
+    flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "").split()
+    assert info["isa"] == ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else info["isa"])
+    assert info["cores"] == len(os.sched_getaffinity(0)) and info["cpu_model"]
+    ratio = {"min": 1.1, "median": 1.2, "max": 1.3}
+    side = {"tokens_per_s": ratio, "step_ms": ratio, "fraction_of_peak": ratio, "others_cores_max": 0.0}
+    summary = {"tiny": {"bigmodel": side, "torch": side, "ratio_bigmodel_over_torch": ratio, "ratios": [1.2]}}
+    rows = bench.table(summary, {**info, "isa": "AVX2", "cores": 2}).splitlines()
+    assert "| config | host |" in rows[-3] and rows[-1].startswith("| tiny | AVX2, 2 cores | 1.10 – 1.20 – 1.30 × |")

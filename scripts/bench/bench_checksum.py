@@ -19,11 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,17 +28,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-
-
-def host() -> str:
-    """CPU model, core count and the widest x86 vector extension: the figures depend on them."""
-    try:
-        info = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("Model name"))
-        vector = "AVX-512" if "avx512f" in info else "AVX2" if "avx2" in info else "no AVX2"
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        model, vector = platform.processor() or "unknown CPU", "unknown vector width"
-    return f"{model}, {vector}, {os.cpu_count()} cores"
 
 
 def main() -> None:
@@ -57,6 +43,7 @@ def main() -> None:
     from bigmodel_cli import config, parallel
     from bigmodel_cli.train import checkpoint
     from bigmodel_cli.train.state import make_state
+    from bigmodel_cli.utils import host_line
 
     cfg = config.load_config(opts.recipe)
     mesh = parallel.make_mesh(cfg.mesh)
@@ -99,7 +86,7 @@ def main() -> None:
 
     med = {key: statistics.median(values) for key, values in rows.items()}
     result = {
-        "host": host(),
+        "host": host_line(),  # the figures depend on the CPU and its vector width
         "recipe": str(opts.recipe.relative_to(REPO) if opts.recipe.is_relative_to(REPO) else opts.recipe),
         "state_mb": nbytes / 1e6,
         "rounds": len(rows["save"]),

@@ -39,11 +39,7 @@ from bigmodel_cli.data.manifest import load_manifest  # noqa: E402
 from bigmodel_cli.evaluate import lm  # noqa: E402
 from bigmodel_cli.evaluate.generate import Sampling, _decode, generate_ids  # noqa: E402
 from bigmodel_cli.model import quantize  # noqa: E402
-
-
-def _host() -> str:
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return f"{os.cpu_count()} cores, {'AVX-512' if 'avx512f' in flags else 'AVX2 (no AVX-512)'}"
+from bigmodel_cli.utils import host_line  # noqa: E402
 
 
 def _prompts(loaded, data_dir: Path, count: int, length: int) -> list[list[int]]:
@@ -128,7 +124,7 @@ def main() -> None:
     }
     cfg = full.model_cfg
     result = {
-        "host": _host(),
+        "host": host_line(),
         "model": f"{args.model}: d={cfg.d_model} layers={cfg.n_layers} vocab={cfg.vocab_size} dtype={cfg.dtype}",
         "val_tokens": ppl["float"]["tokens"],
         "perplexity_float32": round(ppl["float"]["perplexity"], 4),

@@ -39,6 +39,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))  # this checkout's bigmodel_cli, not an installed one
+
 RECIPES = REPO / "recipes" / "bench"
 DEFAULT_PEER = REPO.parent / "shared" / "bench" / "torch_peer.py"
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1"
@@ -265,7 +267,8 @@ def summarise(name: str, rounds: list[dict]) -> dict:
     return out
 
 
-def table(summary: dict) -> str:
+def table(summary: dict, host: dict) -> str:
+    """The per-framework table, then the ratios with the host kind beside them (figures differ by host kind)."""
     head = (
         "| config | framework | tokens/s (min – median – max) | step ms (median) | fraction of peak (median) "
         "| others' cores (max) |"
@@ -280,36 +283,26 @@ def table(summary: dict) -> str:
                 f"| {f['others_cores_max']:.2f} |"
             )
     lines.append("")
-    lines.append("| config | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |")
-    lines.append("|---|---|---|")
+    lines.append(
+        "| config | host | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |"
+    )
+    lines.append("|---|---|---|---|")
+    kind = f"{host['isa']}, {host['cores']} cores"
     for name, s in summary.items():
         r = s["ratio_bigmodel_over_torch"]
         per = ", ".join(f"{x:.2f}" for x in s["ratios"])
-        lines.append(f"| {name} | {r['min']:.2f} – {r['median']:.2f} – {r['max']:.2f} × | {per} |")
+        lines.append(f"| {name} | {kind} | {r['min']:.2f} – {r['median']:.2f} – {r['max']:.2f} × | {per} |")
     return "\n".join(lines)
 
 
 def machine_info() -> dict:
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """The host (bigmodel_cli.utils.describe_host: CPU model, cores, AVX2 or AVX-512) and the versions measured."""
     import jax
 
-    flags = ""
-    try:
-        cpu_flags = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
-        flags = ",".join(f for f in ("avx2", "fma", "avx512f", "amx_tile") if f in cpu_flags.split())
-    except (OSError, StopIteration):
-        pass
+    from bigmodel_cli.utils import describe_host
+
     return {
-        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "cpu_model": model,
-        "cpu_flags": flags,
+        **describe_host(),
         "python": platform.python_version(),
         "jax": jax.__version__,
         "jaxlib": getattr(__import__("jaxlib"), "__version__", ""),
@@ -368,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     if not peer.is_file():
         raise SystemExit(f"the torch peer {peer} does not exist: pass --peer or set BIGMODEL_TORCH_PEER")
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from bigmodel_cli.utils import host_line
+
     env = child_env(tunables)
     info = machine_info()
     if args.peak is None:
@@ -378,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         peak, peak_gflops = {"gflops": args.peak, "by_size": "given"}, args.peak
     print(
-        f"# {info['nproc']} cores, {info['cpu_model']} | jax {info['jax']} | "
+        f"# {host_line(info)} | jax {info['jax']} | "
         f"matmul peak {peak_gflops:.1f} GFLOP/s {peak['by_size']} | tunables {'on' if tunables else 'off'}"
     )
 
@@ -423,9 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         results["configs"][c] = {"dims": d, "rounds": rounds, "summary": summary[c]}
         results["torch_version"] = rounds[0]["torch"].get("torch")
     print()
-    print(f"matmul peak {peak_gflops:.1f} GFLOP/s; torch {results.get('torch_version')}; jax {info['jax']}")
-    print(table(summary))
-    results["table_markdown"] = table(summary)
+    print(
+        f"{host_line(info)}; matmul peak {peak_gflops:.1f} GFLOP/s; torch {results.get('torch_version')}; "
+        f"jax {info['jax']}"
+    )
+    print(table(summary, info))
+    results["table_markdown"] = table(summary, info)
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(results, indent=2) + "\n")

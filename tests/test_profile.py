@@ -6,10 +6,15 @@ import collections
 import gzip
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 
-from tests.conftest import pretrain_args, run_cli_subprocess
+from bigmodel_cli import config, storage
+from bigmodel_cli.errors import UserError
+from bigmodel_cli.train import profile
+from tests.conftest import REPO, pretrain_args, run_cli_subprocess
 
 STEPS = {"train.steps": 5, "train.log_every": 5, "checkpoint.every": 5, "train.eval_batches": 1}
 
@@ -47,6 +52,18 @@ def test_trace_holds_exactly_the_traced_steps(profiled):
     assert set(fusions.values()) == {2 * 8}, collections.Counter(fusions.values())
 
 
+def test_top_ops_script_reads_the_trace(profiled):
+    """scripts/bench/trace_top_ops.py (the table in docs/profiling.md): each fusion once per step and device."""
+    run, _, _, _ = profiled
+    script = REPO / "scripts" / "bench" / "trace_top_ops.py"
+    out = subprocess.run(
+        [sys.executable, script, run, "--steps", "2", "--top", "400"], capture_output=True, text=True, check=True
+    ).stdout
+    fusions = [line.split("|") for line in out.splitlines() if re.match(r"\| `\w*fusion(\.\d+)?` \|", line)]
+    assert len(fusions) > 20 and all(cells[3].strip() == "8" for cells in fusions), out
+    assert all(float(cells[2]) >= 0 for cells in fusions)
+
+
 def test_resume_past_the_range_traces_nothing(profiled):
     run, _, _, resumed = profiled
     assert "resumed at step 6, no trace" in resumed.stderr + resumed.stdout
@@ -72,3 +89,15 @@ def test_bad_range_in_a_recipe_exits_2_without_traceback(tiny_data, tmp_path):
         "error: --profile-steps / train.profile_steps must be A:B with 1 <= A < B <= train.steps (5), tracing "
         "steps A to B-1, e.g. 2:4; got '3'"
     ]
+
+
+def test_finetune_takes_the_option(cli):
+    result = cli("finetune", "--task", "qa", "--profile-steps", "0:2", ok=False)
+    assert result.exit_code == 2 and "--profile-steps / train.profile_steps must be A:B" in result.stderr
+
+
+def test_trace_to_a_bucket_is_refused():
+    cfg = config.load_config(None, ["train.steps=5", "train.profile_steps=2:4"])
+    with pytest.raises(UserError, match="writes its trace to a local directory"):
+        profile.check(cfg, storage.path("gs://bucket/run"))
+    profile.check(cfg, storage.path("/tmp/run"))  # a local one is fine

@@ -23,9 +23,9 @@ class StepTrace:
     """Starts a trace before step A and stops it once step B-1 has finished on the device.
 
     Steps are counted from 1, as in metrics.jsonl. Dispatch is asynchronous, so the trace starts only after the
-    previous step's outputs are ready and stops only after the last traced step's are: the trace holds whole
-    steps and nothing else. A run resumed after step A traces nothing (its range would be cut); only the first
-    process traces.
+    previous step's outputs are ready and stops only after the last traced step's are: no work of the steps
+    before or after the range shows in it. A run resumed after step A traces nothing (its range would be cut);
+    only the first process traces.
     """
 
     def __init__(self, steps: range | None, run_dir: Path, first_step: int, console: Console):

@@ -10,7 +10,6 @@ rename plus a transpose of each kernel (we store [in, out], torch stores [out, i
 
 from __future__ import annotations
 
-import contextvars
 import itertools
 
 import jax
@@ -20,44 +19,13 @@ from flax import nnx
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.lora import LoraConfig, adapter, attach, input_dropout
+from bigmodel_cli.model.matmul import DECODING, dense, matmul
 from bigmodel_cli.model.rope import apply_rope, rope_tables
 from bigmodel_cli.parallel import constrain
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
-
-
-# Set while Transformer.decode traces: decoding is never differentiated, and a plain matmul traces several times
-# faster than the custom_vjp below (a 24-layer model's decode step traces in about half the time).
-_DECODING = contextvars.ContextVar("decoding", default=False)
-
-
-def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x @ kernel over the last axis of x, with a backward pass that keeps XLA:CPU on its fast matmuls."""
-    return x @ kernel if _DECODING.get() else _dense(x, kernel)
-
-
-@jax.custom_vjp
-def _dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return x @ kernel
-
-
-def _dense_fwd(x, kernel):
-    return x @ kernel, (x, kernel)
-
-
-def _dense_bwd(residuals, g):
-    x, kernel = residuals
-    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-    g2 = g.reshape(-1, g.shape[-1])  # [N, out]
-    # Left alone, XLA:CPU computes dW as a dot contracting dim 0 of both operands, which misses the fast
-    # matmul path (~6x slower); an explicit transpose that it may not fold back keeps dW a plain matmul.
-    x2_t = jax.lax.optimization_barrier(x2.T)  # [in, N]
-    return g @ kernel.T, (x2_t @ g2).astype(kernel.dtype)
-
-
-_dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def causal_attention(
@@ -165,18 +133,6 @@ def _weight(param) -> tuple[jax.Array, jax.Array | None]:
     return param[...], None
 
 
-def _matmul(x: jax.Array, kernel: jax.Array, scale: jax.Array | None) -> jax.Array:
-    """x @ kernel in x's dtype; an int8 kernel is converted for its matmul alone and `scale` multiplies the
-    product's columns (the same as scaling the kernel's). A kernel narrower than x (int8, or bfloat16 under
-    float32 compute) is tied to x by the barrier, so that XLA converts it only once x exists: otherwise it
-    converts every kernel up front, or hoists the conversions out of the decoding loop, holding a float copy of
-    all the weights at once."""
-    if kernel.dtype.itemsize < x.dtype.itemsize:
-        x, kernel = jax.lax.optimization_barrier((x, kernel))
-    y = dense(x, kernel.astype(x.dtype))
-    return y if scale is None else y * scale.astype(x.dtype)
-
-
 def _rows(table: jax.Array, tokens: jax.Array, decoding: bool) -> jax.Array:
     """table[tokens]. Decoding gathers a 16-bit float table as 16-bit integers: XLA:CPU gathers floats in float32,
     converting the whole table, and hoists that conversion out of the decoding loop, holding a float32 copy of
@@ -198,7 +154,7 @@ class Projections(nnx.Module):
         attach(self, rngs, name, shape, axes, pd, lora)
 
     def project(self, name: str, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        y = _matmul(x, *_weight(getattr(self, name)))
+        y = matmul(x, *_weight(getattr(self, name)))
         if hasattr(self, f"{name}_bias"):
             y = y + getattr(self, f"{name}_bias")[...].astype(x.dtype)
         low_rank = adapter(self, name, x.dtype)
@@ -374,11 +330,11 @@ class Transformer(nnx.Module):
         With last [B], only position last[b] of each row gets logits ([B,1,V]): a prefill needs the final
         prompt token's alone, and the output head is the largest matmul of a short prompt."""
         positions = cache_pos[:, None] + jnp.arange(tokens.shape[1])  # [B,T]
-        token = _DECODING.set(True)
+        token = DECODING.set(True)
         try:
             return self._forward(tokens, positions, None, cache, cache_pos, last=last)
         finally:
-            _DECODING.reset(token)
+            DECODING.reset(token)
 
     def inspect(self, tokens: jax.Array) -> tuple[jax.Array, list[jax.Array], list[jax.Array]]:
         """Logits [B,T,V] for tokens [B,T], and per layer its attention probabilities [B,H,T,T] and the residual
@@ -439,6 +395,6 @@ class Transformer(nnx.Module):
             for part, scale in zip(parts, scales, strict=True):
                 if outs:  # each slice waits for the one before: one converted slice alive at a time
                     x, _ = jax.lax.optimization_barrier((x, outs[-1]))
-                outs.append(_matmul(x, part, scale))
+                outs.append(matmul(x, part, scale))
             logits = jnp.concatenate(outs, axis=-1)
         return logits.astype(jnp.float32)  # [B,T,V]

@@ -15,6 +15,7 @@ import torch
 
 from bigmodel_cli import modelio
 from bigmodel_cli.config import MeshConfig
+from bigmodel_cli.errors import UserError
 from bigmodel_cli.parallel import make_mesh
 from bigmodel_cli.tasks.options import TaskOptions
 from bigmodel_cli.tasks.preference import Preference
@@ -270,3 +271,99 @@ def test_training_logs_trl_metric_names(world):
 
     events = EventAccumulator(str(world["root"] / "dpo" / TENSORBOARD_DIR)).Reload()
     assert {f"train/{name}" for name in names} <= set(events.Tags()["scalars"])
+
+
+def _device_elements() -> int:
+    """Elements held on the first device now: each buffer once, however many arrays (a sharded array and the
+    single-device arrays it was assembled from) share it."""
+    import gc
+
+    gc.collect()
+    device, buffers = jax.devices()[0], {}
+    for array in jax.live_arrays():
+        for shard in array.addressable_shards:
+            if shard.device == device:
+                buffers[shard.data.unsafe_buffer_pointer()] = shard.data.size
+    return sum(buffers.values())
+
+
+def test_lora_dpo_holds_one_copy_of_the_base_weights(cli, world, monkeypatch, tmp_path):
+    from bigmodel_cli.model.sizing import count_params
+    from bigmodel_cli.train import loop
+
+    seen = {}
+    check_fits = loop.check_fits
+
+    def spy(cfg, mesh, state, seq_len):  # right after the train state is built, before the step compiles
+        seen["base"] = count_params(cfg.model)[0]
+        seen["state"] = {k: sum(x.size for x in jax.tree.leaves(v)) for k, v in state.items()}
+        seen["device"] = _device_elements() - seen["before"]
+        return check_fits(cfg, mesh, state, seq_len)
+
+    monkeypatch.setattr(loop, "check_fits", spy)
+    seen["before"] = _device_elements()
+    cli(
+        "finetune", "--task", "preference", "--init-from", world["root"] / "sft", "--run-dir", tmp_path / "lora",
+        "--data", world["root"] / "pairs.jsonl", *SMALL, "--set", "train.steps=2", "--set", "lora.rank=4",
+    )  # fmt: skip
+    base, state = seen["base"], seen["state"]
+    adapters = state["params"]
+    assert state["frozen"] == base and adapters < base / 10  # the base, frozen; the adapters train
+    # On the device: the base weights once, the adapters with Adam's two moments, and the reference's
+    # log-probabilities (2 per pair): no second model for the reference, which is the base with adapters off.
+    assert seen["device"] <= base + 3 * adapters + 2 * 320 + 16
+    assert seen["device"] >= base + 3 * adapters
+
+
+def _bad_pairs() -> list[dict]:
+    return [
+        {"id": "ok", "prompt": "a b", "chosen": " c", "rejected": " d"},
+        {"id": "empty", "prompt": "a b", "chosen": "", "rejected": " d"},
+        {"id": "blank", "prompt": "a b", "chosen": " c", "rejected": "   "},
+        {"id": "same", "prompt": "a b", "chosen": " c", "rejected": " c"},
+        {"id": "long", "prompt": "x " * 80, "chosen": " c", "rejected": " d"},
+        {"id": "chat", "messages": [{"role": "user", "content": "hi"}], "chosen": "yes", "rejected": "no"},
+    ]
+
+
+def test_bad_pairs_are_skipped_with_a_count(hf_pair, tmp_path):
+    from bigmodel_cli.data.tokenizer import open_tokenizer
+
+    kind, info = Preference(), {}
+    with pytest.warns(UserWarning, match="skipped 3 pairs with an empty chosen or rejected completion or identical"):
+        examples, info = kind.load(_write_jsonl(tmp_path / "bad.jsonl", _bad_pairs()), TaskOptions())
+    assert info["skipped_empty"] == 3 and [e.id for e in examples] == ["ok", "long", "chat"]
+    with pytest.warns(UserWarning, match="1 of 3 pairs left out: their prompt fills data.seq_len=32"):
+        encoded = kind.encode(examples, open_tokenizer(hf_pair["policy"]), 32, TaskOptions())
+    assert encoded["example_index"].tolist() == [0, 2]
+    # Every row trains on its completion only, and chosen and rejected share the prompt.
+    assert all(encoded[f"{side}_weights"].sum(-1).min() > 0 for side in ("chosen", "rejected"))
+    assert (encoded["chosen_inputs"][:, :3] == encoded["rejected_inputs"][:, :3]).all()
+
+
+def test_nothing_left_is_refused_in_one_line(cli, hf_pair, tmp_path):
+    only_bad = [p for p in _bad_pairs() if p["id"] in ("empty", "same")]
+    result = cli(
+        "finetune", "--task", "preference", "--init-from", f"hf:{hf_pair['policy']}",
+        "--data", _write_jsonl(tmp_path / "bad.jsonl", only_bad), "--run-dir", tmp_path / "run", ok=False,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code != 0 and len(lines) == 1 and "no usable preference examples" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+    long_only = [p for p in _bad_pairs() if p["id"] == "long"] * 2
+    result = cli(
+        "finetune", "--task", "preference", "--init-from", f"hf:{hf_pair['policy']}", "--set", "data.seq_len=32",
+        "--data", _write_jsonl(tmp_path / "long.jsonl", long_only), "--run-dir", tmp_path / "run", ok=False,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning:")]
+    assert result.exit_code != 0 and len(lines) == 1 and "no preference pair fits data.seq_len=32" in lines[0]
+
+
+def test_preference_settings_are_refused_for_other_tasks(cli, hf_pair, tmp_path):
+    result = cli(
+        "finetune", "--task", "instruct", "--init-from", f"hf:{hf_pair['policy']}", "--data", tmp_path / "x.jsonl",
+        "--set", "preference.beta=0.5", ok=False,
+    )  # fmt: skip
+    assert result.exit_code != 0 and "[preference] applies to --task preference" in result.stderr
+    with pytest.raises(UserError, match="preference.loss must be one of dpo, ipo, simpo, orpo"):
+        P.PreferenceConfig(loss="kto")

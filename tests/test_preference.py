@@ -234,12 +234,13 @@ def world(cli, hf_pair, tmp_path_factory):
         *SMALL, "--set", "train.steps=150", "--set", "optim.lr=1e-3", "--set", "checkpoint.every=150",
     )  # fmt: skip
     times["dpo"] = time.perf_counter() - started
+    cli("export", root / "dpo", "--format", "hf", "--out", root / "dpo-hf")
     scores = {}
-    for name in ("sft", "dpo"):
-        args = ["evaluate", root / name, "--task", "preference", "--data", root / "held_out.jsonl", "--json"]
-        scores[name] = json.loads(
-            cli(*args, *(["--ref", root / "sft"] if name == "sft" else [])).stdout.splitlines()[-1]
-        )
+    for name in ("sft", "dpo", "dpo-hf"):
+        model = f"hf:{root / name}" if name == "dpo-hf" else root / name
+        args = ["evaluate", model, "--task", "preference", "--data", root / "held_out.jsonl", "--json"]
+        ref = ["--ref", root / "sft"] if name != "dpo" else []  # the run records its start; an export does not
+        scores[name] = json.loads(cli(*args, *ref).stdout.splitlines()[-1])
     print(f"preference world: SFT {times['sft']:.1f}s, DPO {times['dpo']:.1f}s; {scores}")
     return {"root": root, "scores": scores, "times": times}
 
@@ -250,6 +251,10 @@ def test_dpo_learns_the_rule_the_supervised_model_cannot_tell(world):
     assert dpo["ref"] == str(world["root"] / "sft")  # the default reference: the run's starting point
     assert dpo["pairs"] == 64 and dpo["reward_accuracy"] >= 0.9 and dpo["reward_margin"] > 0
     assert sft["win_rate"] < 0.75 < 0.9 <= dpo["win_rate"]
+    # Exported for transformers (the last step of SFT -> DPO -> export), the model ranks the pairs the same.
+    exported = world["scores"]["dpo-hf"]
+    assert exported["reward_accuracy"] == dpo["reward_accuracy"]
+    assert exported["reward_margin"] == pytest.approx(dpo["reward_margin"], rel=1e-4)
 
 
 def test_training_logs_trl_metric_names(world):

@@ -20,6 +20,8 @@ _KINDS: dict[str, Task] = {
     kind.name: kind for kind in (QA(), Classify(), Summarize(), Translate(), Instruct(), Preference())
 }
 NAMES: tuple[str, ...] = tuple(_KINDS)  # in the order help texts and errors list them
+# The kinds with one target per example (all but preference pairs): trained on, generated and scored as text.
+SUPERVISED: tuple[str, ...] = tuple(name for name, kind in _KINDS.items() if not kind.pairs)
 
 
 def get(name: str) -> Task:

@@ -72,6 +72,7 @@ def _text(side: str | list) -> str:
 
 class Preference(Task):
     name = "preference"
+    pairs = True
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
         if R.file_kind(path) == "jsonl":

@@ -108,9 +108,10 @@ def _trl_dpo(hf_pair, pairs: list[dict], loss_type: str, beta: float) -> tuple[f
     return float(loss), metrics, rows
 
 
-def _trl_simpo(hf_pair, rows: list[dict], beta: float, gamma: float) -> tuple[np.ndarray, np.ndarray]:
+def _trl_simpo(hf_pair, rows: list[dict], beta: float, gamma: float) -> tuple[np.ndarray, np.ndarray, tuple]:
     """TRL's SimPO losses and chosen/rejected rewards per pair (CPOTrainer.cpo_loss with loss_type="simpo", on
-    its length-averaged log-probabilities from CPOTrainer.get_batch_logps), for TRL's tokenized `rows`."""
+    its length-averaged log-probabilities from CPOTrainer.get_batch_logps), for TRL's tokenized `rows`; and
+    those log-probabilities."""
     from transformers import AutoModelForCausalLM
     from trl.experimental.cpo import CPOTrainer
 
@@ -134,7 +135,7 @@ def _trl_simpo(hf_pair, rows: list[dict], beta: float, gamma: float) -> tuple[np
         accelerator=SimpleNamespace(device="cpu"),
     )
     losses, chosen_rewards, rejected_rewards = CPOTrainer.cpo_loss(trainer, chosen, rejected)
-    return losses.numpy(), np.stack([chosen_rewards.numpy(), rejected_rewards.numpy()], axis=-1)
+    return losses.numpy(), np.stack([chosen_rewards.numpy(), rejected_rewards.numpy()], axis=-1), (chosen, rejected)
 
 
 def _ours(hf_pair, pairs: list[dict], tmp_path: Path) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray]:
@@ -174,10 +175,19 @@ def test_losses_and_rewards_equal_trl(hf_pair, tmp_path, layout):
         for name in ("logps/chosen", "logps/rejected"):  # sums over up to 30 tokens: f32 relative agreement
             assert float(np.mean(ours[name])) == pytest.approx(trl_metrics[name], rel=1e-5), name
     # SimPO: no reference, length-averaged log-probabilities, a target margin gamma.
-    trl_losses, trl_rewards = _trl_simpo(hf_pair, rows, beta=2.0, gamma=0.5)
+    trl_losses, trl_rewards, trl_means = _trl_simpo(hf_pair, rows, beta=2.0, gamma=0.5)
     ours = P.pair_losses(P.PreferenceConfig(loss="simpo", beta=2.0, simpo_gamma=0.5), logps, counts, None)
     np.testing.assert_allclose(ours["loss"], trl_losses, atol=1e-5)
     np.testing.assert_allclose(np.stack([ours["rewards/chosen"], ours["rewards/rejected"]], -1), trl_rewards, atol=1e-5)
+    # ORPO's odds-ratio term (ORPOTrainer.odds_ratio_loss: beta * log sigmoid(log odds)) on the same averages;
+    # the rest of our ORPO loss is the chosen completion's NLL, averaged per pair (TRL: over the batch's tokens).
+    from trl.experimental.orpo import ORPOTrainer
+
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device="cpu"))
+    odds_losses, *_, log_odds = ORPOTrainer.odds_ratio_loss(trainer, *trl_means)
+    ours = P.pair_losses(P.PreferenceConfig(loss="orpo", beta=0.1), logps, counts, None)
+    np.testing.assert_allclose(ours["nll_loss"] - ours["loss"], odds_losses.numpy(), atol=1e-5)
+    assert float(np.mean(ours["log_odds_chosen"])) == pytest.approx(float(log_odds), abs=1e-5)
 
 
 # ---- learning: a synthetic preference world -----------------------------------------------------------------

@@ -382,3 +382,12 @@ def test_preference_settings_are_refused_for_other_tasks(cli, hf_pair, tmp_path)
     assert result.exit_code != 0 and "[preference] applies to --task preference" in result.stderr
     with pytest.raises(UserError, match="preference.loss must be one of dpo, ipo, simpo, orpo"):
         P.PreferenceConfig(loss="kto")
+
+
+def test_show_examples_marks_the_chosen_completion(cli, hf_pair, tmp_path):
+    pairs = _write_jsonl(tmp_path / "pairs.jsonl", [p for p in _bad_pairs() if p["id"] in ("ok", "chat")] * 2)
+    shown = cli(
+        "finetune", "--task", "preference", "--init-from", f"hf:{hf_pair['policy']}", "--data", pairs,
+        "--show-examples", "1", "--run-dir", tmp_path / "run",
+    ).stdout  # fmt: skip
+    assert "a b" in shown and " c" in shown and not (tmp_path / "run").exists()

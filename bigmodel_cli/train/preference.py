@@ -165,7 +165,8 @@ def all_sequence_logps(graphdef: nnx.GraphDef, params: Any, arrays: dict, batch_
     sharding = parallel.batch_sharding(mesh)
     step = parallel.data_parallel_size(mesh)
     batch_size = -(-batch_size // step) * step  # whole rows on every device
-    forward = jax.jit(lambda p, b: sequence_logps(graphdef, p, b)[0])
+    # Replicated out: every process reads every pair's numbers (each sees the whole set, as in finetuning).
+    forward = jax.jit(lambda p, b: sequence_logps(graphdef, p, b)[0], out_shardings=parallel.replicated(mesh))
     count = len(arrays["chosen_inputs"])
     out = []
     with parallel.activate(mesh):

@@ -155,7 +155,7 @@ def pretrain(
 @command
 def finetune(
     recipe: Annotated[Path | None, typer.Argument(help="A finetuning recipe (default: the task's own).")] = None,
-    task: Annotated[str, typer.Option(help="qa, classify, summarize, translate or instruct.")] = "",
+    task: Annotated[str, typer.Option(help="qa, classify, summarize, translate, instruct or preference.")] = "",
     init_from: Annotated[str, typer.Option(help=f"Starting model: {MODEL_SOURCES}.")] = "",
     data: Annotated[Path | None, typer.Option(help="Task data to train on.")] = None,
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
@@ -198,7 +198,7 @@ def finetune(
         values["task"] = {"columns": columns}
     if recipe is None:
         if not task:
-            raise UserError("pass --task (qa, classify, summarize, translate, instruct) or a recipe")
+            raise UserError("pass --task (qa, classify, summarize, translate, instruct, preference) or a recipe")
         recipe = stage.default_recipe(task)
     cfg = config.load_config(recipe, overrides or [], cls=stage.FinetuneConfig, values=values)
     _setup_jax(coordinator, num_processes, process_id)

@@ -34,8 +34,16 @@ def evaluate(
     ] = None,
     task: Annotated[
         str,
-        typer.Option(help="Score a task: qa, classify, summarize, translate, instruct or choice (multiple choice)."),
+        typer.Option(
+            help="Score a task: qa, classify, summarize, translate, instruct, choice (multiple choice) or preference."
+        ),
     ] = "",
+    ref: Annotated[
+        Path | None,
+        typer.Option(
+            parser=storage.parse, help="preference: the reference model for rewards (default: the run's start)."
+        ),
+    ] = None,
     data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
     predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
     metric: Annotated[
@@ -93,7 +101,19 @@ def evaluate(
         result = suite_stage.run(model, suite, data_root=data, out=out, quantize=quantize)
         suite_stage.render(result, json_out or _console().mode == "json")
         return
-    if task == "choice":
+    if task == "preference":
+        from bigmodel_cli.evaluate import preference
+
+        metrics = preference.run(
+            model,
+            data,
+            ref=ref,
+            batch_size=batch_size or 8,
+            max_examples=max_examples or 0,
+            out=out,
+            quantize=quantize,
+        )
+    elif task == "choice":
         from bigmodel_cli.evaluate import choice
 
         metrics = choice.run(
@@ -160,8 +180,11 @@ _TASK_ONLY = {
 _CHOICE_ONLY = {"num_fewshot": "--num-fewshot", "fewshot_seed": "--fewshot-seed", "fewshot_data": "--fewshot-data"}
 _NOT_CHOICE = {"data2": "--data2", "predictions": "--predictions", "metric": "--metric", "overrides": "--set"}
 
+# --task preference scores pairs by log-likelihood: no predictions, metric choice, columns or task options.
+_NOT_PREFERENCE = {**_NOT_CHOICE, "columns": "--columns"}
+
 # With --suite each [[task]] sets these itself (--data is the root of its relative paths)
-_NOT_SUITE = {"task": "--task", "batch_size": "--batch-size", **_LM_ONLY, **_TASK_ONLY, **_CHOICE_ONLY}
+_NOT_SUITE = {"task": "--task", "batch_size": "--batch-size", "ref": "--ref", **_LM_ONLY, **_TASK_ONLY, **_CHOICE_ONLY}
 
 
 def _check_evaluate_options(given: dict) -> None:
@@ -180,6 +203,16 @@ def _check_evaluate_options(given: dict) -> None:
     stray = [flag for name, flag in _CHOICE_ONLY.items() if given[name] is not None]
     if stray and given["task"] != "choice":
         raise UserError(f"{stray[0]} applies with --task choice only: add --task choice or remove it")
+    if given["ref"] is not None and given["task"] != "preference":
+        raise UserError("--ref applies with --task preference only: add --task preference or remove it")
+    if given["task"] == "preference":
+        stray = [flag for name, flag in _NOT_PREFERENCE.items() if given[name]]
+        if stray:
+            raise UserError(
+                f"{stray[0]} does not apply to --task preference (it scores pairs by likelihood): remove it"
+            )
+        if given["model"] is None:
+            raise UserError("--task preference scores a MODEL: pass a run directory, checkpoint, export or hf:DIR")
     if given["task"] == "choice":
         stray = [flag for name, flag in _NOT_CHOICE.items() if given[name]]
         if stray:

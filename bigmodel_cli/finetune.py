@@ -7,6 +7,7 @@ trainable, or frozen under LoRA adapters), builds loss-masked batches and hands 
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from bigmodel_cli.model.sizing import count_params
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.options import TaskWarning
 from bigmodel_cli.train import loop
+from bigmodel_cli.train import preference as preference_lib
 
 RECIPES = Path(__file__).parent / "recipes" / "finetune"
 
@@ -42,8 +44,13 @@ class ExampleBatches:
     so that (like pretraining) a batch is a pure function of the step and resuming needs only the step."""
 
     def __init__(self, encoded: dict, batch_size: int, seed: int, rows: slice):
-        self.arrays = {k: encoded[k] for k in ("inputs", "targets", "weights")}
-        self.count, self.batch_size, self.seed, self.rows = len(self.arrays["inputs"]), batch_size, seed, rows
+        self.arrays = {k: v for k, v in encoded.items() if k != "example_index"}  # what the train step reads
+        self.count, self.batch_size, self.seed, self.rows = (
+            len(next(iter(self.arrays.values()))),
+            batch_size,
+            seed,
+            rows,
+        )
         self._epoch, self._perm = -1, np.empty(0, np.int64)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -132,9 +139,14 @@ def run(
         encoded_val = kind.encode(val, tokenizer, seq_len, cfg.task, source=val_source)
     for warning in caught:  # skipped or cut data: one line each, not a Python warning with source lines
         console.info(f"warning: {warning.message}")
-    masks.check_masks(encoded)
+    preference = cfg.finetune.task == "preference"
+    if preference:  # the chosen side shows the layout; the rejected one differs only in its completion
+        encoded_view = {k.removeprefix("chosen_"): v for k, v in encoded.items() if not k.startswith("rejected_")}
+    else:
+        masks.check_masks(encoded)
+        encoded_view = encoded
     if show_examples:
-        print(masks.show_examples(encoded, tokenizer, show_examples))
+        print(masks.show_examples(encoded_view, tokenizer, show_examples))
         return {}
     lora = cfg.lora if cfg.lora.rank else None
 
@@ -154,26 +166,50 @@ def run(
             taskinfo.write(run_dir, kind, cfg.task, seq_len, info, tokenizer)
             atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
         console.info(
-            f"finetune --task {cfg.finetune.task}: {len(encoded['inputs'])} training and "
-            f"{len(encoded_val['inputs'])} validation examples; trainable parameters {trainable:,} of "
+            f"finetune --task {cfg.finetune.task}: {len(encoded['example_index'])} training and "
+            f"{len(encoded_val['example_index'])} validation examples; trainable parameters {trainable:,} of "
             f"{total:,} ({100 * trainable / total:.2f}%)"
         )
 
     rows = parallel.process_rows(loop_cfg.train.batch_size)
-    batches = loop.Batches(
-        ExampleBatches(encoded, loop_cfg.train.batch_size, loop_cfg.train.seed, rows),
-        lambda: loader.array_batches(encoded_val, loop_cfg.train.batch_size, loop_cfg.train.eval_batches, rows),
-    )
+    batch_size = loop_cfg.train.batch_size
+
+    def open_batches() -> loop.Batches:
+        if not preference:
+            val = encoded_val
+            return loop.Batches(
+                ExampleBatches(encoded, batch_size, loop_cfg.train.seed, rows),
+                lambda: loader.array_batches(val, batch_size, loop_cfg.train.eval_batches, rows),
+            )
+        # The reference's log-probabilities, once for all pairs (see train/preference.py for why not per step):
+        # the starting weights before any update; with LoRA that is the base, whose graph has no adapters.
+        started = time.perf_counter()
+        train_pairs, val_pairs = (
+            preference_lib.with_reference(pairs, base.graphdef, base.params, batch_size, base.mesh, cfg.preference)
+            for pairs in (encoded, encoded_val)
+        )
+        if cfg.preference.needs_reference:
+            pairs = len(encoded["example_index"]) + len(encoded_val["example_index"])
+            console.info(f"reference log-probabilities of {pairs} pairs: {time.perf_counter() - started:.1f}s")
+        val_rows = {
+            k: v[: batch_size * loop_cfg.train.eval_batches] for k, v in val_pairs.items() if k != "example_index"
+        }
+        return loop.Batches(
+            ExampleBatches(train_pairs, batch_size, loop_cfg.train.seed, rows),
+            lambda: ({k: v[rows] for k, v in b.items()} for b in preference_lib.padded_pairs(val_rows, batch_size)),
+        )
+
     inputs = loop.LoopInputs(
         cfg=loop_cfg,
         mesh=base.mesh,
         run_dir=run_dir,
-        open_batches=lambda: batches,
+        open_batches=open_batches,
         seq_len=seq_len,
         meta={"stage": "finetune", "task": cfg.finetune.task},
         console=console,
         initial=initial,
         dropout_seed=loop_cfg.train.seed if lora is not None and lora.dropout > 0 else None,
+        **({"loss": preference_lib.loss_fn(cfg.preference)} if preference else {}),
     )
     result = loop.run(
         inputs, resume=resume, allow_config_change=allow_config_change, recorded_cfg=cfg, on_ready=on_ready

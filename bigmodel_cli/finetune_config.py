@@ -1,4 +1,5 @@
-"""The recipe of a finetuning run (`bigmodel finetune`): the pretraining sections plus [finetune], [task] and [lora].
+"""The recipe of a finetuning run (`bigmodel finetune`): the pretraining sections plus [finetune], [task], [lora]
+and [preference].
 
 It sits below the stages, so that whatever opens a finetuning run (modelio) reads its config without importing
 the finetune stage.
@@ -20,11 +21,12 @@ from bigmodel_cli.config import (
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.lora import LoraConfig
 from bigmodel_cli.tasks.options import TaskOptions
+from bigmodel_cli.train.preference import PreferenceConfig
 
 
 @dataclass(frozen=True)
 class FinetuneSection:
-    task: str = ""  # qa, classify, summarize, translate or instruct
+    task: str = ""  # qa, classify, summarize, translate, instruct or preference
     init_from: str = _path_field(doc="starting model")  # run dir, checkpoint, export, hf:DIR or hf:ORG/NAME[@REV]
     train_file: str = _path_field(doc="task data")  # task data to train on (format per task)
     train_file2: str = _path_field(doc="translate")  # translate: target-language file, line-aligned with train_file
@@ -44,8 +46,15 @@ class FinetuneConfig:
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
     task: TaskOptions = field(default_factory=TaskOptions)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # --task preference only
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        if self.finetune.task and self.finetune.task != "preference" and self.preference != PreferenceConfig():
+            raise UserError(
+                f"[preference] applies to --task preference, not {self.finetune.task}: remove the preference.* settings"
+            )

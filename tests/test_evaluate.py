@@ -234,6 +234,18 @@ def _fewshot_data(cli, w):
     _refused(cli, *_qa(w, "--fewshot-data", w["root"] / "shots.jsonl"), mentions="--fewshot-data")
 
 
+def _ref(cli, w):
+    pairs = w["root"] / "pairs.jsonl"
+    rows = [{"prompt": f"the cat {i}", "chosen": " sat", "rejected": " ran away"} for i in range(3)]
+    pairs.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ("evaluate", w["run"], "--task", "preference", "--data", pairs)
+    _refused(cli, *args, mentions="--ref")  # a pretraining run records no starting model to compare with
+    against_itself = _json(cli(*args, "--ref", w["run"], "--json"))
+    assert against_itself["pairs"] == 3 and against_itself["reward_accuracy"] == 0.5
+    assert against_itself["reward_margin"] == 0
+    _refused(cli, *_qa(w, "--ref", w["run"]), mentions="--ref")
+
+
 def _json_out(cli, w):
     plain = cli("evaluate", w["run"]).stdout
     assert "loss: " in plain and _json(cli("evaluate", w["run"], "--json"))["loss"] > 0
@@ -257,6 +269,7 @@ OPTION_CHECKS = {
     "data": _data,
     "text": _text,
     "task": _task,
+    "ref": _ref,
     "data2": _data2,
     "predictions": _predictions,
     "metric": _metric,

@@ -21,6 +21,7 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import masks
 from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat
 from bigmodel_cli.tasks.options import TaskOptions, TaskWarning
+from bigmodel_cli.train.preference import PreferenceConfig
 from tests.conftest import REPO, synthetic_text
 
 CHINESE = "北京是中国的首都，也是政治和文化中心。上海是中国最大的城市，位于长江入海口。长城很长。"
@@ -108,7 +109,7 @@ def task_files(tmp_path: Path) -> dict[str, tuple[Path, Path | None, TaskOptions
     }
 
 
-@pytest.mark.parametrize("task", tasks.NAMES)
+@pytest.mark.parametrize("task", tasks.SUPERVISED)
 def test_each_task_trains_on_exactly_the_target_and_eos(task, tmp_path, tok):
     path, path2, opts = task_files(tmp_path)[task]
     examples, info = tasks.get(task).load(path, opts, path2=path2)
@@ -411,7 +412,7 @@ def empty_field_files(tmp_path: Path) -> dict[str, tuple[Path, Path | None, Task
     }
 
 
-@pytest.mark.parametrize("task", tasks.NAMES)
+@pytest.mark.parametrize("task", tasks.SUPERVISED)
 def test_empty_required_fields_are_skipped_with_one_warning_naming_the_file(task, tmp_path):
     path, path2, opts, expected = empty_field_files(tmp_path)[task]
     with warnings.catch_warnings(record=True) as caught:
@@ -597,7 +598,8 @@ def test_finetune_recipes_parse(recipe):
     text = recipe.read_text()
     assert text.startswith("#") and f"--task {recipe.stem}" in text.split("\n\n")[0]
     raw = tomllib.loads(text)
-    TaskOptions(**raw.pop("task"))  # unknown keys or bad values raise
+    TaskOptions(**raw.pop("task", {}))  # unknown keys or bad values raise
+    PreferenceConfig(**raw.pop("preference", {}))
     raw.pop("lora", None)
     assert "model" not in raw, "the model comes from the starting checkpoint"
     cfg = config.build_config(raw, {}, config.Config, recipe.parent)

@@ -19,7 +19,7 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.model import quantize as quantization
 from bigmodel_cli.model.params import LoadedModel
 
-KINDS = (*tasks.NAMES, "perplexity", "choice")
+KINDS = (*tasks.SUPERVISED, "perplexity", "choice")
 COUNT_KEYS = ("total", "tokens")  # what a task's n is: examples scored, or tokens for perplexity
 NOT_SCORES = {*COUNT_KEYS, "step", "bytes", "missing"}  # numbers in metrics.json that score nothing
 
@@ -49,7 +49,7 @@ class SuiteTask:
 # The keys each kind reads besides name, kind and batch_size: any other would do nothing, so it is refused.
 _TASK_KEYS = ("data", "max_examples", "columns", "set")
 KIND_KEYS: dict[str, tuple[str, ...]] = {
-    **{kind: _TASK_KEYS for kind in tasks.NAMES},
+    **{kind: _TASK_KEYS for kind in tasks.SUPERVISED},
     "qa": (*_TASK_KEYS, "metric"),
     "translate": (*_TASK_KEYS, "data2"),
     "perplexity": ("text", "data", "split", "max_batches"),

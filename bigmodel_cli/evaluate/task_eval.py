@@ -153,6 +153,8 @@ def run(
     writes metrics.json. `loaded`: the model, already loaded (and quantized), to skip loading it again."""
     quantization.check(quantize)
     kind = tasks.get(task)
+    if kind.pairs:  # scored by evaluate/preference.py, which `evaluate --task preference` runs
+        raise UserError(f"--task {task} is scored by `bigmodel evaluate MODEL --task {task} --data FILE`")
     if metric not in QA_METRICS:
         raise UserError(f"--metric must be one of {', '.join(QA_METRICS)}; got {metric!r}")
     if metric not in ("auto", *kind.metric_choices):

@@ -11,12 +11,17 @@ from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks.base import Task
 from bigmodel_cli.tasks.classify import Classify
 from bigmodel_cli.tasks.instruct import Instruct
+from bigmodel_cli.tasks.preference import Preference
 from bigmodel_cli.tasks.qa import QA
 from bigmodel_cli.tasks.summarize import Summarize
 from bigmodel_cli.tasks.translate import Translate
 
-_KINDS: dict[str, Task] = {kind.name: kind for kind in (QA(), Classify(), Summarize(), Translate(), Instruct())}
+_KINDS: dict[str, Task] = {
+    kind.name: kind for kind in (QA(), Classify(), Summarize(), Translate(), Instruct(), Preference())
+}
 NAMES: tuple[str, ...] = tuple(_KINDS)  # in the order help texts and errors list them
+# The kinds with one target per example (all but preference pairs): trained on, generated and scored as text.
+SUPERVISED: tuple[str, ...] = tuple(name for name, kind in _KINDS.items() if not kind.pairs)
 
 
 def get(name: str) -> Task:

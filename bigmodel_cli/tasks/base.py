@@ -54,6 +54,7 @@ class Task:
     windowed = False  # a too-long context is read in overlapping windows (qa) instead of being cut
     paired_files = False  # a second, line-aligned file may hold the targets (translate)
     metric_choices: tuple[str, ...] = ()  # the metrics --metric chooses among (qa); () = fixed metrics
+    pairs = False  # examples are preference pairs (a chosen and a rejected completion), not one target
 
     # ---- files -> Examples ------------------------------------------------------------------------------
 

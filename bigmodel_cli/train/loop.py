@@ -28,7 +28,7 @@ from bigmodel_cli.train import optim, profile
 from bigmodel_cli.train.checkpoint import Checkpoints
 from bigmodel_cli.train.memory import check_fits
 from bigmodel_cli.train.state import Initial, jit_train_step, make_state
-from bigmodel_cli.train.step import eval_step, merge_params
+from bigmodel_cli.train.step import LossFn, eval_step, merge_params, token_loss
 from bigmodel_cli.utils import device_peak_flops
 
 
@@ -55,6 +55,7 @@ class LoopInputs:
     console: Console
     initial: Initial | None = None  # start from these weights (finetuning) instead of fresh ones
     dropout_seed: int | None = None  # seeds dropout (LoRA) when the model uses any
+    loss: LossFn = token_loss  # what the step minimises (finetune --task preference: a preference loss)
 
 
 def run(
@@ -184,7 +185,7 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     batch_sharding = parallel.batch_sharding(mesh)
     n_params, _ = count_params(cfg.model)
     step_fn = jit_train_step(
-        graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at, inp.dropout_seed
+        graphdef, tx, cfg.train.grad_accum, state, mesh, cfg.train.inject_nonfinite_at, inp.dropout_seed, inp.loss
     )
 
     # ---- checkpoints: resume from the latest one --------------------------------------------
@@ -202,7 +203,7 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
         state = {**state, "step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 
-    eval_fn = jax.jit(functools.partial(eval_step, graphdef), out_shardings=parallel.replicated(mesh))
+    eval_fn = jax.jit(functools.partial(eval_step, graphdef, loss=inp.loss), out_shardings=parallel.replicated(mesh))
     example = _to_device(batches.train(start), batch_sharding)
     t0 = time.perf_counter()
     with parallel.activate(mesh):
@@ -273,6 +274,7 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
                         "tokens_per_s": tokens_per_s,
                         "mfu": flops_per_step * window_steps / elapsed / peak,
                     }
+                    last.update({k: float(v) for k, v in metrics.items() if k not in _STEP_METRICS})  # the loss's
                     if skipped:
                         last["skipped_steps"] = skipped
                     evaluate_now = is_last or (cfg.train.eval_every and done % cfg.train.eval_every == 0)
@@ -298,6 +300,9 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
         logger.close()
     status.write("finished", total_steps, compile_s=compile_s, trace_s=lower_s)
     return {"step": total_steps, **last}
+
+
+_STEP_METRICS = ("loss", "grad_norm", "tokens", "finite")  # what every step reports; a loss may add its own
 
 
 def _check_finite(step: int, finite, cfg, train_batch: Callable, console: Console) -> int:

@@ -18,7 +18,7 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.model.params import abstract_params, init_params
 from bigmodel_cli.train import optim
-from bigmodel_cli.train.step import train_step
+from bigmodel_cli.train.step import LossFn, token_loss, train_step
 
 # `initial(mesh) -> (graphdef, trainable, frozen)`: a stage's starting weights (finetuning); frozen may be None.
 Initial = Callable[[Any], tuple[nnx.GraphDef, Any, Any]]
@@ -72,13 +72,26 @@ def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
 
 
 def jit_train_step(
-    graphdef, tx, grad_accum: int, state: dict, mesh, inject_nonfinite_at: int = 0, dropout_seed: int | None = None
+    graphdef,
+    tx,
+    grad_accum: int,
+    state: dict,
+    mesh,
+    inject_nonfinite_at: int = 0,
+    dropout_seed: int | None = None,
+    loss: LossFn = token_loss,
 ):
     """The train step jitted once with explicit shardings (those of state, real or abstract) and the state
-    donated."""
+    donated; `loss` is what it minimises (step.LossFn)."""
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
     step = functools.partial(
-        train_step, graphdef, tx, grad_accum, inject_nonfinite_at=inject_nonfinite_at, dropout_seed=dropout_seed
+        train_step,
+        graphdef,
+        tx,
+        grad_accum,
+        inject_nonfinite_at=inject_nonfinite_at,
+        dropout_seed=dropout_seed,
+        loss=loss,
     )
     return jax.jit(
         step,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,6 +17,11 @@ from bigmodel_cli.model.lora import merge_params
 # (1.0 where the target counts towards the loss, 0.0 for padding and, in finetuning, prompt tokens);
 # packed data adds `positions` and `segment_ids` so attention stays inside each document.
 Batch = dict[str, jax.Array]
+
+# A loss the step can train on: (graphdef, params, batch, dropout_key) -> (sum of the items' losses, items counted,
+# {metric: sum over the items}). Sums, so that micro-batches add up exactly; an item is a token (language
+# modelling) or a pair (preference tuning: train/preference.py). Metrics are reported as means over the items.
+LossFn = Callable[..., tuple[jax.Array, jax.Array, dict[str, jax.Array]]]
 
 
 @jax.custom_vjp
@@ -56,6 +62,13 @@ def loss_sums(
     return weighted_cross_entropy(logits, batch["targets"], weights), jnp.sum(weights)
 
 
+def token_loss(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, dropout_key: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, dict]:
+    """The language-modelling loss as a LossFn: token-weighted cross-entropy, no extra metrics."""
+    return *loss_sums(graphdef, params, batch, dropout_key), {}
+
+
 def train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -64,6 +77,7 @@ def train_step(
     batch: Batch,
     inject_nonfinite_at: int = 0,
     dropout_seed: int | None = None,
+    loss: LossFn = token_loss,
 ) -> tuple[dict, dict]:
     """One optimizer update; with grad_accum > 1 the batch is split into micro-batches.
 
@@ -71,6 +85,7 @@ def train_step(
     not the mean of per-micro-batch means, so accumulation changes memory use and nothing else.
     A non-finite loss or gradient leaves the state as it was (metrics["finite"] tells the loop).
     Only state["params"] train; state["frozen"] (LoRA's base weights) joins them in the forward pass.
+    `loss` is what is minimised (default: the token-weighted cross-entropy); its metrics join the step's.
     """
     params, frozen = state["params"], state.get("frozen")
 
@@ -78,12 +93,13 @@ def train_step(
         key = None
         if dropout_seed is not None:
             key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state["step"]), micro_index)
-        return loss_sums(graphdef, merge_params(frozen, trainable), micro_batch, key)
+        total, count, sums = loss(graphdef, merge_params(frozen, trainable), micro_batch, key)
+        return total, (count, sums)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     if grad_accum == 1:
-        (loss_sum, count), grad_sum = grad_fn(params, batch, 0)
+        (loss_sum, (count, sums)), grad_sum = grad_fn(params, batch, 0)
     else:
         # Row r goes to micro-batch r % grad_accum: a reshape that leaves each device's rows in place.
         def split(x):
@@ -93,13 +109,16 @@ def train_step(
 
         def accumulate(carry, micro):
             micro_batch, micro_index = micro
-            (loss_sum, count), grads = grad_fn(params, micro_batch, micro_index)
-            acc_loss, acc_count, acc_grads = carry
-            return (acc_loss + loss_sum, acc_count + count, jax.tree.map(jnp.add, acc_grads, grads)), None
+            (loss_sum, (count, sums)), grads = grad_fn(params, micro_batch, micro_index)
+            acc_loss, acc_count, acc_sums, acc_grads = carry
+            acc_sums = jax.tree.map(jnp.add, acc_sums, sums)
+            return (acc_loss + loss_sum, acc_count + count, acc_sums, jax.tree.map(jnp.add, acc_grads, grads)), None
 
         zeros = jax.tree.map(jnp.zeros_like, params)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        no_sums = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, first, 0)[0][1][1]))
         micro = (micro_batches, jnp.arange(grad_accum))
-        (loss_sum, count, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, zeros), micro)
+        (loss_sum, count, sums, grad_sum), _ = jax.lax.scan(accumulate, (0.0, 0.0, no_sums, zeros), micro)
 
     if inject_nonfinite_at:
         loss_sum = jnp.where(state["step"] + 1 == inject_nonfinite_at, jnp.nan, loss_sum)
@@ -117,9 +136,12 @@ def train_step(
         "opt_state": jax.tree.map(keep, opt_state, state["opt_state"]),
     }
     metrics = {"loss": loss_sum / denom, "grad_norm": grad_norm, "tokens": count, "finite": finite}
+    metrics.update({name: value / denom for name, value in sums.items()})
     return new_state, metrics
 
 
-def eval_step(graphdef: nnx.GraphDef, params: Any, batch: Batch) -> tuple[jax.Array, jax.Array]:
-    """(sum of token losses, counted tokens) on one batch, for a token-weighted validation loss."""
-    return loss_sums(graphdef, params, batch)
+def eval_step(
+    graphdef: nnx.GraphDef, params: Any, batch: Batch, loss: LossFn = token_loss
+) -> tuple[jax.Array, jax.Array]:
+    """(sum of losses, counted items) on one batch, for an item-weighted validation loss."""
+    return loss(graphdef, params, batch)[:2]

@@ -22,7 +22,8 @@ from bigmodel_cli.data.manifest import MANIFEST_FILE, load_manifest
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora as lora_lib
-from bigmodel_cli.model.params import abstract_params, param_name, with_adapters
+from bigmodel_cli.model.layout import param_name
+from bigmodel_cli.model.params import abstract_params, with_adapters
 from bigmodel_cli.model.sizing import count_params, flops_per_token
 from bigmodel_cli.train.loop import check_layout
 from bigmodel_cli.train.memory import memory_per_device, refuse_unless_fits

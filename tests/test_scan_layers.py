@@ -15,6 +15,7 @@ from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.evaluate.generate import Sampling, generate_ids
 from bigmodel_cli.model import layout
 from bigmodel_cli.model.params import abstract_params, init_params
+from bigmodel_cli.model.transformer import Transformer
 from bigmodel_cli.parallel import make_mesh
 from tests.conftest import model_tolerance, pretrain_args, synthetic_text
 from tests.test_finetune import PROMPT_WORDS, _task_files
@@ -82,6 +83,30 @@ def test_same_seed_gives_the_same_weights_in_both_layouts():
     for name, value in layout.named(scanned).items():
         np.testing.assert_array_equal(value, np.asarray(layout.named(unrolled)[name]))
     assert layout.is_stacked(layout.stack(unrolled)) and not layout.is_stacked(layout.unstack(scanned))
+
+
+@pytest.mark.parametrize("remat", ["dots", "full"])
+def test_remat_applies_inside_the_scan_with_the_same_gradients(remat):
+    cfg = ModelConfig(vocab_size=96, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 96, (2, 17)), jnp.int32)
+
+    def gradients(scan: bool):
+        model = Transformer(dataclasses.replace(cfg, scan_layers=scan), rngs=nnx.Rngs(0), remat=remat)
+        graphdef, params = nnx.split(model)
+
+        def loss(params):
+            logits = nnx.merge(graphdef, params)(tokens[:, :-1])
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+        grads = jax.jit(jax.grad(loss))(params)
+        return layout.named(nnx.to_pure_dict(grads)), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    unrolled, _ = gradients(False)
+    scanned, jaxpr = gradients(True)
+    assert jaxpr.count("scan[") == 2  # one loop over the layers forward, one backward: no copy per layer
+    assert "remat" in jaxpr  # the policy's recomputation, inside the loop
+    for name, value in unrolled.items():
+        np.testing.assert_allclose(scanned[name], value, atol=1e-7, rtol=0, err_msg=name)
 
 
 def _unrolled_twin(loaded):

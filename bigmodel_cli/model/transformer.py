@@ -286,9 +286,10 @@ class Transformer(nnx.Module):
         return logits
 
     def decode(
-        self, tokens: jax.Array, cache: list[dict], cache_pos: jax.Array, last: jax.Array | None = None
-    ) -> tuple[jax.Array, list[dict]]:
-        """Logits for tokens [B,T] placed at positions cache_pos[b] + t, reading and extending the KV cache.
+        self, tokens: jax.Array, cache: list[dict] | dict, cache_pos: jax.Array, last: jax.Array | None = None
+    ) -> tuple[jax.Array, list[dict] | dict]:
+        """Logits for tokens [B,T] placed at positions cache_pos[b] + t, reading and extending the KV cache
+        (as init_cache makes it: a list of per-layer dicts, or one stacked dict with scan_layers).
 
         With last [B], only position last[b] of each row gets logits ([B,1,V]): a prefill needs the final
         prompt token's alone, and the output head is the largest matmul of a short prompt."""

@@ -135,6 +135,12 @@ def test_hf_export_of_a_scanned_run_is_bit_identical_and_reimports(cli, runs, tm
     np.testing.assert_array_equal(
         restacked["layers"]["self_attn"]["q_proj"], scanned.params["layers"]["self_attn"]["q_proj"]
     )
+    # bigmodel's own export: per-layer tensors on disk, stacked again on load as its config says
+    cli("export", runs["scanned"], "--out", tmp_path / "native")
+    native = modelio.load(tmp_path / "native")
+    assert native.model_cfg.scan_layers and layout.is_stacked(native.params)
+    for name, value in layout.named(native.params).items():
+        np.testing.assert_array_equal(value, layout.named(scanned.params)[name])
 
 
 def test_generate_gives_the_same_greedy_tokens_and_logits_in_both_layouts(runs):

@@ -29,7 +29,7 @@ def host() -> dict:
     return {"isa": "avx512f" if " avx512f" in flags else "avx2", "cores": os.cpu_count()}
 
 
-def plan(preset: str, layers: int, scan: bool, seq: int, batch: int, timeout: float) -> dict:
+def plan(preset: str, layers: int, scan: bool, seq: int, batch: int, timeout: float, extra: list[str]) -> dict:
     """One `bigmodel plan` in a fresh process and an empty compilation cache: its compile and wall seconds."""
     settings = {
         "model.preset": preset,
@@ -48,8 +48,10 @@ def plan(preset: str, layers: int, scan: bool, seq: int, batch: int, timeout: fl
         command = [sys.executable, "-m", "bigmodel_cli", "plan", str(recipe), "--json"]
         for key, value in settings.items():
             command += ["--set", f"{key}={value}"]
+        for setting in extra:
+            command += ["--set", setting]
         env = {**os.environ, "BIGMODEL_CACHE_DIR": str(Path(scratch) / "jax-cache"), "PYTHONPATH": str(REPO)}
-        row = {"preset": preset, "layers": layers, "scan": scan, "seq": seq, "batch": batch}
+        row = {"preset": preset, "layers": layers, "scan": scan, "seq": seq, "batch": batch, "set": extra}
         started = time.perf_counter()
         try:
             proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
@@ -88,15 +90,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--timeout", type=float, default=1800, help="seconds one plan may take")
     parser.add_argument("--repeat", type=int, default=1, help="plans per point; the fastest is kept (shared hosts)")
+    parser.add_argument("--set", action="append", default=[], help="more plan settings, e.g. model.attention=xla")
     parser.add_argument("--out", type=Path, help="also write the rows and the host as JSON here")
     args = parser.parse_args()
     rows = []
     for preset in args.presets.split(","):
         for layers in (int(n) for n in args.layers.split(",")):
             for layout in args.layouts.split(","):
-                tries = [plan(preset, layers, layout == "scanned", args.seq, args.batch, args.timeout)]
+                tries = [plan(preset, layers, layout == "scanned", args.seq, args.batch, args.timeout, args.set)]
                 while len(tries) < args.repeat and tries[-1]["compile_s"] is not None:
-                    tries.append(plan(preset, layers, layout == "scanned", args.seq, args.batch, args.timeout))
+                    tries.append(
+                        plan(preset, layers, layout == "scanned", args.seq, args.batch, args.timeout, args.set)
+                    )
                 timed = [t for t in tries if t["compile_s"] is not None]
                 row = min(timed, key=lambda t: t["compile_s"]) if timed else tries[-1]
                 row["tries_s"] = [t["compile_s"] for t in tries]

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import jax
@@ -17,6 +18,7 @@ from bigmodel_cli.model import layout
 from bigmodel_cli.model.params import abstract_params, init_params
 from bigmodel_cli.model.transformer import Transformer
 from bigmodel_cli.parallel import make_mesh
+from bigmodel_cli.serve.engine import Engine, Request
 from tests.conftest import model_tolerance, pretrain_args, synthetic_text
 from tests.test_finetune import PROMPT_WORDS, _task_files
 
@@ -148,7 +150,26 @@ def test_generate_gives_the_same_greedy_tokens_and_logits_in_both_layouts(runs):
     unrolled = _unrolled_twin(scanned)
     prompts = [[1, 5, 9, 3], [2, 7]]
     sampling = Sampling(max_new_tokens=8, temperature=0.0)
-    assert generate_ids(scanned, prompts, sampling) == generate_ids(unrolled, prompts, sampling)
+    greedy = generate_ids(scanned, prompts, sampling)
+    assert greedy == generate_ids(unrolled, prompts, sampling)
+    # the serving engine's slot cache, stacked [L, B, S, K, E]: two requests batched, the same tokens
+    engine = Engine(scanned, 2, 32)
+    engine.start()
+    try:
+        answers = {i: [] for i in range(2)}
+        done = [threading.Event() for _ in prompts]
+        for i, prompt in enumerate(prompts):
+
+            def emit(token, finish, i=i):
+                answers[i].append(token)
+                if finish:
+                    done[i].set()
+
+            engine.submit(Request(prompt, 8, emit))
+        assert all(event.wait(60) for event in done)
+    finally:
+        engine.close()
+    assert [answers[0], answers[1]] == greedy
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, scanned.model_cfg.vocab_size, (2, 16)), jnp.int32)
     a, b = (nnx.merge(m.graphdef, m.params) for m in (scanned, unrolled))
     logits = a(tokens)

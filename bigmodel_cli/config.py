@@ -56,6 +56,7 @@ class ModelConfig:
     attention: str = "auto"  # auto (chunked on CPU, else jax.nn.dot_product_attention's pick), chunked, xla, cudnn
     attention_chunks: int = 0  # query chunks of the chunked attention; 0 = one per 64 queries, at most 8
     init_std: float = 0.02  # std of the normal initialiser of every matrix
+    scan_layers: bool = False  # stack the layers' weights, scan over them: compile time flat in depth (1b, 7b: on)
 
     def __post_init__(self) -> None:
         for name in ("d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -88,8 +89,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, max_seq_len=128),
     "35m": dict(d_model=512, n_layers=8, n_heads=8, n_kv_heads=8, d_ff=1536, max_seq_len=512),
     "125m": dict(d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=2048),
-    "1b": dict(d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192, max_seq_len=2048, rope_theta=500000.0),
-    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096),
+    "1b": dict(
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        max_seq_len=2048,
+        rope_theta=500000.0,
+        scan_layers=True,
+    ),
+    "7b": dict(d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008, max_seq_len=4096, scan_layers=True),
 }
 
 

@@ -33,7 +33,8 @@ from bigmodel_cli.data.tokenizer import AnyTokenizer, Tokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import UNKNOWN, read_sentencepiece
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.hf import generation_eos, hf_name
-from bigmodel_cli.model.params import LoadedModel, param_name
+from bigmodel_cli.model import layout
+from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.modelio import warn
 from bigmodel_cli.tasks import taskinfo
 
@@ -274,8 +275,7 @@ def _write_tensors(writer, loaded: LoadedModel, arch: str, quant: str) -> None:
     names = gguf.TensorNameMap(gguf.MODEL_ARCH[arch.upper()], cfg.n_layers)
     head = "output" if not cfg.tie_embeddings else "token_embd"  # the matrix that produces the logits
     fell_back: list[str] = []
-    for path, value in jax.tree_util.tree_flatten_with_path(loaded.params)[0]:
-        ours = param_name(path)
+    for ours, value in layout.named(loaded.params).items():  # per-layer names in either layout
         hf = hf_name(ours)
         base, _, suffix = hf.rpartition(".")
         name = names.get_name(base)

@@ -24,7 +24,8 @@ from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles
 from bigmodel_cli.data.tokenizer_formats import read_sentencepiece, tokenizer_json
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.hf_config import FAMILIES, hf_config, read_config
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.model import layout
+from bigmodel_cli.model.params import LoadedModel, abstract_params
 from bigmodel_cli.rundir import (
     SPECIAL_TOKENS_MAP_FILE,
     TOKENIZER_CONFIG_FILE,
@@ -78,9 +79,8 @@ def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_M
     """
     if max_shard_bytes <= 0:
         raise UserError(f"--max-shard-bytes must be positive, got {max_shard_bytes}")
-    flat = {param_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded.params)[0]}
-    _, like = abstract_params(loaded.model_cfg, loaded.mesh)
-    expected = {param_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    flat = layout.named(loaded.params)  # per-layer names in either layout (model.scan_layers)
+    expected = set(layout.named(abstract_params(loaded.model_cfg, loaded.mesh)[1]))
     if set(flat) != expected:
         odd = sorted(set(flat) ^ expected)[0]
         raise UserError(f"parameter {odd} does not fit the model (LoRA adapters?): export the merged model")
@@ -322,7 +322,7 @@ def load(home: Path, mesh) -> LoadedModel:
             return f.get_tensor(name)
 
     graphdef, like = abstract_params(model_cfg, mesh)
-    wanted = {hf_name(param_name(path)) for path, _ in jax.tree_util.tree_flatten_with_path(like)[0]}
+    wanted = {hf_name(name) for name in layout.named(like)}
     ignorable = {"lm_head.weight"} if model_cfg.tie_embeddings else set()
     extra = sorted(n for n in set(files) - wanted - ignorable if not n.endswith("rotary_emb.inv_freq"))
     if extra:
@@ -331,15 +331,13 @@ def load(home: Path, mesh) -> LoadedModel:
             f"{FAMILIES[model_cfg.architecture].hf_class} checkpoint"
         )
 
-    def take(path, spec):
-        name = param_name(path)
+    def take(name, spec):
         array = read(hf_name(name))
         expected = spec.shape[::-1] if _is_kernel(name) else spec.shape
         if array.shape != expected:
             raise UserError(f"{home}: tensor {hf_name(name)} has shape {array.shape}; config.json implies {expected}")
         # One host copy at most (transpose and dtype in one go), freed once the tensor is on its devices.
-        array = np.ascontiguousarray(array.T if _is_kernel(name) else array, dtype=spec.dtype)
-        return jax.device_put(array, spec.sharding)
+        return np.ascontiguousarray(array.T if _is_kernel(name) else array, dtype=spec.dtype)
 
-    params = jax.tree_util.tree_map_with_path(take, like)
+    params = layout.load(like, take)
     return LoadedModel(model_cfg, graphdef, params, mesh, home, 0, seq_len, "")

@@ -14,7 +14,8 @@ from bigmodel_cli import config as config_lib
 from bigmodel_cli import storage
 from bigmodel_cli.config import Config, ModelConfig
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.model import layout
+from bigmodel_cli.model.params import LoadedModel, abstract_params
 from bigmodel_cli.tasks import taskinfo
 
 WEIGHTS = "model.safetensors"
@@ -45,13 +46,12 @@ def load(home: Path, mesh) -> LoadedModel:
     # safetensors opens local files only: a bucket's weights are read into memory
     tensors = load((home / WEIGHTS).read_bytes()) if storage.is_url(home) else load_file(home / WEIGHTS)
 
-    def take(path, spec):
-        name = param_name(path)
+    def take(name, spec):
         if name not in tensors or tensors[name].shape != spec.shape:
             raise UserError(f"{home / WEIGHTS}: tensor {name} missing or of the wrong shape; re-export")
-        return jax.device_put(tensors[name].astype(spec.dtype), spec.sharding)
+        return tensors[name].astype(spec.dtype)
 
-    params = jax.tree_util.tree_map_with_path(take, like)
+    params = layout.load(like, take)  # per-layer tensors, stacked when model.scan_layers
     return LoadedModel(
         model_cfg,
         graphdef,
@@ -68,8 +68,8 @@ def write(loaded: LoadedModel, staging: Path) -> None:
     """Safetensors weights, config.json, the tokenizer and any task.json of a plain (adapter-free) model."""
     from safetensors.numpy import save_file
 
-    flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
-    save_file({param_name(p): np.asarray(jax.device_get(v)) for p, v in flat}, staging / WEIGHTS)
+    flat = layout.named(loaded.params)  # per-layer names in either layout
+    save_file({name: np.asarray(jax.device_get(v)) for name, v in flat.items()}, staging / WEIGHTS)
     info = {
         "format": FORMAT,
         "model": dataclasses.asdict(loaded.model_cfg),

@@ -28,6 +28,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "kv_heads": "tensor",
     "mlp": "tensor",
     "norm": None,
+    "layers": None,  # the leading axis of stacked (model.scan_layers) weights: each device holds every layer
 }
 
 
@@ -102,6 +103,13 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict[str, Any]
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings)
+
+
+def layer_sharding(sharding: NamedSharding, stacked: bool) -> NamedSharding:
+    """The sharding of a stacked weight [L, ...] from that of one layer's (stacked=True), or back (False)."""
+    if not stacked:
+        return NamedSharding(sharding.mesh, PartitionSpec(*tuple(sharding.spec)[1:]))
+    return NamedSharding(sharding.mesh, PartitionSpec(_rules.get("layers"), *sharding.spec))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2, rules: dict[str, Any] | None = None) -> NamedSharding:

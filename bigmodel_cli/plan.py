@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -22,7 +23,8 @@ from bigmodel_cli.data.manifest import MANIFEST_FILE, load_manifest
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora as lora_lib
-from bigmodel_cli.model.params import abstract_params, param_name, with_adapters
+from bigmodel_cli.model.layout import param_name
+from bigmodel_cli.model.params import abstract_params, with_adapters
 from bigmodel_cli.model.sizing import count_params, flops_per_token
 from bigmodel_cli.train.loop import check_layout
 from bigmodel_cli.train.memory import memory_per_device, refuse_unless_fits
@@ -125,8 +127,10 @@ def _compile(
         "weights": jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding),
     }
     step = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, dropout_seed=dropout_seed)
+    started = time.perf_counter()
     with parallel.activate(mesh):
         compiled = step.lower(state, batch).compile()
+    compile_seconds = time.perf_counter() - started  # tracing included: what scan_layers keeps flat in depth
     memory = compiled.memory_analysis()
     weights = (state["params"], state.get("frozen"))  # what trains, and what joins it without training (LoRA)
     per_device = memory_per_device(weights, state["opt_state"], getattr(memory, "temp_size_in_bytes", 0))
@@ -154,6 +158,7 @@ def _compile(
         "xla_flops_per_step_per_device": float((cost or {}).get("flops", float("nan"))),
         "bytes_per_device": per_device,
         "parameters": table,
+        "compile_seconds": round(compile_seconds, 2),
         "note": note,
     }
     if memory_budget_gb:

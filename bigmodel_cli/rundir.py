@@ -81,6 +81,7 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "model.attention": "an implementation choice",
     "model.attention_chunks": "an implementation choice",
     "model.init_std": "used only when a run starts",
+    "model.scan_layers": "a layout of the same weights: checkpoints convert on restore",
     "data.path": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
     "data.mixture": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
     "data.seq_len": "RoPE has no learned positions",

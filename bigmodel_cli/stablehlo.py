@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.model import layout
+from bigmodel_cli.model.params import LoadedModel, abstract_params
 
 FORMAT = "bigmodel-stablehlo-v1"
 FUNCTION = "forward.jax_export"  # jax.export serialisation (flatbuffer holding StableHLO bytecode)
@@ -36,13 +37,15 @@ def write(loaded: LoadedModel, directory: Path, platforms: tuple[str, ...] = PLA
     """Write forward.jax_export, forward.mlir, weights.safetensors, manifest.json (and the tokenizer's files)."""
     from safetensors.numpy import save_file
 
-    flat = jax.tree_util.tree_flatten_with_path(loaded.params)[0]
-    names = [param_name(path) for path, _ in flat]
-    weights = [np.asarray(jax.device_get(value)) for _, value in flat]
+    # Per layer in either layout: the artifact's weights and KV cache are the unrolled model's.
+    params = layout.unstack(jax.device_get(loaded.params))
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    names = [layout.param_name(path) for path, _ in flat]
+    weights = [np.asarray(value) for _, value in flat]
     # The XLA attention lowers on every platform; "auto" would pick an implementation for this machine only.
-    cfg = dataclasses.replace(loaded.model_cfg, attention="xla")
+    cfg = dataclasses.replace(loaded.model_cfg, attention="xla", scan_layers=False)
     graphdef, like = abstract_params(cfg, loaded.mesh)
-    param_tree = jax.tree_util.tree_structure(loaded.params)
+    param_tree = jax.tree_util.tree_structure(params)
     if param_tree != jax.tree_util.tree_structure(like):
         raise UserError(
             "the parameters are not a plain bigmodel Transformer's (LoRA adapters?): export the merged model"

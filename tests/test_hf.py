@@ -22,7 +22,8 @@ from bigmodel_cli import export, hf, hf_config, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.params import LoadedModel, abstract_params, param_name
+from bigmodel_cli.model.layout import param_name
+from bigmodel_cli.model.params import LoadedModel, abstract_params
 from bigmodel_cli.parallel import make_mesh
 from tests.conftest import TINY_HF_SHAPE, model_tolerance
 

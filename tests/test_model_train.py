@@ -13,8 +13,9 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
+from bigmodel_cli.model.layout import param_name
 from bigmodel_cli.model.matmul import dense
-from bigmodel_cli.model.params import abstract_params, param_name
+from bigmodel_cli.model.params import abstract_params
 from bigmodel_cli.model.rope import apply_rope, rope_tables
 from bigmodel_cli.model.sizing import count_params
 from bigmodel_cli.model.transformer import Transformer, causal_attention

@@ -40,11 +40,6 @@ class LoadedModel:
         return open_tokenizer(self.home, needed_for)
 
 
-def param_name(path: tuple) -> str:
-    """'layers.0.self_attn.q_proj' for a params-dict path: the key used in safetensors files."""
-    return ".".join(str(getattr(k, "key", k)) for k in path)
-
-
 def abstract_params(model_cfg: ModelConfig, mesh, remat: str = "none") -> tuple[nnx.GraphDef, Any]:
     """Graph and shape/dtype/sharding tree of the parameters, without allocating them.
 

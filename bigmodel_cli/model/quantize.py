@@ -20,7 +20,7 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model import lora
+from bigmodel_cli.model import layout, lora
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.model.transformer import Int8Kernel, Transformer
 
@@ -43,7 +43,11 @@ def check(mode: str | None) -> None:
 def int8(loaded: LoadedModel) -> LoadedModel:
     """The same model with int8 weights and per-output-channel float32 scales; LoRA adapters are merged first."""
     params = loaded.params if loaded.lora is None else lora.fold(loaded.params, loaded.lora)
-    graphdef, like = abstract_int8_params(loaded.model_cfg, loaded.mesh)
+    # Per layer: an int8 kernel's scales are per output channel of one [in, out] matrix (decoding compiles fast
+    # either way).
+    model_cfg = dataclasses.replace(loaded.model_cfg, scan_layers=False)
+    params = layout.unstack(params)
+    graphdef, like = abstract_int8_params(model_cfg, loaded.mesh)
 
     def convert(path, target):
         name = tuple(entry.key for entry in path)
@@ -56,7 +60,7 @@ def int8(loaded: LoadedModel) -> LoadedModel:
         return {"q": q, "scale": scale}
 
     quantized = jax.tree_util.tree_map_with_path(convert, like, is_leaf=_is_int8)
-    return dataclasses.replace(loaded, graphdef=graphdef, params=quantized, lora=None)
+    return dataclasses.replace(loaded, model_cfg=model_cfg, graphdef=graphdef, params=quantized, lora=None)
 
 
 def _is_int8(node) -> bool:

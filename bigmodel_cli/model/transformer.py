@@ -10,14 +10,19 @@ rename plus a transpose of each kernel (we store [in, out], torch stores [out, i
 
 from __future__ import annotations
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model.attention import (
+    attention_chunks,
+    attention_probs,
+    causal_attention,
+    uses_chunked_attention,
+)
+from bigmodel_cli.model.layout import stack_modules
 from bigmodel_cli.model.lora import LoraConfig, adapter, attach, input_dropout
 from bigmodel_cli.model.matmul import DECODING, dense, matmul
 from bigmodel_cli.model.rope import apply_rope, rope_tables
@@ -26,95 +31,6 @@ from bigmodel_cli.parallel import constrain
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str, ...], std: float, dtype) -> nnx.Param:
     return nnx.Param(std * jax.random.normal(rngs.params(), shape, dtype), logical_axes=axes)
-
-
-def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None, window: int = 0, probs_out=None
-) -> jax.Array:
-    """Causal attention over q [B,T,H,E] and k, v [B,T,K,E] -> [B,T,H,E], in `chunks` blocks of queries.
-
-    Block i attends only to keys up to its own end, so the masked upper triangle is mostly never computed
-    (with 8 blocks, 56% of the full score matrix), and the hand-written backward keeps every matmul in a
-    layout XLA:CPU runs fast. One layer of the 35M config (B8 T512 H8 E64), forward and backward on 2 CPU
-    cores: 159 ms through jax.nn.dot_product_attention, 93 ms here, 106 ms for torch's fused kernel.
-    With a sliding window (window > 0: query t sees keys t-window+1..t), a block also starts at the first key
-    its earliest query sees, so the cost grows with T*window instead of T*T.
-    A list `probs_out` (forward only) receives each block's attention probabilities [B,K,G,t,s]."""
-    b, t, h, e = q.shape
-    kv = k.shape[2]
-    # [B,K,G,T,E]: query heads grouped under the key/value head they share (GQA), time next to the head dim.
-    q = q.reshape(b, t, kv, h // kv, e).transpose(0, 2, 3, 1, 4)
-    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,E]
-    bounds = [round(i * t / chunks) for i in range(chunks + 1)]
-    outs = []
-    for lo, hi in itertools.pairwise(bounds):
-        start = max(0, lo - window + 1) if window else 0  # keys left of this are outside every query's window
-        query_pos, key_pos = jnp.arange(lo, hi)[:, None], jnp.arange(start, hi)[None, :]
-        visible = key_pos <= query_pos  # [t, s] causal within the block
-        if window:
-            visible = visible & (key_pos > query_pos - window)
-        if segment_ids is not None:
-            same = segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]  # [B,t,s]
-            visible = visible & same
-        visible = jnp.broadcast_to(visible, (b, hi - lo, hi - start))[:, None, None]  # [B,1,1,t,s]
-        block = (q[:, :, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi], visible)
-        if probs_out is None:
-            outs.append(_attention_block(*block))
-        else:
-            block_out, (*_, probs, _) = _attention_block_fwd(*block)
-            outs.append(block_out)
-            probs_out.append(probs)
-    out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
-
-
-def _attention_probs(q, k, visible, layout="bkgte,bkse->bkgts"):
-    scores = jnp.einsum(layout, q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
-    scores = jnp.where(visible, scores, -1e30)
-    scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-    return scores / jnp.sum(scores, axis=-1, keepdims=True)  # [B,K,G,t,s] in float32
-
-
-@jax.custom_vjp
-def _attention_block(q, k, v, visible):
-    return _attention_block_fwd(q, k, v, visible)[0]
-
-
-def _attention_block_fwd(q, k, v, visible):
-    probs = _attention_probs(q, k, visible)
-    out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
-
-
-def _attention_block_bwd(residuals, d_out):
-    q, k, v, probs, out = residuals
-    scale = q.shape[-1] ** -0.5
-    d_probs = jnp.einsum("bkgte,bkse->bkgts", d_out, v).astype(jnp.float32)
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # rowsum(P*dP)
-    d_scores = (probs * (d_probs - delta)).astype(q.dtype)
-    # The contractions over queries: transposed copies behind a barrier stay plain batched matmuls (see dense).
-    probs_t, d_scores_t = jax.lax.optimization_barrier(
-        (jnp.swapaxes(probs.astype(v.dtype), -1, -2), jnp.swapaxes(d_scores, -1, -2))
-    )
-    d_q = jnp.einsum("bkgts,bkse->bkgte", d_scores, k) * scale
-    d_k = jnp.einsum("bkgst,bkgte->bkse", d_scores_t, q) * scale
-    d_v = jnp.einsum("bkgst,bkgte->bkse", probs_t, d_out)
-    return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
-
-
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
-
-
-def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:
-    """How many query blocks the chunked attention uses for sequences of seq_len."""
-    chunks = cfg.attention_chunks or min(8, seq_len // 64)
-    if cfg.sliding_window and not cfg.attention_chunks:  # blocks about a window long skip the keys left of it
-        chunks = max(chunks, min(16, -(-seq_len // cfg.sliding_window)))
-    return max(1, min(chunks, seq_len))
-
-
-def uses_chunked_attention(cfg: ModelConfig) -> bool:
-    return cfg.attention == "chunked" or (cfg.attention == "auto" and jax.default_backend() == "cpu")
 
 
 class Int8Kernel(nnx.Module):
@@ -244,7 +160,7 @@ class Attention(Projections):
             # The cache's own layout, query heads grouped by the key/value head they share: jax.nn's attention
             # would compute the same, at twice the tracing time of this whole branch.
             grouped = q.reshape(b, t, cfg.kv_heads, -1, cfg.dims_per_head)  # [B,T,K,G,E]
-            probs = _attention_probs(grouped, keys.astype(dt), visible[:, None, None], "btkge,bske->bkgts")
+            probs = attention_probs(grouped, keys.astype(dt), visible[:, None, None], "btkge,bske->bkgts")
             out = jnp.einsum("bkgts,bske->btkge", probs.astype(dt), values.astype(dt))  # [B,T,K,G,E]
             new_cache = {"k": keys, "v": values}
         out = self.project("o_proj", out.reshape(b, t, -1), dropout_key)  # [B,T,D]
@@ -304,7 +220,9 @@ class Transformer(nnx.Module):
             raise UserError("model.vocab_size is 0: preprocess data first (its manifest sets it) or --set it")
         pd = jnp.dtype(cfg.param_dtype)
         self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg.init_std, pd)
-        self.layers = nnx.List([Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.n_layers)])
+        blocks = [Block(cfg, rngs=rngs, lora=lora) for _ in range(cfg.n_layers)]
+        # model.scan_layers: one Block whose weights are all the layers' stacked [L, ...], scanned over in _forward
+        self.layers = stack_modules(blocks) if cfg.scan_layers else nnx.List(blocks)
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), cfg.init_std, pd)
@@ -323,9 +241,10 @@ class Transformer(nnx.Module):
         return logits
 
     def decode(
-        self, tokens: jax.Array, cache: list[dict], cache_pos: jax.Array, last: jax.Array | None = None
-    ) -> tuple[jax.Array, list[dict]]:
-        """Logits for tokens [B,T] placed at positions cache_pos[b] + t, reading and extending the KV cache.
+        self, tokens: jax.Array, cache: list[dict] | dict, cache_pos: jax.Array, last: jax.Array | None = None
+    ) -> tuple[jax.Array, list[dict] | dict]:
+        """Logits for tokens [B,T] placed at positions cache_pos[b] + t, reading and extending the KV cache
+        (as init_cache makes it: a list of per-layer dicts, or one stacked dict with scan_layers).
 
         With last [B], only position last[b] of each row gets logits ([B,1,V]): a prefill needs the final
         prompt token's alone, and the output head is the largest matmul of a short prompt."""
@@ -343,14 +262,22 @@ class Transformer(nnx.Module):
             lambda model: model._forward(tokens, None, None, None, None, inspect=True)[0], nnx.Intermediate
         )
         logits, sown = forward(self)
-        layers = [sown["layers"][i] for i in range(self.cfg.n_layers)]
+        if self.cfg.scan_layers:  # one stacked value [L, ...] per sown name: split into layers
+            stacked = sown["stacked_layers"][0]
+            layers = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(self.cfg.n_layers)]
+        else:
+            layers = [sown["layers"][i] for i in range(self.cfg.n_layers)]
         probs = [layer["self_attn"]["attention_probs"][0] for layer in layers]
         return logits, probs, [layer["residual"][0] for layer in layers]
 
-    def init_cache(self, batch: int, length: int) -> list[dict]:
-        """An empty KV cache: per layer, keys and values [B, S, K, E] in the compute dtype."""
+    def init_cache(self, batch: int, length: int) -> list[dict] | dict:
+        """An empty KV cache: per layer, keys and values [B, S, K, E] in the compute dtype; with scan_layers, one
+        dict of keys and values stacked [L, B, S, K, E], scanned over with the weights."""
         cfg = self.cfg
         shape = (batch, length, cfg.kv_heads, cfg.dims_per_head)
+        if cfg.scan_layers:
+            zeros = jnp.zeros((cfg.n_layers, *shape), jnp.dtype(cfg.dtype))
+            return {"k": zeros, "v": zeros}
         zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
         return [{"k": zeros, "v": zeros} for _ in range(cfg.n_layers)]
 
@@ -365,20 +292,47 @@ class Transformer(nnx.Module):
             x = x * jnp.take(row_scale, tokens)[..., None].astype(dt)
         x = constrain(x, ("batch", "length", None))
         cos, sin = rope_tables(positions, cfg)
-        new_cache = []
-        for i, block in enumerate(self.layers):
-            layer_cache = None if cache is None else cache[i]
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            if self.remat == "none" or cache is not None or inspect:
-                x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos, key, inspect)
-            else:
-                x, layer_cache = nnx.remat(
-                    lambda blk, h, k: blk(h, cos, sin, segment_ids, dropout_key=k), policy=_REMAT_POLICIES[self.remat]
-                )(block, x, key)
-            new_cache.append(layer_cache)
+        if cfg.scan_layers:
+            x, new_cache = self._scan(x, cos, sin, segment_ids, cache, cache_pos, dropout_key, inspect)
+        else:
+            new_cache = []
+            for i, block in enumerate(self.layers):
+                layer_cache = None if cache is None else cache[i]
+                key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+                if self.remat == "none" or cache is not None or inspect:
+                    x, layer_cache = block(x, cos, sin, segment_ids, layer_cache, cache_pos, key, inspect)
+                else:
+                    x, layer_cache = nnx.remat(
+                        lambda blk, h, k: blk(h, cos, sin, segment_ids, dropout_key=k),
+                        policy=_REMAT_POLICIES[self.remat],
+                    )(block, x, key)
+                new_cache.append(layer_cache)
         if last is not None:
             x = jnp.take_along_axis(x, last[:, None, None], axis=1)  # [B,1,D]
         return self.logits(x), (new_cache if cache is not None else None)
+
+    def _scan(self, x, cos, sin, segment_ids, cache, cache_pos, dropout_key, inspect):
+        """The stacked layers applied in turn by one jax.lax.scan: the step compiles one layer, whatever the
+        depth. Each iteration takes its layer's weights, cache [B,S,K,E] and dropout key from the stacked ones."""
+        graphdef, weights = nnx.split(self.layers)
+        layer_ids = jnp.arange(self.cfg.n_layers)
+        keys = None if dropout_key is None else jax.vmap(lambda i: jax.random.fold_in(dropout_key, i))(layer_ids)
+
+        def body(h, layer):
+            block = nnx.merge(graphdef, layer["weights"])
+            args = (h, cos, sin, segment_ids, layer["cache"], cache_pos, layer["key"], inspect)
+            if not inspect:
+                h, new_cache = block(*args)
+                return h, (new_cache, None)
+            (h, new_cache), sown = nnx.capture(block, nnx.Intermediate)(*args)
+            return h, (new_cache, nnx.to_pure_dict(sown))
+
+        if self.remat != "none" and cache is None and not inspect:  # the policy decides inside each iteration
+            body = jax.checkpoint(body, policy=_REMAT_POLICIES[self.remat], prevent_cse=False)
+        x, (new_cache, sown) = jax.lax.scan(body, x, {"weights": weights, "cache": cache, "key": keys})
+        if inspect:  # the layers' sown values, stacked [L, ...], for Transformer.inspect
+            self.sow(nnx.Intermediate, "stacked_layers", sown)
+        return x, new_cache
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Logits [B,T,V] in float32 of a residual stream x [B,T,D], through the final norm and the output head."""

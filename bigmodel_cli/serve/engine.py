@@ -60,11 +60,12 @@ def _pick_row(logits, seed, index, temperature, top_p):
 def _prefill(graphdef, params, cache, slot, tokens, length, seed, temperature, top_p):
     """Prefill tokens [P] (the first `length` real) into cache row `slot`; returns (first new token, cache)."""
     model = nnx.merge(graphdef, params)
-    row = model.init_cache(1, cache[0]["k"].shape[1])  # the slot's whole row is rewritten: no stale keys survive
+    cache_len = jax.tree.leaves(cache)[0].shape[-3]
+    row = model.init_cache(1, cache_len)  # the slot's whole row is rewritten: no stale keys survive
     logits, row = model.decode(tokens[None], row, jnp.zeros((1,), jnp.int32), last=length[None] - 1)  # [1,1,V]
     token = _pick_row(logits[0, 0], seed, 0, temperature, top_p)
-    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=slot, axis=0)
-    cache = [{name: put(layer[name], new[name]) for name in layer} for layer, new in zip(cache, row, strict=True)]
+    # Keys and values are [B,S,K,E] per layer, or [L,B,S,K,E] stacked (model.scan_layers): B is 4th from last.
+    cache = jax.tree.map(lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, slot, buf.ndim - 4), cache, row)
     return token, cache
 
 
@@ -75,10 +76,9 @@ def _step(graphdef, params, cache, tokens, positions, seeds, counts, temperature
     Attention reads only the cache's first `view` positions (all positions < view): a step costs what the
     longest answer in the batch needs, not the whole --max-model-len."""
     model = nnx.merge(graphdef, params)
-    part = [{name: layer[name][:, :view] for name in layer} for layer in cache]  # [B,view,K,E] each
+    part = jax.tree.map(lambda buf: jax.lax.slice_in_dim(buf, 0, view, axis=buf.ndim - 3), cache)  # [..,B,view,K,E]
     logits, part = model.decode(tokens[:, None], part, positions)  # [B,1,V]
-    put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=0, axis=1)
-    cache = [{name: put(layer[name], new[name]) for name in layer} for layer, new in zip(cache, part, strict=True)]
+    cache = jax.tree.map(lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new, 0, buf.ndim - 3), cache, part)
     return jax.vmap(_pick_row)(logits[:, 0], seeds, counts, temperature, top_p), cache
 
 

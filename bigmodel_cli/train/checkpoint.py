@@ -21,6 +21,7 @@ import xxhash
 
 from bigmodel_cli import storage
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import layout
 
 # Orbax logs every save and restore at INFO/WARNING through absl; the CLI prints its own one-liners.
 logging.getLogger("absl").setLevel(logging.ERROR)
@@ -236,14 +237,30 @@ class Checkpoints:
         Raises CheckpointMismatch when the model does not fit, anything else when the checkpoint is damaged.
         """
         meta = self._meta(step)  # unreadable: damage, for the caller
-        self.check_fits(step, like, meta)
-        items = {item: ocp.args.StandardRestore(_abstract(tree)) for item, tree in like.items()}
+        saved = self._saved_layout(step, like, meta)
+        items = {item: ocp.args.StandardRestore(_abstract(tree)) for item, tree in saved.items()}
         state = dict(self.manager.restore(step, args=ocp.args.Composite(**items)))
         for item in like:
             bad = first_bad_array(state[item], meta.get("arrays", {}).get(item, {}))
             if bad:
                 raise CheckpointDamaged(f"checksum mismatch in {'' if item == 'params' else 'optimizer state '}{bad}")
+            if saved is not like:  # saved with the other model.scan_layers: same weights, other layout
+                state[item] = layout.relayout(state[item], like[item])
         return {item: state[item] for item in like}, {k: v for k, v in meta.items() if k != "arrays"}
+
+    def _saved_layout(self, step: int, like: dict, meta: dict) -> dict:
+        """`like`, or `like` with its layers in the other layout (stacked or unrolled) when the checkpoint holds
+        that one: a run may switch model.scan_layers between restarts. Raises CheckpointMismatch otherwise."""
+        try:
+            self.check_fits(step, like, meta)
+            return like
+        except CheckpointMismatch as mismatch:
+            other = {item: layout.other_layout(tree) for item, tree in like.items()}
+            try:
+                self.check_fits(step, other, meta)
+            except CheckpointMismatch:
+                raise mismatch from None
+            return other
 
     def _meta(self, step: int) -> dict:
         return dict(self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"] or {})

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,12 +43,19 @@ BABY = [  # nanoGPT README's CPU command, with evaluation only at the start and 
 ]
 
 
-def timed(cmd: list, cwd: Path | None = None) -> tuple[float, str]:
+def timed(cmd: list, cwd: Path | None = None) -> tuple[float, str, float]:
+    """(wall seconds, output, peak RSS in MB) of one command: the peak is wait4's ru_maxrss of that process."""
     start = time.perf_counter()
-    proc = subprocess.run(list(map(str, cmd)), cwd=cwd, capture_output=True, text=True)
+    with tempfile.TemporaryFile("w+") as output:
+        proc = subprocess.Popen(list(map(str, cmd)), cwd=cwd, stdout=output, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        seconds = time.perf_counter() - start
+        output.seek(0)
+        text = output.read()
     if proc.returncode:
-        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return time.perf_counter() - start, proc.stdout + proc.stderr
+        sys.exit(f"{' '.join(map(str, cmd))} failed:\n{text[-3000:]}")
+    return seconds, text, round(usage.ru_maxrss * 1024 / 1e6, 1)
 
 
 def bigmodel(work: Path) -> dict:
@@ -58,13 +66,14 @@ def bigmodel(work: Path) -> dict:
     exe = [sys.executable, "-m", "bigmodel_cli"]
     # nanoGPT's vocabulary is the text's 65 characters: no byte-fallback ids either (the first 90% holds
     # every character of the last 10%, so nothing maps to <unk>).
-    prep, _ = timed([*exe, "preprocess", work / "train.txt", "--out", work / "data", "--model-type", "char",
+    prep, _, _ = timed([*exe, "preprocess", work / "train.txt", "--out", work / "data", "--model-type", "char",
                      "--val-fraction", "0", "--no-byte-fallback"])  # fmt: skip
-    train, _ = timed([*exe, "pretrain", REPO / "recipes" / "shakespeare_char.toml", "--run-dir", work / "run",
+    train, _, rss = timed([*exe, "pretrain", REPO / "recipes" / "shakespeare_char.toml", "--run-dir", work / "run",
                       "--set", f"data.path={work / 'data'}", "--set", "train.eval_every=0"])  # fmt: skip
-    _, out = timed([*exe, "evaluate", work / "run", "--text", work / "val.txt", "--json"])
+    _, out, _ = timed([*exe, "evaluate", work / "run", "--text", work / "val.txt", "--json"])
     metrics = json.loads(out.strip().splitlines()[-1])
-    return {"val_loss": metrics["loss"], "bits_per_byte": metrics["bits_per_byte"], "train_s": train, "prep_s": prep}
+    return {"val_loss": metrics["loss"], "bits_per_byte": metrics["bits_per_byte"], "train_s": train,
+            "train_peak_rss_mb": rss, "prep_s": prep}  # fmt: skip
 
 
 def nanogpt(checkout: Path, work: Path) -> dict:
@@ -72,14 +81,14 @@ def nanogpt(checkout: Path, work: Path) -> dict:
     shutil.copytree(checkout, repo, ignore=shutil.ignore_patterns(".git"))
     data = repo / "data" / "shakespeare_char"
     shutil.copyfile(TEXT, data / "input.txt")  # prepare.py downloads only when input.txt is missing
-    prep, _ = timed([sys.executable, "prepare.py"], cwd=data)
-    train, out = timed([sys.executable, "train.py", "config/train_shakespeare_char.py", *BABY], cwd=repo)
+    prep, _, _ = timed([sys.executable, "prepare.py"], cwd=data)
+    train, out, rss = timed([sys.executable, "train.py", "config/train_shakespeare_char.py", *BABY], cwd=repo)
     final = re.findall(r"step 2000: train loss ([\d.]+), val loss ([\d.]+)", out)
     if not final:
         sys.exit(f"no step-2000 evaluation in nanoGPT's output:\n{out[-2000:]}")
-    _, whole = timed([sys.executable, "-c", WHOLE_VAL], cwd=repo)
+    _, whole, _ = timed([sys.executable, "-c", WHOLE_VAL], cwd=repo)
     return {"val_loss": float(final[-1][1]), "val_loss_whole": float(whole.split()[-1]), "train_s": train,
-            "prep_s": prep}  # fmt: skip
+            "train_peak_rss_mb": rss, "prep_s": prep}  # fmt: skip
 
 
 # nanoGPT's saved model scored like `evaluate --text`: consecutive 64-character windows over all of val.bin,

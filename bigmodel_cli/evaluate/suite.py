@@ -132,7 +132,7 @@ def run(model: Path, suite_file: Path, *, data_root: Path | None = None, out: Pa
     for task in suite.tasks:
         start = time.perf_counter()
         try:
-            metrics = _run_task(task, model, loaded, out_dir / task.name, quantize)
+            metrics = _run_task(task, model, loaded, out_dir / task.name)
         except UserError as err:
             raise UserError(f"suite task {task.name!r} ({task.kind}): {err}") from None
         rows.append(_row(task, metrics, time.perf_counter() - start))
@@ -148,7 +148,7 @@ def suite_dir(home: Path, suite_path: Path) -> Path:
     return rundir.eval_dir(home, f"suite-{suite_path.stem}")
 
 
-def _run_task(task: SuiteTask, model: Path, loaded: LoadedModel, out: Path, quantize: str) -> dict:
+def _run_task(task: SuiteTask, model: Path, loaded: LoadedModel, out: Path) -> dict:
     """One task's metrics, through the code that `bigmodel evaluate` runs for it alone."""
     from bigmodel_cli.evaluate import lm, task_eval
 

@@ -14,7 +14,7 @@ from flax import nnx
 from bigmodel_cli import parallel
 from bigmodel_cli.config import ModelConfig
 from bigmodel_cli.data.tokenizer import AnyTokenizer, TokenizerFiles, find_files, open_tokenizer
-from bigmodel_cli.model.lora import Build, LoraConfig
+from bigmodel_cli.model.lora import Build, LoraConfig, ShapesOnly
 from bigmodel_cli.model.transformer import Transformer
 
 
@@ -45,7 +45,7 @@ def abstract_params(model_cfg: ModelConfig, mesh, remat: str = "none") -> tuple[
 
     remat (train.remat) is part of the graph: it decides what the train step recomputes in its backward pass.
     """
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=_ShapesOnly(), remat=remat))
+    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=ShapesOnly(), remat=remat))
     graphdef, state = nnx.split(abstract)
     shardings = parallel.param_shardings(state, mesh)
     shapes = nnx.to_pure_dict(state)
@@ -62,15 +62,6 @@ def init_params(model_cfg: ModelConfig, mesh, seed: int, remat: str = "none") ->
     with parallel.activate(mesh):
         params = jax.jit(make, out_shardings=jax.tree.map(lambda s: s.sharding, like))()
     return graphdef, params
-
-
-class _ShapesOnly:
-    """What the model's constructors ask of nnx.Rngs, when only shapes are wanted: one fixed key. nnx.Rngs counts
-    its draws in a Variable, and under tracing each count update makes flax ask the tracer for a sharding, whose
-    error message walks the whole trace so far: 0.5 s of a 24-layer model's abstract_params went there."""
-
-    def params(self) -> jax.Array:
-        return jax.random.key(0)
 
 
 def _model(model_cfg: ModelConfig, seed: int, remat: str) -> Transformer:

@@ -89,7 +89,7 @@ def abstract_int8_params(model_cfg: ModelConfig, mesh) -> tuple[nnx.GraphDef, di
 
 def _int8_model(model_cfg: ModelConfig) -> Transformer:
     """The Transformer with each 2-D nnx.Param swapped for an Int8Kernel of the same shape and logical axes."""
-    model = Transformer(model_cfg, rngs=nnx.Rngs(0))
+    model = Transformer(model_cfg, rngs=lora.ShapesOnly())  # built under eval_shape: shapes only
     for _, module in list(nnx.iter_modules(model)):
         for name, param in list(vars(module).items()):
             if not isinstance(param, nnx.Param) or param.ndim != 2:

@@ -74,13 +74,7 @@ class Instruct(Task):
     name = "instruct"
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
-        if R.file_kind(path) == "jsonl":
-            records = R.read_jsonl(path, "instruction")
-        else:
-            data = R.read_json(path, "instruction JSON")
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{path}: expected a JSON list of Alpaca records or chats")
-            records = [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
+        records = R.json_records(path, "instruction", "a JSON list of Alpaca records or chats")
         builtin = ChatFormat(CHAT_TEMPLATE)
         examples = []
         skipped = R.Skipped(path, "records")

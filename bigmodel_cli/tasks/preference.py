@@ -75,13 +75,7 @@ class Preference(Task):
     pairs = True
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
-        if R.file_kind(path) == "jsonl":
-            records = R.read_jsonl(path, "preference")
-        else:
-            data = R.read_json(path, "preference JSON")
-            if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-                raise UserError(f"{path}: expected JSONL or a JSON list of {{prompt, chosen, rejected}} records")
-            records = [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
+        records = R.json_records(path, "preference", "JSONL or a JSON list of {prompt, chosen, rejected} records")
         skipped = R.Skipped(path, "pairs")
         examples = []
         for number, (where, record) in enumerate(records, start=1):

@@ -75,6 +75,17 @@ def read_jsonl(path: Path, what: str) -> list[tuple[str, dict]]:
     return records
 
 
+def json_records(path: Path, what: str, expected: str) -> list[tuple[str, dict]]:
+    """(where, record) of a JSONL file or of a JSON list of objects; `expected` names the records for the error
+    that refuses anything else."""
+    if file_kind(path) == "jsonl":
+        return read_jsonl(path, what)
+    data = read_json(path, f"{what} JSON")
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise UserError(f"{path}: expected {expected}")
+    return [(f"{path} record {i}", r) for i, r in enumerate(data, start=1)]
+
+
 def records(path: Path, what: str, columns: list[str], needed: Sequence[tuple[str, str]]) -> list[tuple[str, dict]]:
     """Rows of a JSONL, CSV or TSV file as (where, dict); CSV/TSV columns are named by the first row or by
     task.columns. `needed` holds (field, option) pairs that the columns must include."""

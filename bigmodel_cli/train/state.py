@@ -43,16 +43,12 @@ def make_state(
     else:
         graphdef, params = init_params(cfg.model, mesh, cfg.train.seed, cfg.train.remat)
     replicated = parallel.replicated(mesh)
-    opt_shardings = optimizer_shardings(tx, params, mesh)
+    opt_state = abstract_optimizer_state(tx, params, mesh)
     if abstract:
-        shapes = jax.eval_shape(tx.init, params)
-        opt_state = jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, opt_shardings
-        )
         step = jax.ShapeDtypeStruct((), np.int32, sharding=replicated)
     else:
         with parallel.activate(mesh):
-            opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+            opt_state = jax.jit(tx.init, out_shardings=jax.tree.map(lambda s: s.sharding, opt_state))(params)
         step = jax.device_put(np.int32(0), replicated)
     state = {"step": step, "params": params, "opt_state": opt_state}
     if frozen:
@@ -60,14 +56,22 @@ def make_state(
     return graphdef, tx, state
 
 
-def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
-    """Shardings of tx's state for params: every copy of the parameter tree in it (Adam's moments) sharded as
-    the parameters are, the rest (step counts) replicated. Left to jit, the moments, zeros that depend on no
-    input, come out replicated: each device would hold the whole optimizer state however wide mesh.fsdp is."""
-    shapes = jax.eval_shape(tx.init, params)
+def abstract_optimizer_state(tx: optax.GradientTransformation, params, mesh):
+    """tx's state for params as ShapeDtypeStructs: every copy of the parameter tree in it (Adam's moments)
+    sharded as the parameters are, the rest (step counts) replicated. Left to jit, the moments, zeros that
+    depend on no input, come out replicated: each device would hold the whole optimizer state however wide
+    mesh.fsdp is."""
     replicated = parallel.replicated(mesh)
+
+    def like(shape, sharding):
+        return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+
     return optax.tree_map_params(
-        tx, lambda _, param: param.sharding, shapes, params, transform_non_params=lambda _: replicated
+        tx,
+        lambda shape, param: like(shape, param.sharding),
+        jax.eval_shape(tx.init, params),
+        params,
+        transform_non_params=lambda shape: like(shape, replicated),
     )
 
 

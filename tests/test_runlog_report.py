@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -228,3 +229,19 @@ def test_runs_show_a_run_that_has_just_started_or_restarted(tmp_path: Path) -> N
         os.utime(run / name, (earlier, earlier))
     prepare_run_dir(run, cfg, "auto", False)
     assert [(r["status"], r["step"], r["loss"]) for r in report.list_runs(tmp_path)] == [("starting", 5, 3.0)]
+
+
+def test_tensorboard_writer_does_not_import_torch(tmp_path):
+    """tensorboardX imports torch whenever it is installed (the dev extra installs it): 1.3 s and ~200 MB
+    that every training process would pay for a type hint."""
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bigmodel_cli.runlog import RunLogger\n"
+        "with RunLogger(Path(sys.argv[1])) as log:\n"
+        "    log.log(1, {'loss': 2.0})\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+    assert list((tmp_path / "tensorboard").glob("events.*"))

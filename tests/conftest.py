@@ -10,6 +10,10 @@ from pathlib import Path
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("BIGMODEL_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bigmodel-test-jax-cache"))
+# The same cache for what runs jax without the CLI (scripts/bench/*.py in a subprocess, library calls here), as
+# the CLI sets it up (utils.enable_compilation_cache): a warm suite loads their programs instead of compiling.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.environ["BIGMODEL_CACHE_DIR"])
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 # gcsfs reads this once, when imported: its zonal/hierarchical-bucket probe hangs against the GCS emulator
 # (tests/gcs_emulator.py).
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")

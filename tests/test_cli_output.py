@@ -38,10 +38,9 @@ def test_non_tty_output_has_no_ansi_and_json_mode_is_json_lines(tiny_data, tmp_p
     steps = [line for line in lines if line.get("event") == "metrics"]
     assert [s["step"] for s in steps] == [2, 4] and "val_loss" in steps[-1]
 
-    quiet = run_cli_subprocess("--quiet", *args[:3], tmp_path / "run_quiet", *args[4:])
+    # --quiet, runs and report: in this process (a CliRunner's output is no TTY either)
+    quiet = cli("--quiet", *args[:3], tmp_path / "run_quiet", *args[4:])
     assert "step 2/4" not in quiet.stdout and "run_dir:" in quiet.stdout
-
-    # runs and report read those runs; in this process (a CliRunner's output is no TTY either)
     listing = cli("runs", tmp_path)
     assert "run_json" in listing.stdout and "finished" in listing.stdout
 

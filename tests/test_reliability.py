@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bigmodel_cli import rundir
 from tests.conftest import pretrain_args
 
 STEPS = 60
@@ -43,11 +44,11 @@ def reference(reference_run) -> bytes:
     return reference_run[1]
 
 
-def _start(run_dir, data):
+def _start(run_dir, data, stderr=subprocess.STDOUT):
     return subprocess.Popen(
         [sys.executable, "-m", "bigmodel_cli", *map(str, _args(run_dir, data))],
         stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+        stderr=stderr,
         text=True,
     )
 
@@ -79,15 +80,19 @@ def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, 
 
 @pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_and_resumes_bit_identical(tiny_data, tmp_path, reference, cli):
-    run = tmp_path / "run"
-    proc = _start(run, tiny_data)
+    # (SIGINT's exit codes and status: tests/test_run_lifecycle.py)
+    run, err = tmp_path / "run", tmp_path / "stderr"
+    with err.open("w") as stderr:  # a file: a full pipe would block the process
+        proc = _start(run, tiny_data, stderr)
     _wait_for_checkpoint(run, 10, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, out  # stopped by SIGTERM: 128 + 15, not success
-    assert "SIGTERM: saved a checkpoint at step" in out
+    assert proc.returncode == 143, out + err.read_text()  # stopped by SIGTERM: 128 + 15, not success
     stopped = json.loads((run / "status.json").read_text())
+    (line,) = err.read_text().strip().splitlines()  # one line, which names the step it saved
+    assert line.startswith(f"SIGTERM: saved a checkpoint at step {stopped['step']}")
     assert stopped["state"] == "stopped" and (run / "checkpoints" / str(stopped["step"])).is_dir()
+    assert not list((run / "checkpoints").glob(rundir.PARTIAL_CHECKPOINT))
     cli(*_args(run, tiny_data))
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     assert _weights(cli, run, tmp_path / "export") == reference

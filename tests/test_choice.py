@@ -57,21 +57,26 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
-def _harness(export: Path, tasks_dir: Path, shots: int) -> dict:
-    """lm-evaluation-harness's hf backend on the export, offline, with the local task YAMLs; per-item samples."""
+def _harness(export: Path, tasks_dir: Path, shots: list[int]) -> dict:
+    """lm-evaluation-harness's hf backend on the export, offline, with the local task YAMLs only (the harness's
+    own thousands are not indexed); per-item samples, for each number of shots."""
     from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    return simple_evaluate(
-        model="hf",
-        model_args=f"pretrained={export},dtype=float32,device=cpu",
-        tasks=[ZH_TASK, HELLASWAG_TASK],
-        num_fewshot=shots,
-        batch_size=8,
-        task_manager=TaskManager(include_path=str(tasks_dir)),
-        log_samples=True,
-        fewshot_random_seed=choice.DEFAULT_FEWSHOT_SEED,
-    )
+    tasks = TaskManager(include_path=str(tasks_dir), include_defaults=False)
+    model = HFLM(pretrained=str(export), dtype="float32", device="cpu", batch_size=8)  # loaded once
+    return {
+        k: simple_evaluate(
+            model=model,
+            tasks=[ZH_TASK, HELLASWAG_TASK],
+            num_fewshot=k,
+            task_manager=tasks,
+            log_samples=True,
+            fewshot_random_seed=choice.DEFAULT_FEWSHOT_SEED,
+        )
+        for k in shots
+    }
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +119,7 @@ def parity(cli, tiny_data, tmp_path_factory) -> dict:
         offline.setenv(name, "1")
     offline.chdir(root)  # where the harness may write its caches
     try:
-        theirs = {k: _harness(root / "hf", tasks_dir, k) for k in SHOTS}
+        theirs = _harness(root / "hf", tasks_dir, SHOTS)
     finally:
         offline.undo()
     print(f"choice parity: bigmodel {ours_seconds:.1f} s, harness {time.perf_counter() - started - ours_seconds:.1f} s")

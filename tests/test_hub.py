@@ -123,16 +123,19 @@ def test_revisions_pick_their_snapshot_and_a_local_directory_wins(offline, tmp_p
             modelio.locate(Path(f"hf:{not_an_id}"))
 
 
+GENERATE = ["--prompt", "the red fox", "--max-new-tokens", "12", "--temperature", "0"]
+
+
 def _generate(model, **run):
-    args = ["generate", model, "--prompt", "the red fox", "--max-new-tokens", "12", "--temperature", "0"]
-    return run_cli_subprocess(*args, **run)
+    # In a process of its own: huggingface_hub reads HF_HUB_CACHE and HF_HOME once, when imported.
+    return run_cli_subprocess("generate", model, *GENERATE, **run)
 
 
 @pytest.mark.slow
-def test_generate_reads_the_cache_named_by_the_environment(hub, monkeypatch):
+def test_generate_reads_the_cache_named_by_the_environment(hub, monkeypatch, cli):
     env = {"HF_HUB_CACHE": str(hub["cache"]), "HF_HUB_OFFLINE": "1"}
     by_id = _generate(f"hf:{REPO}", env=env)
-    assert by_id.stdout == _generate(f"hf:{hub['main']}").stdout
+    assert by_id.stdout == cli("generate", f"hf:{hub['main']}", *GENERATE).stdout  # the snapshot's directory
     assert by_id.stdout.startswith("the red fox") and len(by_id.stdout) > len("the red fox\n")
     assert "fetching" not in by_id.stderr  # cached: no download was attempted
     assert _generate(f"hf:{REPO}@v1", env=env).stdout != by_id.stdout  # the tag's other weights: other text

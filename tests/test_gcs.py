@@ -54,14 +54,13 @@ def _tensors(data: bytes) -> dict[str, np.ndarray]:
     return load(data)
 
 
-def _start(args, cwd, env):
+def _start(args, cwd):
     return subprocess.Popen(
         [sys.executable, "-m", "bigmodel_cli", *map(str, args)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=cwd,
-        env={**os.environ, **env},
     )
 
 
@@ -75,7 +74,7 @@ def bucket_run(gcs_server, tiny_data, cli, tmp_path_factory) -> SimpleNamespace:
     local = root / "local"
     cli(*pretrain_args(local, tiny_data, SETTINGS))
     seen = {}
-    work, cache = root / "work", root / "cache"  # everything local the gs:// run makes
+    work = root / "work"  # everything local the gs:// run makes, but for its compiled programs (the suite's cache)
     work.mkdir()
     with pytest.MonkeyPatch.context() as patch:
         gcs = use_the_bucket(gcs_server, patch)
@@ -87,7 +86,7 @@ def bucket_run(gcs_server, tiny_data, cli, tmp_path_factory) -> SimpleNamespace:
         seen["manifest in the bucket"] = (_bucket(data) / "manifest.json").is_file()
         seen["local files after preprocess"] = list(work.iterdir())
         args = pretrain_args(url, data, SETTINGS)
-        proc = _start(args, work, {"BIGMODEL_CACHE_DIR": str(cache)})
+        proc = _start(args, work)
         try:
             deadline = time.time() + 180
             while not (run / "checkpoints" / "20" / "commit_success.txt").exists():
@@ -102,7 +101,6 @@ def bucket_run(gcs_server, tiny_data, cli, tmp_path_factory) -> SimpleNamespace:
         seen["last step when killed"] = max(_steps((run / "metrics.jsonl").read_text()))
         patch.chdir(root)  # out of work, which goes with everything else the killed process left locally
         shutil.rmtree(work)
-        shutil.rmtree(cache, ignore_errors=True)
         work.mkdir()
         patch.chdir(work)
         forget_listings()

@@ -52,16 +52,17 @@ def _softmax(scores, visible):
     return scores / jnp.sum(scores, axis=-1, keepdims=True)  # [B,K,G,t,s] in float32
 
 
-def _visible(block: tuple[int, int, int], window: int, segment_ids, batch: int) -> jax.Array:
-    """[B,1,1,t,s]: which keys of the block each of its queries sees."""
+def _visible(block: tuple[int, int, int], window: int, segment_ids) -> jax.Array:
+    """Which keys of the block each of its queries sees: [t,s], or [B,1,1,t,s] with segment_ids. Left unbroadcast
+    over batch and heads, it is folded into the softmax's kernel instead of being a tensor of its own."""
     lo, hi, start = block
     query_pos, key_pos = jnp.arange(lo, hi)[:, None], jnp.arange(start, hi)[None, :]
     visible = key_pos <= query_pos  # [t, s] causal within the block
     if window:
         visible = visible & (key_pos > query_pos - window)
     if segment_ids is not None:
-        visible = visible & (segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi])  # [B,t,s]
-    return jnp.broadcast_to(visible, (batch, hi - lo, hi - start))[:, None, None]
+        visible = (visible & (segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]))[:, None, None]
+    return visible
 
 
 # One custom VJP over all the blocks, not one per block: its residuals are the whole q, k, v and output plus each
@@ -79,16 +80,16 @@ def _blocked_attention_fwd(blocks, window, q, k, v, segment_ids):
     q = q * q.shape[-1] ** -0.5  # scaled once for all blocks: one kernel fewer per block
     outs, probs = [], []
     for lo, hi, start in blocks:
-        visible = _visible((lo, hi, start), window, segment_ids, q.shape[0])
+        visible = _visible((lo, hi, start), window, segment_ids)
         block_probs = _softmax(jnp.einsum("bkgte,bkse->bkgts", q[:, :, :, lo:hi], k[:, :, start:hi]), visible)
         outs.append(jnp.einsum("bkgts,bkse->bkgte", block_probs.astype(v.dtype), v[:, :, start:hi]))
         probs.append(block_probs)
     out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
-    return out, (q, k, v, segment_ids, tuple(probs), out)
+    return out, (q, k, v, tuple(probs), out)
 
 
 def _blocked_attention_bwd(blocks, window, residuals, d_out):
-    q, k, v, segment_ids, probs, out = residuals  # q scaled
+    q, k, v, probs, out = residuals  # q scaled
     t = q.shape[3]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # rowsum(P*dP)
     d_qs, d_k, d_v = [], 0, 0

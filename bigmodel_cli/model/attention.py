@@ -5,6 +5,7 @@ Shapes as in transformer.py: B batch, T time, H query heads, K key/value heads, 
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -31,63 +32,89 @@ def causal_attention(
     q = q.reshape(b, t, kv, h // kv, e).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B,K,T,E]
     bounds = [round(i * t / chunks) for i in range(chunks + 1)]
-    outs = []
-    for lo, hi in itertools.pairwise(bounds):
-        start = max(0, lo - window + 1) if window else 0  # keys left of this are outside every query's window
-        query_pos, key_pos = jnp.arange(lo, hi)[:, None], jnp.arange(start, hi)[None, :]
-        visible = key_pos <= query_pos  # [t, s] causal within the block
-        if window:
-            visible = visible & (key_pos > query_pos - window)
-        if segment_ids is not None:
-            same = segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]  # [B,t,s]
-            visible = visible & same
-        visible = jnp.broadcast_to(visible, (b, hi - lo, hi - start))[:, None, None]  # [B,1,1,t,s]
-        block = (q[:, :, :, lo:hi], k[:, :, start:hi], v[:, :, start:hi], visible)
-        if probs_out is None:
-            outs.append(_attention_block(*block))
-        else:
-            block_out, (*_, probs, _) = _attention_block_fwd(*block)
-            outs.append(block_out)
-            probs_out.append(probs)
-    out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
+    # (first query, end, first key) of each block: keys left of its first key are outside every query's window
+    blocks = tuple((lo, hi, max(0, lo - window + 1) if window else 0) for lo, hi in itertools.pairwise(bounds))
+    if probs_out is None:
+        out = _blocked_attention(blocks, window, q, k, v, segment_ids)
+    else:
+        out, (*_, probs, _) = _blocked_attention_fwd(blocks, window, q, k, v, segment_ids)
+        probs_out.extend(probs)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
 
 def attention_probs(q, k, visible, layout="bkgte,bkse->bkgts"):
-    scores = jnp.einsum(layout, q * q.shape[-1] ** -0.5, k).astype(jnp.float32)
-    scores = jnp.where(visible, scores, -1e30)
+    return _softmax(jnp.einsum(layout, q * q.shape[-1] ** -0.5, k), visible)
+
+
+def _softmax(scores, visible):
+    scores = jnp.where(visible, scores.astype(jnp.float32), -1e30)
     scores = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
     return scores / jnp.sum(scores, axis=-1, keepdims=True)  # [B,K,G,t,s] in float32
 
 
-@jax.custom_vjp
-def _attention_block(q, k, v, visible):
-    return _attention_block_fwd(q, k, v, visible)[0]
+def _visible(block: tuple[int, int, int], window: int, segment_ids) -> jax.Array:
+    """Which keys of the block each of its queries sees: [t,s], or [B,1,1,t,s] with segment_ids. Left unbroadcast
+    over batch and heads, it is folded into the softmax's kernel instead of being a tensor of its own."""
+    lo, hi, start = block
+    query_pos, key_pos = jnp.arange(lo, hi)[:, None], jnp.arange(start, hi)[None, :]
+    visible = key_pos <= query_pos  # [t, s] causal within the block
+    if window:
+        visible = visible & (key_pos > query_pos - window)
+    if segment_ids is not None:
+        visible = (visible & (segment_ids[:, lo:hi, None] == segment_ids[:, None, start:hi]))[:, None, None]
+    return visible
 
 
-def _attention_block_fwd(q, k, v, visible):
-    probs = attention_probs(q, k, visible)
-    out = jnp.einsum("bkgts,bkse->bkgte", probs.astype(v.dtype), v)
-    return out, (q, k, v, probs, out)
+# One custom VJP over all the blocks, not one per block: its residuals are the whole q, k, v and output plus each
+# block's probabilities, where per-block VJPs saved every block's own slices of q, k, v and output (k and v
+# several times over, one prefix per block). Under model.scan_layers each residual is one more stacked [L, ...]
+# buffer written in the forward loop and read back in the backward one: 40 of them for 8 blocks, most of a 1b
+# model's compile time on CPU, against 12 here.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _blocked_attention(blocks, window, q, k, v, segment_ids):
+    return _blocked_attention_fwd(blocks, window, q, k, v, segment_ids)[0]
 
 
-def _attention_block_bwd(residuals, d_out):
-    q, k, v, probs, out = residuals
-    scale = q.shape[-1] ** -0.5
-    d_probs = jnp.einsum("bkgte,bkse->bkgts", d_out, v).astype(jnp.float32)
+def _blocked_attention_fwd(blocks, window, q, k, v, segment_ids):
+    """q [B,K,G,T,E], k, v [B,K,T,E] -> out [B,K,G,T,E], and the residuals of the backward."""
+    q = q * q.shape[-1] ** -0.5  # scaled once for all blocks: one kernel fewer per block
+    outs, probs = [], []
+    for lo, hi, start in blocks:
+        visible = _visible((lo, hi, start), window, segment_ids)
+        block_probs = _softmax(jnp.einsum("bkgte,bkse->bkgts", q[:, :, :, lo:hi], k[:, :, start:hi]), visible)
+        outs.append(jnp.einsum("bkgts,bkse->bkgte", block_probs.astype(v.dtype), v[:, :, start:hi]))
+        probs.append(block_probs)
+    out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
+    return out, (q, k, v, tuple(probs), out)
+
+
+def _blocked_attention_bwd(blocks, window, residuals, d_out):
+    q, k, v, probs, out = residuals  # q scaled
+    t = q.shape[3]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # rowsum(P*dP)
-    d_scores = (probs * (d_probs - delta)).astype(q.dtype)
-    # The contractions over queries: transposed copies behind a barrier stay plain batched matmuls (see dense).
-    probs_t, d_scores_t = jax.lax.optimization_barrier(
-        (jnp.swapaxes(probs.astype(v.dtype), -1, -2), jnp.swapaxes(d_scores, -1, -2))
-    )
-    d_q = jnp.einsum("bkgts,bkse->bkgte", d_scores, k) * scale
-    d_k = jnp.einsum("bkgst,bkgte->bkse", d_scores_t, q) * scale
-    d_v = jnp.einsum("bkgst,bkgte->bkse", probs_t, d_out)
+    d_qs, d_k, d_v = [], 0, 0
+    for (lo, hi, start), block_probs in zip(blocks, probs, strict=True):
+        block_q, block_k, block_v, block_d_out = (
+            q[:, :, :, lo:hi],
+            k[:, :, start:hi],
+            v[:, :, start:hi],
+            d_out[:, :, :, lo:hi],
+        )
+        d_probs = jnp.einsum("bkgte,bkse->bkgts", block_d_out, block_v).astype(jnp.float32)
+        d_scores = (block_probs * (d_probs - delta[:, :, :, lo:hi])).astype(q.dtype)
+        # The contractions over queries: transposed copies behind a barrier stay plain batched matmuls (see dense).
+        probs_t, d_scores_t = jax.lax.optimization_barrier(
+            (jnp.swapaxes(block_probs.astype(v.dtype), -1, -2), jnp.swapaxes(d_scores, -1, -2))
+        )
+        d_qs.append(jnp.einsum("bkgts,bkse->bkgte", d_scores, block_k))
+        keys = [(0, 0), (0, 0), (start, t - hi), (0, 0)]  # this block's keys, placed among all T
+        d_k = d_k + jnp.pad(jnp.einsum("bkgst,bkgte->bkse", d_scores_t, block_q), keys)
+        d_v = d_v + jnp.pad(jnp.einsum("bkgst,bkgte->bkse", probs_t, block_d_out), keys)
+    d_q = jnp.concatenate(d_qs, axis=3) * q.shape[-1] ** -0.5
     return d_q, d_k.astype(k.dtype), d_v.astype(v.dtype), None
 
 
-_attention_block.defvjp(_attention_block_fwd, _attention_block_bwd)
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:

@@ -107,15 +107,11 @@ def run_finetune(source: Path, cfg: FinetuneConfig, memory_budget_gb: float = 0.
     return result
 
 
-def _compile(
-    cfg: Config,
-    seq_len: int,
-    memory_budget_gb: float,
-    note: str,
-    initial: Initial | None = None,
-    dropout_seed: int | None = None,
-) -> dict:
-    """Lower and compile the train step for cfg's mesh from initial's abstract state (None: a fresh model)."""
+def abstract_train_step(
+    cfg: Config, seq_len: int, initial: Initial | None = None, dropout_seed: int | None = None
+) -> tuple:
+    """(jitted train step, abstract state, abstract batch, mesh): what plan compiles for cfg's mesh, from
+    initial's abstract state (None: a fresh model)."""
     mesh = parallel.make_mesh(cfg.mesh)
     check_layout(cfg, mesh)  # a batch the mesh cannot split: one line, as training gives it
     graphdef, tx, state = make_state(cfg, mesh, initial, abstract=True)
@@ -127,6 +123,19 @@ def _compile(
         "weights": jax.ShapeDtypeStruct(shape, np.float32, sharding=batch_sharding),
     }
     step = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh, dropout_seed=dropout_seed)
+    return step, state, batch, mesh
+
+
+def _compile(
+    cfg: Config,
+    seq_len: int,
+    memory_budget_gb: float,
+    note: str,
+    initial: Initial | None = None,
+    dropout_seed: int | None = None,
+) -> dict:
+    """Lower and compile abstract_train_step, with its memory, FLOPs and parameter table."""
+    step, state, batch, mesh = abstract_train_step(cfg, seq_len, initial, dropout_seed)
     started = time.perf_counter()
     with parallel.activate(mesh):
         compiled = step.lower(state, batch).compile()

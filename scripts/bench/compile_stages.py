@@ -32,20 +32,12 @@ KERNEL_LINE = re.compile(r"Compiled LLVM module: (\S+) time: ([\d.]+) (us|ms|s)\
 
 def stages(settings: list[str]) -> dict:
     """Seconds spent tracing, lowering and compiling plan's train step for the settings, in this process."""
-    import jax
-    import numpy as np
-
     from bigmodel_cli import config as config_lib
     from bigmodel_cli import parallel
-    from bigmodel_cli.train.state import jit_train_step, make_state
+    from bigmodel_cli.plan import abstract_train_step
 
     cfg = config_lib.load_config(None, BASE + settings)
-    mesh = parallel.make_mesh(cfg.mesh)
-    graphdef, tx, state = make_state(cfg, mesh, None, abstract=True)
-    shape, sharding = (cfg.train.batch_size, cfg.data.seq_len), parallel.batch_sharding(mesh)
-    names = (("inputs", np.int32), ("targets", np.int32), ("weights", np.float32))
-    batch = {name: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for name, dtype in names}
-    step = jit_train_step(graphdef, tx, cfg.train.grad_accum, state, mesh)
+    step, state, batch, mesh = abstract_train_step(cfg, cfg.data.seq_len)
     with parallel.activate(mesh):
         started = time.perf_counter()
         traced = step.trace(state, batch)

@@ -11,8 +11,12 @@ shape and source in `compiled.as_text()`:
   elementwise                       everything else (norms, residuals, softmax, RoPE, AdamW, cross-entropy)
 and the largest non-matmul ops are listed by shape and source.
 
+With --time SECONDS it traces nothing: it runs the step back to back for that long and prints its fastest and
+median time (--no-tunables: under glibc's default malloc settings instead of the CLI's, to weigh them).
+
 Usage:
   python scripts/bench/profile_step.py [--recipe recipes/bench/35m.toml] [--steps 2] [--set KEY=VALUE ...]
+  python scripts/bench/profile_step.py --recipe R --time 15 [--no-tunables] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -76,8 +80,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--top", type=int, default=8, help="largest non-matmul ops to list per category")
+    parser.add_argument("--time", type=float, default=0.0, help="seconds of untraced steps to time instead")
+    parser.add_argument("--no-tunables", action="store_true", help="glibc's malloc defaults (with --time)")
     opts = parser.parse_args()
-    if os.environ.get("GLIBC_TUNABLES") != TUNABLES:
+    if opts.no_tunables and not opts.time:
+        parser.error("--no-tunables goes with --time")
+    if os.environ.get("GLIBC_TUNABLES") != TUNABLES and not opts.no_tunables:
         env = {**os.environ, "GLIBC_TUNABLES": TUNABLES, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
@@ -98,11 +106,23 @@ def main() -> None:
         "targets": rng.integers(0, v, (b, t)).astype(np.int32),
         "weights": np.ones((b, t), np.float32),
     }
-    trace_dir = Path(tempfile.mkdtemp(prefix="bigmodel-profile-"))
     with parallel.activate(mesh):
         compiled = step_fn.lower(state, batch).compile()
         state, metrics = compiled(state, batch)  # warm-up
         jax.block_until_ready(metrics)
+        if opts.time:
+            times, end = [], time.perf_counter() + opts.time
+            while time.perf_counter() < end:
+                t0 = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
+                times.append((time.perf_counter() - t0) * 1000)
+            malloc = "glibc defaults" if opts.no_tunables else "CLI malloc settings"
+            print(f"{opts.recipe.name} ({malloc}): {len(times)} steps, fastest {min(times):.1f} ms, "
+                  f"median {float(np.median(times)):.1f} ms")  # fmt: skip
+            return
+    trace_dir = Path(tempfile.mkdtemp(prefix="bigmodel-profile-"))
+    with parallel.activate(mesh):
         t0 = time.perf_counter()
         state, metrics = compiled(state, batch)
         jax.block_until_ready(metrics)

@@ -142,9 +142,11 @@ def pretrain(
     Example: bigmodel pretrain recipes/tiny.toml --run-dir runs/tiny --set train.steps=100
     """
     from bigmodel_cli import config
+
+    # Checked before the stage is imported: JAX and the rest of the stack take a second to load.
+    cfg = config.load_config(recipe, overrides or [], values=profile_values(profile_steps))
     from bigmodel_cli import pretrain as stage
 
-    cfg = config.load_config(recipe, overrides or [], values=profile_values(profile_steps))
     _setup_jax(coordinator, num_processes, process_id)
     console = _console()
     run_dir = run_dir or Path("runs") / recipe.stem

@@ -65,6 +65,7 @@ def _wait_for_checkpoint(run_dir: Path, step: int, proc) -> None:
 def test_sigkill_at_three_random_points_then_bit_identical(tiny_data, tmp_path, reference, cli):
     rng = random.Random(7)
     run = tmp_path / "run"
+    # The suite's kill -9 test: three kills, then the resumed weights equal an uninterrupted run's, bit for bit.
     for after in (10, 20, 40):  # each kill lands somewhere after that checkpoint appeared
         proc = _start(run, tiny_data)
         _wait_for_checkpoint(run, after, proc)

@@ -66,18 +66,25 @@ def chip_peak_flops(row: str, dtype: str = "bfloat16") -> float:
     return PEAK_FLOPS[row] * (1.0 if dtype == "bfloat16" else 0.5)
 
 
-def describe_host() -> dict:
-    """The CPU that benchmark figures depend on: model name, usable cores, widest x86 vector ISA, key flags."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
-        lines = []
+def describe_host(cpuinfo: str | None = None) -> dict:
+    """The CPU that benchmark figures depend on: model name, x86 family and model, usable cores, widest x86
+    vector ISA, key flags. A virtual machine may name its CPU only "AMD EPYC": the family tells Zen 4 (25)
+    from Zen 5 (26), which run the same AVX-512 code at very different speeds."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:  # not Linux
+            cpuinfo = ""
+    lines = cpuinfo.splitlines()
     fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last core's, same as the first's
     fields = {key.strip(): value.strip() for key, value in fields.items()}
     flags = set(fields.get("flags", "").split())
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else platform.machine() or "unknown"
     return {
         "cpu_model": fields.get("model name", platform.processor() or "unknown CPU"),
+        "cpu_family": f"family {fields['cpu family']}, model {fields.get('model', '?')}"
+        if "cpu family" in fields
+        else "",
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "isa": isa,
         "cpu_flags": ",".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in flags),
@@ -85,9 +92,10 @@ def describe_host() -> dict:
 
 
 def host_line(host: dict | None = None) -> str:
-    """describe_host() in one line for a benchmark's table: 'AMD EPYC 9B14, AVX-512, 2 cores'."""
+    """describe_host() in one line for a benchmark's table: 'AMD EPYC (family 26, model 2), AVX-512, 2 cores'."""
     host = host or describe_host()
-    return f"{host['cpu_model']}, {host['isa']}, {host['cores']} cores"
+    family = f" ({host['cpu_family']})" if host.get("cpu_family") else ""
+    return f"{host['cpu_model']}{family}, {host['isa']}, {host['cores']} cores"
 
 
 def host_memory_bytes() -> int:

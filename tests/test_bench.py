@@ -11,6 +11,7 @@ import pytest
 
 from bigmodel_cli.config import load_config
 from bigmodel_cli.model.sizing import count_params, flops_per_token
+from bigmodel_cli.utils import describe_host, host_line
 from tests.conftest import REPO, run_cli_subprocess
 
 PEER = REPO.parent / "shared" / "bench" / "torch_peer.py"
@@ -175,5 +176,13 @@ def test_bench_records_the_host_kind():
     ratio = {"min": 1.1, "median": 1.2, "max": 1.3}
     side = {"tokens_per_s": ratio, "step_ms": ratio, "fraction_of_peak": ratio, "others_cores_max": 0.0}
     summary = {"tiny": {"bigmodel": side, "torch": side, "ratio_bigmodel_over_torch": ratio, "ratios": [1.2]}}
-    rows = bench.table(summary, {**info, "isa": "AVX2", "cores": 2}).splitlines()
+    rows = bench.table(summary, {**info, "isa": "AVX2", "cores": 2, "cpu_family": ""}).splitlines()
     assert "| config | host |" in rows[-3] and rows[-1].startswith("| tiny | AVX2, 2 cores | 1.10 – 1.20 – 1.30 × |")
+    # The x86 family tells AVX-512 hosts apart: Zen 4 (25) and Zen 5 (26) ran 35m at 1.0x and 1.8x torch.
+    zen5 = "processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\nmodel name\t: AMD EPYC\n"
+    zen5 += "flags\t\t: fpu avx2 fma avx512f avx512_bf16\n"
+    host = describe_host(zen5)
+    assert (host["isa"], host["cpu_family"], host["cpu_model"]) == ("AVX-512", "family 26, model 2", "AMD EPYC")
+    assert host_line(host) == f"AMD EPYC (family 26, model 2), AVX-512, {host['cores']} cores"
+    rows = bench.table(summary, {**info, **host, "cores": 2}).splitlines()
+    assert rows[-1].startswith("| tiny | AVX-512 (family 26, model 2), 2 cores |")

@@ -287,7 +287,8 @@ def table(summary: dict, host: dict) -> str:
         "| config | host | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |"
     )
     lines.append("|---|---|---|---|")
-    kind = f"{host['isa']}, {host['cores']} cores"
+    family = f" ({host['cpu_family']})" if host.get("cpu_family") else ""  # Zen 4 and Zen 5 differ 2x here
+    kind = f"{host['isa']}{family}, {host['cores']} cores"
     for name, s in summary.items():
         r = s["ratio_bigmodel_over_torch"]
         per = ", ".join(f"{x:.2f}" for x in s["ratios"])

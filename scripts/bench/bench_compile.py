@@ -24,9 +24,17 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def host() -> dict:
-    """The host's ISA (AVX-512 or AVX2) and core count, as the benchmark tables record them."""
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    return {"isa": "avx512f" if " avx512f" in flags else "avx2", "cores": os.cpu_count()}
+    """The host as every benchmark table records it (bigmodel_cli.utils.describe_host): CPU, x86 family, ISA, cores."""
+    sys.path.insert(0, str(REPO))
+    from bigmodel_cli.utils import describe_host
+
+    return describe_host()
+
+
+def host_line(info: dict) -> str:
+    from bigmodel_cli.utils import host_line as line
+
+    return line(info)
 
 
 def plan(preset: str, layers: int, scan: bool, seq: int, batch: int, timeout: float, extra: list[str]) -> dict:
@@ -107,7 +115,7 @@ def main() -> None:
                 row["tries_s"] = [t["compile_s"] for t in tries]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(f"\nhost: {host()}\n\n{table(rows)}")
+    print(f"\nhost: {host_line(host())}\n\n{table(rows)}")
     if args.out:
         args.out.write_text(json.dumps({"host": host(), "rows": rows}, indent=1) + "\n")
 

@@ -6,6 +6,7 @@ commands that inspect recipes and runs in cli_runs.py. They are registered here,
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -435,4 +436,10 @@ def main() -> None:
     if _cpu_only_host() and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("BIGMODEL_NO_REEXEC"):
         env = {**os.environ, "GLIBC_TUNABLES": CPU_MALLOC_TUNABLES, "BIGMODEL_NO_REEXEC": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "bigmodel_cli", *sys.argv[1:]], env)
-    app(prog_name="bigmodel")
+    try:
+        app(prog_name="bigmodel")
+    finally:
+        # The command is over and has closed what it wrote. The interpreter's last garbage collection walks
+        # every object JAX, flax and the rest made (0.4 s of a 0.6 s exit after a training run); frozen, it
+        # skips them, and the modules are still torn down as usual.
+        gc.freeze()

@@ -16,7 +16,6 @@ from jax.ad_checkpoint import print_saved_residuals
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
-from bigmodel_cli.model.attention import attention_chunks, most_chunks
 from bigmodel_cli.model.layout import param_name
 from bigmodel_cli.model.matmul import dense
 from bigmodel_cli.model.params import abstract_params
@@ -90,17 +89,6 @@ def test_chunked_attention_saves_whole_tensors_and_one_probability_block_per_chu
     g = h // kv
     blocks = [f"f32[{b},{kv},{g},8,{8 * (i + 1)}]" for i in range(chunks)]  # block i: 8 queries, keys to its end
     assert sorted(shapes) == sorted([f"f32[{b},{kv},{g},{t},{e}]"] * 2 + [f"f32[{b},{kv},{t},{e}]"] * 2 + blocks)
-
-
-def test_the_automatic_number_of_query_blocks_follows_the_cpu_kind():
-    """Zen 5 (x86 family 26) runs T=512 fastest with 4 blocks, Zen 4 with 8 (docs/benchmarks.md); a recipe's own
-    model.attention_chunks always wins, and short sequences keep one block per 64 queries."""
-    assert most_chunks(("cpu", "family 26, model 2")) == 4
-    assert most_chunks(("cpu", "family 25, model 17")) == most_chunks(("cpu", "")) == 8
-    assert most_chunks(("gpu", "family 26, model 2")) == 8
-    cap = most_chunks()
-    assert attention_chunks(SMALL, 512) == cap and attention_chunks(SMALL, 128) == 2
-    assert attention_chunks(dataclasses.replace(SMALL, attention_chunks=8), 512) == 8
 
 
 def test_attention_implementations_give_the_same_loss():

@@ -119,24 +119,10 @@ _blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:
     """How many query blocks the chunked attention uses for sequences of seq_len."""
-    chunks = cfg.attention_chunks or min(most_chunks(), seq_len // 64)
+    chunks = cfg.attention_chunks or min(8, seq_len // 64)
     if cfg.sliding_window and not cfg.attention_chunks:  # blocks about a window long skip the keys left of it
         chunks = max(chunks, min(16, -(-seq_len // cfg.sliding_window)))
     return max(1, min(chunks, seq_len))
-
-
-@functools.cache
-def most_chunks(host: tuple[str, str] | None = None) -> int:
-    """The automatic cap on query blocks for this CPU kind, from interleaved train steps of the 35m config
-    (T=512, docs/benchmarks.md): on Zen 5 (x86 family 26) 4 blocks ran the step 3% faster than 8, where on
-    Zen 4 8 blocks ran one layer's attention 5% faster than 4. Kinds not measured keep 8. host: (backend,
-    cpu_family) for tests; the chunked attention runs on CPUs unless a recipe asks for it elsewhere."""
-    if host is None:
-        from bigmodel_cli.utils import describe_host
-
-        host = (jax.default_backend(), describe_host()["cpu_family"])
-    backend, family = host
-    return 4 if backend == "cpu" and family.startswith("family 26,") else 8
 
 
 def uses_chunked_attention(cfg: ModelConfig) -> bool:

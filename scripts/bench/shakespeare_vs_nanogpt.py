@@ -6,7 +6,7 @@ shakespeare_char.toml) and scores the whole last 10% with `evaluate --text`. nan
 "baby" command exactly, from a local checkout (no download: its input.txt is the same file): its wall time is
 the time to beat. Its saved model is then scored on the whole last 10% too, the way `evaluate --text` scores.
 
-    python scripts/bench/shakespeare_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT [--work /tmp/shakespeare-bench]
+    python scripts/bench/shakespeare_vs_nanogpt.py --nanogpt PATH/TO/nanoGPT [--rounds N] [--work DIR]
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -117,16 +118,44 @@ def main() -> None:
     parser.add_argument("--nanogpt", type=Path, required=True, help="a checkout of karpathy/nanoGPT")
     parser.add_argument("--work", type=Path, default=Path("/tmp/shakespeare-bench"))
     parser.add_argument("--only", choices=("bigmodel", "nanogpt"), default=None)
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each, alternating which goes first")
     args = parser.parse_args()
-    if args.work.exists():
-        shutil.rmtree(args.work)
-    args.work.mkdir(parents=True)
-    results = {}
-    if args.only in (None, "bigmodel"):
-        results["bigmodel"] = bigmodel(args.work)
-    if args.only in (None, "nanogpt"):
-        results["nanoGPT"] = nanogpt(args.nanogpt, args.work)
-    print(json.dumps(results, indent=2))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    sides = [side for side in ("bigmodel", "nanoGPT") if args.only in (None, side.lower())]
+    rounds = []
+    for number in range(args.rounds):
+        # A host's speed can drift over minutes: alternating the order shares the drift between the two.
+        order = sides if number % 2 == 0 else sides[::-1]
+        work = args.work / f"round{number + 1}"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        result = {}
+        for side in order:
+            result[side] = bigmodel(work) if side == "bigmodel" else nanogpt(args.nanogpt, work)
+        rounds.append(result)
+        print(f"round {number + 1}: " + " | ".join(_line(side, result[side]) for side in sides), flush=True)
+    sys.path.insert(0, str(REPO))
+    from bigmodel_cli.utils import host_line
+
+    summary = {side: _spread([r[side] for r in rounds]) for side in sides}
+    print(json.dumps({"host": host_line(), "rounds": rounds, "summary": summary}, indent=2))
+
+
+def _line(side: str, result: dict) -> str:
+    loss = result.get("val_loss_whole", result["val_loss"])
+    return f"{side} {loss:.4f} in {result['train_s']:.1f} s, {result['train_peak_rss_mb']:.0f} MB"
+
+
+def _spread(results: list[dict]) -> dict:
+    """min, median and max over the rounds of each figure."""
+    keys = [key for key in results[0] if isinstance(results[0][key], float)]
+    spread = {}
+    for key in keys:
+        values = [r[key] for r in results]
+        spread[key] = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+    return spread
 
 
 if __name__ == "__main__":

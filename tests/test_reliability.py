@@ -137,6 +137,22 @@ def test_nonfinite_loss_stops_at_the_right_step_and_keeps_checkpoints(tiny_data,
     assert json.loads((run / "status.json").read_text())["state"] == "failed"
 
 
+def test_a_nonfinite_step_stops_the_run_soon_even_when_it_logs_rarely(tiny_data, tmp_path, cli, monkeypatch):
+    """The host checks the steps' non-finite flags in groups (a wait per step slows small models), and still
+    stops within a group of the bad step when no log line or checkpoint comes for much longer."""
+    from bigmodel_cli.data import loader
+    from bigmodel_cli.train import loop
+
+    built, build = [], loader.TrainBatches.__call__
+    monkeypatch.setattr(loader.TrainBatches, "__call__", lambda self, step: (built.append(step), build(self, step))[1])
+    rare = ("--set", "train.log_every=50", "--set", "checkpoint.every=50")
+    proc = cli(*_args(tmp_path / "run", tiny_data, "--set", "train.inject_nonfinite_at=13", *rare), ok=False)
+    assert proc.exit_code == 2 and "non-finite loss or gradient norm at step 13" in proc.stderr
+    # Stopped well before step 50, the first log line or checkpoint (batches are built a few steps ahead).
+    assert 13 <= max(built) <= 13 + loop._CHECK_EVERY + 4 < 35
+    assert not (tmp_path / "run" / "checkpoints").exists() or not list((tmp_path / "run" / "checkpoints").iterdir())
+
+
 def test_nonfinite_skip_mode_skips_the_update_and_goes_on(tiny_data, tmp_path, cli):
     run = tmp_path / "run"
     out = cli(

@@ -94,8 +94,16 @@ def describe_host(cpuinfo: str | None = None) -> dict:
 def host_line(host: dict | None = None) -> str:
     """describe_host() in one line for a benchmark's table: 'AMD EPYC (family 26, model 2), AVX-512, 2 cores'."""
     host = host or describe_host()
-    family = f" ({host['cpu_family']})" if host.get("cpu_family") else ""
-    return f"{host['cpu_model']}{family}, {host['isa']}, {host['cores']} cores"
+    return f"{host['cpu_model']}{_family(host)}, {host['isa']}, {host['cores']} cores"
+
+
+def host_kind(host: dict) -> str:
+    """The host kind a speed ratio belongs to: 'AVX-512 (family 26, model 2), 2 cores'."""
+    return f"{host['isa']}{_family(host)}, {host['cores']} cores"
+
+
+def _family(host: dict) -> str:
+    return f" ({host['cpu_family']})" if host.get("cpu_family") else ""
 
 
 def host_memory_bytes() -> int:

@@ -23,20 +23,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def host() -> dict:
-    """The host as every benchmark table records it (bigmodel_cli.utils.describe_host): CPU, x86 family, ISA, cores."""
-    sys.path.insert(0, str(REPO))
-    from bigmodel_cli.utils import describe_host
-
-    return describe_host()
-
-
-def host_line(info: dict) -> str:
-    from bigmodel_cli.utils import host_line as line
-
-    return line(info)
-
-
 def plan(preset: str, layers: int, scan: bool, seq: int, batch: int, timeout: float, extra: list[str]) -> dict:
     """One `bigmodel plan` in a fresh process and an empty compilation cache: its compile and wall seconds."""
     settings = {
@@ -115,9 +101,13 @@ def main() -> None:
                 row["tries_s"] = [t["compile_s"] for t in tries]
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-    print(f"\nhost: {host_line(host())}\n\n{table(rows)}")
+    sys.path.insert(0, str(REPO))
+    from bigmodel_cli.utils import describe_host, host_line
+
+    host = describe_host()  # CPU, x86 family, ISA and cores, as every benchmark table records them
+    print(f"\nhost: {host_line(host)}\n\n{table(rows)}")
     if args.out:
-        args.out.write_text(json.dumps({"host": host(), "rows": rows}, indent=1) + "\n")
+        args.out.write_text(json.dumps({"host": host, "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

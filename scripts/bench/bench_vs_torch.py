@@ -269,6 +269,8 @@ def summarise(name: str, rounds: list[dict]) -> dict:
 
 def table(summary: dict, host: dict) -> str:
     """The per-framework table, then the ratios with the host kind beside them (figures differ by host kind)."""
+    from bigmodel_cli.utils import host_kind
+
     head = (
         "| config | framework | tokens/s (min – median – max) | step ms (median) | fraction of peak (median) "
         "| others' cores (max) |"
@@ -287,8 +289,7 @@ def table(summary: dict, host: dict) -> str:
         "| config | host | bigmodel / PyTorch eager tokens/s (min – median – max over paired rounds) | per round |"
     )
     lines.append("|---|---|---|---|")
-    family = f" ({host['cpu_family']})" if host.get("cpu_family") else ""  # Zen 4 and Zen 5 differ 2x here
-    kind = f"{host['isa']}{family}, {host['cores']} cores"
+    kind = host_kind(host)  # with the x86 family: Zen 4 and Zen 5 are both AVX-512 and differ 2x here
     for name, s in summary.items():
         r = s["ratio_bigmodel_over_torch"]
         per = ", ".join(f"{x:.2f}" for x in s["ratios"])

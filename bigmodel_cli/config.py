@@ -53,7 +53,7 @@ class ModelConfig:
     tie_embeddings: bool = False  # reuse the token embedding as the output head
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (bf16 pays off on GPU/TPU, not CPU)
     param_dtype: str = "float32"  # storage dtype of parameters and optimizer state
-    attention: str = "auto"  # auto (chunked on CPU, else jax.nn.dot_product_attention's pick), chunked, xla, cudnn
+    attention: str = "auto"  # auto (chunked on CPU; cuDNN on a GPU where it applies, else XLA), chunked, xla, cudnn
     attention_chunks: int = 0  # query chunks of the chunked attention; 0 = one per 64 queries, at most 8
     init_std: float = 0.02  # std of the normal initialiser of every matrix
     scan_layers: bool = False  # stack the layers' weights, scan over them: compile time flat in depth (1b, 7b: on)

@@ -25,9 +25,11 @@ PEAK_FLOPS = {
     "NVIDIA H200": 989e12,
 }
 # Model-FLOPs utilisation we measured per chip (PEAK_FLOPS row: (MFU, where it was measured)): the default of
-# `plan --tokens`. Empty until an accelerator run is recorded in docs/benchmarks.md (its GPU section is pending);
-# chips without a row assume DEFAULT_MFU.
-MEASURED_MFU: dict[str, tuple[float, str]] = {}
+# `plan --tokens`, from the 1b preset's defaults (bf16, scanned layers, no remat, B8 T2048) in
+# scripts/bench/gpu_bench.py; chips without a row assume DEFAULT_MFU.
+MEASURED_MFU: dict[str, tuple[float, str]] = {
+    "NVIDIA H200": (0.48, "1b preset on one H200, docs/benchmarks.md"),
+}
 DEFAULT_MFU = 0.40
 
 

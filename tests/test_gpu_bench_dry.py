@@ -1,6 +1,7 @@
 """The prepared GPU benchmark runs its whole path on CPU in dry mode."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +19,9 @@ def test_gpu_bench_dry_run_measures_the_real_train_step():
         timeout=300,
         check=True,
     ).stdout
-    result = json.loads(out.splitlines()[0])
-    assert result["attention"] == "xla" and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
-    assert abs(result["loss"] - __import__("math").log(512)) < 0.5  # random tokens: loss ~ ln(vocab)
+    scanned, unrolled = (json.loads(line) for line in out.splitlines()[:2])
+    assert (scanned["scan_layers"], unrolled["scan_layers"]) == (True, False)
+    for result in (scanned, unrolled):
+        assert result["attention"] == "xla" and result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
+        assert abs(result["loss"] - math.log(512)) < 0.5  # random tokens: loss ~ ln(vocab)
+    assert abs(scanned["loss"] - unrolled["loss"]) < 1e-5  # the same model in either layout

@@ -101,6 +101,33 @@ def test_attention_implementations_give_the_same_loss():
     np.testing.assert_allclose(logits["chunked"], logits["xla"], atol=model_tolerance(logits["xla"], SMALL, 16), rtol=0)
 
 
+def test_auto_attention_tries_cudnn_on_a_gpu_for_bf16_and_falls_back_to_xla(monkeypatch):
+    from bigmodel_cli.model import attention
+
+    real, tried = jax.nn.dot_product_attention, []
+
+    def spy(*args, implementation, **kwargs):
+        tried.append(implementation)
+        return real(*args, implementation=implementation, **kwargs)  # cudnn here: "cuDNN is not detected"
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8)) for i in range(3))
+    expected = real(q, k, v, is_causal=True, implementation="xla")
+    for backend, dtype, implementation, calls in [
+        ("gpu", jnp.bfloat16, "auto", ["cudnn", "xla"]),
+        ("gpu", jnp.float32, "auto", ["xla"]),  # cuDNN's fused kernel takes half precision only
+        ("cpu", jnp.bfloat16, "auto", ["xla"]),
+        ("gpu", jnp.bfloat16, "xla", ["xla"]),
+    ]:
+        monkeypatch.setattr(attention.jax, "default_backend", lambda backend=backend: backend)
+        tried.clear()
+        out = attention.fused_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), None, 0, implementation)
+        assert tried == calls, (backend, dtype, implementation)
+        np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.05 if dtype == jnp.bfloat16 else 1e-6)
+    with pytest.raises(RuntimeError):  # asked for by name, cuDNN's refusal is the user's to see
+        attention.fused_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, 0, "cudnn")
+
+
 def test_attention_is_causal():
     tokens = jnp.arange(12).reshape(1, 12) % SMALL.vocab_size
     changed = tokens.at[0, 7].set(50)

@@ -20,6 +20,7 @@ from bigmodel_cli.model.attention import (
     attention_chunks,
     attention_probs,
     causal_attention,
+    fused_attention,
     uses_chunked_attention,
 )
 from bigmodel_cli.model.layout import stack_modules
@@ -124,7 +125,6 @@ class Attention(Projections):
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        implementation = None if cfg.attention == "auto" else cfg.attention
         window = cfg.sliding_window  # 0: every earlier token; else the last `window` ones, the query's own included
         if inspect:  # query head h = kv head h // G, as k and v are repeated for grouped-query attention
             probs = []
@@ -138,15 +138,7 @@ class Attention(Projections):
             mask = None
             if segment_ids is not None:  # packed documents: a token sees only its own document
                 mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]  # [B,1,T,T]
-            out = jax.nn.dot_product_attention(
-                q,
-                k,
-                v,
-                mask=mask,
-                is_causal=True,
-                local_window_size=(window - 1, 0) if window else None,  # keys t-(window-1)..t
-                implementation=implementation,
-            )
+            out = fused_attention(q, k, v, mask, window, cfg.attention)
             new_cache = None
         else:
             write = jax.vmap(lambda buf, new, pos: jax.lax.dynamic_update_slice(buf, new, (pos, 0, 0)))

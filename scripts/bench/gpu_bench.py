@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
-"""bigmodel's own train step on one accelerator: tokens/s and MFU per attention implementation.
+"""bigmodel's own train step on one accelerator: tokens/s and MFU per attention implementation and layer layout.
 
 On a GPU (the prepared check for the H200):
-    python scripts/bench/gpu_bench.py --preset 1b --seq 2048 --batch 8 --steps 10 --attention xla,cudnn
+    python scripts/bench/gpu_bench.py --preset 1b --seq 2048 --batch 8 --steps 10 --attention xla,cudnn --scan on,off
 On CPU, to check the path end to end in seconds (what the tests run):
     python scripts/bench/gpu_bench.py --dry-run
-Prints one JSON line per attention implementation and a summary table.
+Prints one JSON line per (attention, scan) point and a summary table; --out also writes them as one JSON file.
 """
 
 from __future__ import annotations
@@ -30,11 +30,21 @@ from bigmodel_cli.utils import device_peak_flops  # noqa: E402
 
 
 def measure(
-    preset: str, seq: int, batch: int, steps: int, attention: str, dtype: str, remat: str, vocab: int = 32000
+    preset: str,
+    seq: int,
+    batch: int,
+    steps: int,
+    attention: str,
+    dtype: str,
+    remat: str,
+    vocab: int = 32000,
+    scan: bool | None = None,
 ) -> dict:
-    model = ModelConfig(
-        **{**PRESETS[preset], "vocab_size": vocab, "max_seq_len": seq, "dtype": dtype, "attention": attention}
-    )
+    """One point: scan None keeps the preset's layout."""
+    overrides = {"vocab_size": vocab, "max_seq_len": seq, "dtype": dtype, "attention": attention}
+    if scan is not None:
+        overrides["scan_layers"] = scan
+    model = ModelConfig(**{**PRESETS[preset], **overrides})
     cfg = Config(
         model=model,
         optim=OptimConfig(lr=3e-4, warmup_steps=10),
@@ -70,6 +80,7 @@ def measure(
         "batch": batch,
         "dtype": dtype,
         "attention": attention,
+        "scan_layers": model.scan_layers,
         "remat": remat,
         "compile_s": round(compile_s, 1),
         "step_ms": round(step_s * 1e3, 1),
@@ -90,31 +101,57 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--remat", default="none", choices=["none", "dots", "full"])
     parser.add_argument("--vocab", type=int, default=32000)
+    parser.add_argument("--scan", default="preset", help="comma-separated: on, off, preset (the preset's layout)")
+    parser.add_argument("--out", type=Path, help="also write every point, with the versions, as one JSON file")
     parser.add_argument("--dry-run", action="store_true", help="tiny config on whatever device: checks the path")
     args = parser.parse_args()
     if args.dry_run:
         args.preset, args.seq, args.batch, args.steps, args.attention, args.dtype = "tiny", 64, 4, 2, "xla", "float32"
-        args.vocab = 512
+        args.vocab, args.scan = 512, "on,off"
+    layouts = {"on": True, "off": False, "preset": None}
+    scans = [word.strip() for word in args.scan.split(",")]
+    if unknown := [word for word in scans if word not in layouts]:
+        parser.error(f"--scan takes on, off or preset, not {', '.join(unknown)}")
     results = []
     for attention in args.attention.split(","):
-        try:
-            result = measure(
-                args.preset, args.seq, args.batch, args.steps, attention.strip(), args.dtype, args.remat, args.vocab
-            )
-        except Exception as err:  # e.g. cudnn attention unavailable for this shape or device: report, go on
-            result = {"attention": attention, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"}
-        results.append(result)
-        print(json.dumps(result), flush=True)
-    print(f"\n{'attention':<10} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
+        for scan in scans:
+            try:
+                result = measure(
+                    args.preset,
+                    args.seq,
+                    args.batch,
+                    args.steps,
+                    attention.strip(),
+                    args.dtype,
+                    args.remat,
+                    args.vocab,
+                    layouts[scan],
+                )
+            except Exception as err:  # e.g. cudnn attention unavailable for this shape or device: report, go on
+                result = {
+                    "attention": attention,
+                    "scan_layers": layouts[scan],
+                    "error": f"{type(err).__name__}: {str(err).splitlines()[0][:200]}",
+                }
+            results.append(result)
+            print(json.dumps(result), flush=True)
+    if args.out:
+        import flax
+        import jaxlib
+
+        versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__}
+        args.out.write_text(json.dumps({"versions": versions, "results": results}, indent=1) + "\n")
+    print(f"\n{'attention':<10} {'scan':<5} {'compile s':>9} {'step ms':>9} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6}")
     for r in results:
+        scan = {True: "on", False: "off", None: "preset"}[r["scan_layers"]]
         if "error" in r:
-            print(f"{r['attention']:<10} {r['error']}")
+            print(f"{r['attention']:<10} {scan:<5} {r['error']}")
         else:
             print(
-                f"{r['attention']:<10} {r['step_ms']:>9} {r['tokens_per_s']:>10} {r['model_tflops']:>8.1f} "
-                f"{100 * r['mfu']:>5.1f}%"
+                f"{r['attention']:<10} {scan:<5} {r['compile_s']:>9} {r['step_ms']:>9} {r['tokens_per_s']:>10} "
+                f"{r['model_tflops']:>8.1f} {100 * r['mfu']:>5.1f}%"
             )
-    if any("error" in r for r in results) and all("error" in r for r in results):
+    if all("error" in r for r in results):
         sys.exit(1)
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/benchmarks.md ("GPU") in one command, for a machine lent for minutes: a start costs a
 # minute or more, so every point runs in this one call, each grid under its own time limit, and a grid that
-# fails (out of memory, say) is reported and skipped. From the repository root:
+# fails (out of memory, say) is reported and skipped; all limits together stay under the 10 minutes one call may
+# take. From the repository root:
 #   bash scripts/bench/gpu_check.sh [OUT_DIR]
 # OUT_DIR (default: $OUT, else gpu-check/) receives versions.txt, one JSON file per grid and log.txt.
 # Python packages the machine lacks (grain, say) may come as wheels in .whl/: they go into /tmp/site first.
@@ -30,14 +31,14 @@ bench() {  # bench NAME SECONDS gpu_bench.py-options...: one grid; XLA's log lin
     python3 -c "import flax, jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, \
 'flax', flax.__version__, jax.devices())"
 } 2>&1 | tee "$out/versions.txt"
-if ! timeout 120 python3 scripts/bench/gpu_bench.py --dry-run >"$out/dry-run.txt" 2>&1; then
+if ! timeout 60 python3 scripts/bench/gpu_bench.py --dry-run >"$out/dry-run.txt" 2>&1; then
     tail -5 "$out/dry-run.txt"
     echo "gpu_check: the dry run failed on this machine (above); nothing else was run" >&2
     exit 3
 fi
 
 # 1b as the preset runs it (auto attention: cuDNN), both layouts, then with remat; 7b at a batch that fits.
-bench 1b_b8 240 --preset 1b --seq 2048 --batch 8 --steps 10 --attention auto --scan on,off
-bench 1b_b8_dots 150 --preset 1b --seq 2048 --batch 8 --steps 8 --attention auto --scan on,off --remat dots
-bench 1b_t8192_dots 120 --preset 1b --seq 8192 --batch 2 --steps 6 --attention auto --scan on --remat dots
-bench 7b_b2_full 240 --preset 7b --seq 2048 --batch 2 --steps 5 --attention auto --scan on --remat full
+bench 1b_b8 150 --preset 1b --seq 2048 --batch 8 --steps 10 --attention auto --scan on,off
+bench 1b_b8_dots 130 --preset 1b --seq 2048 --batch 8 --steps 8 --attention auto --scan on,off --remat dots
+bench 1b_t8192_dots 90 --preset 1b --seq 8192 --batch 2 --steps 6 --attention auto --scan on --remat dots
+bench 7b_b2_full 140 --preset 7b --seq 2048 --batch 2 --steps 5 --attention auto --scan on --remat full

@@ -5,7 +5,9 @@
 # take. From the repository root:
 #   bash scripts/bench/gpu_check.sh [OUT_DIR]
 # OUT_DIR (default: $OUT, else gpu-check/) receives versions.txt, one JSON file per grid and log.txt.
-# Python packages the machine lacks (grain, say) may come as wheels in .whl/: they go into /tmp/site first.
+# Python packages the machine lacks may come as wheels in .whl/: they go into /tmp/site first. On 2026-11-30 the
+# lent H200's image lacked grain, array-record and portpicker (cp312 wheels from `pip download --no-deps
+# --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 ...`).
 set -uo pipefail
 
 out=${1:-${OUT:-gpu-check}}

@@ -14,6 +14,7 @@ from bigmodel_cli.data import loader
 from bigmodel_cli.data.manifest import check_compatible, load_manifest
 from bigmodel_cli.data.tokenizer import tokenizer_sha
 from bigmodel_cli.errors import UserError
+from bigmodel_cli.model import attention
 from bigmodel_cli.train import loop
 
 
@@ -95,6 +96,7 @@ def run(
     console = console or Console()
     cfg, parts = resolve(cfg)
     mesh = parallel.make_mesh(cfg.mesh)  # before the run directory exists: a bad mesh leaves nothing behind
+    attention.check_backend(cfg.model)  # likewise an attention kernel this machine lacks
     seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, parallel.process_rows(cfg.train.batch_size)
     meta: dict = {"stage": "pretrain"}
     if parts is not None:

@@ -95,6 +95,7 @@ CASES = {
     "zero_steps": (lambda w: _pretrain(w, "train.steps=0"), "train.steps must be positive", "new_run"),
     "bad_attention": (lambda w: _pretrain(w, "model.attention=flash"), "model.attention must be one of", "new_run"),
     "negative_chunks": (lambda w: _pretrain(w, "model.attention_chunks=-2"), "attention_chunks must be 0", "new_run"),
+    "cudnn_without_gpu": (lambda w: _pretrain(w, "model.attention=cudnn"), '"cudnn" needs an NVIDIA GPU', "new_run"),
     "zero_batch": (lambda w: _pretrain(w, "train.batch_size=0"), "train.batch_size must be positive", "new_run"),
     "batch_not_divisible": (lambda w: _pretrain(w, "train.batch_size=12"), "multiple of 8", None),
     "mesh_mismatch": (lambda w: _pretrain(w, "mesh.data=3"), "product is 8", None),

@@ -102,6 +102,7 @@ def test_attention_implementations_give_the_same_loss():
 
 
 def test_auto_attention_tries_cudnn_on_a_gpu_for_bf16_and_falls_back_to_xla(monkeypatch):
+    """The kernel per backend and dtype (jax's own default is XLA everywhere)."""
     from bigmodel_cli.model import attention
 
     real, tried = jax.nn.dot_product_attention, []
@@ -118,13 +119,17 @@ def test_auto_attention_tries_cudnn_on_a_gpu_for_bf16_and_falls_back_to_xla(monk
         ("gpu", jnp.float32, "auto", ["xla"]),  # cuDNN's fused kernel takes half precision only
         ("cpu", jnp.bfloat16, "auto", ["xla"]),
         ("gpu", jnp.bfloat16, "xla", ["xla"]),
+        ("tpu", jnp.bfloat16, "cudnn", ["xla"]),  # a model trained with cuDNN, loaded where there is none
     ]:
         monkeypatch.setattr(attention.jax, "default_backend", lambda backend=backend: backend)
         tried.clear()
         out = attention.fused_attention(q.astype(dtype), k.astype(dtype), v.astype(dtype), None, 0, implementation)
         assert tried == calls, (backend, dtype, implementation)
         np.testing.assert_allclose(out.astype(jnp.float32), expected, atol=0.05 if dtype == jnp.bfloat16 else 1e-6)
-    with pytest.raises(RuntimeError):  # asked for by name, cuDNN's refusal is the user's to see
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
+    assert attention.uses_chunked_attention(dataclasses.replace(SMALL, attention="cudnn"))  # as "auto" on a CPU
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(RuntimeError):  # asked for by name on a GPU, cuDNN's refusal is the user's to see
         attention.fused_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, 0, "cudnn")
 
 

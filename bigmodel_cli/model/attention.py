@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from bigmodel_cli.config import ModelConfig
+from bigmodel_cli.errors import UserError
 
 
 def causal_attention(
@@ -127,7 +128,19 @@ def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:
 
 
 def uses_chunked_attention(cfg: ModelConfig) -> bool:
-    return cfg.attention == "chunked" or (cfg.attention == "auto" and jax.default_backend() == "cpu")
+    # A model trained with "cudnn" on a GPU runs where it is loaded, as "auto" would there (pretrain refuses
+    # "cudnn" in a recipe on a machine without a GPU: check_backend).
+    cpu = jax.default_backend() == "cpu"
+    return cfg.attention == "chunked" or (cfg.attention in ("auto", "cudnn") and cpu)
+
+
+def check_backend(cfg: ModelConfig) -> None:
+    """Refuses a recipe's attention implementation that this machine cannot run, before a run writes anything."""
+    if cfg.attention == "cudnn" and (backend := jax.default_backend()) != "gpu":
+        raise UserError(
+            f'model.attention = "cudnn" needs an NVIDIA GPU and this machine runs on {backend}: '
+            'use "auto" (cuDNN on a GPU, the best kernel elsewhere)'
+        )
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, window: int, implementation: str) -> jax.Array:
@@ -146,9 +159,10 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, window: int,
         is_causal=True,
         local_window_size=(window - 1, 0) if window else None,  # keys t-(window-1)..t
     )
-    if implementation != "auto":
+    gpu = jax.default_backend() == "gpu"
+    if implementation == "xla" or (implementation == "cudnn" and gpu):
         return attend(implementation=implementation)
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    if gpu and q.dtype in (jnp.bfloat16, jnp.float16):  # "auto", or a GPU-trained "cudnn" model loaded elsewhere
         try:
             return attend(implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):  # a shape, mask or cuDNN version it refuses

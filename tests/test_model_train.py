@@ -16,6 +16,7 @@ from jax.ad_checkpoint import print_saved_residuals
 from bigmodel_cli import parallel
 from bigmodel_cli.config import Config, MeshConfig, ModelConfig, OptimConfig, TrainConfig
 from bigmodel_cli.data.loader import SyntheticBatches
+from bigmodel_cli.errors import UserError
 from bigmodel_cli.model.layout import param_name
 from bigmodel_cli.model.matmul import dense
 from bigmodel_cli.model.params import abstract_params
@@ -129,6 +130,9 @@ def test_auto_attention_tries_cudnn_on_a_gpu_for_bf16_and_falls_back_to_xla(monk
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "cpu")
     assert attention.uses_chunked_attention(dataclasses.replace(SMALL, attention="cudnn"))  # as "auto" on a CPU
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    with pytest.raises(UserError, match='needs model.dtype = "bfloat16"'):  # a recipe's, checked before training
+        attention.check_backend(dataclasses.replace(SMALL, attention="cudnn"))
+    attention.check_backend(dataclasses.replace(SMALL, attention="cudnn", dtype="bfloat16"))
     with pytest.raises(RuntimeError):  # asked for by name on a GPU, cuDNN's refusal is the user's to see
         attention.fused_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), None, 0, "cudnn")
 

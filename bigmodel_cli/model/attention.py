@@ -136,10 +136,16 @@ def uses_chunked_attention(cfg: ModelConfig) -> bool:
 
 def check_backend(cfg: ModelConfig) -> None:
     """Refuses a recipe's attention implementation that this machine cannot run, before a run writes anything."""
-    if cfg.attention == "cudnn" and (backend := jax.default_backend()) != "gpu":
+    if cfg.attention != "cudnn":
+        return
+    if (backend := jax.default_backend()) != "gpu":
         raise UserError(
             f'model.attention = "cudnn" needs an NVIDIA GPU and this machine runs on {backend}: '
             'use "auto" (cuDNN on a GPU, the best kernel elsewhere)'
+        )
+    if cfg.dtype != "bfloat16":  # cuDNN's fused attention takes half precision only
+        raise UserError(
+            f'model.attention = "cudnn" needs model.dtype = "bfloat16", not {cfg.dtype}: set it, or use "auto"'
         )
 
 

@@ -127,11 +127,15 @@ def attention_chunks(cfg: ModelConfig, seq_len: int) -> int:
     return max(1, min(chunks, seq_len))
 
 
+def _runnable(implementation: str) -> str:
+    """The implementation to use on this machine: a model trained with "cudnn" on a GPU runs wherever it is
+    loaded as "auto" would there (a recipe asking for "cudnn" without a GPU is refused: check_backend)."""
+    return "auto" if implementation == "cudnn" and jax.default_backend() != "gpu" else implementation
+
+
 def uses_chunked_attention(cfg: ModelConfig) -> bool:
-    # A model trained with "cudnn" on a GPU runs where it is loaded, as "auto" would there (pretrain refuses
-    # "cudnn" in a recipe on a machine without a GPU: check_backend).
-    cpu = jax.default_backend() == "cpu"
-    return cfg.attention == "chunked" or (cfg.attention in ("auto", "cudnn") and cpu)
+    implementation = _runnable(cfg.attention)
+    return implementation == "chunked" or (implementation == "auto" and jax.default_backend() == "cpu")
 
 
 def check_backend(cfg: ModelConfig) -> None:
@@ -165,10 +169,10 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask, window: int,
         is_causal=True,
         local_window_size=(window - 1, 0) if window else None,  # keys t-(window-1)..t
     )
-    gpu = jax.default_backend() == "gpu"
-    if implementation == "xla" or (implementation == "cudnn" and gpu):
+    implementation = _runnable(implementation)
+    if implementation != "auto":
         return attend(implementation=implementation)
-    if gpu and q.dtype in (jnp.bfloat16, jnp.float16):  # "auto", or a GPU-trained "cudnn" model loaded elsewhere
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         try:
             return attend(implementation="cudnn")
         except (ValueError, NotImplementedError, RuntimeError):  # a shape, mask or cuDNN version it refuses

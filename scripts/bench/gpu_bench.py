@@ -115,7 +115,7 @@ def main() -> None:
     if unknown := [word for word in scans if word not in layouts]:
         parser.error(f"--scan takes on, off or preset, not {', '.join(unknown)}")
     results = []
-    for attention in args.attention.split(","):
+    for attention in [name.strip() for name in args.attention.split(",")]:
         for scan in scans:
             try:
                 result = measure(
@@ -123,7 +123,7 @@ def main() -> None:
                     args.seq,
                     args.batch,
                     args.steps,
-                    attention.strip(),
+                    attention,
                     args.dtype,
                     args.remat,
                     args.vocab,

@@ -117,9 +117,13 @@ class DataConfig:
             raise UserError("set data.path or data.mixture, not both")
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 3e-4  # peak learning rate of AdamW
+    name: str = "adamw"  # adamw, or muon: the decoder layers' matrices orthogonalized (Muon), the rest Nesterov AdamW
+    lr: float = 3e-4  # peak learning rate (Muon's updates are scaled to AdamW's size, so one lr serves both)
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
     warmup_steps: int = 100  # linear warmup from 0 to lr
     b1: float = 0.9  # AdamW beta1
@@ -129,6 +133,8 @@ class OptimConfig:
     grad_clip: float = 1.0  # global-norm clipping threshold; 0 = off
 
     def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise UserError(f"optim.name must be one of {', '.join(OPTIMIZERS)}, got {self.name!r}")
         if not self.lr > 0:
             raise UserError(f"optim.lr must be positive, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:

@@ -54,6 +54,11 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self) -> None:
+        if self.optim.name == "muon" and self.lora.rank:
+            # Muon orthogonalizes full weight matrices; LoRA trains only the adapters, which take AdamW.
+            raise UserError(
+                "optim.name = muon trains full matrices, not LoRA adapters: set lora.rank=0 or optim.name=adamw"
+            )
         if self.finetune.task and self.finetune.task != "preference" and self.preference != PreferenceConfig():
             raise UserError(
                 f"[preference] applies to --task preference, not {self.finetune.task}: remove the preference.* settings"

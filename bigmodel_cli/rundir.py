@@ -85,7 +85,8 @@ MAY_CHANGE_ON_RESUME: dict[str, str] = {
     "data.path": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
     "data.mixture": "if its tokenizer is the run's (pretrain checks that before it touches the run directory)",
     "data.seq_len": "RoPE has no learned positions",
-    "optim.*": "hyperparameters (optim.grad_clip only between positive values: 0 removes a stage of the optimizer)",
+    "optim.*": "hyperparameters (not optim.name, whose state differs; optim.grad_clip only between positive values: "
+    "0 removes a stage of the optimizer)",
     "train.*": "steps, batch, accumulation, seed of the data order, remat, cadence of logs and evaluations",
     "mesh.*": "checkpoints restore onto any mesh",
     "checkpoint.*": "cadence, how many to keep, async saving",
@@ -112,6 +113,8 @@ def resume_blockers(old: dict, new: dict) -> list[str]:
             allowed = name in MAY_CHANGE_ON_RESUME or f"{section}.*" in MAY_CHANGE_ON_RESUME
             if name == "optim.grad_clip" and ((a.get(key) or 0) > 0) != ((b.get(key) or 0) > 0):
                 allowed = False
+            if name == "optim.name" and (a.get(key) or "adamw") != (b.get(key) or "adamw"):
+                allowed = False  # AdamW's moments and Muon's momentum are different trees
             if not allowed:
                 blocked.append(f"{name}: {a.get(key)!r} -> {b.get(key)!r}")
     return blocked

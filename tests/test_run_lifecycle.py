@@ -206,6 +206,9 @@ def test_only_changes_that_a_checkpoint_can_take_may_resume():
     assert rundir.resume_blockers(old, shape) == ["lora.rank: None -> 8", "model.n_layers: 2 -> 3"]
     no_clip = {**old, "optim": {"lr": 3e-3, "grad_clip": 0.0}}  # removes a stage, and its state, from the optimizer
     assert rundir.resume_blockers(old, no_clip) == ["optim.grad_clip: 1.0 -> 0.0"]
+    muon = {**old, "optim": {**old["optim"], "name": "muon"}}  # a config from before optim.name means adamw
+    assert rundir.resume_blockers(old, muon) == ["optim.name: None -> 'muon'"]
+    assert rundir.resume_blockers({**old, "optim": {**old["optim"], "name": "adamw"}}, old) == []
 
 
 def test_disk_full_and_out_of_memory_are_explained_in_one_line(tmp_path):

@@ -225,10 +225,10 @@ class Checkpoints:
                 have = {name: (tuple(m.shape), str(np.dtype(m.dtype))) for name, m in tree_metadata.items()}
             difference = first_difference(have, tree)
             if difference:
-                what = "" if item == "params" else "optimizer state "
+                what, settings = ("", "model") if item == "params" else ("optimizer state ", "model or optim")
                 raise CheckpointMismatch(
                     f"checkpoint {self.shown / str(step)} does not fit this model: {what}{difference} "
-                    "(the model settings differ from those it was saved with)"
+                    f"(the {settings} settings differ from those it was saved with)"
                 )
 
     def restore(self, step: int, like: dict) -> tuple[dict, dict]:

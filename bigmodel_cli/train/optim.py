@@ -1,11 +1,14 @@
-"""AdamW with linear warmup, cosine decay to a floor, global-norm clipping and decay on matrices only."""
+"""AdamW (or Muon for the decoder layers' matrices) with linear warmup, cosine decay to a floor, global-norm
+clipping and decay on matrices only."""
 
 from __future__ import annotations
 
 import jax
 import optax
+from optax.contrib import MuonDimensionNumbers
 
 from bigmodel_cli.config import OptimConfig
+from bigmodel_cli.model import layout
 
 
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -29,17 +32,43 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def _muon_matrices(params):
+    """Muon's dimension numbers for each decoder-layer projection kernel ([in, out], or [L, in, out] stacked,
+    the layer axis orthogonalized separately), None for the rest: embeddings, the output head, norms, biases
+    and LoRA adapters take AdamW, as in Muon's reference recipe."""
+    lead = 1 if layout.is_stacked(params) else 0
+
+    def numbers(path, leaf):
+        names = layout.param_name(path).split(".")
+        if names[0] == layout.LAYERS and names[-1].endswith("_proj") and leaf.ndim == 2 + lead:
+            return MuonDimensionNumbers(reduction_axis=lead, output_axis=lead + 1)
+        return None
+
+    return jax.tree_util.tree_map_with_path(numbers, params)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """The full optimizer chain used by pretrain and finetune."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
-    parts.append(
-        optax.adamw(
-            schedule(cfg, total_steps),
-            b1=cfg.b1,
-            b2=cfg.b2,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            mask=_decay_mask,
+    lr = schedule(cfg, total_steps)
+    if cfg.name == "muon":
+        # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Liu et al. 2025), so
+        # optim.lr and weight_decay carry over from an AdamW recipe; momentum 0.95 (Nesterov) is Muon's own.
+        parts.append(
+            optax.contrib.muon(
+                lr,
+                beta=0.95,
+                eps=cfg.eps,
+                weight_decay=cfg.weight_decay,
+                adam_b1=cfg.b1,
+                adam_b2=cfg.b2,
+                adam_weight_decay=0.0,
+                muon_weight_dimension_numbers=_muon_matrices,
+                consistent_rms=0.2,
+            )
         )
-    )
+    else:
+        parts.append(
+            optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask)
+        )
     return optax.chain(*parts)

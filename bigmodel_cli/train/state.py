@@ -66,12 +66,16 @@ def abstract_optimizer_state(tx: optax.GradientTransformation, params, mesh):
     def like(shape, sharding):
         return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
 
+    def mirror(shape, param):  # a masked-out leaf (Muon's partition) stays masked
+        return shape if isinstance(shape, optax.MaskedNode) else like(shape, param.sharding)
+
     return optax.tree_map_params(
         tx,
-        lambda shape, param: like(shape, param.sharding),
+        mirror,
         jax.eval_shape(tx.init, params),
         params,
         transform_non_params=lambda shape: like(shape, replicated),
+        is_leaf=lambda node: isinstance(node, optax.MaskedNode),
     )
 
 

@@ -129,7 +129,7 @@ class OptimConfig:
     b1: float = 0.9  # AdamW beta1
     b2: float = 0.95  # AdamW beta2
     eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # decoupled weight decay, on matrices only (not norms or embeddings)
+    weight_decay: float = 0.1  # decoupled weight decay on matrices, not norms or embeddings (muon: layers only)
     grad_clip: float = 1.0  # global-norm clipping threshold; 0 = off
 
     def __post_init__(self) -> None:

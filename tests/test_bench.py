@@ -186,3 +186,23 @@ def test_bench_records_the_host_kind():
     assert host_line(host) == f"AMD EPYC (family 26, model 2), AVX-512, {host['cores']} cores"
     rows = bench.table(summary, {**info, **host, "cores": 2}).splitlines()
     assert rows[-1].startswith("| tiny | AVX-512 (family 26, model 2), 2 cores |")
+
+
+def test_the_cpu_peak_behind_mfu_is_the_best_probe_so_far_on_this_host(tmp_path, monkeypatch):
+    from bigmodel_cli import utils
+
+    monkeypatch.setattr(utils, "_peak_file", lambda: tmp_path / "cpu_matmul_peak.json")
+    utils.measured_matmul_flops.cache_clear()
+    first = utils.measured_matmul_flops(n=256, reps=2)
+    kept = json.loads((tmp_path / "cpu_matmul_peak.json").read_text())
+    assert list(kept.values()) == [first] and host_line() in next(iter(kept))
+    # An earlier probe that found more wins over a slow one now (a busy core halves a probe on 2 cores) ...
+    (tmp_path / "cpu_matmul_peak.json").write_text(json.dumps({k: v * 1e3 for k, v in kept.items()}))
+    utils.measured_matmul_flops.cache_clear()
+    assert utils.measured_matmul_flops(n=256, reps=2) == first * 1e3
+    # ... and a faster probe replaces the record.
+    (tmp_path / "cpu_matmul_peak.json").write_text(json.dumps({k: 1.0 for k in kept}))
+    utils.measured_matmul_flops.cache_clear()
+    now = utils.measured_matmul_flops(n=256, reps=2)
+    assert now > 1.0 and json.loads((tmp_path / "cpu_matmul_peak.json").read_text()) == {next(iter(kept)): now}
+    utils.measured_matmul_flops.cache_clear()

@@ -62,6 +62,14 @@ def test_stacked_layers_are_orthogonalized_layer_by_layer(unrolled_params):
         np.testing.assert_allclose(np.asarray(stacked[name]), np.asarray(value), rtol=1e-4, atol=1e-7)
 
 
+def test_unrolled_layers_are_updated_stacked_but_keep_their_state_layout(unrolled_params):
+    tx = make_optimizer(OptimConfig(name="muon", **CONSTANT), total_steps=10)
+    state = tx.init(unrolled_params)
+    _, new_state = jax.jit(tx.update)(_gradients(unrolled_params), state, unrolled_params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state) and not layout.is_stacked(new_state)
+    assert layout.is_stacked(layout.stack(state))  # the state does hold layers a stacking would convert
+
+
 SETTINGS = {
     "optim.name": "muon",
     "optim.lr": 1e-3,

@@ -53,7 +53,8 @@ def test_param_count_matches_the_model():
 
 @pytest.mark.parametrize("chunks", [1, 3, 8])
 @pytest.mark.parametrize("packed", [False, True])
-def test_chunked_attention_equals_dot_product_attention_with_gradients(chunks, packed):
+@pytest.mark.parametrize("one_row_kernel", [False, True])
+def test_chunked_attention_equals_dot_product_attention_with_gradients(chunks, packed, one_row_kernel):
     b, t, h, kv, e = 2, 50, 4, 2, 8  # GQA, and 50 queries that no chunk count divides evenly
     keys = jax.random.split(jax.random.key(1), 4)
     shapes = [(b, t, h, e), (b, t, kv, e), (b, t, kv, e), (b, t, h, e)]
@@ -62,7 +63,7 @@ def test_chunked_attention_equals_dot_product_attention_with_gradients(chunks, p
     mask = None if segments is None else (segments[:, :, None] == segments[:, None, :])[:, None]
 
     def ours(q, k, v):
-        return jnp.sum(causal_attention(q, k, v, chunks, segments) * g)
+        return jnp.sum(causal_attention(q, k, v, chunks, segments, one_row_kernel=one_row_kernel) * g)
 
     def reference(q, k, v):
         return jnp.sum(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation="xla") * g)
@@ -75,6 +76,20 @@ def test_chunked_attention_equals_dot_product_attention_with_gradients(chunks, p
         # 0.9 softmax scale or a non-causal mask gives thousands of times it.
         reductions = (t, e, b * t * h * e) if w.ndim == 0 else (t, e)
         np.testing.assert_allclose(a, w, atol=f32_tolerance(w, *reductions, chained=4), rtol=0)
+
+
+def test_scanned_layers_take_every_blocks_query_rows_with_one_program():
+    """Under a scan, the blocks' query rows are sliced at run-time offsets (one compiled kernel for all blocks
+    of a length), unrolled at constant ones (which XLA's passes over 32 layers handle faster)."""
+    b, t, h, kv, e, chunks = 1, 64, 4, 2, 8, 8
+    q, k, v = jnp.ones((b, t, h, e)), jnp.ones((b, t, kv, e)), jnp.ones((b, t, kv, e))
+
+    def dynamic_slices(one_row_kernel: bool) -> int:
+        loss = lambda q, k, v: causal_attention(q, k, v, chunks, one_row_kernel=one_row_kernel).sum()  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).as_text().count("stablehlo.dynamic_slice")
+
+    # forward: q's rows; backward: q's, the output gradient's and delta's rows, for each of the 8 blocks
+    assert (dynamic_slices(False), dynamic_slices(True)) == (0, 4 * chunks)
 
 
 def test_chunked_attention_saves_whole_tensors_and_one_probability_block_per_chunk():

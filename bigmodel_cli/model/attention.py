@@ -17,7 +17,14 @@ from bigmodel_cli.errors import UserError
 
 
 def causal_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, chunks: int, segment_ids=None, window: int = 0, probs_out=None
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    chunks: int,
+    segment_ids=None,
+    window: int = 0,
+    probs_out=None,
+    one_row_kernel: bool = False,
 ) -> jax.Array:
     """Causal attention over q [B,T,H,E] and k, v [B,T,K,E] -> [B,T,H,E], in `chunks` blocks of queries.
 
@@ -27,7 +34,8 @@ def causal_attention(
     cores: 159 ms through jax.nn.dot_product_attention, 93 ms here, 106 ms for torch's fused kernel.
     With a sliding window (window > 0: query t sees keys t-window+1..t), a block also starts at the first key
     its earliest query sees, so the cost grows with T*window instead of T*T.
-    A list `probs_out` (forward only) receives each block's attention probabilities [B,K,G,t,s]."""
+    A list `probs_out` (forward only) receives each block's attention probabilities [B,K,G,t,s].
+    one_row_kernel (for layers under a scan) takes the blocks' query rows at run-time offsets (_query_rows)."""
     b, t, h, e = q.shape
     kv = k.shape[2]
     # [B,K,G,T,E]: query heads grouped under the key/value head they share (GQA), time next to the head dim.
@@ -37,9 +45,9 @@ def causal_attention(
     # (first query, end, first key) of each block: keys left of its first key are outside every query's window
     blocks = tuple((lo, hi, max(0, lo - window + 1) if window else 0) for lo, hi in itertools.pairwise(bounds))
     if probs_out is None:
-        out = _blocked_attention(blocks, window, q, k, v, segment_ids)
+        out = _blocked_attention(blocks, window, one_row_kernel, q, k, v, segment_ids)
     else:
-        out, (*_, probs, _) = _blocked_attention_fwd(blocks, window, q, k, v, segment_ids)
+        out, (*_, probs, _) = _blocked_attention_fwd(blocks, window, one_row_kernel, q, k, v, segment_ids)
         probs_out.extend(probs)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, e)
 
@@ -67,43 +75,55 @@ def _visible(block: tuple[int, int, int], window: int, segment_ids) -> jax.Array
     return visible
 
 
+def _query_rows(blocks, one_row_kernel: bool) -> list:
+    """For each block, a function taking its queries' rows [..., lo:hi, :] of a [B,K,G,T,*] array.
+
+    With one_row_kernel, at a run-time offset: XLA:CPU then compiles one slicing kernel for all blocks of one
+    length where constant offsets make one per block (20-30 ms of LLVM time each; scanned 1b, 32 layers: 276 ->
+    263 kernels, XLA compile 3.2-3.4 -> 2.8 s). For the scanned layers' one body only: 32 unrolled layers' worth
+    of run-time offsets make XLA's passes over the whole step 1.5 s slower than the kernels save."""
+    if not one_row_kernel:
+        return [lambda x, lo=lo, hi=hi: x[:, :, :, lo:hi] for lo, hi, _ in blocks]
+    firsts = jax.lax.optimization_barrier(jnp.asarray([lo for lo, _, _ in blocks], jnp.int32))  # not folded
+    return [
+        functools.partial(lambda x, i, n: jax.lax.dynamic_slice_in_dim(x, firsts[i], n, axis=3), i=i, n=hi - lo)
+        for i, (lo, hi, _) in enumerate(blocks)
+    ]
+
+
 # One custom VJP over all the blocks, not one per block: its residuals are the whole q, k, v and output plus each
 # block's probabilities, where per-block VJPs saved every block's own slices of q, k, v and output (k and v
 # several times over, one prefix per block). Under model.scan_layers each residual is one more stacked [L, ...]
 # buffer written in the forward loop and read back in the backward one: 40 of them for 8 blocks, most of a 1b
 # model's compile time on CPU, against 12 here.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _blocked_attention(blocks, window, q, k, v, segment_ids):
-    return _blocked_attention_fwd(blocks, window, q, k, v, segment_ids)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _blocked_attention(blocks, window, one_row_kernel, q, k, v, segment_ids):
+    return _blocked_attention_fwd(blocks, window, one_row_kernel, q, k, v, segment_ids)[0]
 
 
-def _blocked_attention_fwd(blocks, window, q, k, v, segment_ids):
+def _blocked_attention_fwd(blocks, window, one_row_kernel, q, k, v, segment_ids):
     """q [B,K,G,T,E], k, v [B,K,T,E] -> out [B,K,G,T,E], and the residuals of the backward."""
     q = q * q.shape[-1] ** -0.5  # scaled once for all blocks: one kernel fewer per block
+    rows = _query_rows(blocks, one_row_kernel)
     outs, probs = [], []
-    for lo, hi, start in blocks:
+    for (lo, hi, start), row in zip(blocks, rows, strict=True):
         visible = _visible((lo, hi, start), window, segment_ids)
-        block_probs = _softmax(jnp.einsum("bkgte,bkse->bkgts", q[:, :, :, lo:hi], k[:, :, start:hi]), visible)
+        block_probs = _softmax(jnp.einsum("bkgte,bkse->bkgts", row(q), k[:, :, start:hi]), visible)
         outs.append(jnp.einsum("bkgts,bkse->bkgte", block_probs.astype(v.dtype), v[:, :, start:hi]))
         probs.append(block_probs)
     out = jnp.concatenate(outs, axis=3)  # [B,K,G,T,E]
     return out, (q, k, v, tuple(probs), out)
 
 
-def _blocked_attention_bwd(blocks, window, residuals, d_out):
+def _blocked_attention_bwd(blocks, window, one_row_kernel, residuals, d_out):
     q, k, v, probs, out = residuals  # q scaled
     t = q.shape[3]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)  # rowsum(P*dP)
     d_qs, d_k, d_v = [], 0, 0
-    for (lo, hi, start), block_probs in zip(blocks, probs, strict=True):
-        block_q, block_k, block_v, block_d_out = (
-            q[:, :, :, lo:hi],
-            k[:, :, start:hi],
-            v[:, :, start:hi],
-            d_out[:, :, :, lo:hi],
-        )
+    for (_, hi, start), block_probs, row in zip(blocks, probs, _query_rows(blocks, one_row_kernel), strict=True):
+        block_q, block_k, block_v, block_d_out = row(q), k[:, :, start:hi], v[:, :, start:hi], row(d_out)
         d_probs = jnp.einsum("bkgte,bkse->bkgts", block_d_out, block_v).astype(jnp.float32)
-        d_scores = (block_probs * (d_probs - delta[:, :, :, lo:hi])).astype(q.dtype)
+        d_scores = (block_probs * (d_probs - row(delta))).astype(q.dtype)
         # The contractions over queries: transposed copies behind a barrier stay plain batched matmuls (see dense).
         probs_t, d_scores_t = jax.lax.optimization_barrier(
             (jnp.swapaxes(block_probs.astype(v.dtype), -1, -2), jnp.swapaxes(d_scores, -1, -2))

@@ -132,7 +132,9 @@ class Attention(Projections):
             self.sow(nnx.Intermediate, "attention_probs", probs[0].reshape(b, cfg.n_heads, t, t))
             new_cache = None
         elif cache is None and uses_chunked_attention(cfg):
-            out = causal_attention(q, k, v, attention_chunks(cfg, t), segment_ids, window)
+            out = causal_attention(
+                q, k, v, attention_chunks(cfg, t), segment_ids, window, one_row_kernel=cfg.scan_layers
+            )
             new_cache = None
         elif cache is None:
             mask = None

@@ -67,12 +67,11 @@ def _best_peak_so_far(measured: float) -> float:
     key = f"{host_line()} | jax {jax.__version__}"
     try:
         known = json.loads(path.read_text()) if path.is_file() else {}
-        if not isinstance(known, dict):
-            known = {}
-    except (OSError, ValueError):
-        known = {}
-    best = max(measured, float(known.get(key, 0.0)))
-    if best > known.get(key, 0.0):
+        recorded = float(known.get(key, 0.0))
+    except (OSError, ValueError, TypeError, AttributeError):  # unreadable or not ours: start it again
+        known, recorded = {}, 0.0
+    best = max(measured, recorded)
+    if best > recorded:
         try:
             atomic.write_text(path, json.dumps({**known, key: best}, indent=1))
         except OSError:

@@ -205,4 +205,8 @@ def test_the_cpu_peak_behind_mfu_is_the_best_probe_so_far_on_this_host(tmp_path,
     utils.measured_matmul_flops.cache_clear()
     now = utils.measured_matmul_flops(n=256, reps=2)
     assert now > 1.0 and json.loads((tmp_path / "cpu_matmul_peak.json").read_text()) == {next(iter(kept)): now}
+    (tmp_path / "cpu_matmul_peak.json").write_text('["not", "a record"]')  # damaged: measured afresh, rewritten
+    utils.measured_matmul_flops.cache_clear()
+    assert utils.measured_matmul_flops(n=256, reps=2) > 1.0
+    assert list(json.loads((tmp_path / "cpu_matmul_peak.json").read_text())) == list(kept)
     utils.measured_matmul_flops.cache_clear()

@@ -241,6 +241,25 @@ def test_gradient_accumulation_equals_one_big_batch(one_device_run):
         np.testing.assert_allclose(b, a, atol=f32_tolerance(largest, 8 * 16, chained=STEPS), rtol=0)
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_bfloat16_parameters_train_step_after_step_in_their_own_dtype(optimizer):
+    """The step's state keeps its dtypes: f32 gradients had promoted bf16 params' moments to f32 after one step,
+    and the compiled step refused the second call (an internal error at step 2 of any bf16-parameter run)."""
+    model = dataclasses.replace(SMALL, param_dtype="bfloat16", dtype="bfloat16")
+    cfg = dataclasses.replace(_cfg(model), optim=OptimConfig(name=optimizer, lr=1e-2, warmup_steps=2))
+    mesh = parallel.make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    graphdef, tx, state = make_state(cfg, mesh)
+    dtypes = jax.tree.map(lambda x: x.dtype, state)
+    step = jit_train_step(graphdef, tx, 1, state, mesh)
+    losses = []
+    with parallel.activate(mesh):
+        for i in range(3):
+            state, metrics = step(state, _uneven_batches(i))
+            losses.append(float(metrics["loss"]))
+    assert jax.tree.map(lambda x: x.dtype, state) == dtypes
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
 @pytest.mark.parametrize("shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_meshes_match_single_device(shape, one_device_run):
     data, fsdp, tensor = shape

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -128,7 +127,10 @@ def train_step(
     finite = jnp.isfinite(loss_sum) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
-    keep = functools.partial(jnp.where, finite)
+
+    def keep(new, old):  # a non-finite step changes nothing; nor does any step change the state's dtypes
+        return jnp.where(finite, new, old).astype(old.dtype)  # (the f32 gradients would promote bf16 moments)
+
     new_state = {
         **state,
         "step": state["step"] + 1,

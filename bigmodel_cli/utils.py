@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from bigmodel_cli import atomic
+from bigmodel_cli import atomic, storage
 
 # Dense bf16 peak FLOP/s per chip, from the vendors' data sheets, matched on jax's device_kind.
 PEAK_FLOPS = {
@@ -57,7 +57,7 @@ def measured_matmul_flops(n: int = 1024, reps: int = 8) -> float:
 def _peak_file() -> Path | None:
     """Where the best CPU probes are kept: beside the compilation cache's directory, when it is a local one."""
     directory = jax.config.jax_compilation_cache_dir
-    return None if not directory or "://" in str(directory) else Path(directory).parent / "cpu_matmul_peak.json"
+    return None if not directory or storage.is_url(directory) else Path(directory).parent / "cpu_matmul_peak.json"
 
 
 def _best_peak_so_far(measured: float) -> float:

@@ -1,8 +1,5 @@
 """optim.name = muon: the decoder layers' matrices take orthogonalized updates, the rest AdamW, in both layouts."""
 
-import json
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
@@ -13,6 +10,8 @@ from bigmodel_cli.model.params import init_params
 from bigmodel_cli.parallel import make_mesh
 from bigmodel_cli.train.optim import make_optimizer
 from tests.conftest import pretrain_args
+from tests.test_scan_layers import SETTINGS as SCAN_SETTINGS
+from tests.test_scan_layers import _losses
 
 LR = 1e-2
 CONSTANT = dict(lr=LR, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0, grad_clip=0.0)
@@ -70,26 +69,8 @@ def test_unrolled_layers_are_updated_stacked_but_keep_their_state_layout(unrolle
     assert layout.is_stacked(layout.stack(state))  # the state does hold layers a stacking would convert
 
 
-SETTINGS = {
-    "optim.name": "muon",
-    "optim.lr": 1e-3,
-    "optim.warmup_steps": 0,
-    "optim.min_lr_ratio": 1.0,
-    "train.steps": 4,
-    "train.batch_size": 8,
-    "train.log_every": 1,
-    "train.eval_every": 0,
-    "model.max_seq_len": 32,
-    "mesh.data": 2,
-    "mesh.fsdp": 2,
-    "mesh.tensor": 2,
-    "checkpoint.every": 2,
-}
-
-
-def _losses(run: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return {row["step"]: row["loss"] for row in rows if "loss" in row}
+# The scan tests' sharded settings (2x2x2 mesh, constant lr 1e-3), with Muon, 4 steps, a checkpoint every 2.
+SETTINGS = {**SCAN_SETTINGS, "optim.name": "muon", "train.steps": 4, "checkpoint.every": 2}
 
 
 def test_a_sharded_muon_run_resumes_in_the_other_layout_with_the_same_losses(cli, tiny_data, tmp_path):

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from bigmodel_cli import cli_evaluate, cli_runs, storage
+from bigmodel_cli import cli_evaluate, cli_runs, host, storage
 from bigmodel_cli.cli_app import (
     MODEL_SOURCES,
     AllowConfigChange,
@@ -419,22 +419,13 @@ report = command(cli_runs.report)
 runs = command(cli_runs.runs)
 
 
-# XLA:CPU allocates its scratch buffers afresh every step and glibc serves them from new mmap pages: about
-# a million page faults per step on the 35M config. Keeping freed memory in the heap removes them (it must
-# be set before the process starts, hence the re-exec). Accelerator hosts keep glibc's defaults.
-CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1"
-
-
-def _cpu_only_host() -> bool:
-    accelerators = ("/dev/nvidiactl", "/dev/accel0", "/dev/vfio/0", "/dev/kfd")
-    platforms = os.environ.get("JAX_PLATFORMS", "")
-    return (platforms == "cpu" or not any(os.path.exists(p) for p in accelerators)) and sys.platform == "linux"
-
-
 def main() -> None:
     """Console entry point: `bigmodel ...`."""
-    if _cpu_only_host() and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("BIGMODEL_NO_REEXEC"):
-        env = {**os.environ, "GLIBC_TUNABLES": CPU_MALLOC_TUNABLES, "BIGMODEL_NO_REEXEC": "1"}
+    if host.cpu_only_host():  # read when JAX starts its CPU backend; inherited by the re-exec below
+        os.environ["XLA_FLAGS"] = host.with_cpu_compile_flags(os.environ.get("XLA_FLAGS", ""))
+    tunables = host.wants_malloc_tunables(sys.argv[1:])
+    if tunables and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("BIGMODEL_NO_REEXEC"):
+        env = {**os.environ, "GLIBC_TUNABLES": host.CPU_MALLOC_TUNABLES, "BIGMODEL_NO_REEXEC": "1"}
         os.execve(sys.executable, [sys.executable, "-m", "bigmodel_cli", *sys.argv[1:]], env)
     try:
         app(prog_name="bigmodel")

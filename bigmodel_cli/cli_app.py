@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from bigmodel_cli import __version__, rundir, storage
+from bigmodel_cli import __version__, host, rundir, storage
 from bigmodel_cli.errors import UserError
 
 app = typer.Typer(
@@ -91,19 +91,11 @@ def _console():
     return Console("quiet" if _options["quiet"] else _options["log_format"])
 
 
-# XLA:CPU schedules for parallelism by default, which converts every bfloat16 weight to float32 before the first
-# layer runs: a float32 copy of the whole model (2x its bfloat16 bytes) on top of it. Inference, often on bf16
-# weights from the Hub, schedules for memory instead: each copy then lives only while its layer runs (decoding
-# measured as fast). It must be set before JAX starts its CPU backend; a user's own setting wins.
-MEMORY_SCHEDULING = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-
-
 def _setup_jax(coordinator: str = "", num_processes: int = 0, process_id: int = -1, inference: bool = False) -> None:
     from bigmodel_cli import parallel, utils
 
-    flags = os.environ.get("XLA_FLAGS", "")
-    if inference and "concurrency_optimized_scheduler" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULING}".strip()
+    if inference:  # host.MEMORY_SCHEDULING: no float32 copy of a bfloat16 model
+        os.environ["XLA_FLAGS"] = host.with_memory_scheduling(os.environ.get("XLA_FLAGS", ""))
 
     utils.enable_compilation_cache()
     parallel.init_distributed(coordinator, num_processes, process_id)

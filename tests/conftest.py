@@ -6,8 +6,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-# Must happen before jax is imported anywhere: the suite runs data/fsdp/tensor meshes on one CPU.
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+from bigmodel_cli.host import with_cpu_compile_flags  # noqa: E402  (imports no jax)
+
+# Must happen before jax is imported anywhere: the suite runs data/fsdp/tensor meshes on one CPU, and compiles
+# in-process as the CLI does on a CPU-only host.
+os.environ["XLA_FLAGS"] = with_cpu_compile_flags(
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("BIGMODEL_CACHE_DIR", str(Path(tempfile.gettempdir()) / "bigmodel-test-jax-cache"))
 # The same cache for what runs jax without the CLI (scripts/bench/*.py in a subprocess, library calls here), as

@@ -130,3 +130,46 @@ def test_long_evaluations_log_progress_lines_off_a_terminal(capsys):
         assert capsys.readouterr().err == ""
     finally:
         console.set_track_mode("rich")
+
+
+def test_cpu_hosts_compile_at_llvm_o2_and_only_stepping_commands_take_the_malloc_tunables(monkeypatch):
+    from bigmodel_cli import cli, host
+
+    seen = []
+    monkeypatch.setattr(cli, "app", lambda prog_name: seen.append((os.environ["XLA_FLAGS"], "ran here")))
+
+    class Reexec(Exception):  # os.execve does not return
+        pass
+
+    def execve(exe, argv, env):
+        seen.append((env["XLA_FLAGS"], env["GLIBC_TUNABLES"]))
+        raise Reexec
+
+    monkeypatch.setattr(cli.os, "execve", execve)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: None)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    monkeypatch.delenv("BIGMODEL_NO_REEXEC", raising=False)
+    monkeypatch.setattr(host, "cpu_only_host", lambda: True)
+
+    def main(flags, *argv):
+        monkeypatch.setenv("XLA_FLAGS", flags)
+        monkeypatch.setattr(cli.sys, "argv", ["bigmodel", *argv])
+        try:
+            cli.main()
+        except Reexec:
+            pass
+
+    main("--xla_force_host_platform_device_count=2", "pretrain", "r.toml")
+    main("--xla_backend_optimization_level=3", "--quiet", "finetune", "r.toml")
+    main("", "plan", "r.toml")
+    main("", "--log-format", "json", "runs", "dir")
+    monkeypatch.setattr(host, "cpu_only_host", lambda: False)  # an accelerator host keeps XLA's and glibc's defaults
+    main("", "pretrain", "r.toml")
+    o2 = "--xla_backend_optimization_level=2"
+    assert seen == [
+        (f"--xla_force_host_platform_device_count=2 {o2}", host.CPU_MALLOC_TUNABLES),
+        ("--xla_backend_optimization_level=3", host.CPU_MALLOC_TUNABLES),
+        (o2, "ran here"),
+        (o2, "ran here"),
+        ("", "ran here"),
+    ]

@@ -152,7 +152,7 @@ def test_int8_weights_take_a_quarter_of_float32_and_half_of_bfloat16(trained):
 MEMORY_PROBE = textwrap.dedent(
     """
     import json, os, sys
-    os.environ["XLA_FLAGS"] = sys.argv[1]  # as `generate` and `evaluate` set it (cli_app.MEMORY_SCHEDULING)
+    os.environ["XLA_FLAGS"] = sys.argv[1]  # as `generate` and `evaluate` set it (host.MEMORY_SCHEDULING)
     import jax, numpy as np
     from bigmodel_cli import parallel
     from bigmodel_cli.config import MeshConfig, ModelConfig
@@ -176,7 +176,7 @@ MEMORY_PROBE = textwrap.dedent(
 def test_int8_decoding_never_holds_a_float_copy_of_all_weights():
     """Compiled as the CLI compiles it, the decoder converts one kernel at a time: its scratch memory is a
     small part of the float32 weights, not a whole copy hoisted out of the decoding loop."""
-    from bigmodel_cli.cli_app import MEMORY_SCHEDULING
+    from bigmodel_cli.host import MEMORY_SCHEDULING
 
     env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(

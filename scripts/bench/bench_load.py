@@ -187,14 +187,14 @@ def side_env(side: str, cpu: bool) -> dict[str, str]:
     env = {**os.environ, **({"JAX_PLATFORMS": "cpu"} if cpu else {})}
     if side == "bigmodel" and "GLIBC_TUNABLES" not in env:
         sys.path.insert(0, str(REPO))
-        from bigmodel_cli import cli
+        from bigmodel_cli import host
 
-        if (cpu and sys.platform == "linux") or cli._cpu_only_host():  # --cpu: JAX_PLATFORMS=cpu, as the CLI reads it
-            env["GLIBC_TUNABLES"] = cli.CPU_MALLOC_TUNABLES
+        if (cpu and sys.platform == "linux") or host.cpu_only_host():  # --cpu: JAX_PLATFORMS=cpu, as the CLI reads it
+            env["GLIBC_TUNABLES"] = host.CPU_MALLOC_TUNABLES
     if side == "bigmodel" and "XLA_FLAGS" not in env:  # as `generate` and `evaluate` set it up
-        from bigmodel_cli import cli_app
+        from bigmodel_cli import host
 
-        env["XLA_FLAGS"] = cli_app.MEMORY_SCHEDULING
+        env["XLA_FLAGS"] = host.MEMORY_SCHEDULING
     return env
 
 

@@ -2,10 +2,10 @@
 """Where one plan's compile time goes: tracing, lowering and XLA's compile of the real train step, timed apart,
 and how many distinct kernels XLA:CPU compiled with LLVM (from its own log), for the settings given:
     python scripts/bench/compile_stages.py model.preset=1b model.n_layers=32 model.scan_layers=true
-Builds the state and step as `bigmodel plan` does (abstract arrays, one device, batch 1 x 512 tokens, vocabulary
-32000, no compilation cache) and prints one JSON line. XLA:CPU compiles each distinct fusion with LLVM and
-compiles identical ones once, so the kernel count is a measure of compile cost that other processes on a shared
-host do not move.
+Builds the state and step as `bigmodel plan` does (the CLI's XLA flags, abstract arrays, one device, batch
+1 x 512 tokens, vocabulary 32000, no compilation cache) and prints one JSON line. XLA:CPU compiles each distinct
+fusion with LLVM and compiles identical ones once, so the kernel count is a measure of compile cost that other
+processes on a shared host do not move.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from bigmodel_cli.host import with_cpu_compile_flags  # noqa: E402
+
 BASE = [
     "model.vocab_size=32000",
     "data.seq_len=512",
@@ -60,6 +64,7 @@ def main() -> None:
         return
     # XLA reads its logging settings when it starts: a child process with them set, whose log is parsed here.
     env = {**os.environ, "_COMPILE_STAGES_CHILD": "1", "PYTHONPATH": str(REPO), "TF_CPP_MIN_LOG_LEVEL": "0"}
+    env["XLA_FLAGS"] = with_cpu_compile_flags(os.environ.get("XLA_FLAGS", ""))  # as the CLI compiles
     env["TF_CPP_VMODULE"] = "ir_compiler=1"
     proc = subprocess.run([sys.executable, __file__, *settings], env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:

@@ -33,8 +33,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=17179869184:glibc.malloc.arena_max=1"
 sys.path.insert(0, str(REPO))
+
+from bigmodel_cli.host import CPU_MALLOC_TUNABLES as TUNABLES  # noqa: E402
+from bigmodel_cli.host import with_cpu_compile_flags  # noqa: E402
 
 
 def hlo_ops(hlo: str) -> dict[str, tuple[str, str, str]]:
@@ -85,9 +87,12 @@ def main() -> None:
     opts = parser.parse_args()
     if opts.no_tunables and not opts.time:
         parser.error("--no-tunables goes with --time")
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=1"
+    os.environ["XLA_FLAGS"] = with_cpu_compile_flags(flags)  # as the CLI compiles, unless set here
     if os.environ.get("GLIBC_TUNABLES") != TUNABLES and not opts.no_tunables:
-        env = {**os.environ, "GLIBC_TUNABLES": TUNABLES, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": TUNABLES})
 
     import jax
     import numpy as np

@@ -6,7 +6,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bigmodel_cli.host import with_cpu_compile_flags  # noqa: E402  (imports no jax)
+from bigmodel_cli.host import with_cpu_compile_flags  # imports no jax
 
 # Must happen before jax is imported anywhere: the suite runs data/fsdp/tensor meshes on one CPU, and compiles
 # in-process as the CLI does on a CPU-only host.

@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigmodel_cli.host import MEMORY_SCHEDULING  # noqa: E402
+from bigmodel_cli.host import with_memory_scheduling  # noqa: E402
 
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {MEMORY_SCHEDULING}".strip()
+os.environ["XLA_FLAGS"] = with_memory_scheduling(os.environ.get("XLA_FLAGS", ""))
 
 import dataclasses  # noqa: E402
 

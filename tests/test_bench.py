@@ -210,3 +210,18 @@ def test_the_cpu_peak_behind_mfu_is_the_best_probe_so_far_on_this_host(tmp_path,
     assert utils.measured_matmul_flops(n=256, reps=2) > 1.0
     assert list(json.loads((tmp_path / "cpu_matmul_peak.json").read_text())) == list(kept)
     utils.measured_matmul_flops.cache_clear()
+
+
+def test_heap_account_splits_a_runs_peak_memory_by_glibcs_own_figures(tiny_data, tmp_path):
+    script = REPO / "scripts" / "bench" / "heap_account.py"
+    run = [sys.executable, script, "--every", "2", "--", "--quiet", "pretrain", REPO / "recipes" / "tiny.toml"]
+    run += ["--run-dir", tmp_path / "run", "--set", f"data.path={tiny_data}", "--set", "train.steps=3"]
+    proc = subprocess.run(list(map(str, run)), capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    account = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = account["at_peak"]
+    assert account["command"] == "pretrain" and account["samples"] > 10
+    assert abs(peak["heap_mb"] + peak["outside_heap_mb"] - account["peak_rss_mb"]) <= 1  # each rounded to MB
+    assert 0 < peak["in_use_mb"] <= peak["heap_mb"] <= account["largest_heap_mb"]
+    assert peak["in_use_mb"] <= account["most_in_use_mb"] <= account["largest_heap_mb"]
+    assert (tmp_path / "run" / "checkpoints").is_dir()  # the command really ran

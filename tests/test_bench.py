@@ -188,6 +188,20 @@ def test_bench_records_the_host_kind():
     assert rows[-1].startswith("| tiny | AVX-512 (family 26, model 2), 2 cores |")
 
 
+def test_torchs_own_matmul_rate_is_recorded_beside_jaxs(tmp_path, capsys):
+    """The peer's matmul rate comes from torch itself, in the peer's environment: on an AMD AVX-512 host it is
+    half of jax's, and that gap, not the rest of the step, is most of the ratio there."""
+    bench = bench_module()
+    probe = bench.peer_matmul_gflops(bench.child_env(tunables=True), sizes=(64, 128), reps=2)
+    assert set(probe["by_size"]) == {"64", "128"} and probe["gflops"] == max(probe["by_size"].values()) > 0
+    assert probe["torch"].startswith("2.")
+    (tmp_path / "torch.py").write_text("raise ImportError('no torch here')\n")  # a host without torch
+    env = {**bench.child_env(tunables=False), "PYTHONPATH": str(tmp_path)}
+    with pytest.raises(SystemExit):
+        bench.peer_matmul_gflops(env, sizes=(64,), reps=1)
+    assert "the torch matmul probe failed" in capsys.readouterr().err
+
+
 def test_the_cpu_peak_behind_mfu_is_the_best_probe_so_far_on_this_host(tmp_path, monkeypatch):
     from bigmodel_cli import utils
 

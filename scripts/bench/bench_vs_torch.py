@@ -8,15 +8,13 @@ For each config (tiny, 35m) and each round it runs, one after the other:
   B  the peer:      python ../shared/bench/torch_peer.py <cfg> <steps> eager <peak GFLOP/s>
      which runs 2 warm-up steps and then <steps> timed ones.
 Both report the median step time of their timed steps; tokens/s = B*T / median step time. The matmul peak
-(best fp32 square matmul through jax, measured first in this process) goes to the peer, and bigmodel's
-fraction of peak uses the peer's FLOP formula: 6*(params - embedding)*tokens + 12*B*T^2*d*layers.
+(best fp32 square matmul through jax, measured first; torch's own rate is recorded beside it) goes to the
+peer, and both fractions of peak use its FLOP formula: 6*(params - embedding)*tokens + 12*B*T^2*d*layers.
 
-Both subprocesses get GLIBC_TUNABLES (no mmap'd malloc, no trimming, one arena: see STACK-NOTES) unless
---no-tunables, which also sets BIGMODEL_NO_REEXEC=1 (else the CLI re-executes itself with the tunables).
-Each run also records how many cores other processes kept busy meanwhile ("others"), from /proc/stat minus
-the child's own CPU time; with --retry-busy N a round where either side saw more than --busy-limit cores of
-other work is run again (up to N times), and with --wait-idle S each round first waits (up to S seconds)
-for the CPU to be quiet. On a shared machine: --wait-idle 900 --retry-busy 3.
+Both subprocesses get GLIBC_TUNABLES (see STACK-NOTES) unless --no-tunables, which also sets
+BIGMODEL_NO_REEXEC=1. Each run records how many cores other processes kept busy meanwhile ("others", from
+/proc/stat minus the child's own CPU time); --retry-busy N reruns a round where that passed --busy-limit, and
+--wait-idle S first waits up to S s for a quiet CPU. On a shared machine: --wait-idle 900 --retry-busy 3.
 
 Usage:
   python scripts/bench/bench_vs_torch.py --rounds 3 [--configs tiny,35m] [--steps N] [--json-out FILE]
@@ -57,20 +55,9 @@ def peer_path(arg: str | None) -> Path:
 
 
 def bigmodel_cmd(cfg: str, steps: int, run_dir: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "bigmodel_cli",
-        "--quiet",
-        "pretrain",
-        str(RECIPES / f"{cfg}.toml"),
-        "--run-dir",
-        run_dir,
-        "--set",
-        f"train.steps={steps + WARMUP_STEPS}",
-        "--set",
-        "train.log_every=1",
-    ]
+    recipe, steps_set = str(RECIPES / f"{cfg}.toml"), f"train.steps={steps + WARMUP_STEPS}"
+    cli = [sys.executable, "-m", "bigmodel_cli", "--quiet", "pretrain", recipe, "--run-dir", run_dir]
+    return [*cli, "--set", steps_set, "--set", "train.log_every=1"]
 
 
 def peer_cmd(peer: Path, cfg: str, steps: int, peak_gflops: float | None) -> list[str]:
@@ -152,6 +139,33 @@ def matmul_peak_gflops(sizes=(1024, 2048), reps: int = 6) -> dict:
             fastest = min(fastest, time.perf_counter() - t0)
         best[n] = 2 * n**3 / fastest / 1e9
     return {"gflops": max(best.values()), "by_size": {str(n): round(g, 1) for n, g in best.items()}}
+
+
+# On an AMD host torch's MKL runs 256-bit kernels and XLA's YNNPACK the full AVX-512 width: that gap is most of
+# a ratio there (docs/benchmarks.md, "No AVX2 stand-in on an AVX-512 host"), so the JSON keeps both rates.
+_TORCH_MATMUL = """
+import json, sys, time, torch
+best = {}
+for n in json.loads(sys.argv[1]):
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    fastest = float("inf")
+    for _ in range(int(sys.argv[2])):
+        t0 = time.perf_counter()
+        a @ b
+        fastest = min(fastest, time.perf_counter() - t0)
+    best[str(n)] = round(2 * n**3 / fastest / 1e9, 1)
+print(json.dumps({"gflops": max(best.values()), "by_size": best, "torch": torch.__version__}))
+"""
+
+
+def peer_matmul_gflops(env: dict, sizes=(1024, 2048), reps: int = 6) -> dict:
+    """Best fp32 square-matmul rate through torch, in a subprocess with the peer's environment."""
+    cmd = [sys.executable, "-c", _TORCH_MATMUL, json.dumps(list(sizes)), str(reps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        _fail("the torch matmul probe", proc)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _busy_seconds() -> float | None:
@@ -374,15 +388,18 @@ def main(argv: list[str] | None = None) -> int:
         peak_gflops = peak["gflops"]
     else:
         peak, peak_gflops = {"gflops": args.peak, "by_size": "given"}, args.peak
+    peer_peak = peer_matmul_gflops(env)
     print(
         f"# {host_line(info)} | jax {info['jax']} | "
-        f"matmul peak {peak_gflops:.1f} GFLOP/s {peak['by_size']} | tunables {'on' if tunables else 'off'}"
+        f"matmul peak {peak_gflops:.1f} GFLOP/s {peak['by_size']} (torch's matmul: {peer_peak['gflops']:.1f} "
+        f"{peer_peak['by_size']}) | tunables {'on' if tunables else 'off'}"
     )
 
     results: dict = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
         "machine": info,
         "peak": peak,
+        "peer_matmul": peer_peak,
         "tunables": TUNABLES if tunables else None,
         "steps": steps_for,
         "warmup_steps": WARMUP_STEPS,
@@ -421,7 +438,8 @@ def main(argv: list[str] | None = None) -> int:
         results["torch_version"] = rounds[0]["torch"].get("torch")
     print()
     print(
-        f"{host_line(info)}; matmul peak {peak_gflops:.1f} GFLOP/s; torch {results.get('torch_version')}; "
+        f"{host_line(info)}; matmul peak {peak_gflops:.1f} GFLOP/s (torch's matmul {peer_peak['gflops']:.1f}); "
+        f"torch {results.get('torch_version')}; "
         f"jax {info['jax']}"
     )
     print(table(summary, info))

@@ -173,3 +173,19 @@ def test_cpu_hosts_compile_at_llvm_o2_and_only_stepping_commands_take_the_malloc
         (o2, "ran here"),
         ("", "ran here"),
     ]
+
+
+def test_the_compile_cache_keeps_programs_over_half_a_second_unless_the_user_sets_a_threshold(monkeypatch):
+    import jax
+
+    from bigmodel_cli import utils
+
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    try:
+        utils.enable_compilation_cache()  # the suite's own threshold (conftest: every program) is the user's here
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
+        utils.enable_compilation_cache()
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)

@@ -40,6 +40,28 @@ TINY_HF_SHAPE = dict(
 )
 
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def pytest_xdist_auto_num_workers(config) -> int | None:
+    """`-n auto`: one worker per core this process may run on, as many as memory holds (a worker and the CLI
+    processes it starts peak near 3 GiB). pytest-xdist's own count comes from psutil, which sees every core of
+    the host, not the few a container or taskset allows. PYTEST_XDIST_AUTO_NUM_WORKERS still wins."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:  # a cgroup v2 CPU quota ("200000 100000" is 2 cores' worth)
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        cores = min(cores, -(-int(quota) // int(period)))
+    except (OSError, ValueError):  # no cgroup v2, or "max": no quota
+        pass
+    try:
+        memory = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        memory = 2 * 3 * 2**30
+    return max(1, min(cores, memory // (3 * 2**30)))
+
+
 def pretrain_args(run_dir, data, settings: dict, *extra, recipe: Path = REPO / "recipes" / "tiny.toml") -> list:
     """`pretrain RECIPE --run-dir RUN_DIR --set data.path=DATA --set KEY=VALUE... EXTRA...` as CLI arguments."""
     args = ["pretrain", recipe, "--run-dir", run_dir, "--set", f"data.path={data}"]

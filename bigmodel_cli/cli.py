@@ -421,8 +421,8 @@ runs = command(cli_runs.runs)
 
 def main() -> None:
     """Console entry point: `bigmodel ...`."""
-    if host.cpu_only_host():  # read when JAX starts its CPU backend; inherited by the re-exec below
-        os.environ["XLA_FLAGS"] = host.with_cpu_compile_flags(os.environ.get("XLA_FLAGS", ""))
+    # Read when JAX starts its CPU backend; inherited by the re-exec below.
+    os.environ["XLA_FLAGS"] = host.cli_xla_flags(os.environ.get("XLA_FLAGS", ""))
     tunables = host.wants_malloc_tunables(sys.argv[1:])
     if tunables and "GLIBC_TUNABLES" not in os.environ and not os.environ.get("BIGMODEL_NO_REEXEC"):
         env = {**os.environ, "GLIBC_TUNABLES": host.CPU_MALLOC_TUNABLES, "BIGMODEL_NO_REEXEC": "1"}

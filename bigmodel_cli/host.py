@@ -53,11 +53,22 @@ def command_name(argv: list[str]) -> str:
     return ""
 
 
+def cli_xla_flags(flags: str, inference: bool = False) -> str:
+    """XLA_FLAGS as the CLI runs with them on this host: LLVM at -O2 on a CPU-only host, and memory scheduling for
+    the inference commands. Benchmarks that call the library directly use it to compile as the CLI does."""
+    flags = with_cpu_compile_flags(flags) if cpu_only_host() else flags
+    return with_memory_scheduling(flags) if inference else flags
+
+
 def with_cpu_compile_flags(flags: str) -> str:
     """XLA_FLAGS with CPU_COMPILE_FLAGS added, unless they set LLVM's optimization level themselves."""
-    return flags if "xla_backend_optimization_level" in flags else f"{flags} {CPU_COMPILE_FLAGS}".strip()
+    return _with_flag(flags, CPU_COMPILE_FLAGS, unless="xla_backend_optimization_level")
 
 
 def with_memory_scheduling(flags: str) -> str:
     """XLA_FLAGS with MEMORY_SCHEDULING added, unless they choose XLA:CPU's scheduler themselves."""
-    return flags if "concurrency_optimized_scheduler" in flags else f"{flags} {MEMORY_SCHEDULING}".strip()
+    return _with_flag(flags, MEMORY_SCHEDULING, unless="concurrency_optimized_scheduler")
+
+
+def _with_flag(flags: str, flag: str, unless: str) -> str:
+    return flags if unless in flags else f"{flags} {flag}".strip()

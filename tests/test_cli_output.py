@@ -173,6 +173,12 @@ def test_cpu_hosts_compile_at_llvm_o2_and_only_stepping_commands_take_the_malloc
         (o2, "ran here"),
         ("", "ran here"),
     ]
+    # What benchmarks that call the library directly compile with, inference's scheduling included.
+    assert host.cli_xla_flags("--a", inference=True) == f"--a {host.MEMORY_SCHEDULING}"  # the accelerator host
+    monkeypatch.setattr(host, "cpu_only_host", lambda: True)
+    assert host.cli_xla_flags("--a", inference=True) == f"--a {o2} {host.MEMORY_SCHEDULING}"
+    users = "--xla_cpu_enable_concurrency_optimized_scheduler=true"  # a user's own scheduler choice wins
+    assert host.cli_xla_flags(users, inference=True) == f"{users} {o2}"
 
 
 def test_the_compile_cache_keeps_programs_over_half_a_second_unless_the_user_sets_a_threshold(monkeypatch):
@@ -182,8 +188,9 @@ def test_the_compile_cache_keeps_programs_over_half_a_second_unless_the_user_set
 
     threshold = jax.config.jax_persistent_cache_min_compile_time_secs
     try:
-        utils.enable_compilation_cache()  # the suite's own threshold (conftest: every program) is the user's here
-        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+        users = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])  # conftest's 0, read by JAX at import
+        utils.enable_compilation_cache()
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == users
         monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS")
         utils.enable_compilation_cache()
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5

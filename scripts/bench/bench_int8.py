@@ -8,7 +8,7 @@ agreement over --prompts prompts cut from the validation split (the share of gen
 position, and of continuations equal in full); weight bytes of the float32, bfloat16 and int8 parameter trees;
 decode tokens/s of one prompt (best of --repeats, after a compile); and the compiled decoder's scratch memory
 (temp bytes), which shows whether a float copy of all weights is held. XLA:CPU is set up as `generate` and
-`evaluate` set it (host.MEMORY_SCHEDULING). Prints one JSON object.
+`evaluate` set it (host.cli_xla_flags). Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bigmodel_cli.host import with_memory_scheduling  # noqa: E402
+from bigmodel_cli.host import cli_xla_flags  # noqa: E402
 
-os.environ["XLA_FLAGS"] = with_memory_scheduling(os.environ.get("XLA_FLAGS", ""))
+os.environ["XLA_FLAGS"] = cli_xla_flags(os.environ.get("XLA_FLAGS", ""), inference=True)
 
 import dataclasses  # noqa: E402
 

@@ -185,14 +185,18 @@ def side_env(side: str, cpu: bool) -> dict[str, str]:
     itself with glibc malloc tunables that spare XLA:CPU a page fault per scratch page; inference commands schedule
     XLA:CPU for memory), transformers' as is."""
     env = {**os.environ, **({"JAX_PLATFORMS": "cpu"} if cpu else {})}
+    if side != "bigmodel":
+        return env
     sys.path.insert(0, str(REPO))
     from bigmodel_cli import host
 
-    if side == "bigmodel" and "GLIBC_TUNABLES" not in env:
-        if (cpu and sys.platform == "linux") or host.cpu_only_host():  # --cpu: JAX_PLATFORMS=cpu, as the CLI reads it
-            env["GLIBC_TUNABLES"] = host.CPU_MALLOC_TUNABLES
-    if side == "bigmodel" and "XLA_FLAGS" not in env:  # as `generate` and `evaluate` set it up
-        env["XLA_FLAGS"] = host.MEMORY_SCHEDULING
+    cpu_host = (
+        cpu and sys.platform == "linux"
+    ) or host.cpu_only_host()  # --cpu: JAX_PLATFORMS=cpu, as the CLI reads it
+    if cpu_host and "GLIBC_TUNABLES" not in env:
+        env["GLIBC_TUNABLES"] = host.CPU_MALLOC_TUNABLES
+    flags = env.get("XLA_FLAGS", "")  # as `generate` and `evaluate` set them up
+    env["XLA_FLAGS"] = host.with_memory_scheduling(host.with_cpu_compile_flags(flags) if cpu_host else flags)
     return env
 
 

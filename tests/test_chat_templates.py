@@ -1,11 +1,10 @@
 """Chats in a model's own chat template: our rendering equals transformers' apply_chat_template, the loss falls on
 the assistant replies and their end-of-turn markers only, ShareGPT and messages give the same examples, bad
-conversations and templates give one line, and `generate --chat` holds a conversation through the CLI."""
+conversations and templates give one line (the CLI run in one: test_chat_cli.py)."""
 
 import dataclasses
 import json
 import tempfile
-import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,122 +12,17 @@ import numpy as np
 import pytest
 
 from bigmodel_cli import tasks
-from bigmodel_cli.data.tokenizer import Tokenizer, open_tokenizer
+from bigmodel_cli.data.tokenizer import open_tokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, ChatFormat, chat_format
 from bigmodel_cli.tasks.options import TaskOptions
-from tests.conftest import pretrain_args, synthetic_text
+from tests.chat_helpers import CHAT, MISTRAL, QWEN, SPECIAL, STYLES, SYSTEM
+from tests.conftest import synthetic_text
 from tests.task_helpers import write
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
-
-# ---------------------------------------------------------------------------------------------------------
-# Templates in the styles of the models people finetune (written for these tests)
-# ---------------------------------------------------------------------------------------------------------
-
-# ChatML as Qwen2.5 writes it: a default system message when the chat has none.
-QWEN = """{%- if messages[0]['role'] == 'system' %}
-    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
-{%- else %}
-    {{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}
-{%- endif %}
-{%- for message in messages %}
-    {%- if message.role == "user" or (message.role == "system" and not loop.first) or message.role == "assistant" %}
-        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|im_start|>assistant\\n' }}
-{%- endif %}
-"""
-
-# Llama 3: BOS written by the template, header ids around each role, a dated system header, replies trimmed.
-LLAMA3 = """{{- bos_token }}
-{%- if messages[0]['role'] == 'system' %}
-    {%- set system_message = messages[0]['content'] | trim %}
-    {%- set messages = messages[1:] %}
-{%- else %}
-    {%- set system_message = "" %}
-{%- endif %}
-{{- "<|start_header_id|>system<|end_header_id|>\\n\\n" }}
-{{- "Cutting Knowledge Date: December 2023\\n" }}
-{{- "Today Date: " + strftime_now("%d %b %Y") + "\\n\\n" }}
-{{- system_message }}
-{{- "<|eot_id|>" }}
-{%- for message in messages %}
-    {{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'
-        + message['content'] | trim + '<|eot_id|>' }}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}
-{%- endif %}
-"""
-
-# Mistral: [INST] turns that must alternate, refused otherwise; a reply ends with EOS; no generation prompt.
-MISTRAL = """{{- bos_token }}
-{%- for message in messages %}
-    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
-        {{- raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}
-    {%- endif %}
-    {%- if message['role'] == 'user' %}
-        {{- '[INST] ' + message['content'] + ' [/INST]' }}
-    {%- elif message['role'] == 'assistant' %}
-        {{- ' ' + message['content'] + eos_token }}
-    {%- else %}
-        {{- raise_exception('Only user and assistant roles are supported!') }}
-    {%- endif %}
-{%- endfor %}
-"""
-
-# SmolLM2: ChatML with its own default system message, written with plain block tags on their own lines (so
-# trim_blocks and lstrip_blocks decide the whitespace) and transformers' {% generation %} around replies.
-SMOLLM2 = """{% for message in messages %}
-    {% if loop.first and messages[0]['role'] != 'system' %}
-{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}
-    {% endif %}
-{{ '<|im_start|>' + message['role'] + '\\n' }}
-    {% if message['role'] == 'assistant' %}
-        {% generation %}
-{{ message['content'] + '<|im_end|>' }}
-        {% endgeneration %}
-    {% else %}
-{{ message['content'] + '<|im_end|>' }}
-    {% endif %}
-{{ '\\n' }}
-{% endfor %}
-{% if add_generation_prompt %}
-{{ '<|im_start|>assistant\\n' }}
-{% endif %}
-"""
-
-# (template, bos_token, eos_token, what ends a reply) as the models' tokenizer configs set them.
-STYLES = {
-    "qwen": (QWEN, None, "<|im_end|>", "<|im_end|>"),
-    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>"),
-    "mistral": (MISTRAL, "<s>", "</s>", "</s>"),
-    "smollm2": (SMOLLM2, "<|im_start|>", "<|im_end|>", "<|im_end|>"),
-}
-SPECIAL = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<s>",
-    "</s>",
-]
-
-SYSTEM = {"role": "system", "content": "Answer in one short sentence."}
-CHAT = [
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "The capital of France is Paris."},
-    {"role": "user", "content": "And how many people live there?"},
-    {"role": "assistant", "content": "About two million people live in Paris."},
-]
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +60,6 @@ def conversations(style: str) -> list[list[dict]]:
     """Multi-turn chats each style accepts (Mistral's template takes no system message)."""
     with_system = [] if style == "mistral" else [[SYSTEM, *CHAT]]
     return [*with_system, CHAT, CHAT[:2]]
-
-
-def chat_cli(*args, input: str = ""):
-    """`bigmodel ARGS...` in-process with `input` on stdin; the click Result."""
-    from typer.testing import CliRunner
-
-    from bigmodel_cli.cli import app
-
-    return CliRunner().invoke(app, [str(a) for a in args], input=input, catch_exceptions=False)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -407,101 +292,8 @@ def test_a_run_recorded_with_the_old_builtin_template_reads_as_the_builtin(tmp_p
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A tiny instruct run finetuned in a ChatML template: generate --chat, export, show-examples, bad data
+# The HF export's end-of-turn tokens
 # ---------------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chatml_run(cli, tmp_path_factory):
-    """A tiny character-level model finetuned for 4 steps on ChatML chats rendered with QWEN's template."""
-    root = tmp_path_factory.mktemp("chat_run")
-    corpus = synthetic_text(400) + "<|im_start|>system user assistant<|im_end|>\nYou are Qwen, created.\n" * 20
-    write(root / "corpus.txt", corpus)
-    cli("preprocess", root / "corpus.txt", "--out", root / "data", "--model-type", "char")
-    settings = {"train.steps": 2, "model.max_seq_len": 256, "checkpoint.every": 2}
-    cli(*pretrain_args(root / "base", root / "data", settings))
-    chats = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]} for w in "ab"]
-    write(root / "chats.jsonl", "".join(json.dumps(c) + "\n" for c in chats * 4))
-    # The base model's tokenizer carries the template, where transformers keeps it.
-    config = root / "base" / "tokenizer_config.json"
-    write(config, json.dumps({"chat_template": QWEN}))
-    data = ("--data", root / "chats.jsonl", "--set", "task.max_target_tokens=16")
-    common = ("--task", "instruct", "--init-from", root / "base", *data)
-    shown = cli("finetune", *common, "--show-examples", "1").stdout
-    bad = write(root / "bad.jsonl", (json.dumps({"messages": [CHAT[1], CHAT[0]]}) + "\n") * 2)
-    write(config, json.dumps({"chat_template": MISTRAL}))  # a reply before any question: refused
-    refused = cli("finetune", *common[:4], "--data", bad, "--show-examples", "1", ok=False)
-    write(config, json.dumps({"chat_template": QWEN}))
-    settings = ("train.steps=4", "train.batch_size=8", "train.eval_every=4")
-    cli("finetune", *common, "--run-dir", root / "run", *[a for s in settings for a in ("--set", s)])
-    return {"root": root, "run": root / "run", "shown": shown, "refused": refused}
-
-
-@pytest.mark.slow
-def test_finetuning_uses_and_records_the_model_template(chatml_run):
-    assert "<|im_start|>assistant\n⟦a<|im_end|>⟧" in chatml_run["shown"]
-    assert chatml_run["shown"].split("\n", 1)[1].count("⟦") == 1  # the system and user turns are not trained
-    refused = chatml_run["refused"]
-    assert refused.exit_code == 2 and "Conversation roles must alternate" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1
-    info = taskinfo.read(chatml_run["run"])
-    assert info.task == "instruct" and info.chat_template == QWEN
-
-
-@pytest.mark.slow
-def test_generate_chat_keeps_the_conversation_and_stops_at_the_end_of_turn(cli, chatml_run, monkeypatch):
-    from bigmodel_cli.evaluate import generate
-
-    prompts = []
-    real = generate.generate_ids
-
-    def recording(loaded, ids, *args, **kwargs):
-        prompts.append(ids[0])
-        return real(loaded, ids, *args, **kwargs)
-
-    monkeypatch.setattr(generate, "generate_ids", recording)
-    run, fmt = chatml_run["run"], ChatFormat(QWEN)
-    tokenizer = Tokenizer(run / "tokenizer.model")
-    greedy = ("--temperature", "0", "--max-new-tokens", "12")
-    first = chat_cli("generate", run, "--chat", "--prompt", "say a", *greedy, input="never read\n")
-    assert len(prompts) == 1 and first.exit_code == 0  # --prompt with --chat: that one message
-    reply = first.stdout.removesuffix("\n")
-    prompts.clear()
-    out = chat_cli("generate", run, "--chat", *greedy, input="say a\nsay b\n\nnot read\n")
-    assert out.stdout.startswith(first.stdout) and len(prompts) == 2  # the empty line ended the conversation
-    history = [{"role": "user", "content": "say a"}, {"role": "assistant", "content": reply}]
-    history.append({"role": "user", "content": "say b"})
-    assert prompts == [tokenizer.encode([fmt.render(h, add_generation_prompt=True)])[0] for h in (history[:1], history)]
-    prompts.clear()
-    answered = cli("generate", run, "--prompt", "say b", *greedy)  # an instruct run answers as a chat turn
-    assert prompts == [tokenizer.encode([fmt.render([{"role": "user", "content": "say b"}], True)])[0]]
-    assert not answered.stdout.startswith("say b")
-    prompts.clear()
-    assert chat_cli("generate", run, "--chat", *greedy, input="/exit\nsay a\n").stdout == "" and prompts == []
-    # A reply ends where the template ends the assistant's turn.
-    said = tokenizer.encode(["Sure.<|im_end|>\n<|im_start|>user\nmore"])[0]
-    monkeypatch.setattr(generate, "generate_ids", lambda *args, **kwargs: [said])
-    assert chat_cli("generate", run, "--chat", input="hi\n").stdout == "Sure.\n"
-    refused = cli("generate", run, "--chat", "--raw", ok=False)
-    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
-        "error: --raw continues plain text and --chat holds a conversation: pass one of them"
-    ]
-
-
-@pytest.mark.slow
-def test_the_hf_export_carries_the_template_transformers_renders_as_we_do(cli, chatml_run):
-    out = chatml_run["root"] / "hf"
-    cli("export", chatml_run["run"], "--out", out, "--format", "hf")
-    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == QWEN
-    hf = transformers.AutoTokenizer.from_pretrained(str(out))
-    ours = chat_format(Tokenizer(chatml_run["run"] / "tokenizer.model"))
-    ours = ChatFormat(QWEN, ours.special_tokens)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for messages, generation in (([SYSTEM, *CHAT], False), (CHAT[:3], True)):
-            assert hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation) == (
-                ours.render(messages, generation)
-            )
 
 
 def test_an_export_stops_generation_at_the_templates_end_of_turn_token_too(bpe, tmp_path):

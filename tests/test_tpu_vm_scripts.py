@@ -2,113 +2,37 @@
 
 gcloud is never run: a stub that fails loudly is put first on PATH, and the
 scripts are run with --dry-run, which prints the gcloud commands instead. The
-worker-side shell snippets that the scripts hand to `gcloud ... ssh --command`
-are also run here, in a throwaway $HOME with a fake `bigmodel`, to check that
-the quoting survives and that launch/stop do what they claim.
+worker-side shell snippets that launch and stop hand to `gcloud ... ssh --command`
+are run in test_tpu_vm_worker.py.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import stat
-import subprocess
-import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT_DIR = ROOT / "scripts" / "tpu_vm"
-SCRIPTS = ["create.sh", "setup.sh", "launch.sh", "logs.sh", "stop.sh", "delete.sh"]
-ZONE = "us-central2-b"
-TPU = ["--name", "my-tpu", "--zone", ZONE]
-# Arguments each script needs besides --name/--zone for a dry run to succeed.
-REQUIRED = {
-    "create.sh": ["--accelerator-type", "v5litepod-16"],
-    "setup.sh": ["--source", "git+https://example.com/bigmodel.git"],
-    "launch.sh": ["--", "bigmodel", "--help"],
-    "logs.sh": [],
-    "stop.sh": [],
-    "delete.sh": [],
-}
-# A command with spaces, both kinds of quotes and shell metacharacters.
-TRICKY_CMD = [
-    "bigmodel",
-    "pretrain",
-    "recipes/base.toml",
-    "--run-dir",
-    "gs://bucket/runs/r1",
-    "--note",
-    'it\'s a "quoted" note; $HOME `x` & *',
-]
+from tests.tpu_vm_helpers import (
+    REQUIRED,
+    SCRIPT_DIR,
+    SCRIPTS,
+    TPU,
+    TRICKY_CMD,
+    ZONE,
+    assert_one_line_error,
+    bash_words,
+    dry_run,
+    gcloud_stub_env,
+    option,
+    run_remote,
+    script,
+)
 
 
 @pytest.fixture
 def env(tmp_path):
-    """Environment with no BIGMODEL_TPU_* defaults and a gcloud stub on PATH."""
-    stub_dir = tmp_path / "stub-bin"
-    stub_dir.mkdir()
-    marker = tmp_path / "gcloud-was-called"
-    stub = stub_dir / "gcloud"
-    stub.write_text(f'#!/bin/sh\necho "$@" >> {marker}\necho "gcloud stub called" >&2\nexit 97\n')
-    stub.chmod(0o755)
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("BIGMODEL_TPU_")}
-    clean["PATH"] = f"{stub_dir}{os.pathsep}{clean.get('PATH', '')}"
-    yield clean
-    assert not marker.exists(), f"gcloud was called: {marker.read_text()}"
-
-
-def script(name: str, *args: str, env: dict, stdin: str | None = "") -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(SCRIPT_DIR / name), *args],
-        env=env,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-
-
-def dry_run(name: str, *args: str, env: dict) -> list[list[str]]:
-    """Runs a script with --dry-run; returns its commands, each split the way bash would."""
-    proc = script(name, "--dry-run", *args, env=env)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines, "dry run printed nothing"
-    return [bash_words(line) for line in lines]
-
-
-def bash_words(line: str) -> list[str]:
-    """The words that bash makes of a line (so the line can be pasted into a shell)."""
-    proc = subprocess.run(
-        ["bash", "-c", 'eval "set -- $1" && printf "%s\\0" "$@"', "_", line],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return proc.stdout.split("\0")[:-1]
-
-
-def option(argv: list[str], name: str) -> str:
-    """The value of `name VALUE` or `name=VALUE` in argv."""
-    for i, arg in enumerate(argv):
-        if arg == name:
-            return argv[i + 1]
-        if arg.startswith(name + "="):
-            return arg[len(name) + 1 :]
-    raise AssertionError(f"{name} not in {argv}")
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
-    assert proc.returncode != 0
-    assert proc.stdout == ""
-    err = proc.stderr.strip()
-    assert len(err.splitlines()) == 1, err
-    assert "error" in err
-    for needle in needles:
-        assert needle in err
+    yield from gcloud_stub_env(tmp_path)
 
 
 # --- every script ---------------------------------------------------------------------------
@@ -277,125 +201,6 @@ def test_launch_errors(env):
     assert_one_line_error(script("launch.sh", "--dry-run", *TPU, "--", env=env), "missing command")
     proc = script("launch.sh", "--dry-run", *TPU, "--run", "../x", "--", "bigmodel", env=env)
     assert_one_line_error(proc, "run name")
-
-
-def worker_home(tmp_path: Path, fake_bigmodel: str) -> dict:
-    """A throwaway worker $HOME with ~/bigmodel-venv holding a fake `bigmodel`."""
-    home = tmp_path / "worker-home"
-    bin_dir = home / "bigmodel-venv" / "bin"
-    bin_dir.mkdir(parents=True)
-    (bin_dir / "activate").write_text(f'PATH="{bin_dir}:$PATH"\n')
-    fake = bin_dir / "bigmodel"
-    fake.write_text("#!/usr/bin/env bash\n" + fake_bigmodel)
-    fake.chmod(0o755)
-    return {"HOME": str(home), "PATH": os.environ["PATH"], "LC_ALL": "C"}
-
-
-def run_remote(remote: str, worker_env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
-    """Runs a worker-side snippet the way sshd would: `bash -c SNIPPET` in $HOME."""
-    return subprocess.run(
-        ["bash", "-c", remote],
-        env=worker_env,
-        cwd="/",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-RECORD_ARGS = 'printf "%s\\0" "$@" > "$HOME/argv"\necho "fake bigmodel ran"\n'
-
-
-def test_launch_foreground_runs_exact_command(tmp_path, env):
-    worker = worker_home(tmp_path, RECORD_ARGS)
-    (cmd,) = dry_run("launch.sh", *TPU, "--foreground", "--", *TRICKY_CMD, env=env)
-    proc = run_remote(option(cmd, "--command"), worker)
-    assert proc.returncode == 0, proc.stderr
-    assert "fake bigmodel ran" in proc.stdout
-    home = Path(worker["HOME"])
-    assert (home / "argv").read_text().split("\0")[:-1] == TRICKY_CMD[1:]
-    assert "fake bigmodel ran" in (home / "bigmodel-logs" / "r1.log").read_text()
-
-
-def wait_for(predicate, timeout: float = 15) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie left for the init process to reap counts as gone.
-    stat_file = Path(f"/proc/{pid}/stat")
-    return not (stat_file.exists() and stat_file.read_text().split(") ", 1)[1].startswith("Z"))
-
-
-@pytest.fixture
-def cleanup_pids():
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-needs_setsid = pytest.mark.skipif(shutil.which("setsid") is None, reason="setsid (util-linux) not installed")
-
-
-@needs_setsid
-def test_launch_background_then_stop(tmp_path, env, cleanup_pids):
-    # A fake training run: records its argv, then saves a "checkpoint" and exits on SIGTERM.
-    worker = worker_home(
-        tmp_path,
-        RECORD_ARGS + "trap 'echo checkpoint saved; exit 0' TERM\nwhile :; do sleep 0.1; done\n",
-    )
-    home = Path(worker["HOME"])
-    (launch,) = dry_run("launch.sh", *TPU, "--", *TRICKY_CMD, env=env)
-    proc = run_remote(option(launch, "--command"), worker)
-    assert proc.returncode == 0, proc.stderr
-    assert "started r1" in proc.stdout
-    pid = int((home / "bigmodel-logs" / "r1.pid").read_text())
-    cleanup_pids.append(pid)
-    assert wait_for(lambda: (home / "argv").exists())
-    assert (home / "argv").read_text().split("\0")[:-1] == TRICKY_CMD[1:]
-    assert pid_alive(pid)
-
-    # A second launch of the same run refuses to start.
-    again = run_remote(option(launch, "--command"), worker)
-    assert again.returncode != 0
-    assert "already running" in again.stderr
-
-    (stop,) = dry_run("stop.sh", *TPU, "--grace", "10", env=env)
-    assert "--worker=all" in stop
-    proc = run_remote(option(stop, "--command"), worker)
-    assert proc.returncode == 0, proc.stderr
-    assert "SIGTERM" in proc.stdout and "SIGKILL to" not in proc.stdout
-    assert wait_for(lambda: not pid_alive(pid))
-    assert "checkpoint saved" in (home / "bigmodel-logs" / "r1.log").read_text()
-    assert not (home / "bigmodel-logs" / "r1.pid").exists()
-
-
-@needs_setsid
-def test_stop_kills_after_grace(tmp_path, env, cleanup_pids):
-    # A run that ignores SIGTERM must be killed once the grace period is over.
-    worker = worker_home(tmp_path, "trap '' TERM\nwhile :; do sleep 0.1; done\n")
-    (launch,) = dry_run("launch.sh", *TPU, "--run", "stuck", "--", "bigmodel", env=env)
-    assert run_remote(option(launch, "--command"), worker).returncode == 0
-    pid = int((Path(worker["HOME"]) / "bigmodel-logs" / "stuck.pid").read_text())
-    cleanup_pids.append(pid)
-    (stop,) = dry_run("stop.sh", *TPU, "--run", "stuck", "--grace", "1", env=env)
-    proc = run_remote(option(stop, "--command"), worker)
-    assert proc.returncode == 0, proc.stderr
-    assert "SIGKILL to" in proc.stdout
-    assert wait_for(lambda: not pid_alive(pid))
 
 
 # --- logs.sh --------------------------------------------------------------------------------

@@ -345,3 +345,34 @@ def test_the_training_files_columns_do_not_carry_into_evaluation():
     carried = task_eval.task_options("classify", info, [])
     assert carried.columns == "" and carried.text_field == "body"  # the prompt options do carry
     assert task_eval.task_options("classify", info, ["task.columns=label,body"]).columns == "label,body"
+
+
+def test_predictions_files_score_alike_whatever_their_shape_and_name_what_they_lack(cli, world, tmp_path):
+    """SQuAD's {id: answer}, JSONL lines (one or many) and the predictions.jsonl evaluate writes all score the same
+    answers alike; questions sharing an id are refused, since predictions are matched by id; examples without a
+    prediction are counted and named in a warning."""
+    r = world["root"]
+    qa = ["evaluate", "--task", "qa", "--data", r / "cmrc.json", "--json", "--predictions"]
+    as_dict = _json(cli(*qa, r / "cmrc_preds.json", "--out", tmp_path / "dict"))
+    answers = json.loads((r / "cmrc_preds.json").read_text())
+    lines = "".join(json.dumps({"id": k, "prediction": v}, ensure_ascii=False) + "\n" for k, v in answers.items())
+    for name in ("preds.jsonl", "preds.json"):  # by its name, or by holding more than one JSON value
+        (tmp_path / name).write_text(lines, encoding="utf-8")
+        assert _json(cli(*qa, tmp_path / name)) == as_dict
+    assert _json(cli(*qa, tmp_path / "dict" / "predictions.jsonl")) == as_dict  # what evaluate wrote
+    (tmp_path / "one.json").write_text(lines.splitlines()[0], encoding="utf-8")  # one JSONL line: only "a"
+    one = cli(*qa, tmp_path / "one.json")
+    assert _json(one)["missing"] == 2 and _json(one)["exact_match"] == pytest.approx(100 / 3)
+    assert "2 of 3 examples have no prediction" in one.stderr
+
+    squad = json.loads((r / "cmrc.json").read_text())
+    squad["data"][0]["paragraphs"][0]["qas"][2]["id"] = "a"
+    (tmp_path / "twice.json").write_text(json.dumps(squad, ensure_ascii=False), encoding="utf-8")
+    twice = ["evaluate", "--task", "qa", "--data", tmp_path / "twice.json", "--predictions", r / "cmrc_preds.json"]
+    _refused(cli, *twice, mentions="questions 1 and 3 both have the id 'a'")
+
+    classify = ["evaluate", "--task", "classify", "--data", r / "agnews.tsv", "--columns", "label,text", "--json"]
+    (tmp_path / "two.jsonl").write_text("".join(json.dumps({"id": i, "prediction": "3"}) + "\n" for i in "12"))
+    scored = cli(*classify, "--predictions", tmp_path / "two.jsonl")
+    assert _json(scored)["missing"] == 1 and _json(scored)["accuracy"] == pytest.approx(100 / 3)
+    assert "1 of 3 examples have no prediction" in scored.stderr

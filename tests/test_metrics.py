@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import sacrebleu
 
@@ -27,12 +28,26 @@ def test_macro_f1_known_values():
     # a: TP1 FP0 FN1 -> P=1 R=1/2 F1=2/3; b: TP1 FP2 FN0 -> P=1/3 R=1 F1=1/2; c: TP0 -> 0.
     # Macro = (2/3 + 1/2 + 0) / 3 = 7/18.
     assert M.macro_f1(preds, golds) == pytest.approx(7 / 18)
-    # "d" is neither gold nor predicted: it contributes nothing.
-    assert M.macro_f1(preds, golds, labels=["a", "b", "c", "d"]) == pytest.approx(7 / 18)
-    # "e" is predicted but not gold: outside the label set unless listed, then it scores F1 0.
-    assert M.macro_f1(["a", "e"], ["a", "b"]) == pytest.approx(1 / 2)
-    assert M.macro_f1(["a", "e"], ["a", "b"], labels=["e"]) == pytest.approx(1 / 3)
+    # "e" is predicted but not gold: a label of its own, with F1 0, as scikit-learn counts it.
+    assert M.macro_f1(["a", "e"], ["a", "b"]) == pytest.approx(1 / 3)
+    # An example without a prediction misses its gold label and adds no label.
+    assert M.macro_f1(["a", ""], ["a", "b"]) == pytest.approx(1 / 2)
     assert M.macro_f1(golds, golds) == 1.0
+
+
+def test_macro_f1_equals_scikit_learns_with_labels_outside_the_gold_set_and_missing_predictions():
+    from sklearn.metrics import f1_score  # the dev extra's reference
+
+    rng = np.random.default_rng(0)
+    for trial in range(50):
+        golds = list(rng.choice(["0", "1", "2"], size=int(rng.integers(1, 40))))
+        preds = list(rng.choice(["0", "1", "2", "3", ""], size=len(golds)))  # "3": outside the set; "": none
+        labels = sorted(set(golds) | {p for p in preds if p})
+        expected = f1_score(golds, preds, labels=labels, average="macro", zero_division=0)
+        assert M.macro_f1(preds, golds) == pytest.approx(expected, abs=1e-12), trial
+        if "" not in preds:  # without missing predictions, f1_score's defaults give the same
+            default = f1_score(golds, preds, average="macro", zero_division=0)
+            assert M.macro_f1(preds, golds) == pytest.approx(default, abs=1e-12), trial
 
 
 # ---------------------------------------------------------------------------------------------------------

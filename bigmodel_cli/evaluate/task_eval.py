@@ -179,8 +179,13 @@ def run(
         if trained_labels:
             kind.check_labels(examples, trained_labels)
         seq_len = (trained.seq_len if trained is not None else 0) or (loaded.seq_len if loaded else 0)
+        missing = 0
         if predictions is not None:
             preds = kind.read_predictions(predictions)
+            ids = {e.id for e in examples}
+            if missing := len(ids - preds.keys()):
+                where = f"{missing} of {len(ids)} examples have no prediction in {predictions}"
+                warnings.warn(TaskWarning(f"{where}: each is scored as an empty answer"), stacklevel=2)
         else:
             tokenizer = loaded.tokenizer("evaluation needs the model's tokenizer")
             tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)  # chats as the model was trained
@@ -190,6 +195,8 @@ def run(
             metrics = _loss(kind, loaded, predictor.tokenizer, examples, opts, seq_len, batch_size, str(data))
         else:
             metrics = kind.score(examples, preds, settings)
+            if predictions is not None:
+                metrics.setdefault("missing", missing)
     for warning in caught:  # skipped or cut data: one line each, after the results are in
         print(f"warning: {warning.message}", file=sys.stderr)
     metrics = {"task": task, "data": str(data), **metrics}

@@ -81,10 +81,10 @@ class Classify(Task):
         return {id_: labels[i] for id_, i in picked.items()}
 
     def score(self, examples: Sequence[Example], predictions: dict[str, str], settings: EvalSettings) -> dict:
-        """Accuracy and macro F1 (percentages) over the label set."""
+        """Accuracy and macro F1 (percentages; macro F1 over the gold and predicted labels, as scikit-learn)."""
         preds, golds = predictions_and_references(examples, predictions)
         return {
             "accuracy": 100 * M.accuracy(preds, golds),
-            "macro_f1": 100 * M.macro_f1(preds, golds, list(settings.labels) or None),
+            "macro_f1": 100 * M.macro_f1(preds, golds),
             "total": len(examples),
         }

@@ -61,15 +61,12 @@ def accuracy(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> float:
     return sum(p == g for p, g in zip(preds, golds, strict=True)) / len(golds)
 
 
-def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable], labels: Sequence[Hashable] | None = None) -> float:
-    """Return the unweighted mean (0-1) of per-label F1 over the gold labels plus the given labels."""
+def macro_f1(preds: Sequence[Hashable], golds: Sequence[Hashable]) -> float:
+    """Return the unweighted mean (0-1) of per-label F1 over every label that is gold or predicted, as
+    scikit-learn's f1_score(golds, preds, average="macro") does. An empty prediction (an example without one)
+    is a miss of its gold label, not a label of its own: f1_score with labels= the gold and predicted ones."""
     _check_pairs(preds, golds)
-    predicted = set(preds)
-    gold_set = set(golds)
-    # A listed label that never occurs on either side has no defined F1; counting it as 0 would punish a
-    # model for a class the data does not contain, so it is left out. Labels only ever predicted (and not
-    # listed) are already penalised through the recall of the gold labels they replaced.
-    label_set = gold_set | {lab for lab in (labels or ()) if lab in predicted}
+    label_set = set(golds) | {p for p in preds if p != ""}
     tp: Counter[Hashable] = Counter()
     fp: Counter[Hashable] = Counter()
     fn: Counter[Hashable] = Counter()

@@ -121,30 +121,44 @@ class QA(Task):
 
     def select(self, examples: list[Example], settings: EvalSettings) -> list[Example]:
         """The examples of the file's first settings.max_examples questions (0: all)."""
-        if not settings.max_examples:
-            return examples
-        wanted = set(_scored_ids(R.read_json(settings.data, _WHAT), settings.max_examples))
-        return [e for e in examples if e.id in wanted]
+        wanted = set(_scored_ids(R.read_json(settings.data, _WHAT), settings.max_examples, settings.data))
+        return [e for e in examples if e.id in wanted] if settings.max_examples else examples
 
     def read_predictions(self, path: Path) -> dict[str, str]:
-        """SQuAD's {id: answer} JSON, or JSONL lines with `id` and `prediction`."""
+        """SQuAD's {id: answer} JSON, or JSONL lines with `id` and `prediction` (the predictions.jsonl evaluate
+        writes): a .jsonl file, more than one JSON value, or one object holding `id` and `prediction`."""
         text = predictions_text(path)
-        if not text.lstrip().startswith("{"):
+        if Path(str(path)).suffix == ".jsonl":
             return jsonl_predictions(path, text)
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # a value after the first one: JSONL
+                return jsonl_predictions(path, text)
             raise UserError(f"{path} is not valid JSON ({err.msg}): expected SQuAD's {{id: answer}}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path} holds a JSON {type(data).__name__}: expected SQuAD's {{id: answer}}")
+        if {"id", "prediction"} <= data.keys():  # a one-line JSONL file
+            return jsonl_predictions(path, text)
         return {str(k): str(v) for k, v in data.items()}
 
     def score(self, examples: Sequence[Example], predictions: dict[str, str], settings: EvalSettings) -> dict:
         """EM and F1 over the file's questions (the first max_examples), by the official scripts' rules."""
         dataset = R.read_json(settings.data, _WHAT)  # as read() read it
-        scored = _scored_ids(dataset, settings.max_examples)
+        scored = _scored_ids(dataset, settings.max_examples, settings.data)
         return qa_metrics.qa_scores(dataset, predictions, metric=settings.metric, question_ids=scored)
 
 
-def _scored_ids(dataset, max_examples: int) -> list[str]:
-    """The ids of the questions scored, in file order: all of them, or the first max_examples."""
+def _scored_ids(dataset, max_examples: int, path: Path) -> list[str]:
+    """The ids of the questions scored, in file order: all of them, or the first max_examples. Predictions are
+    keyed by id, so two questions with one id could not both be scored against their own answers: refused."""
     ids = qa_metrics.question_ids(dataset)
+    first: dict[str, int] = {}
+    for number, qid in enumerate(ids, start=1):
+        if qid in first:
+            raise UserError(
+                f"{path}: questions {first[qid]} and {number} both have the id {qid!r}, and predictions are "
+                "matched by id: give every question its own id (one without an id is numbered by its position)"
+            )
+        first[qid] = number
     return ids[:max_examples] if max_examples else ids

@@ -228,3 +228,39 @@ def test_bad_inputs_are_one_line_user_errors(task, name, content, message, tmp_p
     with pytest.raises(UserError, match=message) as err:
         tasks.get(task).load(path, TaskOptions())
     assert "\n" not in str(err.value)
+
+
+def test_line_and_paragraph_separators_inside_records_do_not_split_them(cli, tmp_path):
+    """JSON Lines and line-aligned files end their lines at "\\n" only: a summary holding U+2028 (json.dumps with
+    ensure_ascii=False writes it raw), a sentence holding U+0085 or a form feed stays one record."""
+    summaries = ["The ferry\u2028sank.", "No one\x85was hurt.", "Rain\x0cfell."]
+    rows = [{"document": FILLER, "summary": s} for s in summaries]
+    data = write(tmp_path / "s.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    examples, _ = tasks.get("summarize").load(data, TaskOptions())
+    assert [e.references[0] for e in examples] == summaries
+    preds = [{"id": e.id, "prediction": s} for e, s in zip(examples, summaries, strict=True)]
+    write(tmp_path / "p.jsonl", "\ufeff" + "".join(json.dumps(p, ensure_ascii=False) + "\r\n" for p in preds))  # BOM
+    scored = cli("evaluate", "--task", "summarize", "--data", data, "--predictions", tmp_path / "p.jsonl", "--json")
+    assert json.loads(scored.stdout.splitlines()[-1])["rouge1"] == pytest.approx(100)
+    english = write(tmp_path / "en.txt", "The ferry sank.\nNo one was hurt.\nIt rained.\n")
+    german = write(tmp_path / "de.txt", "Die Fähre\u2028sank.\nNiemand\x85wurde verletzt.\nEs\x0cregnete.\n")
+    pairs, _ = tasks.get("translate").load(english, TaskOptions(), path2=german)
+    assert len(pairs) == 3 and pairs[2].references[0] == "Es\x0cregnete."
+
+
+def test_examples_sharing_an_id_or_a_null_prediction_are_refused_in_one_line(cli, tmp_path):
+    rows = [{"id": "x", "document": FILLER, "summary": "A river."}, {"id": "x", "document": CHINESE, "summary": "城"}]
+    data = write(tmp_path / "s.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    preds = write(tmp_path / "p.jsonl", json.dumps({"id": "x", "prediction": "A river."}) + "\n")
+    args = ("evaluate", "--task", "summarize", "--data", data, "--predictions", preds)
+    refused = cli(*args, ok=False)
+    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
+        f"error: {data}: examples 1 and 2 both have the id 'x', and predictions are matched by id: give every one its "
+        "own id (one without an id is numbered by its position)"
+    ]
+    write(data, "".join(json.dumps({**r, "id": str(i)}, ensure_ascii=False) + "\n" for i, r in enumerate(rows)))
+    write(preds, '{"id": "0", "prediction": null}\n{"id": "1", "prediction": "城"}\n')
+    null = cli(*args, ok=False)
+    assert null.exit_code == 2 and null.stderr.strip().splitlines() == [
+        f'error: {preds}:1: the prediction is null, not text: write "" for no answer'
+    ]

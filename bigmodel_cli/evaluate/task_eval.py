@@ -22,7 +22,7 @@ from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model import quantize as quantization
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.tasks import taskinfo
-from bigmodel_cli.tasks.base import EvalSettings, Task
+from bigmodel_cli.tasks.base import EvalSettings, Task, check_unique_ids
 from bigmodel_cli.tasks.metrics import perplexity
 from bigmodel_cli.tasks.options import Example, TaskOptions, TaskWarning
 from bigmodel_cli.tasks.qa_metrics import QA_METRICS
@@ -176,6 +176,8 @@ def run(
         labels = tuple(trained_labels or data_info.get("labels", []))
         settings = EvalSettings(storage.path(data), opts, labels=labels, metric=metric, max_examples=max_examples)
         examples = kind.select(examples, settings)
+        if kind.keyed_by_id:
+            check_unique_ids([e.id for e in examples], storage.path(data))
         if trained_labels:
             kind.check_labels(examples, trained_labels)
         seq_len = (trained.seq_len if trained is not None else 0) or (loaded.seq_len if loaded else 0)

@@ -21,7 +21,7 @@ from bigmodel_cli.tasks import layout
 from bigmodel_cli.tasks.chat import END_OF_TURN
 from bigmodel_cli.tasks.layout import CONTEXT, PROMPT, TARGET
 from bigmodel_cli.tasks.options import Example, TaskOptions
-from bigmodel_cli.tasks.records import file_kind
+from bigmodel_cli.tasks.records import file_kind, lines, read_text
 
 
 class Predictor(Protocol):
@@ -55,6 +55,7 @@ class Task:
     paired_files = False  # a second, line-aligned file may hold the targets (translate)
     metric_choices: tuple[str, ...] = ()  # the metrics --metric chooses among (qa); () = fixed metrics
     pairs = False  # examples are preference pairs (a chosen and a rejected completion), not one target
+    keyed_by_id = True  # predictions are matched to examples by id (instruct: scored by loss, keyed by nothing)
 
     # ---- files -> Examples ------------------------------------------------------------------------------
 
@@ -163,22 +164,44 @@ def answer_line(generated: str) -> str:
     return generated.split(END_OF_TURN)[0].strip().split("\n")[0].strip()
 
 
+def check_unique_ids(ids: Sequence[str], path: Path, what: str = "examples") -> None:
+    """Refuse two examples (or questions) with one id: predictions are matched by id, so both would get one
+    prediction and the score would change without a word."""
+    first: dict[str, int] = {}
+    for number, id_ in enumerate(ids, start=1):
+        if id_ in first:
+            raise UserError(
+                f"{path}: {what} {first[id_]} and {number} both have the id {id_!r}, and predictions are matched by "
+                f"id: give every one its own id (one without an id is numbered by its position)"
+            )
+        first[id_] = number
+
+
 def predictions_text(path: Path) -> str:
-    """A predictions file's text, or a UserError when it does not exist."""
-    if not storage.path(path).is_file():
-        raise UserError(f"predictions file {path} not found")
-    return storage.path(path).read_text(encoding="utf-8")
+    """A predictions file's text, as task files are read (a byte-order mark dropped), or a UserError."""
+    return read_text(path, "predictions")
 
 
 def jsonl_predictions(path: Path, text: str) -> dict[str, str]:
     """{id: prediction} of JSONL lines with `id` and `prediction` (the predictions.jsonl evaluate writes)."""
     out = {}
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(lines(text), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            out[str(row["id"])] = str(row["prediction"])
+            out[str(row["id"])] = prediction_text(row["prediction"], f"{path}:{number}")
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{number} is not a JSON object with `id` and `prediction`") from None
     return out
+
+
+def prediction_text(value, where: str) -> str:
+    """A prediction as the metrics read it: a string, or a number (a class label written as one). A null would
+    otherwise be scored as the word "None"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    shown = "null" if value is None else type(value).__name__
+    raise UserError(f'{where}: the prediction is {shown}, not text: write "" for no answer')

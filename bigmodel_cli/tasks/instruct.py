@@ -72,6 +72,7 @@ def _chat_messages(where: str, record: dict) -> list[dict]:
 
 class Instruct(Task):
     name = "instruct"
+    keyed_by_id = False
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
         records = R.json_records(path, "instruction", "a JSON list of Alpaca records or chats")

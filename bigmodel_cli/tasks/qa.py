@@ -15,7 +15,15 @@ from pathlib import Path
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.tasks import qa_metrics
 from bigmodel_cli.tasks import records as R
-from bigmodel_cli.tasks.base import EvalSettings, Task, answer_line, jsonl_predictions, predictions_text
+from bigmodel_cli.tasks.base import (
+    EvalSettings,
+    Task,
+    answer_line,
+    check_unique_ids,
+    jsonl_predictions,
+    prediction_text,
+    predictions_text,
+)
 from bigmodel_cli.tasks.layout import ANSWER, CONTEXT, PROMPT, TARGET
 from bigmodel_cli.tasks.options import Example, TaskOptions
 
@@ -140,7 +148,7 @@ class QA(Task):
             raise UserError(f"{path} holds a JSON {type(data).__name__}: expected SQuAD's {{id: answer}}")
         if {"id", "prediction"} <= data.keys():  # a one-line JSONL file
             return jsonl_predictions(path, text)
-        return {str(k): str(v) for k, v in data.items()}
+        return {str(k): prediction_text(v, f"{path}: question {k!r}") for k, v in data.items()}
 
     def score(self, examples: Sequence[Example], predictions: dict[str, str], settings: EvalSettings) -> dict:
         """EM and F1 over the file's questions (the first max_examples), by the official scripts' rules."""
@@ -150,15 +158,7 @@ class QA(Task):
 
 
 def _scored_ids(dataset, max_examples: int, path: Path) -> list[str]:
-    """The ids of the questions scored, in file order: all of them, or the first max_examples. Predictions are
-    keyed by id, so two questions with one id could not both be scored against their own answers: refused."""
+    """The ids of the questions scored, in file order: all of them, or the first max_examples (each id once)."""
     ids = qa_metrics.question_ids(dataset)
-    first: dict[str, int] = {}
-    for number, qid in enumerate(ids, start=1):
-        if qid in first:
-            raise UserError(
-                f"{path}: questions {first[qid]} and {number} both have the id {qid!r}, and predictions are "
-                "matched by id: give every question its own id (one without an id is numbered by its position)"
-            )
-        first[qid] = number
+    check_unique_ids(ids, path, "questions")
     return ids[:max_examples] if max_examples else ids

@@ -44,6 +44,13 @@ def read_text(path: Path, what: str) -> str:
     return text
 
 
+def lines(text: str) -> list[str]:
+    """The lines of a text read_text returned, split at "\n" only, as JSON Lines and `wc -l` count them:
+    str.splitlines also splits at U+2028, U+0085 and form feeds, which JSON strings and sentences may hold."""
+    parts = text.split("\n")
+    return parts[:-1] if parts[-1] == "" else parts
+
+
 def file_kind(path: Path) -> str:
     """The format suffix, ignoring a compression suffix: 'json', 'jsonl', 'csv', 'tsv', ..."""
     path = storage.path(path)
@@ -62,7 +69,7 @@ def read_json(path: Path, what: str) -> Any:
 def read_jsonl(path: Path, what: str) -> list[tuple[str, dict]]:
     """(where, record) for every non-blank line; `where` is 'file:line' for error messages."""
     records = []
-    for number, line in enumerate(read_text(path, what).splitlines(), start=1):
+    for number, line in enumerate(lines(read_text(path, what)), start=1):
         if not line.strip():
             continue
         try:

@@ -23,8 +23,8 @@ class Translate(Task):
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
         if path2 is not None:
-            sources = R.read_text(path, f"{opts.source_lang} text").splitlines()
-            targets = R.read_text(path2, f"{opts.target_lang} text").splitlines()
+            sources = R.lines(R.read_text(path, f"{opts.source_lang} text"))
+            targets = R.lines(R.read_text(path2, f"{opts.target_lang} text"))
             if len(sources) != len(targets):
                 raise UserError(
                     f"{path} has {len(sources)} lines but {path2} has {len(targets)}: the two translate files "

@@ -157,26 +157,55 @@ def chrf(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     return float(sacrebleu.corpus_chrf(list(hypotheses), [list(references)]).score)
 
 
+class CjkCharacterTokenizer:
+    """rouge_score's tokenizer for Chinese and Japanese text: each Han or kana character one token, as Chinese
+    summarization (LCSTS, NLPCC) scores ROUGE, and any other run of letters or digits one lowercase word.
+    Punctuation separates and is dropped, as in rouge_score's own tokenizer."""
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens: list[str] = []
+        word = ""
+        for ch in text.lower():
+            cjk = _is_han(ord(ch)) or 0x3040 <= ord(ch) <= 0x30FF
+            if ch.isalnum() and not cjk:
+                word += ch
+                continue
+            tokens += [word] if word else []
+            word = ""
+            tokens += [ch] if cjk and ch.isalnum() else []
+        return tokens + ([word] if word else [])
+
+
+# What the ROUGE numbers were computed on, recorded beside them as BLEU's signature is.
+ROUGE_WORDS = "rouge_score words, Porter-stemmed"
+ROUGE_CJK_CHARACTERS = "Han and kana characters, other words lowercased"
+
+
 @functools.cache
-def _rouge_scorer() -> Any:
-    """Return a shared ROUGE-1/2/L scorer with Porter stemming."""
+def _rouge_scorer(tokenize: str) -> Any:
+    """A shared ROUGE-1/2/L scorer: rouge_score's default (ASCII words, Porter stemming), or CJK characters."""
     from rouge_score import rouge_scorer
 
+    if tokenize == ROUGE_CJK_CHARACTERS:
+        return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=CjkCharacterTokenizer())
     return rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
 
 
-def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Return mean ROUGE-1/2/L F-measures (0-100) over the examples."""
-    # rouge_score's default tokenizer keeps only [a-z0-9] runs, so text in other scripts scores 0.
+def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    """Return mean ROUGE-1/2/L F-measures (0-100) over the examples, and what they were computed on.
+
+    rouge_score's default tokenizer keeps only [a-z0-9] runs: Chinese or Japanese text would score 0 whatever
+    the summary, so references mostly in those scripts are scored on characters instead."""
     _check_pairs(predictions, references)
-    scorer = _rouge_scorer()
+    tokenize = ROUGE_CJK_CHARACTERS if cjk_language(references) else ROUGE_WORDS
+    scorer = _rouge_scorer(tokenize)
     sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
     for prediction, reference in zip(predictions, references, strict=True):
         # The scorer's argument order is (target, prediction); swapping them swaps precision and recall.
         result = scorer.score(reference, prediction)
         for key in sums:
             sums[key] += result[key].fmeasure
-    return {key: 100.0 * value / len(predictions) for key, value in sums.items()}
+    return {**{key: 100.0 * value / len(predictions) for key, value in sums.items()}, "rouge_tokenize": tokenize}
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from bigmodel_cli.cli_app import (
     MODEL_SOURCES,
     AllowConfigChange,
     Coordinator,
+    Data2,
     NumProcesses,
     Overrides,
     ProcessId,
@@ -160,10 +161,14 @@ def finetune(
     recipe: Annotated[Path | None, typer.Argument(help="A finetuning recipe (default: the task's own).")] = None,
     task: Annotated[str, typer.Option(help="qa, classify, summarize, translate, instruct or preference.")] = "",
     init_from: Annotated[str, typer.Option(help=f"Starting model: {MODEL_SOURCES}.")] = "",
-    data: Annotated[Path | None, typer.Option(help="Task data to train on.")] = None,
-    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
-    val_data: Annotated[Path | None, typer.Option(help="Held-out task data (default: 10% of --data).")] = None,
-    val_data2: Annotated[Path | None, typer.Option(help="translate: target-language file for --val-data.")] = None,
+    data: Annotated[Path | None, typer.Option(parser=storage.parse, help="Task data to train on.")] = None,
+    data2: Data2 = None,
+    val_data: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="Held-out task data (default: 10% of --data).")
+    ] = None,
+    val_data2: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="translate: target-language file for --val-data.")
+    ] = None,
     columns: Annotated[
         str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
     ] = None,

@@ -4,11 +4,14 @@ every subcommand its one-line errors and exit codes."""
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import typing
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -54,6 +57,10 @@ MODEL_SOURCES = (
 Quantize = Annotated[
     str, typer.Option(help="int8: weight-only int8 weights with per-channel scales, for CPU and edge inference.")
 ]
+# translate's second file, wherever it lies (storage.parse keeps a gs:// URL whole)
+Data2 = Annotated[
+    Path | None, typer.Option(parser=storage.parse, help="translate: target-language file aligned with --data.")
+]
 Overrides = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set optim.lr=1e-3 (repeatable).")
 ]
@@ -78,6 +85,8 @@ def global_options(
 ) -> None:
     """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
     _options.update(debug=debug, quiet=quiet, log_format=log_format)
+    if not debug:  # gcsfs logs every failed try with its traceback; the command's last line names the cause
+        logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
     from bigmodel_cli.console import set_track_mode
 
     set_track_mode("quiet" if quiet else log_format)
@@ -127,8 +136,7 @@ def command(fn):
         except OSError as err:
             if _options["debug"]:
                 raise
-            where = f" {err.filename}" if err.filename else ""
-            print(f"error:{where}: {err.strerror or err} (check the path and free disk space)", file=sys.stderr)
+            print(f"error: {_os_error_line(err)}", file=sys.stderr)
             raise typer.Exit(1) from None
         except Exception as err:  # a bug, not bad input: say so, and how to see the traceback
             if _options["debug"]:
@@ -143,6 +151,18 @@ def command(fn):
                 signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
 
     return app.command()(wrapper)
+
+
+def _os_error_line(err: OSError) -> str:
+    """An I/O error as one line: the file, what went wrong, and where to look. An object store that cannot be
+    reached (no network, a name that does not resolve) is not a path or disk problem."""
+    where = f"{err.filename}: " if err.filename else ""
+    if isinstance(err, ConnectionError | TimeoutError | socket.gaierror) or type(err).__module__.startswith("aiohttp"):
+        return (
+            f"{where}{err}: the storage service could not be reached (check the network; for gs://, the "
+            "credentials too: gcloud auth application-default login)"
+        )
+    return f"{where}{err.strerror or err} (check the path and free disk space)"
 
 
 def _check_storage_clients(fn, options: dict) -> None:

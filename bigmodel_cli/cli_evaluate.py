@@ -11,6 +11,7 @@ from bigmodel_cli import storage
 from bigmodel_cli.cli_app import (
     MODEL_SOURCES,
     Coordinator,
+    Data2,
     NumProcesses,
     ProcessId,
     Quantize,
@@ -30,7 +31,10 @@ def evaluate(
         typer.Option(parser=storage.parse, help="Preprocessed data directory, or with --task a task file."),
     ] = None,
     text: Annotated[
-        Path | None, typer.Option(help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz).")
+        Path | None,
+        typer.Option(
+            parser=storage.parse, help="Perplexity and bits per byte of this whole raw text file (UTF-8, or .gz)."
+        ),
     ] = None,
     task: Annotated[
         str,
@@ -44,8 +48,10 @@ def evaluate(
             parser=storage.parse, help="preference: the reference model for rewards (default: the run's start)."
         ),
     ] = None,
-    data2: Annotated[Path | None, typer.Option(help="translate: target-language file aligned with --data.")] = None,
-    predictions: Annotated[Path | None, typer.Option(help="Score this predictions file instead of generating.")] = None,
+    data2: Data2 = None,
+    predictions: Annotated[
+        Path | None, typer.Option(parser=storage.parse, help="Score this predictions file instead of generating.")
+    ] = None,
     metric: Annotated[
         str | None, typer.Option(help="qa: squad or cmrc2018 (default: cmrc2018 for Chinese data, else squad).")
     ] = None,

@@ -1,12 +1,16 @@
 """What the CLI prints: plain text off a TTY, JSON lines on request, help with examples, report and runs."""
 
 import json
+import logging
 import os
 import re
 import select
+import socket
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests.conftest import REPO, run_cli_subprocess
 
@@ -196,3 +200,32 @@ def test_the_compile_cache_keeps_programs_over_half_a_second_unless_the_user_set
         assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.5
     finally:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+
+
+@pytest.mark.parametrize(
+    "error, line",
+    [
+        (OSError(28, "No space left on device"), "error: No space left on device (check the path and free disk space)"),
+        (
+            PermissionError(13, "Permission denied", "/runs/a/metrics.json"),
+            "error: /runs/a/metrics.json: Permission denied (check the path and free disk space)",
+        ),
+        (
+            socket.gaierror(-2, "Name or service not known"),
+            "error: [Errno -2] Name or service not known: the storage service could not be reached (check the "
+            "network; for gs://, the credentials too: gcloud auth application-default login)",
+        ),
+    ],
+)
+def test_an_io_error_ends_the_command_in_one_line_that_says_where_to_look(cli, monkeypatch, tmp_path, error, line):
+    """An OSError without a file name printed `error::`, and a bucket that could not be reached (no network: gcsfs
+    raises a socket error after its retries) was blamed on the path and the disk."""
+    from bigmodel_cli import cli_app
+
+    def fail(*args):
+        raise error
+
+    monkeypatch.setattr(cli_app, "_check_storage_clients", fail)
+    result = cli("runs", tmp_path, ok=False)
+    assert result.exit_code == 1 and result.stderr.splitlines() == [line]
+    assert logging.getLogger("gcsfs").level == logging.CRITICAL  # its per-try tracebacks stay out of the way

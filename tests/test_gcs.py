@@ -221,6 +221,14 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(bucket, tiny_data, t
     assert in_bucket["loss"] == here["loss"] and in_bucket["step"] == here["step"] == STEPS
     cli("evaluate", url, "--data", tiny_data, "--out", f"{gcs}/evals/a")  # --out in the bucket too
     assert json.loads((_bucket(gcs) / "evals" / "a" / "metrics.json").read_text())["loss"] == here["loss"]
+    (tmp_path / "held.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 20)
+    (_bucket(gcs) / "held.txt").write_text((tmp_path / "held.txt").read_text())
+    by_text = [
+        json.loads(cli("evaluate", url, "--text", t, "--json").stdout)
+        for t in (tmp_path / "held.txt", f"{gcs}/held.txt")
+    ]
+    assert by_text[1].pop("text") == f"{gcs}/held.txt" and by_text[0].pop("text") == str(tmp_path / "held.txt")
+    assert by_text[0] == by_text[1] and by_text[0]["bytes"] == 44 * 20  # --text read where it lies
 
     # generate: the bucket run's tokenizer and checkpoint give the local run's text.
     text = cli("generate", url, *PROMPT).stdout
@@ -254,14 +262,13 @@ def test_commands_read_a_bucket_run_and_write_to_the_bucket(bucket, tiny_data, t
     rows = ["label,text"] + [
         f"{'pos' if i % 2 else 'neg'},{'good fine' if i % 2 else 'bad poor'} {i}" for i in range(24)
     ]
-    (tmp_path / "cls.csv").write_text("\n".join(rows) + "\n")
+    task_file = _bucket(gcs) / "tasks" / "cls.csv"  # a task file in the bucket, read where it lies
+    task_file.write_text("\n".join(rows) + "\n")
     ft_url = f"{gcs}/runs/ft"
-    ft = ["--task", "classify", "--init-from", url, "--data", tmp_path / "cls.csv", "--run-dir", ft_url]
+    ft = ["--task", "classify", "--init-from", url, "--data", str(task_file), "--run-dir", ft_url]
     cli("finetune", *ft, "--set", "train.steps=2", "--set", "train.batch_size=8", "--set", "checkpoint.every=2")
     assert json.loads((_bucket(ft_url) / "task.json").read_text())["task"] == "classify"
     assert (_bucket(ft_url) / "tokenizer.model").read_bytes() == (local / "tokenizer.model").read_bytes()
-    task_file = _bucket(gcs) / "tasks" / "cls.csv"  # a task file in the bucket, read where it lies
-    task_file.write_text((tmp_path / "cls.csv").read_text())
     cli("evaluate", ft_url, "--task", "classify", "--data", str(task_file))
     assert "accuracy" in json.loads((_bucket(ft_url) / "eval-classify" / "metrics.json").read_text())
     cli("export", ft_url, "--out", f"{gcs}/exports/ft")

@@ -51,3 +51,33 @@ def test_another_url_scheme_is_refused_in_one_line(cli, no_gcs_client):
     result = cli("pretrain", RECIPE, "--run-dir", "s3://bucket/runs/a", ok=False)
     assert result.exit_code == 2 and "s3:// is not supported" in result.stderr
     assert list(no_gcs_client.iterdir()) == []
+
+
+# Paths a command reads or writes only on this machine: a recipe (read by tomllib), the quickstart's own folder, a
+# tokenizer handed to SentencePiece's trainer. Every other path option may name a gs:// object or directory.
+LOCAL_ONLY = {("pretrain", "recipe"), ("finetune", "recipe"), ("quickstart", "out"), ("preprocess", "tokenizer")}
+
+
+def test_every_path_a_command_takes_keeps_a_gs_url_whole():
+    """Typer makes a Path of `gs://bucket/x`, which collapses to the local `gs:/bucket/x`: a path option without
+    storage.parse silently looked for a local file (evaluate --text did)."""
+    import typing
+    from pathlib import Path
+
+    from typer.models import ArgumentInfo, OptionInfo
+
+    from bigmodel_cli import storage
+    from bigmodel_cli.cli import app
+
+    parsed, unparsed = set(), set()
+    for command in app.registered_commands:
+        for name, hint in typing.get_type_hints(command.callback, include_extras=True).items():
+            info = next(
+                (m for m in getattr(hint, "__metadata__", ()) if isinstance(m, OptionInfo | ArgumentInfo)), None
+            )
+            kind = typing.get_args(hint)[0] if info is not None else hint
+            if Path in (kind, *typing.get_args(kind), *[a for k in typing.get_args(kind) for a in typing.get_args(k)]):
+                where = (command.name or command.callback.__name__, name)
+                (parsed if getattr(info, "parser", None) is storage.parse else unparsed).add(where)
+    assert unparsed == LOCAL_ONLY
+    assert {("evaluate", "text"), ("finetune", "data"), ("evaluate", "predictions"), ("report", "run_dirs")} <= parsed

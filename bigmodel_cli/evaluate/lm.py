@@ -97,7 +97,7 @@ def run_text(
     documents in training (BOS for a tokenizer that adds one, else the EOS between documents). Bits per byte
     divide the summed loss by the text's UTF-8 bytes, so that models with different tokenizers compare."""
     quantization.check(quantize)
-    text = records.read_text(Path(text_file), "--text")
+    text = records.read_text(text_file, "--text")
     loaded = loaded or _load(model, quantize)
     tokenizer = loaded.tokenizer("--text needs the model's tokenizer")
     if tokenizer.vocab_size > loaded.model_cfg.vocab_size:

@@ -143,3 +143,37 @@ def test_token_ids_beyond_the_vocabulary_in_the_bucket_are_refused(gcs, tiny_dat
     url = _upload(data, f"{gcs}/data")
     with pytest.raises(UserError, match=r"train-00000.bin holds 1 token ids beyond .* \(the first \d+ at token 7"):
         loader.TokenWindows(url, "train", load_manifest(url), 16)
+
+
+def test_preprocess_reads_inputs_in_a_bucket_as_it_reads_them_here(cli, gcs, tmp_path):
+    """A gs:// file, prefix or glob pattern is read where it lies (compressed text, JSON Lines and Parquet alike),
+    into the tokens and manifest the same files give on local disk."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    local = tmp_path / "corpus"
+    (local / "more").mkdir(parents=True)
+    (local / "a.txt.gz").write_bytes(gzip.compress(synthetic_text(60, seed=1).encode()))
+    rows = [{"text": line} for line in synthetic_text(40, seed=2).splitlines() if line]
+    (local / "more" / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pq.write_table(pa.table({"text": [r["text"] for r in rows[::-1]]}), local / "more" / "c.parquet")
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        storage.copy_file(file, f"{gcs}/corpus/{file.relative_to(local).as_posix()}")
+
+    def tokens_and_inputs(*inputs) -> tuple[bytes, list]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        cli("preprocess", *inputs, "--out", out, "--model-type", "char", "--val-fraction", "0")
+        manifest = load_manifest(out)
+        data = b"".join((out / f["file"]).read_bytes() for f in manifest["splits"]["train"]["files"])
+        return data, manifest["inputs"]
+
+    here = tokens_and_inputs(local)
+    assert tokens_and_inputs(f"{gcs}/corpus") == here  # a prefix, as a directory
+    patterns = (str(local / "a.txt.gz"), str(local / "more" / "*"))
+    assert tokens_and_inputs(f"{gcs}/corpus/a.txt.gz", f"{gcs}/corpus/more/*") == tokens_and_inputs(*patterns)
+    missing = cli("preprocess", f"{gcs}/corpus/nothing.txt", "--out", tmp_path / "none", ok=False)
+    assert missing.exit_code == 2 and f"input {gcs}/corpus/nothing.txt not found" in missing.stderr
+    deep = cli("preprocess", f"{gcs}/corpus/**/*.jsonl", "--out", tmp_path / "none", ok=False)
+    assert deep.exit_code == 2 and "cannot hold **: name the prefix itself" in deep.stderr

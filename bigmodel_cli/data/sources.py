@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bigmodel_cli import storage
 from bigmodel_cli.data import compressed, hf_datasets
 from bigmodel_cli.errors import UserError
 
@@ -66,11 +67,12 @@ class Source:
         """What identifies this input's content: size and sha256 of a file, the cache fingerprint of a dataset."""
         if self.path is None:
             return {"name": self.name, "fingerprint": hf_datasets.load(self.hf, self.name)._fingerprint}
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as f:
+        digest, size = hashlib.sha256(), 0
+        with self.path.open("rb") as f:  # a local file or a gs:// object alike
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 digest.update(chunk)
-        return {"name": self.name, "bytes": self.path.stat().st_size, "sha256": digest.hexdigest()}
+                size += len(chunk)
+        return {"name": self.name, "bytes": size, "sha256": digest.hexdigest()}
 
 
 # ---- finding the inputs -----------------------------------------------------------------------
@@ -97,8 +99,17 @@ def _file_source(path: Path, name: str) -> Source:
     return Source(name=name, kind=found[0], path=path, compression=found[1])
 
 
+def _files_below(root: Path) -> list:
+    """Every file under a directory, or under a bucket prefix (epath refuses rglob there, so it is listed level
+    by level)."""
+    if not storage.is_url(root):
+        return [p for p in root.rglob("*") if p.is_file()]
+    children = list(root.iterdir())
+    return [p for p in children if p.is_file()] + [f for p in children if p.is_dir() for f in _files_below(p)]
+
+
 def _dir_sources(root: Path) -> list[Source]:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and _file_kind(p) is not None)
+    files = sorted(p for p in _files_below(root) if _file_kind(p) is not None)
     if not files:
         raise UserError(f"{root} holds no {', '.join(KINDS)} files: point at data files")
     return [_file_source(p, f"{root.name}/{p.relative_to(root).as_posix()}") for p in files]
@@ -119,25 +130,38 @@ def expand(inputs: tuple[str | Path, ...] | list[str | Path]) -> list[Source]:
     sources: list[Source] = []
     for item in inputs:
         text = str(item)
-        path = Path(text)
+        storage.check_client(text, "input")
+        path = storage.path(text)  # a gs:// object, prefix or pattern is read where it lies
         if text.startswith("hf:"):
             sources.append(Source(name=text, kind="hf", hf=parse_hf(text)))
-        elif path.is_dir():
-            sources += _dir_sources(path)
-        elif path.is_file():
-            sources.append(_file_source(path, path.name))
         elif any(c in text for c in "*?["):
-            matches = sorted(Path(m) for m in glob.glob(text, recursive=True))
+            matches = _glob(text)
             files = [m for m in matches if m.is_file() and _file_kind(m) is not None]
             for m in matches:
                 if m.is_dir():
                     files += [s.path for s in _dir_sources(m)]
             if not files:
                 raise UserError(f"the pattern {text!r} matches no data files: check it (quote it for the shell)")
-            sources += [_file_source(p, p.name) for p in sorted(set(files))]
+            sources += [_file_source(p, p.name) for p in sorted(set(files), key=str)]
+        elif path.is_dir():
+            sources += _dir_sources(path)
+        elif path.is_file():
+            sources.append(_file_source(path, path.name))
         else:
             raise UserError(f"input {text} not found: check the path (or write hf:NAME for a Hugging Face dataset)")
     return sources
+
+
+def _glob(pattern: str) -> list:
+    """The paths a glob pattern matches, `**` spanning directories: local ones, or objects and prefixes in a
+    bucket (matched below the pattern's last fixed directory)."""
+    if not storage.is_url(pattern):
+        return sorted((Path(m) for m in glob.glob(pattern, recursive=True)), key=str)
+    if "**" in pattern:  # epath refuses it in a bucket: one listing request per prefix below
+        raise UserError(f"{pattern}: a gs:// pattern cannot hold **: name the prefix itself, read with all below it")
+    parts = pattern.split("/")
+    fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
+    return sorted(storage.path("/".join(parts[:fixed])).glob("/".join(parts[fixed:])), key=str)
 
 
 # ---- reading files ----------------------------------------------------------------------------
@@ -340,20 +364,23 @@ def _json_records(src: Source, fields: tuple[str, ...]) -> Iterator[tuple[Any, s
 def _parquet_records(src: Source, fields: tuple[str, ...]) -> Iterator[tuple[Any, str]]:
     import pyarrow.parquet as pq
 
-    try:
-        table = pq.ParquetFile(src.path)
-    except Exception as err:  # pyarrow raises its own error types
-        raise UserError(f"{src.name} is not a valid Parquet file ({err}): check it") from None
-    columns = table.schema_arrow.names
-    wanted = list(dict.fromkeys(f.split(".")[0] for f in fields))
-    missing = [c for c in wanted if c not in columns]
-    if missing:
-        raise UserError(f"{src.name} has no column {missing[0]!r} (columns: {', '.join(columns)}): pass --text-field")
-    row = 0
-    for batch in table.iter_batches(batch_size=1024, columns=wanted):
-        for record in batch.to_pylist():
-            yield record, f"{src.name} row {row}"
-            row += 1
+    with src.path.open("rb") as file:  # a file object: pyarrow would not open a gs:// epath by its name
+        try:
+            table = pq.ParquetFile(file)
+        except Exception as err:  # pyarrow raises its own error types
+            raise UserError(f"{src.name} is not a valid Parquet file ({err}): check it") from None
+        columns = table.schema_arrow.names
+        wanted = list(dict.fromkeys(f.split(".")[0] for f in fields))
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            raise UserError(
+                f"{src.name} has no column {missing[0]!r} (columns: {', '.join(columns)}): pass --text-field"
+            )
+        row = 0
+        for batch in table.iter_batches(batch_size=1024, columns=wanted):
+            for record in batch.to_pylist():
+                yield record, f"{src.name} row {row}"
+                row += 1
 
 
 def _csv_pieces(src: Source, fields: tuple[str, ...]) -> Iterator[Piece]:

@@ -134,6 +134,10 @@ def expand(inputs: tuple[str | Path, ...] | list[str | Path]) -> list[Source]:
         path = storage.path(text)  # a gs:// object, prefix or pattern is read where it lies
         if text.startswith("hf:"):
             sources.append(Source(name=text, kind="hf", hf=parse_hf(text)))
+        elif path.is_dir():
+            sources += _dir_sources(path)
+        elif path.is_file():
+            sources.append(_file_source(path, path.name))
         elif any(c in text for c in "*?["):
             matches = _glob(text)
             files = [m for m in matches if m.is_file() and _file_kind(m) is not None]
@@ -142,11 +146,7 @@ def expand(inputs: tuple[str | Path, ...] | list[str | Path]) -> list[Source]:
                     files += [s.path for s in _dir_sources(m)]
             if not files:
                 raise UserError(f"the pattern {text!r} matches no data files: check it (quote it for the shell)")
-            sources += [_file_source(p, p.name) for p in sorted(set(files), key=str)]
-        elif path.is_dir():
-            sources += _dir_sources(path)
-        elif path.is_file():
-            sources.append(_file_source(path, path.name))
+            sources += [_file_source(p, p.name) for p in sorted(set(files))]
         else:
             raise UserError(f"input {text} not found: check the path (or write hf:NAME for a Hugging Face dataset)")
     return sources
@@ -156,12 +156,12 @@ def _glob(pattern: str) -> list:
     """The paths a glob pattern matches, `**` spanning directories: local ones, or objects and prefixes in a
     bucket (matched below the pattern's last fixed directory)."""
     if not storage.is_url(pattern):
-        return sorted((Path(m) for m in glob.glob(pattern, recursive=True)), key=str)
+        return sorted(Path(m) for m in glob.glob(pattern, recursive=True))
     if "**" in pattern:  # epath refuses it in a bucket: one listing request per prefix below
         raise UserError(f"{pattern}: a gs:// pattern cannot hold **: name the prefix itself, read with all below it")
     parts = pattern.split("/")
     fixed = next(i for i, part in enumerate(parts) if any(c in part for c in "*?["))
-    return sorted(storage.path("/".join(parts[:fixed])).glob("/".join(parts[fixed:])), key=str)
+    return sorted(storage.path("/".join(parts[:fixed])).glob("/".join(parts[fixed:])))
 
 
 # ---- reading files ----------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from bigmodel_cli.model import layout
 from bigmodel_cli.model.params import LoadedModel
 from bigmodel_cli.modelio import warn
 from bigmodel_cli.tasks import taskinfo
+from bigmodel_cli.tasks.chat import exported_template
 
 QUANTS = ("f16", "bf16", "q8_0", "q4_0")  # export's --quant choices
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # ours -> llama.cpp's
@@ -201,7 +202,7 @@ def _write_tokenizer(
     writer.add_add_bos_token(tokenizer.add_bos)
     writer.add_add_eos_token(tokenizer.add_eos)
     if chat_template:
-        writer.add_chat_template(chat_template)
+        writer.add_chat_template(exported_template(chat_template))  # llama.cpp reads its EOS text as the token
         eos = generation_eos(tokenizer, chat_template)
         if isinstance(eos, list):  # a turn ends with a token of its own (ChatML's <|im_end|>)
             writer.add_eot_token_id(eos[-1])

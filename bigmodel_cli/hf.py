@@ -33,7 +33,7 @@ from bigmodel_cli.rundir import (
     TOKENIZER_JSON_FILE,
 )
 from bigmodel_cli.tasks import taskinfo
-from bigmodel_cli.tasks.chat import ChatFormat, chat_format
+from bigmodel_cli.tasks.chat import ChatFormat, chat_format, exported_template
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5GB")
 DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's --dtype choices)
@@ -126,7 +126,9 @@ def _write_task(home: Path, directory: Path) -> None:
     tokenizer_config = directory / "tokenizer_config.json"
     if info.chat_template and tokenizer_config.is_file():
         config = json.loads(tokenizer_config.read_text())
-        config["chat_template"] = info.chat_template
+        config["chat_template"] = exported_template(info.chat_template)
+        if config["chat_template"] != info.chat_template:  # the EOS it opens with must read as the token
+            config["split_special_tokens"] = False
         tokenizer_config.write_text(json.dumps(config, indent=2) + "\n")
 
 

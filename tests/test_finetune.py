@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from bigmodel_cli import config, finetune, modelio
-from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, END_OF_TURN
+from bigmodel_cli.tasks.chat import CHAT_TEMPLATE, END_OF_TURN, EXPORTED_CHAT_TEMPLATE, ChatFormat
 from tests.conftest import synthetic_text
 
 PROMPT_WORDS = (
@@ -169,8 +169,21 @@ def test_each_task_finetunes_and_evaluates(cli, base_model, tmp_path, case):
         if task != "instruct":
             assert (exported / f"eval-{task}" / "predictions.jsonl").read_text().splitlines() == preds, fmt
     if task == "instruct":
+        # transformers renders and encodes a chat to the ids bigmodel trained on and chats with: EOS first.
         tokenizer_config = json.loads((tmp_path / "export-hf" / "tokenizer_config.json").read_text())
-        assert tokenizer_config["chat_template"] == CHAT_TEMPLATE
+        assert tokenizer_config["chat_template"] == EXPORTED_CHAT_TEMPLATE
+        transformers = pytest.importorskip("transformers")
+        hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "export-hf")
+        chat = [{"role": "user", "content": "count to three"}, {"role": "assistant", "content": "one two three."}]
+        ours = modelio.load(run).tokenizer("test")
+        for messages, prompt in ((chat[:1], True), (chat, False)):
+            expected = [ours.eos_id] + ours.encode([ChatFormat(CHAT_TEMPLATE).render(messages, prompt)])[0]
+            assert hf_tokenizer.apply_chat_template(messages, add_generation_prompt=prompt, tokenize=True,
+                                                    return_dict=False) == expected  # fmt: skip
+        gguf = pytest.importorskip("gguf")
+        cli("export", run, "--format", "gguf", "--out", tmp_path / "chat.gguf")  # llama.cpp reads it as the token
+        reader = gguf.GGUFReader(tmp_path / "chat.gguf")
+        assert reader.fields["tokenizer.chat_template"].contents() == EXPORTED_CHAT_TEMPLATE
         # generate answers an instruct model's prompt as a chat turn and stops at the end of its reply
         reply = cli("generate", run, "--prompt", "count to three", "--max-new-tokens", "40", "--temperature", "0")
         raw = cli(

@@ -46,9 +46,21 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
 _PROBE = (("user", "Question1"), ("assistant", "Reply1"), ("user", "Question2"), ("assistant", "Reply2"))
 
 
+# The built-in format as exports write it for transformers and llama.cpp. Its sequences start with EOS, which
+# bigmodel puts first as a token; there the template writes it, and the export reads special-token text as the
+# tokens (hf.py), so that apply_chat_template gives the ids bigmodel trained and chats on.
+EXPORTED_CHAT_TEMPLATE = "{{ eos_token }}" + CHAT_TEMPLATE
+
+
+def exported_template(template: str) -> str:
+    """The chat template an export writes: EXPORTED_CHAT_TEMPLATE for the built-in format, else the template."""
+    return EXPORTED_CHAT_TEMPLATE if template == CHAT_TEMPLATE else template
+
+
 def stored_template(text: str) -> str:
-    """A template as a model directory recorded it, read as today's text of the same format."""
-    return CHAT_TEMPLATE if text == _OLD_CHAT_TEMPLATE else text
+    """A template as a model directory recorded it (an export, an older run), read as today's text of the same
+    format."""
+    return CHAT_TEMPLATE if text in (_OLD_CHAT_TEMPLATE, EXPORTED_CHAT_TEMPLATE) else text
 
 
 # ---- rendering as transformers does ---------------------------------------------------------------------
@@ -215,4 +227,4 @@ def _at(where: str) -> str:
 def chat_format(tokenizer) -> ChatFormat:
     """The format a tokenizer's model chats in: its chat_template, else bigmodel's own."""
     tokens = tuple((name, value) for name in SPECIAL_TOKENS if (value := getattr(tokenizer, name, None)) is not None)
-    return ChatFormat(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE, tokens)
+    return ChatFormat(stored_template(getattr(tokenizer, "chat_template", None) or CHAT_TEMPLATE), tokens)

@@ -162,6 +162,13 @@ def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(server):
         ("/completions", {**completion, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ("/completions", {**completion, "prompt": "y" * (2 << 20)}, 413, "bytes"),
         ("/embeddings", completion, 404, "no such endpoint"),
+        # Fields that would change the answer are refused rather than ignored, and a message needs its content.
+        ("/completions", {**completion, "logit_bias": {"4": -100}}, 400, "logit_bias"),
+        ("/completions", {**completion, "best_of": 3}, 400, "best_of"),
+        ("/completions", {**completion, "suffix": "zzz"}, 400, "suffix"),
+        ("/chat/completions", {**chat, "response_format": {"type": "json_object"}}, 400, "response_format"),
+        ("/chat/completions", {**chat, "messages": [{"role": "user"}]}, 400, "messages[0].content: required"),
+        ("/chat/completions", {**chat, "messages": [{"role": "user", "content": None}]}, 400, "content: required"),
     ]
     headers = {"Authorization": f"Bearer {API_KEY}"}
     for path, body, status, words in cases:
@@ -174,6 +181,15 @@ def test_malformed_requests_get_a_4xx_that_says_what_is_wrong(server):
         )
         error = response.json()["error"]
         assert words in error["message"] and error["type"], (words, error)
+    # The error's param names the request field, not the validator's names for what it tried.
+    params = {"stop": 5, "stream": "yes", "prompt": [[1, 2], [3]], "max_tokens": 0}
+    for field, value in params.items():
+        response = httpx.post(base + "/completions", headers=headers, json={**completion, field: value}, timeout=30)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    response = httpx.post(base + "/chat/completions", headers=headers, json={**chat, "messages": image}, timeout=30)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "messages.0.content"
+    assert httpx.post(base + "/chat/completions", headers=headers, json={**chat, "user": "u1"}).status_code == 200
     # The official client raises the server's message for a refused field
     with pytest.raises(openai.BadRequestError, match="top_p"):
         server["client"].chat.completions.create(model=model, messages=chat["messages"], top_p=0)

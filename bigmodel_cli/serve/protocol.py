@@ -49,6 +49,10 @@ class _Sampling(BaseModel):
     presence_penalty: float = Field(0.0, ge=0, le=0, description="not supported")
     frequency_penalty: float = Field(0.0, ge=0, le=0, description="not supported")
     logprobs: Any = Field(None, description="not supported")
+    # Fields that change the answer and that bigmodel cannot honour: refused, since ignoring them would hand back
+    # an answer the client did not ask for. Fields that only describe the request (user, metadata) are ignored.
+    logit_bias: dict[str, Any] | None = Field(None, description="not supported")
+    response_format: dict[str, Any] | None = Field(None, description="text only")
 
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -59,6 +63,10 @@ class _Sampling(BaseModel):
     def check_unsupported(self) -> None:
         if self.logprobs not in (None, False):
             raise ApiError(400, "logprobs: bigmodel serve does not return log probabilities", "logprobs")
+        if self.logit_bias:
+            raise ApiError(400, "logit_bias: bigmodel serve does not bias token probabilities", "logit_bias")
+        if (self.response_format or {}).get("type", "text") != "text":
+            raise ApiError(400, "response_format: bigmodel serve answers in plain text only", "response_format")
 
     @property
     def include_usage(self) -> bool:
@@ -69,11 +77,15 @@ class CompletionRequest(_Sampling):
     prompt: Text | list[Text] | list[int] = Field(description="one prompt: text or token ids")
     max_tokens: int | None = Field(16, ge=1)  # the OpenAI API's default for completions
     echo: bool = Field(False, description="not supported")
+    best_of: int = Field(1, ge=1, le=1, description="one candidate per request")
+    suffix: Text | None = Field(None, description="not supported")
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
         if self.echo:
             raise ApiError(400, "echo: bigmodel serve does not echo the prompt; prepend it yourself", "echo")
+        if self.suffix:
+            raise ApiError(400, "suffix: bigmodel serve does not insert text before a suffix", "suffix")
 
 
 class TextPart(BaseModel):
@@ -92,27 +104,32 @@ class Message(BaseModel):
             raise ApiError(
                 400, f"messages[{index}].role: unknown role {self.role!r}; use one of {', '.join(ROLES)}", "messages"
             )
-        content = self.content if isinstance(self.content, str) or self.content is None else ""
-        if isinstance(self.content, list):
-            content = "".join(part.text for part in self.content)
-        return {"role": self.role, "content": content or ""}
+        if self.content is None:  # the OpenAI API, too, requires it (null only beside tool calls)
+            raise ApiError(400, f"messages[{index}].content: required field missing", "messages")
+        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        return {"role": self.role, "content": content}
 
 
 class ChatRequest(_Sampling):
     messages: list[Message] = Field(min_length=1, max_length=10_000)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     tools: Any = Field(None, description="not supported")
+    functions: Any = Field(None, description="not supported (the older name of tools)")
+    top_logprobs: int | None = Field(None, ge=0, le=0, description="not supported")
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
-        if self.tools:
-            raise ApiError(400, "tools: bigmodel serve does not call tools", "tools")
+        if self.tools or self.functions:
+            name = "tools" if self.tools else "functions"
+            raise ApiError(400, f"{name}: bigmodel serve does not call tools", name)
 
 
 def validation_error(errors: list[dict]) -> ApiError:
     """The first pydantic error as one readable line: 'temperature: Input should be ...'."""
     first = errors[0]
-    where = ".".join(str(part) for part in first["loc"] if not str(part).startswith(("function-", "list[", "str")))
+    # loc mixes field names and list indices with the names of the union members tried ("constrained-str",
+    # "list[int]"): only the former say where in the request the error is.
+    where = ".".join(str(part) for part in first["loc"] if isinstance(part, int) or part in _FIELD_NAMES)
     if first["type"] == "missing":
         return ApiError(400, f"{where}: required field missing", where or None)
     if first["type"] == "json_invalid":
@@ -120,6 +137,11 @@ def validation_error(errors: list[dict]) -> ApiError:
     if first["type"] in ("model_type", "model_attributes_type") and not where:
         return ApiError(400, "the request body must be a JSON object")
     return ApiError(400, f"{where}: {first['msg']}" if where else first["msg"], where or None)
+
+
+_FIELD_NAMES = frozenset(
+    name for model in (CompletionRequest, ChatRequest, Message, TextPart) for name in model.model_fields
+)
 
 
 class TextStream:

@@ -282,10 +282,11 @@ def test_bad_rows_fail_with_one_line_naming_the_row(tmp_path, row, message):
 
 def test_bad_csv_answer_and_cli_writes_nothing(cli, tmp_path):
     path = tmp_path / "bad.csv"
-    path.write_text("id,question,A,B,C,D,answer\n1,Q,a,b,c,d,A\n2,Q2,a,b,c,d,E\n")
+    # The first question is quoted over three lines, as MMLU's may be: the bad row starts on line 5.
+    path.write_text('id,question,A,B,C,D,answer\n1,"Q, on\nthree\nlines",a,b,c,d,A\n2,Q2,a,b,c,d,E\n')
     result = cli("evaluate", "hf:nowhere", "--task", "choice", "--data", path, "--out", tmp_path / "out", ok=False)
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and f"{path}:3" in lines[0] and "'E'" in lines[0]
+    assert result.exit_code == 2 and len(lines) == 1 and f"{path}:5:" in lines[0] and "'E'" in lines[0]
     assert not (tmp_path / "out").exists()
 
 

@@ -21,7 +21,9 @@ from bigmodel_cli.model.params import LoadedModel
 
 KINDS = (*tasks.SUPERVISED, "perplexity", "choice")
 COUNT_KEYS = ("total", "tokens")  # what a task's n is: examples scored, or tokens for perplexity
-NOT_SCORES = {*COUNT_KEYS, "step", "bytes", "missing"}  # numbers in metrics.json that score nothing
+# Numbers in metrics.json that score nothing: counts (SQuAD v2's HasAns_total and NoAns_total too), where the
+# model was, and the few-shot settings a choice task records beside its scores.
+NOT_SCORES = {*COUNT_KEYS, "step", "bytes", "missing", "num_fewshot", "fewshot_seed"}
 
 
 @dataclass(frozen=True)
@@ -204,7 +206,10 @@ def _row(task: SuiteTask, metrics: dict, seconds: float) -> dict:
     scores = {
         key: value
         for key, value in metrics.items()
-        if isinstance(value, int | float) and not isinstance(value, bool) and key not in NOT_SCORES
+        if isinstance(value, int | float)
+        and not isinstance(value, bool)
+        and key not in NOT_SCORES
+        and not key.endswith("_total")
     }
     n = next((metrics[key] for key in COUNT_KEYS if key in metrics), None)
     return {"name": task.name, "kind": task.kind, "scores": scores, "n": n, "seconds": seconds, "metrics": metrics}

@@ -87,7 +87,12 @@ def _csv_rows(path: Path, columns: str | None) -> list[tuple[str, dict]]:
     """(where, row) of a question/A/B/C/D/answer CSV: named by its header, by --columns, or MMLU's six columns."""
     text = records.read_text(path, "choice data")
     delimiter = "\t" if records.file_kind(path) == "tsv" else ","
-    rows = [(n, cells) for n, cells in enumerate(csv.reader(io.StringIO(text), delimiter=delimiter), 1) if cells]
+    reader = csv.reader(io.StringIO(text), delimiter=delimiter)
+    # A row is named by the line it starts on: a quoted cell may hold newlines (MMLU's questions do).
+    rows, line = [], 1
+    for cells in reader:
+        rows += [(line, cells)] if cells else []
+        line = reader.line_num + 1
     if columns:
         names = [c.strip() for c in columns.split(",")]
         if rows and [c.strip() for c in rows[0][1]] == names:

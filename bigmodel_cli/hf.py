@@ -39,6 +39,7 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' own default shard size ("5G
 DTYPES = ("float32", "bfloat16")  # parameter dtypes an export stores (export's --dtype choices)
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"  # the stop tokens transformers' generate uses
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")  # torch.save / pickle checkpoints
 # The safetensors dtypes bigmodel loads, and the param_dtype each becomes: float16 widens to float32 without loss;
 # bfloat16 stays bfloat16 so that re-export is bit-identical.
@@ -102,8 +103,21 @@ def write(loaded: LoadedModel, directory: Path, max_shard_bytes: int = DEFAULT_M
     info = taskinfo.read(loaded.home)
     if tokenizer_files is not None and info is not None and info.chat_template:
         ids["eos_token_id"] = generation_eos(tokenizer, info.chat_template)
-    (directory / "generation_config.json").write_text(json.dumps(ids, indent=2) + "\n")
+    # The source's own stop tokens stay (a Llama 3 Instruct export must still stop at <|eot_id|>).
+    eos = ids["eos_token_id"]
+    stops = eos if isinstance(eos, list) else [] if eos is None else [eos]
+    stops += [i for i in generation_stop_ids(loaded.home) if i not in stops]
+    ids["eos_token_id"] = stops[0] if len(stops) == 1 else stops or None
+    (directory / GENERATION_CONFIG).write_text(json.dumps(ids, indent=2) + "\n")
     _write_task(loaded.home, directory)
+
+
+def generation_stop_ids(home: Path) -> tuple[int, ...]:
+    """The eos_token_id of a model directory's generation_config.json (one id, or a list such as Llama 3
+    Instruct's <|end_of_text|> and <|eot_id|>): where transformers' generate stops; () without one."""
+    value = (storage.read_json_object(storage.path(home) / GENERATION_CONFIG) or {}).get("eos_token_id")
+    ids = value if isinstance(value, list) else [value]
+    return tuple(i for i in ids if isinstance(i, int) and not isinstance(i, bool) and i >= 0)
 
 
 def generation_eos(tokenizer: AnyTokenizer, chat_template: str) -> int | list[int] | None:

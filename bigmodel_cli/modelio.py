@@ -25,7 +25,7 @@ HF_PREFIX = "hf:"  # hf:DIR names a local Hugging Face model directory; hf:ORG/N
 # without a leading * match top-level files only.
 HUB_FILES = (
     "config.json",
-    "generation_config.json",
+    hf.GENERATION_CONFIG,
     hf.WEIGHTS,
     hf.WEIGHTS_INDEX,
     "model-*-of-*.safetensors",  # the shards transformers writes; an index naming others is followed below

@@ -63,7 +63,7 @@ def test_top_k_one_is_greedy_and_eos_stops(loaded):
     top1 = generate_ids(loaded, prompt, Sampling(max_new_tokens=10, temperature=1.5, top_k=1, seed=5))[0]
     assert top1 == greedy
     eos = greedy[3]
-    cut = generate_ids(loaded, prompt, Sampling(max_new_tokens=10, temperature=0), eos_id=eos)[0]
+    cut = generate_ids(loaded, prompt, Sampling(max_new_tokens=10, temperature=0), stops=[eos])[0]
     assert cut == greedy[: greedy.index(eos) + 1]
 
 

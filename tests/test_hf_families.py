@@ -6,6 +6,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything here is local; never reach for the Hub
@@ -23,7 +24,7 @@ from bigmodel_cli import config, export, hf_config, modelio
 from bigmodel_cli.config import MeshConfig, ModelConfig
 from bigmodel_cli.data.tokenizer import Tokenizer, train
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.evaluate.generate import Sampling, generate_ids, stop_ids
 from bigmodel_cli.model.sizing import count_params
 from bigmodel_cli.model.transformer import Transformer, causal_attention
 from bigmodel_cli.parallel import make_mesh
@@ -192,6 +193,30 @@ def test_import_matches_transformers_logits_and_greedy_decoding(family, tmp_path
     assert type(again) is type(model)
     with torch.no_grad():
         np.testing.assert_array_equal(again(torch.tensor(tokens)).logits.numpy(), their_logits)
+
+
+def test_generation_stops_at_every_stop_token_of_generation_config_as_transformers_does(family, tmp_path):
+    """Llama 3 Instruct's generation_config.json lists <|end_of_text|> and <|eot_id|>: transformers' generate stops
+    at either, and so do bigmodel's generation and task evaluation; an export keeps the list."""
+    directory, model = family("llama3")
+    copy = tmp_path / "instruct"
+    shutil.copytree(directory, copy)
+    prompt = list(range(3, 3 + PROMPT_LEN))
+    free = generate_ids(_load(copy), [prompt], Sampling(max_new_tokens=8, temperature=0.0))[0]
+    eot = free[2]  # the token greedy decoding gives third: the model's end of turn, here
+    tokenizer = Tokenizer(copy / "tokenizer.model")
+    (copy / "generation_config.json").write_text(json.dumps({"eos_token_id": [tokenizer.eos_id, eot]}))
+    with torch.no_grad():
+        theirs = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.float32).eval().generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, PROMPT_LEN, dtype=torch.long), do_sample=False,
+            max_new_tokens=8, pad_token_id=0,
+        )[0, PROMPT_LEN:].tolist()  # fmt: skip
+    loaded = _load(copy)
+    stops = stop_ids(loaded, tokenizer)
+    assert stops == (tokenizer.eos_id, eot) and theirs == free[:3]
+    assert generate_ids(loaded, [prompt], Sampling(max_new_tokens=8, temperature=0.0), stops)[0] == theirs
+    out = export.export(loaded, tmp_path / "again", "hf")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [tokenizer.eos_id, eot]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ MEMORY_PROBE = textwrap.dedent(
     int8 = quantize.int8(LoadedModel(cfg, graphdef, params, mesh, None, 0, 64, ""))
     compiled = _decode.lower(
         int8.graphdef, int8.params, np.zeros((1, 8), np.int32), np.array([8], np.int32), jax.random.key(0),
-        0.0, 0, 1.0, -1, max_new_tokens=8, cache_len=16,
+        0.0, 0, 1.0, np.array([-1], np.int32), max_new_tokens=8, cache_len=16,
     ).compile()
     print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes, "float32": quantize.weight_bytes(params)}))
     """

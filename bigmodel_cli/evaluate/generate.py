@@ -8,7 +8,7 @@ import dataclasses
 import functools
 import math
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from bigmodel_cli import modelio, parallel
+from bigmodel_cli import hf, modelio, parallel
 from bigmodel_cli.data.tokenizer import AnyTokenizer
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.model import quantize as quantization
@@ -63,8 +63,8 @@ def pick(logits: jax.Array, key: jax.Array, temperature, top_k, top_p) -> jax.Ar
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "cache_len"))
-def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, eos_id, *, max_new_tokens, cache_len):
-    """prompts [B,P] right-padded, lengths [B] -> new tokens [B, max_new_tokens] (eos_id after an EOS)."""
+def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, stops, *, max_new_tokens, cache_len):
+    """prompts [B,P] right-padded, lengths [B] -> new tokens [B, max_new_tokens] (stops[0] after a stop token)."""
     model = nnx.merge(graphdef, params)
     batch = prompts.shape[0]
     cache = model.init_cache(batch, cache_len)
@@ -78,8 +78,8 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
         token, cache, done = carry
         logits, cache = model.decode(token[:, None], cache, lengths + i)  # [B,1,V]
         nxt = pick(logits[:, 0], jax.random.fold_in(key, i + 1), temperature, top_k, top_p)
-        done = done | (token == eos_id)
-        nxt = jnp.where(done, eos_id, nxt)
+        done = done | jnp.isin(token, stops)
+        nxt = jnp.where(done, stops[0], nxt)
         return (nxt, cache, done), nxt
 
     done = jnp.zeros((batch,), bool)
@@ -90,9 +90,9 @@ def _decode(graphdef, params, prompts, lengths, key, temperature, top_k, top_p, 
 
 
 def generate_ids(
-    loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, eos_id: int = -1, pad_to: int = 0
+    loaded: LoadedModel, prompts: list[list[int]], sampling: Sampling, stops: Sequence[int] = (), pad_to: int = 0
 ) -> list[list[int]]:
-    """New token ids for each prompt, cut after the first EOS.
+    """New token ids for each prompt, cut after the first of the stop tokens (stop_ids: EOS and the like).
 
     pad_to fixes the padded prompt length (and so the compiled shapes) across calls with varying prompts."""
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -119,14 +119,21 @@ def generate_ids(
             sampling.temperature,
             sampling.top_k,
             sampling.top_p,
-            eos_id,
+            np.asarray(list(stops) or [-1], np.int32),
             max_new_tokens=sampling.max_new_tokens,
             cache_len=cache_len,
         )
     out = []
     for row in np.asarray(tokens).tolist():
-        out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+        end = next((k + 1 for k, token in enumerate(row) if token in stops), len(row))
+        out.append(row[:end])
     return out
+
+
+def stop_ids(loaded: LoadedModel, tokenizer: AnyTokenizer) -> tuple[int, ...]:
+    """The tokens a generation of this model ends at: the tokenizer's EOS, and those its generation_config.json
+    lists besides (Llama 3 Instruct's <|eot_id|>), where transformers' generate stops too."""
+    return tuple(dict.fromkeys(i for i in (tokenizer.eos_id, *hf.generation_stop_ids(loaded.home)) if i >= 0))
 
 
 def complete(
@@ -140,9 +147,9 @@ def complete(
     # As transformers encodes a prompt (BOS where the model's tokenizer adds one); an empty one starts at EOS,
     # the document boundary of training.
     ids = [tokenizer.encode_prompt(p) or [tokenizer.eos_id] for p in prompts]
-    texts = []
-    for new in generate_ids(loaded, ids, sampling, tokenizer.eos_id):
-        text = tokenizer.decode([t for t in new if t != tokenizer.eos_id])
+    texts, stops = [], stop_ids(loaded, tokenizer)
+    for new in generate_ids(loaded, ids, sampling, stops):
+        text = tokenizer.decode([t for t in new if t not in stops])
         cuts = [text.index(s) for s in stop if s and s in text]
         texts.append(text[: min(cuts)] if cuts else text)
     return texts
@@ -183,7 +190,7 @@ class Chat:
         marker = tokenizer.encode([self.format.end_of_turn])[0]
         # A reply ends at EOS or at the template's end-of-turn token (<|im_end|>, <|eot_id|>); an end-of-turn
         # marker of several tokens (bigmodel's "<|end|>") is cut from the decoded text instead.
-        self.stop_ids = {tokenizer.eos_id, *(marker if len(marker) == 1 else ())}
+        self.stop_ids = (*stop_ids(loaded, tokenizer), *(marker if len(marker) == 1 else ()))
 
     def _prompt(self) -> list[int]:
         """The conversation's prompt ids, its oldest exchanges (not a system message) left out until the reply
@@ -208,7 +215,7 @@ class Chat:
         pad_to = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
         turn = len(self.messages) // 2
         sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + turn)
-        new = generate_ids(self.loaded, [ids], sampling, self.tokenizer.eos_id, pad_to=pad_to)[0]
+        new = generate_ids(self.loaded, [ids], sampling, self.stop_ids, pad_to=pad_to)[0]
         new = new[: next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))]
         answer = self.tokenizer.decode(new)
         for stop in (self.format.end_of_turn, *self.stop):

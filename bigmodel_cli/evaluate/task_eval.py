@@ -16,7 +16,7 @@ from bigmodel_cli.console import track
 from bigmodel_cli.data import loader
 from bigmodel_cli.data.tokenizer import AnyTokenizer, sequence_start
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.evaluate.generate import Sampling, generate_ids
+from bigmodel_cli.evaluate.generate import Sampling, generate_ids, stop_ids
 from bigmodel_cli.evaluate.loglik import logprobs
 from bigmodel_cli.evaluate.loss import loss_sums
 from bigmodel_cli.model import quantize as quantization
@@ -60,12 +60,12 @@ class _ModelPredictor:
         flat = [(i, w) for i, ws in enumerate(windows) for w in ws]
         sampling = Sampling(max_new_tokens=self.opts.max_target_tokens, temperature=0.0)
         pad_to = max(len(w) for _, w in flat)
-        outputs: list[list[int]] = []
+        stops, outputs = stop_ids(loaded, tokenizer), []
         for start in track(range(0, len(flat), batch_size), "generate", -(-len(flat) // batch_size)):
             chunk = [w for _, w in flat[start : start + batch_size]]
             filler = [[tokenizer.eos_id]] * (batch_size - len(chunk))  # a fixed batch shape: one compilation
-            outputs += generate_ids(loaded, chunk + filler, sampling, tokenizer.eos_id, pad_to=pad_to)[: len(chunk)]
-        texts = [tokenizer.decode([t for t in ids if t != tokenizer.eos_id]) for ids in outputs]
+            outputs += generate_ids(loaded, chunk + filler, sampling, stops, pad_to=pad_to)[: len(chunk)]
+        texts = [tokenizer.decode([t for t in ids if t not in stops]) for ids in outputs]
         answers = [kind.extract_answer(text) for text in texts]
         by_example: dict[int, list[int]] = {}
         for k, (i, _) in enumerate(flat):

@@ -27,7 +27,7 @@ def run(
     """Load the model, compile the engine, and answer requests until interrupted."""
     import uvicorn
 
-    from bigmodel_cli.evaluate.generate import open_model
+    from bigmodel_cli.evaluate.generate import open_model, stop_ids
     from bigmodel_cli.serve.app import Served, create_app
     from bigmodel_cli.serve.engine import Engine
     from bigmodel_cli.tasks.chat import chat_format
@@ -44,7 +44,8 @@ def run(
     engine = Engine(loaded, max_batch, max_model_len or min(positions, DEFAULT_CONTEXT))
     print(f"compiling the decoder for contexts up to {engine.max_len} tokens", file=sys.stderr, flush=True)
     engine.start()
-    served = Served(engine, tokenizer, chat_format(tokenizer), name or str(model), api_key)
+    stops = frozenset(stop_ids(loaded, tokenizer))
+    served = Served(engine, tokenizer, chat_format(tokenizer), name or str(model), api_key, stops)
     bound_host, bound_port = listener.getsockname()[:2]
     print(
         f"serving {served.name!r} at http://{bound_host}:{bound_port}/v1 (max batch {max_batch}, context "

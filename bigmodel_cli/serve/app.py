@@ -41,6 +41,7 @@ class Served:
     chat: ChatFormat
     name: str  # the model id clients pass as `model`
     api_key: str = ""  # empty: no key needed
+    stop_ids: frozenset[int] = frozenset()  # where an answer ends: EOS, and the model's other stop tokens
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def create_app(served: Served) -> FastAPI:
     @api.post("/completions")
     async def completions(request: Request):
         body = await _parse(request, CompletionRequest, served.name)
-        job = _job(served, body, _completion_ids(served, body.prompt), frozenset({served.tokenizer.eos_id}), ())
+        job = _job(served, body, _completion_ids(served, body.prompt), served.stop_ids, ())
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time())}
         head["model"] = served.name
         if body.stream:
@@ -103,7 +104,7 @@ def create_app(served: Served) -> FastAPI:
         ids = [tokenizer.eos_id] * served.chat.builtin + tokenizer.encode([text])[0]
         marker = tokenizer.encode([served.chat.end_of_turn])[0]
         # A reply ends at EOS or at the template's end-of-turn token; a marker of several tokens is cut as text.
-        stop_ids = frozenset({tokenizer.eos_id, *(marker if len(marker) == 1 else ())})
+        stop_ids = served.stop_ids | frozenset(marker if len(marker) == 1 else ())
         extra = () if len(marker) == 1 else (served.chat.end_of_turn,)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens

@@ -72,7 +72,7 @@ def _decode_temp_bytes(loaded, prompt_len: int, new_tokens: int) -> int:
         0.0,
         0,
         1.0,
-        -1,
+        np.array([-1], np.int32),  # no stop token
         max_new_tokens=new_tokens,
         cache_len=prompt_len + new_tokens,
     ).compile()

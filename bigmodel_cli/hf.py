@@ -324,18 +324,27 @@ def _header(file: Path) -> dict[str, dict]:
 
 def load(home: Path, mesh) -> LoadedModel:
     """A Hugging Face directory of a supported family (safetensors, one file or sharded) as a LoadedModel."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     model_cfg, seq_len = read_model_config(home)  # first: a pickle checkpoint is refused whatever its config says
     files = _weight_files(home)
+    absent = sorted({file.name for file in files.values() if not file.is_file()})
+    if absent:  # a download stopped part way: say so before the first tensor is read
+        raise UserError(
+            f"{home}: {absent[0]} ({len(absent)} of the shards {WEIGHTS_INDEX} names) is missing: download the "
+            "model again"
+        )
 
     def read(name: str):
         """One tensor, through a file opened for it alone: a memory map held open across the whole load would
         keep every page it touched resident (counted in the process's RSS) until the end."""
         if name not in files:
             raise UserError(f"{home}: tensor {name} is missing from the weights")
-        with safe_open(files[name], framework="numpy") as f:
-            return f.get_tensor(name)
+        try:
+            with safe_open(files[name], framework="numpy") as f:
+                return f.get_tensor(name)
+        except SafetensorError as err:  # a file cut short (an interrupted download) or overwritten
+            raise UserError(f"{files[name]} is damaged or incomplete ({err}): download it again") from None
 
     graphdef, like = abstract_params(model_cfg, mesh)
     wanted = {hf_name(name) for name in layout.named(like)}

@@ -137,6 +137,14 @@ def read_config(home: Path) -> tuple[ModelConfig, int]:
     ]
     if missing:
         raise UserError(f"{where}: {missing[0]} is missing or not an integer")
+    optional = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+    wrong = [
+        f for f in optional if cfg.get(f) is not None and (not isinstance(cfg[f], int) or isinstance(cfg[f], bool))
+    ]
+    if wrong:
+        raise UserError(
+            f"{where}: {wrong[0]}={json.dumps(cfg[wrong[0]])} is not an integer: restore the model's own file"
+        )
     heads = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or family.head_dim or cfg["hidden_size"] // heads
     max_positions = int(cfg.get("max_position_embeddings") or family.max_positions)
@@ -160,8 +168,9 @@ def read_config(home: Path) -> tuple[ModelConfig, int]:
             tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             init_std=float(cfg.get("initializer_range", 0.02)),
         )
-    except UserError as err:
-        raise UserError(f"{where}: {err}") from None
+    except UserError as err:  # the refusals above name the file already; ModelConfig's own checks do not
+        message = str(err)
+        raise UserError(message if message.startswith(f"{where}: ") else f"{where}: {message}") from None
     return model_cfg, seq_len
 
 

@@ -127,6 +127,11 @@ def _hub_snapshot(repo_id: str, revision: str | None, config_only: bool = False)
         missing = _missing_files(folder)
         if missing and (folder / hf.WEIGHTS_INDEX).is_file():  # shards named other than model-*-of-*
             snapshot_download(repo_id, revision=folder.name, allow_patterns=missing)  # folder.name: the commit
+        elif hf.WEIGHTS in missing and folder == cached:  # huggingface_hub falls back to the cache when offline
+            raise UserError(
+                f"{source}: the cached copy ({folder}) has no {hf.WEIGHTS}, and none came from the Hub: it has "
+                f"none, or it could not be reached: {fix}"
+            )
         elif hf.WEIGHTS in missing:
             raise UserError(
                 f"{source} has no safetensors weights on the Hub, and bigmodel never loads pickle checkpoints "

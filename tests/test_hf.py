@@ -250,13 +250,30 @@ def _write_config(directory: Path, **changes) -> Path:
         ),
         ({"quantization_config": {"quant_method": "gptq"}}, "quantization_config"),
         ({"hidden_size": "absent"}, "hidden_size"),
+        ({"num_key_value_heads": "2"}, "num_key_value_heads"),
     ],
 )
 def test_import_refuses_unsupported_configs_naming_the_field(tmp_path, changes, field):
     home = _write_config(tmp_path / "m", **changes)
     with pytest.raises(UserError, match=field) as err:
         modelio.load(Path(f"hf:{home}"))
-    assert "\n" not in str(err.value)
+    assert "\n" not in str(err.value) and str(err.value).count("config.json") == 1  # the file named once
+
+
+def test_import_refuses_a_download_cut_short_in_one_line(tmp_path):
+    """A shard the index names but the directory lacks, or a file cut part way (its header intact): what an
+    interrupted download leaves. Both are the user's to fix, not internal errors."""
+    sharded, single = tmp_path / "sharded", tmp_path / "single"
+    hf_random_llama(sharded, max_shard_size="40KB")
+    hf_random_llama(single)
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(UserError, match=f"{shards[-1].name} .1 of the shards model.safetensors.index.json names"):
+        modelio.load(Path(f"hf:{sharded}"))
+    weights = single / hf.WEIGHTS
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="is damaged or incomplete .* download it again"):
+        modelio.load(Path(f"hf:{single}"))
 
 
 def test_import_refuses_pickles_and_missing_directories(tmp_path):

@@ -263,3 +263,12 @@ def test_a_hub_model_without_safetensors_is_refused_without_fetching_pickles(onl
         modelio.locate(Path("hf:org/pickled"))
     snapshot = online["cache"] / "models--org--pickled" / "snapshots" / MAIN
     assert sorted(p.name for p in snapshot.iterdir()) == ["config.json"]
+
+
+def test_a_partial_cached_copy_the_hub_did_not_complete_is_not_blamed_on_the_hub(online):
+    """Without a connection, huggingface_hub hands back the cached snapshot as if the Hub had answered: a copy
+    cached without its weights must not read as "the Hub has no safetensors"."""
+    add_snapshot(online["cache"], "org/partial", MAIN, {"config.json": b"{}"}, ("main",))
+    online["remote"]["org/partial"] = {"config.json": b"{}"}  # what the fallback returns: the same snapshot
+    with pytest.raises(UserError, match=r"the cached copy \(.*\) has no model.safetensors, and none came from the Hub"):
+        modelio.locate(Path("hf:org/partial"))

@@ -25,7 +25,7 @@ from bigmodel_cli.finetune_config import FinetuneConfig
 from bigmodel_cli.model import lora as lora_lib
 from bigmodel_cli.model.layout import param_name
 from bigmodel_cli.model.params import abstract_params, with_adapters
-from bigmodel_cli.model.sizing import count_params, flops_per_token
+from bigmodel_cli.model.sizing import flops_per_token, train_flops_per_token
 from bigmodel_cli.train.loop import check_layout
 from bigmodel_cli.train.memory import memory_per_device, refuse_unless_fits
 from bigmodel_cli.train.state import Initial, jit_train_step, make_state
@@ -100,9 +100,8 @@ def run_finetune(source: Path, cfg: FinetuneConfig, memory_budget_gb: float = 0.
 
     dropout_seed = cfg.train.seed if lora is not None and lora.dropout > 0 else None
     result = _compile(loop_cfg, seq_len, memory_budget_gb, note, initial, dropout_seed)
-    if lora is not None:  # frozen weights get no weight gradient: 2 FLOPs per weight fewer, and 6 per adapter weight
-        _, non_embedding = count_params(model_cfg)
-        per_token = flops_per_token(model_cfg, seq_len) - 2 * non_embedding + 6 * result["trainable_params"]
+    if lora is not None:
+        per_token = train_flops_per_token(model_cfg, seq_len, result["trainable_params"])
         result["model_flops_per_step"] = per_token * result["tokens_per_step"]
     return result
 

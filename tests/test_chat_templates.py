@@ -179,7 +179,7 @@ def test_a_reasoning_template_that_changes_earlier_replies_still_finds_them(bpe)
     assert "".join(text for text, _ in parts) == fast.apply_chat_template(CHAT, tokenize=False).rstrip("\n")
 
 
-def test_a_chat_stops_at_the_end_of_turn_token_and_drops_its_oldest_turns_to_fit(bpe, monkeypatch):
+def test_a_chat_stops_at_the_end_of_turn_token_and_drops_its_oldest_turns_to_fit(bpe, monkeypatch, tmp_path):
     from bigmodel_cli.evaluate import generate
 
     fast = hf_tokenizer(bpe, "qwen")
@@ -200,7 +200,7 @@ def test_a_chat_stops_at_the_end_of_turn_token_and_drops_its_oldest_turns_to_fit
     lengths = [len(ids) for ids in tokens.encode([fmt.render(m, add_generation_prompt=True) for m in expected])]
     room = max(lengths)
     assert len(tokens.encode([fmt.render([SYSTEM, *CHAT, question], add_generation_prompt=True)])[0]) > room
-    loaded = SimpleNamespace(model_cfg=SimpleNamespace(max_seq_len=room + 8))
+    loaded = SimpleNamespace(model_cfg=SimpleNamespace(max_seq_len=room + 8), home=tmp_path)  # no generation_config
     chat = generate.Chat(loaded, tokens, generate.Sampling(max_new_tokens=8))
     chat.messages.append(SYSTEM)
     assert [chat.reply(m["content"]) for m in (CHAT[0], CHAT[2], question)] == [

@@ -335,3 +335,25 @@ def test_lora_model_exports_to_hugging_face_with_merged_weights(cli, base_model,
     with torch.no_grad():
         theirs = hf(torch.tensor(tokens, dtype=torch.long)).logits.numpy()
     assert np.abs(theirs - expected).max() < 1e-4
+
+
+def test_a_lora_runs_mfu_counts_the_flops_it_runs_as_plan_does(cli, base_model, tmp_path):
+    """A frozen weight gets no weight gradient: a LoRA step runs 2 FLOPs per weight fewer than full finetuning,
+    plus 6 per adapter weight. Its logged MFU counted full finetuning's FLOPs, over plan's figure."""
+    from bigmodel_cli.model.sizing import flops_per_token, train_flops_per_token
+
+    args = (*_task_files(tmp_path)["classify"], "--set", "train.steps=2", "--set", "train.log_every=1")
+    per_token_over_peak, adapters = {}, 0
+    for name, extra in (("full", ()), ("lora", ("--set", "lora.rank=4"))):
+        out = cli(
+            "finetune", "--task", "classify", "--init-from", base_model, *args, *extra, "--run-dir", tmp_path / name
+        )
+        adapters = int(out.stdout.split("trainable_params: ")[1].split()[0].replace(",", "")) if extra else adapters
+        row = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()][-1]
+        per_token_over_peak[name] = row["mfu"] / row["tokens_per_s"]  # the same peak divides both
+    loaded = modelio.load(tmp_path / "full")
+    expected = train_flops_per_token(loaded.model_cfg, loaded.seq_len, adapters) / flops_per_token(
+        loaded.model_cfg, loaded.seq_len
+    )
+    assert adapters > 0 and per_token_over_peak["lora"] / per_token_over_peak["full"] == pytest.approx(expected)
+    assert expected < 0.9

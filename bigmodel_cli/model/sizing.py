@@ -21,3 +21,12 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     _, non_embedding = count_params(cfg)
     context = min(seq_len, cfg.sliding_window or seq_len)
     return 6.0 * non_embedding + 12.0 * cfg.n_layers * context * cfg.n_heads * cfg.dims_per_head
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int, adapter_params: int | None = None) -> float:
+    """flops_per_token of the training that runs: with LoRA (adapter_params trainable, every weight of cfg
+    frozen), a frozen weight gets no weight gradient, 2 FLOPs fewer, and each adapter weight costs 6."""
+    if adapter_params is None:
+        return flops_per_token(cfg, seq_len)
+    _, non_embedding = count_params(cfg)
+    return flops_per_token(cfg, seq_len) - 2 * non_embedding + 6 * adapter_params

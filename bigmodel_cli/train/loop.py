@@ -22,7 +22,7 @@ from bigmodel_cli import atomic, parallel, rundir
 from bigmodel_cli import config as config_lib
 from bigmodel_cli.console import Console
 from bigmodel_cli.errors import UserError
-from bigmodel_cli.model.sizing import count_params, flops_per_token
+from bigmodel_cli.model.sizing import count_params, train_flops_per_token
 from bigmodel_cli.runlog import RunLogger
 from bigmodel_cli.train import optim, profile
 from bigmodel_cli.train.checkpoint import Checkpoints
@@ -217,7 +217,9 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     )
 
     tokens_per_step = cfg.train.batch_size * inp.seq_len
-    flops_per_step = flops_per_token(cfg.model, inp.seq_len) * tokens_per_step
+    # A LoRA run trains its adapters alone (state["frozen"] holds the base): MFU counts the FLOPs it runs, as plan.
+    adapters = sum(x.size for x in jax.tree.leaves(state["params"])) if state.get("frozen") is not None else None
+    flops_per_step = train_flops_per_token(cfg.model, inp.seq_len, adapters) * tokens_per_step
     peak = device_peak_flops(cfg.model.dtype) * (1 if jax.default_backend() == "cpu" else jax.device_count())
 
     def evaluate(state) -> float | None:

@@ -173,7 +173,8 @@ def finetune(
         str | None, typer.Option(help="CSV/TSV without a header row: its column names, e.g. label,title,text.")
     ] = None,
     run_dir: Annotated[
-        Path | None, typer.Option(parser=storage.parse, help="Where checkpoints and logs go (default runs/<task>).")
+        Path | None,
+        typer.Option(parser=storage.parse, help="Where checkpoints and logs go (default runs/finetune-<task>)."),
     ] = None,
     overrides: Overrides = None,
     show_examples: Annotated[
@@ -409,7 +410,7 @@ def quickstart(
     ),
     steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
 ) -> None:
-    """Preprocess a built-in corpus, pretrain a small model, evaluate it and generate text (a few minutes on CPU).
+    """Preprocess a built-in corpus, pretrain a small model, evaluate it and generate text (a minute on 2 CPU cores).
 
     Example: bigmodel quickstart --out /tmp/qs
     """

@@ -84,6 +84,8 @@ def global_options(
     ] = "rich",
 ) -> None:
     """Raw text to a pretrained, evaluated and exported Llama-style Transformer."""
+    if log_format not in ("rich", "json"):  # refused as click refuses any bad option value: usage, exit 2
+        raise typer.BadParameter(f"{log_format!r}: use rich or json", param_hint="'--log-format'")
     _options.update(debug=debug, quiet=quiet, log_format=log_format)
     if not debug:  # gcsfs logs every failed try with its traceback; the command's last line names the cause
         logging.getLogger("gcsfs").setLevel(logging.CRITICAL)
@@ -95,8 +97,6 @@ def global_options(
 def _console():
     from bigmodel_cli.console import Console
 
-    if _options["log_format"] not in ("rich", "json"):
-        raise UserError(f"--log-format must be rich or json, got {_options['log_format']!r}")
     return Console("quiet" if _options["quiet"] else _options["log_format"])
 
 

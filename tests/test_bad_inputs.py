@@ -191,6 +191,11 @@ CASES = {
         None,
     ),
     "generate_negative_temperature": (lambda w: ["generate", w["run"], "--temperature", "-1"], "temperature", None),
+    "generate_raw_on_a_base_model": (
+        lambda w: ["generate", w["run"], "--raw"],
+        "--raw applies to models finetuned",
+        None,
+    ),
     "finetune_unknown_task": (
         lambda w: ["finetune", "--task", "poetry", "--init-from", w["run"], "--data", w["root"] / "text.txt"],
         "unknown task",

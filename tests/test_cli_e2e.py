@@ -1,6 +1,7 @@
 """The real CLI end to end on a tiny config, 8 fake devices, data-parallel mesh."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,17 @@ def test_a_bad_recipe_is_refused_before_jax_is_imported(tmp_path):
 def test_bad_override_names_the_key(cli, tmp_path):
     result = cli("pretrain", TINY, "--run-dir", tmp_path / "r", "--set", "train.batch_size=x", ok=False)
     assert result.exit_code == 2 and "--set train.batch_size must be int" in result.stderr
+
+
+@pytest.mark.slow
+def test_the_quickstart_learns_its_corpus_and_counts_as_the_readme_says(cli, tmp_path):
+    """The README's first command: 300 steps bring the loss from the corpus' unigram entropy to a tenth of it,
+    and the model counts where getting-started.md says it does."""
+    out = cli("quickstart", "--out", tmp_path / "qs")
+    text = out.stdout + out.stderr
+    loss, entropy = (
+        float(x) for x in re.search(r"validation loss ([\d.]+) nats/char \(unigram entropy ([\d.]+)", text).groups()
+    )
+    assert entropy == pytest.approx(2.854, abs=1e-3) and loss < 0.12 * entropy
+    assert "count to seven: one two three four five six seven." in text
+    assert {p.name for p in (tmp_path / "qs").iterdir()} == {"corpus.txt", "data", "run"}

@@ -229,3 +229,8 @@ def test_an_io_error_ends_the_command_in_one_line_that_says_where_to_look(cli, m
     result = cli("runs", tmp_path, ok=False)
     assert result.exit_code == 1 and result.stderr.splitlines() == [line]
     assert logging.getLogger("gcsfs").level == logging.CRITICAL  # its per-try tracebacks stay out of the way
+
+
+def test_a_log_format_other_than_rich_or_json_is_refused(cli, tmp_path):
+    result = cli("--log-format", "xml", "runs", tmp_path, ok=False)
+    assert result.exit_code == 2 and "Invalid value for '--log-format': 'xml': use rich or json" in result.output

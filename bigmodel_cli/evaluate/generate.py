@@ -243,6 +243,8 @@ def run(
     for option, text in (("--prompt", prompt), *(("--stop", s) for s in stop)):
         _check_utf8(option, text)
     loaded, tokenizer, info = open_model(model, quantize)
+    if raw and (info is None or not info.chat_template):
+        raise UserError(f"--raw applies to models finetuned on chats; {model} continues plain text already: drop it")
     if info is not None and info.chat_template and not raw:
         # The prompt becomes a user turn and the reply ends where the turn does, as in finetuning.
         return Chat(loaded, tokenizer, sampling, stop).reply(prompt)

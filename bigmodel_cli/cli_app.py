@@ -147,8 +147,8 @@ def command(fn):
             raise typer.Exit(1) from None
         finally:
             rundir.release_all(*ended)
-            if previous is not None:  # None as the old handler: one set outside Python, i.e. the default
-                signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
+            for sig, handler in (previous or {}).items():  # None: a handler set outside Python, i.e. the default
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
     return app.command()(wrapper)
 
@@ -178,9 +178,11 @@ def _check_storage_clients(fn, options: dict) -> None:
                 storage.check_client(item, label)
 
 
-def _stop_on_sigterm() -> tuple | None:
-    """Make SIGTERM raise rundir.Stopped (exit 143, a true status.json) rather than kill the process mid-write;
-    returns (the previous handler,) to restore, or None off the main thread, where handlers cannot be set."""
+def _stop_on_sigterm() -> dict | None:
+    """Make SIGTERM and SIGINT raise rundir.Stopped (exit 143 or 130, a true status.json) rather than kill the
+    process mid-write, and record them (rundir.RECEIVED); returns {signal: the previous handler} to restore, or
+    None off the main thread, where handlers cannot be set."""
     if threading.current_thread() is not threading.main_thread():
         return None
-    return (signal.signal(signal.SIGTERM, rundir.raise_stopped),)
+    rundir.RECEIVED.clear()  # this command's signals only (tests run many commands in one process)
+    return {sig: signal.signal(sig, rundir.raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}

@@ -348,8 +348,15 @@ class Stopped(KeyboardInterrupt):
         return 128 + self.signum
 
 
+# The stop signals raise_stopped has received. Python prints and drops an exception raised in a signal handler
+# while a callback runs (JAX's garbage-collection hook: "Exception ignored in: _xla_gc_callback"), so the training
+# loop looks here too before its first step: a stop must never become a full run that exits 0.
+RECEIVED: list[int] = []
+
+
 def raise_stopped(signum: int, frame) -> None:
     """A signal handler: stop the program with Stopped (a true status, the right exit code) instead of dying."""
+    RECEIVED.append(signum)
     raise Stopped(signum)
 
 

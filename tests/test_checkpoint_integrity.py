@@ -258,3 +258,25 @@ def test_when_every_checkpoint_is_damaged_readers_refuse_in_one_line(cli, finish
         flip_bytes(run / "checkpoints" / str(step))
     line = _one_line(cli("export", run, "--out", tmp_path / "export", ok=False))
     assert "no checkpoint in " in line and "can be read" in line and not (tmp_path / "export").exists()
+
+
+def test_orbaxs_abandoned_reads_of_a_damaged_checkpoint_print_nothing_other_failures_still_do(monkeypatch):
+    """After one array read fails, Orbax abandons the others, and Python printed each as "Exception ignored in:
+    <coroutine object _read_array_index_and_device_put>" with a TensorStore spec (62 to 1,158 lines after one
+    warning). Those echoes are dropped; any other unraisable exception still reaches the previous hook."""
+    import sys
+    from types import SimpleNamespace
+
+    from bigmodel_cli.train import checkpoint
+
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    namespace = {}
+    exec(compile("async def _read_array_index_and_device_put(): pass", "/x/orbax/serialization.py", "exec"), namespace)
+    abandoned, other = namespace["_read_array_index_and_device_put"](), object()
+    checkpoint._quiet_abandoned_reads()
+    checkpoint._quiet_abandoned_reads()  # once per process, however many damaged checkpoints
+    for thing in (abandoned, other):
+        sys.unraisablehook(SimpleNamespace(object=thing, exc_value=Exception("read failed")))
+    abandoned.close()
+    assert [u.object for u in printed] == [other]

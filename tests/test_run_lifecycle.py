@@ -119,6 +119,30 @@ def test_signal_stops_with_its_exit_code_and_a_true_status(tiny_data, tmp_path, 
         assert (run / "checkpoints" / str(status["step"])).is_dir()
 
 
+def test_a_stop_whose_exception_python_dropped_still_stops_the_run(cli, tiny_data, tmp_path, monkeypatch):
+    """A SIGTERM that lands while JAX's garbage-collection callback runs: Python prints "Exception ignored in:
+    _xla_gc_callback" and drops the Stopped the handler raised, so the run went on to its last step and exited 0."""
+    from bigmodel_cli.train import loop
+
+    real = loop.check_layout
+
+    def setup_hit_by_a_signal(*args):
+        try:  # the callback's frame: Python reports the exception and goes on
+            rundir.raise_stopped(signal.SIGTERM, None)
+        except rundir.Stopped:
+            pass
+        return real(*args)
+
+    monkeypatch.setattr(loop, "check_layout", setup_hit_by_a_signal)
+    run = tmp_path / "run"
+    result = cli(*pretrain_args(run, tiny_data, {"train.steps": 4}), ok=False)
+    assert result.exit_code == 143 and result.stderr.strip().splitlines() == ["SIGTERM: stopped"]
+    assert _status(run) == {**_status(run), "state": "stopped", "step": 0}
+    assert not (run / "checkpoints" / "4").exists()
+    monkeypatch.undo()
+    assert cli(*pretrain_args(run, tiny_data, {"train.steps": 4})).exit_code == 0  # the next command is not stopped
+
+
 def _orbax_disk_full(*args, **kwargs):
     raise ValueError(  # what Orbax 0.12 raises when its writer hits ENOSPC (os_error_code 28)
         'RESOURCE_EXHAUSTED: Error writing "norm.weight/0" in OCDBT database at local file "...": Failed to write '

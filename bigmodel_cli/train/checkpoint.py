@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,25 @@ class CheckpointMismatch(UserError):
 
 class CheckpointDamaged(Exception):
     """The checkpoint's bytes are not what was saved."""
+
+
+def _quiet_abandoned_reads() -> None:
+    """Orbax reads a checkpoint's arrays concurrently. Once one read fails on a damaged file, the others are
+    abandoned, and Python prints each one's failure as it collects it ("Exception ignored in: <coroutine object
+    _read_array_index_and_device_put>", a TensorStore spec each: hundreds of lines). The caller reports the
+    damage once; those echoes of it are dropped, and every other unraisable exception is printed as before."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_abandoned_reads", False):
+        return
+
+    def hook(unraisable) -> None:
+        code = getattr(unraisable.object, "cr_code", None)
+        if code is not None and code.co_name == "_read_array_index_and_device_put" and "orbax" in code.co_filename:
+            return
+        previous(unraisable)
+
+    hook.quiets_abandoned_reads = True
+    sys.unraisablehook = hook
 
 
 def next_free(directory: Path) -> int:
@@ -280,6 +300,7 @@ class Checkpoints:
             except UserError:
                 raise
             except Exception as err:  # Orbax raises many types for damaged files: all mean "unusable"
+                _quiet_abandoned_reads()
                 directory = self.directory / str(step)
                 aside = directory.with_name(f"{step}.corrupt-{next_free(directory)}")
                 # One process renames, after every process has named the same `aside` and before any reloads.
@@ -310,6 +331,7 @@ class Checkpoints:
             except UserError:
                 raise
             except Exception as err:  # as in restore_latest_good: unreadable or failing its checksums
+                _quiet_abandoned_reads()
                 skipped.append(f"checkpoint {self.shown / str(candidate)} is damaged ({_reason(err)})")
                 continue
             for line in skipped:  # only now: when none is good, the error below says it in one line

@@ -247,6 +247,8 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     skipped = 0
     trace = profile.StepTrace(cfg.train.profile_range(), inp.run_dir, start + 1, console)
     try:
+        if rundir.RECEIVED:  # a stop during setup whose exception Python dropped (rundir.RECEIVED says when)
+            raise rundir.Stopped(rundir.RECEIVED[-1])
         with _Preempted() as preempted, console.progress(total_steps, start) as progress:
             window_start, window_steps = time.perf_counter(), 0
             unchecked: list[tuple[int, Any]] = []  # (step, finite flag) of steps the host has not waited for

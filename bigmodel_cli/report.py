@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from bigmodel_cli import atomic, storage
+from bigmodel_cli import atomic, rundir, storage
 from bigmodel_cli.errors import UserError
 from bigmodel_cli.rundir import CONFIG_FILE, EVAL_METRICS_FILE, METRICS_FILE, STATUS_FILE, SUITE_FILE, eval_dir
 
@@ -105,7 +105,10 @@ def list_runs(root: Path) -> list[dict[str, Any]]:
             continue
         rows = read_metrics(d) if (d / METRICS_FILE).is_file() else []
         status = _status(d)
-        row = _summary(d, rows) | {"total_steps": _target_steps(d), "status": str(status.get("state", "unknown"))}
+        state = str(status.get("state", "unknown"))
+        if state in ("starting", "running") and rundir.writer_gone(d):  # its process died without a word
+            state = "killed"
+        row = _summary(d, rows) | {"total_steps": _target_steps(d), "status": state}
         if row["step"] is None:  # nothing logged yet: the step the run started from, if it says
             step = status.get("step", 0 if row["status"] == "starting" else None)
             row["step"] = step if isinstance(step, int) else None

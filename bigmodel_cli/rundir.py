@@ -174,6 +174,28 @@ def lock(run_dir: Path, process_index: int = 0) -> None:
     _held[key] = (fd, process_index == 0)
 
 
+def writer_gone(run_dir: Path) -> bool:
+    """True when no process holds RUN_DIR's lock any more: a status.json that still says "running" is then the
+    last word of a killed process (kill -9, a lost machine). False while a writer holds it, or when unsure."""
+    if storage.is_url(run_dir):
+        try:
+            held = json.loads((storage.path(run_dir) / LOCK_FILE).read_text())
+        except (OSError, ValueError):
+            return True  # unlock() deletes the object: none, and a status still "running", means no writer
+        return isinstance(held, dict) and _lock_abandoned(held)
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # taken, then dropped at once: nobody held it
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _in_use(run_dir: Path, holder: str) -> UserError:
     return UserError(
         f"{run_dir} is in use by another bigmodel process ({holder}): wait for it to end or stop it, "

@@ -71,6 +71,12 @@ def test_config_change_that_cannot_resume_is_refused_before_anything_is_written(
     assert "resumed from step 4" in allowed.stdout and _status(run)["state"] == "finished"
 
 
+def _listed(cli, root: Path) -> str:
+    """The status `bigmodel runs` gives the one run under root."""
+    (row,) = [json.loads(line) for line in cli("--log-format", "json", "runs", root).stdout.splitlines()]
+    return row["status"]
+
+
 def test_second_writer_is_refused_naming_the_holder_and_a_sigkilled_holders_lock_is_taken_over(
     cli, tiny_data, tmp_path
 ):
@@ -84,9 +90,11 @@ def test_second_writer_is_refused_naming_the_holder_and_a_sigkilled_holders_lock
         assert len(second.stderr.strip().splitlines()) == 1, second.stderr
         assert f"pid {holder.pid} on host {socket.gethostname()}" in second.stderr and "in use" in second.stderr
         assert (run / "config.toml").read_bytes() == config
+        assert _listed(cli, tmp_path) == "running"
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    assert _status(run)["state"] == "running" and _listed(cli, tmp_path) == "killed"  # nobody holds its lock
 
     # The kernel dropped the dead holder's flock: the next run takes the lock over and records itself.
     resume_from = rundir.latest_checkpoint(run)

@@ -4,6 +4,7 @@ directory renamed into place when the writing is done."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import secrets
@@ -67,7 +68,9 @@ def new_dir(out: Path, what: str) -> Iterator[Path]:
     out = Path(out)
     check_new_dir(out, what)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphans(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    writer = _hold_writer_lock(staging)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise carry over to `out`
@@ -76,9 +79,43 @@ def new_dir(out: Path, what: str) -> Iterator[Path]:
         _give_umask_modes(staging, umask)
         if out.exists():
             out.rmdir()  # empty, checked above
+        os.unlink(staging / WRITER_LOCK)  # the lock stays held on the open file until the rename is done
         os.replace(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(writer)
+
+
+# In a staging directory, flocked by the process that fills it for as long as that process lives: the OS drops it
+# when the process dies, however it dies (SIGKILL leaves no time to remove the directory).
+WRITER_LOCK = ".writer.lock"
+
+
+def _hold_writer_lock(staging: Path) -> int:
+    """Lock a file under a temporary name, then name it WRITER_LOCK: a sweep never finds it unlocked."""
+    temp = staging / f"{WRITER_LOCK}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(temp, staging / WRITER_LOCK)
+    return fd
+
+
+def _remove_orphans(out: Path) -> None:
+    """Remove the staging directories of `out` whose writer died without cleaning up (a SIGKILLed preprocess or
+    export): their lock file is there and nobody holds it. Any other leftover is left alone."""
+    for orphan in out.parent.glob(f".{out.name}.tmp-*"):
+        try:
+            fd = os.open(orphan / WRITER_LOCK, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its writer runs
+        else:
+            shutil.rmtree(orphan, ignore_errors=True)
+        finally:
+            os.close(fd)
 
 
 def _give_umask_modes(root: Path, umask: int) -> None:

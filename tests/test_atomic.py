@@ -2,6 +2,7 @@
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,32 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path, mon
         atomic.write_text(path, "new\n")
     assert path.read_text() == "old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]
+
+
+def test_staging_left_by_a_killed_writer_is_removed_and_a_live_ones_kept(tmp_path):
+    """SIGKILL gives a writer no time to remove its staging directory: the next writer of the same output removes
+    it (nobody holds its lock), and leaves alone one whose writer still runs."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "data"
+    fill = (
+        "import sys, time; from pathlib import Path; from bigmodel_cli import atomic\n"
+        "with atomic.new_dir(Path(sys.argv[1]), 'x') as s:\n"
+        "    (s / 'part').write_text('half'); print(s, flush=True); time.sleep(60)\n"
+    )
+    writers = [subprocess.Popen([sys.executable, "-c", fill, out], stdout=subprocess.PIPE, text=True) for _ in "ab"]
+    killed, alive = writers
+    stagings = [Path(w.stdout.readline().strip()) for w in writers]
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    try:
+        assert all(s.is_dir() for s in stagings)
+        with atomic.new_dir(out, "output") as staging:
+            (staging / "whole").write_text("done")
+        assert not stagings[0].exists() and stagings[1].is_dir()  # the dead writer's only
+        assert sorted(p.name for p in out.iterdir()) == ["whole"]  # no lock file carried over
+    finally:
+        alive.kill()
+        alive.wait()

@@ -28,7 +28,7 @@ from bigmodel_cli.model.params import LoadedModel, with_adapters
 from bigmodel_cli.model.sizing import count_params
 from bigmodel_cli.tasks import masks, taskinfo
 from bigmodel_cli.tasks.options import TaskWarning
-from bigmodel_cli.train import loop
+from bigmodel_cli.train import checkpoint, loop
 from bigmodel_cli.train import preference as preference_lib
 
 RECIPES = Path(__file__).parent / "recipes" / "finetune"
@@ -173,6 +173,8 @@ def run(
 
     rows = parallel.process_rows(loop_cfg.train.batch_size)
     batch_size = loop_cfg.train.batch_size
+    # A LoRA run reopens its base by path on every resume: its weights must be the ones the adapters learned on.
+    fingerprints = {"lora_base": checkpoint.digest(base.params)} if lora is not None else {}
 
     def open_batches() -> loop.Batches:
         if not preference:
@@ -205,7 +207,7 @@ def run(
         run_dir=run_dir,
         open_batches=open_batches,
         seq_len=seq_len,
-        meta={"stage": "finetune", "task": cfg.finetune.task},
+        meta={"stage": "finetune", "task": cfg.finetune.task, "fingerprints": fingerprints},
         console=console,
         initial=initial,
         dropout_seed=loop_cfg.train.seed if lora is not None and lora.dropout > 0 else None,

@@ -357,3 +357,25 @@ def test_a_lora_runs_mfu_counts_the_flops_it_runs_as_plan_does(cli, base_model, 
     )
     assert adapters > 0 and per_token_over_peak["lora"] / per_token_over_peak["full"] == pytest.approx(expected)
     assert expected < 0.9
+
+
+def test_a_lora_run_refuses_to_resume_on_a_base_whose_weights_changed(cli, base_model, tmp_path):
+    """A LoRA run reopens its base by path on every resume. Trained on further (or replaced) in between, the base
+    gave other losses from the resumed step on, without a word; now the resume is refused in one line."""
+    from safetensors.numpy import load_file, save_file
+
+    base = tmp_path / "base"
+    cli("export", base_model, "--out", base)
+    args = ("--task", "classify", "--init-from", base, *_task_files(tmp_path)["classify"], "--run-dir", tmp_path / "r")
+    cli("finetune", *args, "--set", "lora.rank=4", "--set", "train.steps=2", "--set", "checkpoint.every=2")
+    weights = load_file(base / "model.safetensors")
+    name = sorted(weights)[0]
+    save_file({**weights, name: weights[name] + 1e-3}, base / "model.safetensors")
+    more = ("--set", "lora.rank=4", "--set", "train.steps=4", "--set", "checkpoint.every=2", "--allow-config-change")
+    refused = cli("finetune", *args, *more, ok=False)
+    assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'r'}: the lora base changed since step 2 was saved (its weights differ): restore it, "
+        "or finetune from it into a new --run-dir"
+    ]
+    save_file(weights, base / "model.safetensors")  # restored: the run resumes
+    assert "resumed from step 2" in cli("finetune", *args, *more).stdout

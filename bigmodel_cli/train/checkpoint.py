@@ -114,6 +114,17 @@ def _hash(data: np.ndarray) -> str:
     return xxhash.xxh3_64_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
 
 
+def digest(tree: Any) -> str | None:
+    """One hash of every array's bytes, whatever the mesh holds them on: what a LoRA run records of its frozen
+    base, to refuse resuming on a base that changed since. None where this process does not hold every array
+    whole (a multi-process run), which then records nothing."""
+    arrays = _flat(tree)
+    if not all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
+        return None
+    hashes = "".join(f"{name}={_hash(np.asarray(x))};" for name, x in sorted(arrays.items()))
+    return xxhash.xxh3_64_hexdigest(hashes.encode())
+
+
 def describe(tree: Any) -> dict[str, dict]:
     """What meta["arrays"][item] holds: {array name: {"shape", "dtype", "xxh3": {slice: hash}}}."""
     hashes = shard_hashes(tree)

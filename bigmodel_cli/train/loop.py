@@ -97,6 +97,18 @@ def check_layout(cfg, mesh: Mesh) -> None:
         )
 
 
+def _check_same_inputs(inp: LoopInputs, saved: dict, step: int) -> None:
+    """Refuse to resume on inputs the config does not name but the checkpoints depend on (meta["fingerprints"]:
+    a LoRA run's frozen base, which init_from names by path), when they changed since step was saved."""
+    for name, now in inp.meta.get("fingerprints", {}).items():
+        then = saved.get("fingerprints", {}).get(name)
+        if then is not None and now is not None and then != now:
+            raise UserError(
+                f"{inp.run_dir}: the {name.replace('_', ' ')} changed since step {step} was saved (its weights "
+                "differ): restore it, or finetune from it into a new --run-dir"
+            )
+
+
 class _Preempted:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
 
@@ -194,12 +206,13 @@ def _train(inp: LoopInputs, batches: Batches, status: rundir.RunStatus) -> dict:
     )
     start = 0
     if ckpt.latest_step():
-        start, restored, _ = ckpt.restore_latest_good(state, console.info)
+        start, restored, saved_meta = ckpt.restore_latest_good(state, console.info)
         if restored is None:
             raise UserError(
                 f"no checkpoint in {inp.run_dir / 'checkpoints'} could be restored (all moved aside as "
                 "*.corrupt-N): rerun to start from scratch, or use a new --run-dir"
             )
+        _check_same_inputs(inp, saved_meta, start)
         state = {**state, "step": jax.device_put(np.int32(start), parallel.replicated(mesh)), **restored}
         console.info(f"resumed from step {start} ({inp.run_dir / 'checkpoints' / str(start)})")
 

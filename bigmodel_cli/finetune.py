@@ -171,7 +171,7 @@ def run(
             f"{total:,} ({100 * trainable / total:.2f}%)"
         )
 
-    rows = parallel.process_rows(loop_cfg.train.batch_size)
+    rows = parallel.process_rows(loop_cfg.train.batch_size, base.mesh)
     batch_size = loop_cfg.train.batch_size
     # A LoRA run reopens its base by path on every resume: its weights must be the ones the adapters learned on.
     fingerprints = {"lora_base": checkpoint.digest(base.params)} if lora is not None else {}

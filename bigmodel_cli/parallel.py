@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -39,7 +40,8 @@ def parse_rules(text: str) -> dict[str, Any]:
         name, sep, axes = item.partition("=")
         name = name.strip()
         mesh_axes = tuple(a.strip() for a in axes.split("+") if a.strip())
-        if not sep or name not in DEFAULT_RULES or any(a not in MESH_AXES for a in mesh_axes):
+        repeated = len(set(mesh_axes)) != len(mesh_axes)  # data+data: a dimension split twice over one axis
+        if not sep or name not in DEFAULT_RULES or any(a not in MESH_AXES for a in mesh_axes) or repeated:
             raise UserError(
                 f"mesh.rules entry {item!r} is not LOGICAL=AXIS[+AXIS]; logical names: {', '.join(DEFAULT_RULES)}; "
                 f"mesh axes: {', '.join(MESH_AXES)}"
@@ -99,7 +101,15 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: dict[str, Any]
     def one(variable: nnx.Variable) -> nnx.Variable:
         shape = variable.get_value().shape
         axes = variable.get_metadata().get("logical_axes") or (None,) * len(shape)
-        return variable.replace(NamedSharding(mesh, _fit(shape, spec(axes, rules), mesh)))
+        fitted = _fit(shape, spec(axes, rules), mesh)
+        used = [a for entry in fitted if entry for a in (entry if isinstance(entry, tuple) else (entry,))]
+        if len(set(used)) != len(used):  # JAX refuses it too, but later, after the run directory is written
+            twice = next(a for a in used if used.count(a) > 1)
+            raise UserError(
+                f"mesh.rules put two dimensions of a parameter ({', '.join(map(str, axes))}) on the mesh axis "
+                f"{twice!r}: map those logical names to different axes"
+            )
+        return variable.replace(NamedSharding(mesh, fitted))
 
     shardings = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return nnx.to_pure_dict(shardings)
@@ -149,11 +159,20 @@ def constrain(x: jax.Array, logical_axes: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _fit(x.shape, spec(logical_axes, rules), mesh)))
 
 
-def process_rows(batch_size: int) -> slice:
-    """This process's rows of every global batch (all of them on a single host)."""
-    n, i = jax.process_count(), jax.process_index()
-    per = batch_size // n
-    return slice(i * per, (i + 1) * per)
+def process_rows(batch_size: int, mesh: Mesh) -> slice:
+    """This process's rows of every global batch: those its devices hold under batch_sharding. All of them on a
+    single host, and also where the mesh does not split the batch across processes (mesh.data=1, tensor=8 over
+    two hosts): each process then feeds the whole batch, not a share that would differ between them."""
+    if batch_size % data_parallel_size(mesh):  # refused (loop.check_layout) before any batch is read
+        return slice(0, batch_size)
+    held = batch_sharding(mesh).addressable_devices_indices_map((batch_size, 1)).values()
+    rows = sorted({(index[0].start or 0, batch_size if index[0].stop is None else index[0].stop) for index in held})
+    if any(stop != start for (_, stop), (start, _) in itertools.pairwise(rows)):  # not one block: no loader gives it
+        raise UserError(
+            f"mesh {dict(mesh.shape)} gives process {jax.process_index()} rows {rows} of each batch, not "
+            "one block: order the mesh so that each process's devices hold neighbouring rows"
+        )
+    return slice(rows[0][0], rows[-1][1])
 
 
 def host_local_batch(global_batch: np.ndarray, sharding: NamedSharding) -> jax.Array:

@@ -97,7 +97,11 @@ def run(
     cfg, parts = resolve(cfg)
     mesh = parallel.make_mesh(cfg.mesh)  # before the run directory exists: a bad mesh leaves nothing behind
     attention.check_backend(cfg.model)  # likewise an attention kernel this machine lacks
-    seq_len, batch_size, rows = cfg.data.seq_len, cfg.train.batch_size, parallel.process_rows(cfg.train.batch_size)
+    seq_len, batch_size, rows = (
+        cfg.data.seq_len,
+        cfg.train.batch_size,
+        parallel.process_rows(cfg.train.batch_size, mesh),
+    )
     meta: dict = {"stage": "pretrain"}
     if parts is not None:
         meta["tokenizer_sha256"] = parts[0].manifest["tokenizer"]["sha256"]

@@ -250,6 +250,24 @@ CASES = {
         "safetensors",
         None,
     ),
+    "pretrain_rules_two_dimensions_on_one_axis": (
+        lambda w: [
+            "pretrain",
+            TINY,
+            "--run-dir",
+            w["root"] / "r_rules",
+            "--set",
+            f"data.path={w['data']}",
+            "--set",
+            "mesh.data=2",
+            "--set",
+            "mesh.tensor=4",
+            "--set",
+            "mesh.rules=embed=tensor",
+        ],
+        "two dimensions of a parameter",
+        "r_rules",
+    ),  # fmt: skip
     "plan_mesh_mismatch": (
         lambda w: ["plan", TINY, "--set", "model.vocab_size=64", "--set", "mesh.tensor=3"],
         "devices",

@@ -311,6 +311,8 @@ def test_recipe_rules_override_the_defaults():
 
     with pytest.raises(UserError, match="logical names"):
         parallel.parse_rules("embeddings=fsdp")
+    with pytest.raises(UserError, match="logical names"):  # one axis twice in a rule
+        parallel.parse_rules("batch=data+data")
 
 
 def test_custom_cross_entropy_matches_optax_value_and_gradient():

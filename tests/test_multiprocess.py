@@ -24,9 +24,9 @@ def _env(devices: int) -> dict:
     return env
 
 
-def _args(run_dir, data):
+def _args(run_dir, data, mesh: dict):
     settings = {"train.steps": 5, "train.log_every": 1, "train.eval_every": 5, "checkpoint.every": 5}
-    return pretrain_args(run_dir, data, {**settings, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+    return pretrain_args(run_dir, data, {**settings, **{f"mesh.{axis}": n for axis, n in mesh.items()}})
 
 
 def _losses(run_dir):
@@ -34,10 +34,13 @@ def _losses(run_dir):
     return [r["loss"] for r in rows], rows[-1]["val_loss"]
 
 
+# The second mesh splits no batch across the two processes (tensor over all 8 devices): each process feeds the
+# whole batch. Each fed half of it, so the replicas diverged and their checkpoints failed their checksums.
 @pytest.mark.slow
-def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path, cli):
+@pytest.mark.parametrize("mesh", [{"data": 2, "fsdp": 2, "tensor": 2}, {"data": 1, "tensor": 8}], ids=["dft", "t8"])
+def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path, cli, mesh):
     single = tmp_path / "single"
-    cli(*_args(single, tiny_data))  # one process: this one, with its 8 devices (tests/conftest.py)
+    cli(*_args(single, tiny_data, mesh))  # one process: this one, with its 8 devices (tests/conftest.py)
     multi = tmp_path / "multi"
     port = _free_port()
     procs = [
@@ -46,7 +49,7 @@ def test_two_processes_match_one_and_restore_on_one_device(tiny_data, tmp_path, 
                 sys.executable,
                 "-m",
                 "bigmodel_cli",
-                *map(str, _args(multi, tiny_data)),
+                *map(str, _args(multi, tiny_data, mesh)),
                 "--coordinator",
                 f"127.0.0.1:{port}",
                 "--num-processes",

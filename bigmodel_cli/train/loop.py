@@ -83,8 +83,13 @@ def run(
 
 
 def check_layout(cfg, mesh: Mesh) -> None:
-    """Check what would otherwise fail only once training starts: the batch against the mesh, wandb."""
+    """Check what would otherwise fail only once training starts: the parameters' and the batch's layout on the
+    mesh, wandb."""
     import importlib.util
+
+    from bigmodel_cli.model.params import abstract_params
+
+    abstract_params(cfg.model, mesh)  # shapes only: refuses mesh.rules that put two dimensions on one axis
 
     if cfg.train.wandb_project and importlib.util.find_spec("wandb") is None:
         raise UserError("train.wandb_project is set but wandb is not installed: pip install wandb (or unset it)")

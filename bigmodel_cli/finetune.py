@@ -173,8 +173,10 @@ def run(
 
     rows = parallel.process_rows(loop_cfg.train.batch_size, base.mesh)
     batch_size = loop_cfg.train.batch_size
-    # A LoRA run reopens its base by path on every resume: its weights must be the ones the adapters learned on.
-    fingerprints = {"lora_base": checkpoint.digest(base.params)} if lora is not None else {}
+    # A LoRA run reopens its base by path on every resume, and preference tuning its reference: their weights must
+    # be the ones the run started from (init_from may be a run that trained on since, or a moved Hub branch).
+    reopened = lora is not None or (preference and cfg.preference.needs_reference)
+    fingerprints = {"base": checkpoint.digest(base.params)} if reopened else {}
 
     def open_batches() -> loop.Batches:
         if not preference:

@@ -247,17 +247,31 @@ def _load_finetune_run(home: Path, step: int | None, mesh) -> LoadedModel:
         if cfg.lora.rank:
             base = load(storage.path(cfg.finetune.init_from), mesh)
             graphdef, like = lora.abstract_adapters(with_adapters(model_cfg, cfg.lora), mesh)
-            step, adapters, _ = ckpt.restore_params(like, warn, step)
+            step, adapters, meta = ckpt.restore_params(like, warn, step)
+            recorded = meta.get("fingerprints", {}).get("base")
+            if recorded is not None and recorded != checkpoint_digest(base.params):
+                raise UserError(
+                    f"{cfg.finetune.init_from}, the base of the LoRA run {home}, changed since its adapters were "
+                    "trained (its weights differ): restore it, or finetune the adapters anew"
+                )
             params = lora.merge_params(lora.fold(base.params, base.lora), adapters)
         else:
             graphdef, like = abstract_params(model_cfg, mesh)
-            step, params, _ = ckpt.restore_params(like, warn, step)
+            step, params, meta = ckpt.restore_params(like, warn, step)
+            recorded = meta.get("fingerprints", {}).get("base")
     finally:
         ckpt.close()
     seq_len = cfg.data.seq_len or model_cfg.max_seq_len
     return LoadedModel(
-        model_cfg, graphdef, params, mesh, home, step, seq_len, "", lora=cfg.lora if cfg.lora.rank else None
+        model_cfg, graphdef, params, mesh, home, step, seq_len, "", cfg.lora if cfg.lora.rank else None, recorded
     )
+
+
+def checkpoint_digest(params) -> str | None:
+    """checkpoint.digest, imported here for the reason _checkpoints says."""
+    from bigmodel_cli.train.checkpoint import digest
+
+    return digest(params)
 
 
 def _finetune_model_config(home: Path) -> ModelConfig:

@@ -374,8 +374,10 @@ def test_a_lora_run_refuses_to_resume_on_a_base_whose_weights_changed(cli, base_
     more = ("--set", "lora.rank=4", "--set", "train.steps=4", "--set", "checkpoint.every=2", "--allow-config-change")
     refused = cli("finetune", *args, *more, ok=False)
     assert refused.exit_code == 2 and refused.stderr.strip().splitlines() == [
-        f"error: {tmp_path / 'r'}: the lora base changed since step 2 was saved (its weights differ): restore it, "
-        "or finetune from it into a new --run-dir"
+        f"error: {tmp_path / 'r'}: the starting model (finetune.init_from) changed since step 2 was saved (its "
+        "weights differ): restore it, or finetune from it into a new --run-dir"
     ]
+    generated = cli("generate", tmp_path / "r", "--prompt", "the", "--max-new-tokens", "2", ok=False)
+    assert generated.exit_code == 2 and "changed since its adapters were trained" in generated.stderr
     save_file(weights, base / "model.safetensors")  # restored: the run resumes
     assert "resumed from step 2" in cli("finetune", *args, *more).stdout

@@ -267,6 +267,19 @@ def test_dpo_learns_the_rule_the_supervised_model_cannot_tell(world):
     assert exported["reward_margin"] == pytest.approx(dpo["reward_margin"], rel=1e-4)
 
 
+def test_the_default_reference_must_be_the_weights_the_run_started_from(cli, world, monkeypatch):
+    """The run names its reference by path (init_from): trained on since, it would give other rewards without a
+    word. The run records a digest of its starting weights; a changed one is refused, a --ref given is not."""
+    from bigmodel_cli import modelio
+
+    monkeypatch.setattr(modelio, "checkpoint_digest", lambda params: "the weights of a run that trained on")
+    args = ("evaluate", world["root"] / "dpo", "--task", "preference", "--data", world["root"] / "held_out.jsonl")
+    refused = cli(*args, "--out", world["root"] / "refused", ok=False)
+    assert refused.exit_code == 2 and "changed since (its weights differ" in refused.stderr
+    given = cli(*args, "--ref", world["root"] / "sft", "--out", world["root"] / "given", "--json")
+    assert json.loads(given.stdout.splitlines()[-1])["reward_margin"] == world["scores"]["dpo"]["reward_margin"]
+
+
 def test_training_logs_trl_metric_names(world):
     lines = [json.loads(line) for line in (world["root"] / "dpo" / "metrics.jsonl").read_text().splitlines()]
     names = (

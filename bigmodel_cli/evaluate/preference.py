@@ -57,11 +57,17 @@ def run(
     quantization.check(quantize)
     loaded = quantization.apply(modelio.load(model), quantize)
     recipe = _run_config(loaded.home)
+    recorded = loaded.base_digest if ref is None else None  # a --ref given is the user's choice
     if ref is None:
         if recipe is None or not recipe.finetune.init_from:
             raise UserError(f"{model} records no starting model to compare against: pass --ref MODEL")
         ref = storage.path(recipe.finetune.init_from)
     reference = modelio.load(ref, loaded.mesh)
+    if recorded is not None and modelio.checkpoint_digest(reference.params) != recorded:
+        raise UserError(
+            f"{ref}, the starting model {model} records, changed since (its weights differ: a run that trained "
+            "on, a moved branch): pass --ref with the weights it started from"
+        )
     if reference.model_cfg.vocab_size != loaded.model_cfg.vocab_size:
         raise UserError(f"--ref {ref} has another vocabulary than {model}: pass the model it was finetuned from")
     cfg = recipe.preference if recipe is not None and recipe.finetune.task == TASK else P.PreferenceConfig()

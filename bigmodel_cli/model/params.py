@@ -29,6 +29,7 @@ class LoadedModel:
     seq_len: int  # the sequence length the model was trained with
     data_path: str  # the data it was trained on ("" if unknown)
     lora: Any = None  # the LoraConfig when params hold adapters beside the (frozen) base weights
+    base_digest: str | None = None  # a finetuning run's record of its starting model's weights (checkpoint.digest)
 
     @property
     def tokenizer_files(self) -> TokenizerFiles | None:

@@ -102,6 +102,9 @@ def check_layout(cfg, mesh: Mesh) -> None:
         )
 
 
+FINGERPRINTED = {"base": "starting model (finetune.init_from)"}  # meta["fingerprints"] keys, as errors name them
+
+
 def _check_same_inputs(inp: LoopInputs, saved: dict, step: int) -> None:
     """Refuse to resume on inputs the config does not name but the checkpoints depend on (meta["fingerprints"]:
     a LoRA run's frozen base, which init_from names by path), when they changed since step was saved."""
@@ -109,7 +112,7 @@ def _check_same_inputs(inp: LoopInputs, saved: dict, step: int) -> None:
         then = saved.get("fingerprints", {}).get(name)
         if then is not None and now is not None and then != now:
             raise UserError(
-                f"{inp.run_dir}: the {name.replace('_', ' ')} changed since step {step} was saved (its weights "
+                f"{inp.run_dir}: the {FINGERPRINTED[name]} changed since step {step} was saved (its weights "
                 "differ): restore it, or finetune from it into a new --run-dir"
             )
 

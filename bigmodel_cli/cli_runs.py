@@ -58,6 +58,10 @@ def plan(
     """
     import json
 
+    if devices < 0:
+        raise UserError(f"--devices {devices}: give a number of devices, at least 1 (0: those of this machine)")
+    if memory_budget_gb < 0:
+        raise UserError(f"--memory-budget-gb {memory_budget_gb:g}: give GiB per device above 0 (0: no budget)")
     if devices and "jax" not in sys.modules:  # fake CPU devices must be requested before jax starts
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
     import jax

@@ -184,8 +184,8 @@ def check_cost_options(
             if value not in (None, ""):
                 raise UserError(f"{option} only prices a token budget: add --tokens N (e.g. --tokens 2e10)")
         return
-    if not tokens > 0:
-        raise UserError(f"--tokens {tokens:g}: give the number of training tokens, above 0 (e.g. 2e10)")
+    if not (tokens > 0 and math.isfinite(tokens) and tokens == int(tokens)):
+        raise UserError(f"--tokens {tokens:g}: give a whole number of training tokens, above 0 (e.g. 2e10)")
     if chips is not None and chips < 1:
         raise UserError(f"--chips {chips}: give at least 1 chip")
     if mfu is not None and not 0 < mfu <= 1:

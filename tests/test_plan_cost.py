@@ -65,7 +65,11 @@ def test_a_measured_mfu_for_the_chip_is_the_default(priced, monkeypatch):
         (["--mfu", "0.5"], "--mfu only prices a token budget: add --tokens N"),
         (["--price-per-chip-hour", "2"], "--price-per-chip-hour only prices a token budget"),
         (["--chip", "TPU v5e"], "--chip only prices a token budget"),
-        (["--tokens", "0", "--chip", "TPU v5e"], "--tokens 0: give the number of training tokens, above 0"),
+        (["--tokens", "0", "--chip", "TPU v5e"], "--tokens 0: give a whole number of training tokens, above 0"),
+        (["--tokens", "inf", "--chip", "TPU v5e"], "--tokens inf: give a whole number"),  # was an internal error
+        (["--tokens", "1.5", "--chip", "TPU v5e"], "--tokens 1.5: give a whole number"),  # priced 1.5, showed 1
+        (["--devices", "-1"], "--devices -1: give a number of devices, at least 1"),  # was an internal error
+        (["--memory-budget-gb", "-1"], "--memory-budget-gb -1: give GiB per device above 0"),
         (["--tokens", "1e9", "--chip", "TPU v5e", "--mfu", "1.5"], "--mfu 1.5: give a fraction of peak in (0, 1]"),
         (["--tokens", "1e9", "--chip", "TPU v5e", "--mfu", "0"], "--mfu 0: give a fraction of peak in (0, 1]"),
         (["--tokens", "1e9", "--chip", "TPU v5e", "--chips", "0"], "--chips 0: give at least 1 chip"),

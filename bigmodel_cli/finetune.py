@@ -163,7 +163,7 @@ def run(
     def on_ready(run_dir: Path) -> None:  # the run directory is prepared: the stage's own files, then training
         if jax.process_index() == 0:
             base.tokenizer_files.copy_to(run_dir)  # tokenizer.model, or tokenizer.json and its config
-            taskinfo.write(run_dir, kind, cfg.task, seq_len, info, tokenizer)
+            taskinfo.write(run_dir, kind, cfg.task, seq_len, info, tokenizer, cfg.preference if preference else None)
             atomic.write_json(run_dir / rundir.MODEL_FILE, dataclasses.asdict(base.model_cfg))
         console.info(
             f"finetune --task {cfg.finetune.task}: {len(encoded['example_index'])} training and "

@@ -404,3 +404,23 @@ def test_show_examples_marks_the_chosen_completion(cli, hf_pair, tmp_path):
         "--show-examples", "1", "--run-dir", tmp_path / "run",
     ).stdout  # fmt: skip
     assert "a b" in shown and " c" in shown and not (tmp_path / "run").exists()
+
+
+def test_an_export_of_a_preference_run_is_scored_with_the_runs_beta(cli, world, tmp_path):
+    """An export has no config.toml: its rewards were scaled by the default beta 0.1, whatever the run was tuned
+    with, and `--set preference.beta` is refused by evaluate. task.json now carries the [preference] section."""
+    root = world["root"]
+    run, export = tmp_path / "beta", tmp_path / "beta-export"
+    cli(
+        "finetune", "--task", "preference", "--init-from", root / "sft", "--data", root / "pairs.jsonl",
+        "--run-dir", run, *SMALL, "--set", "train.steps=1", "--set", "preference.beta=0.5",
+    )  # fmt: skip
+    cli("export", run, "--out", export)
+    scores = []
+    for model in (run, export):
+        args = ("evaluate", model, "--task", "preference", "--data", root / "held_out.jsonl", "--ref", root / "sft")
+        scores.append(
+            json.loads(cli(*args, "--out", tmp_path / f"eval-{model.name}", "--json").stdout.splitlines()[-1])
+        )
+    assert scores[0]["beta"] == scores[1]["beta"] == 0.5
+    assert scores[1]["reward_margin"] == pytest.approx(scores[0]["reward_margin"], rel=1e-5)

@@ -12,6 +12,7 @@ model scored against its own reference gets 0.5, not 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import warnings
@@ -70,9 +71,16 @@ def run(
         )
     if reference.model_cfg.vocab_size != loaded.model_cfg.vocab_size:
         raise UserError(f"--ref {ref} has another vocabulary than {model}: pass the model it was finetuned from")
-    cfg = recipe.preference if recipe is not None and recipe.finetune.task == TASK else P.PreferenceConfig()
+    info = taskinfo.read(loaded.home)
+    if recipe is not None and recipe.finetune.task == TASK:
+        cfg = recipe.preference
+    elif info is not None and info.preference:  # an export of a preference run: its task.json says how it was tuned
+        known = {f.name for f in dataclasses.fields(P.PreferenceConfig)}
+        cfg = P.PreferenceConfig(**{k: v for k, v in info.preference.items() if k in known})
+    else:
+        cfg = P.PreferenceConfig()
     tokenizer = loaded.tokenizer("evaluation needs the model's tokenizer")
-    tokenizer.chat_template = taskinfo.chat_template(taskinfo.read(loaded.home), tokenizer)
+    tokenizer.chat_template = taskinfo.chat_template(info, tokenizer)
     kind = tasks.get(TASK)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TaskWarning)

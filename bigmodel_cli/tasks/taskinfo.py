@@ -28,9 +28,14 @@ class TaskInfo:
     labels: tuple[str, ...] = ()  # classify: the label words, in the order they were scored
     seq_len: int = 0  # the sequence length of finetuning (prompts are cut and windowed to it); 0 = unknown
     chat_template: str = ""  # instruct: the Jinja chat template of the prompts (Hugging Face's chat_template)
+    # preference: the [preference] section it was tuned with (beta and the loss decide its implicit rewards), so
+    # that an export, which has no config.toml, is scored as the run is
+    preference: dict = dataclasses.field(default_factory=dict)
 
 
-def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_info: dict, tokenizer) -> None:
+def write(
+    run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_info: dict, tokenizer, preference=None
+) -> None:
     """Record the task a run is finetuned for; `data_info` is what loading the task file found, `tokenizer`
     the one it was encoded with (instruct: its chat template is the one trained)."""
     record = json.loads(json.dumps(data_info, default=str))  # counts and file names, for people reading it
@@ -40,6 +45,7 @@ def write(run_dir: Path, kind: Task, options: TaskOptions, seq_len: int, data_in
         labels=list(data_info.get("labels", [])),
         seq_len=seq_len,
         chat_template=kind.chat_template(tokenizer),
+        **({"preference": dataclasses.asdict(preference)} if preference is not None else {}),
     )
     atomic.write_json(storage.path(run_dir) / TASK_FILE, record)
 
@@ -64,6 +70,7 @@ def read(home: Path) -> TaskInfo | None:
         labels=tuple(str(x) for x in record.get("labels", [])),
         seq_len=int(record.get("seq_len", 0)),
         chat_template=stored_template(str(record.get("chat_template", ""))),
+        preference=dict(record.get("preference") or {}),
     )
 
 

@@ -27,6 +27,7 @@ from bigmodel_cli.cli_app import (
     Quantize,
     Resume,
     _console,
+    _options,
     _setup_jax,
     app,
     command,
@@ -265,11 +266,18 @@ def generate(
 
     if chat and raw:
         raise UserError("--raw continues plain text and --chat holds a conversation: pass one of them")
+    import json
+
+    as_json = _options["log_format"] == "json"  # one object per line, as every command prints for scripts
     _setup_jax(inference=True)
     if chat:
         sampling = stage.Sampling(max_new_tokens, temperature, top_k, top_p, seed)
         messages = [prompt] if prompt else stage.terminal_lines()
-        stage.chat(model, messages, lambda reply: print(reply, flush=True), sampling, tuple(stop or ()), quantize)
+
+        def on_reply(reply: str) -> None:
+            print(json.dumps({"reply": reply}, ensure_ascii=False) if as_json else reply, flush=True)
+
+        stage.chat(model, messages, on_reply, sampling, tuple(stop or ()), quantize)
         return
     text = stage.run(
         model,
@@ -283,7 +291,7 @@ def generate(
         raw=raw,
         quantize=quantize,
     )
-    print(text)
+    print(json.dumps({"text": text}, ensure_ascii=False) if as_json else text)
 
 
 @command
@@ -344,7 +352,7 @@ def tokenize(
     from bigmodel_cli.evaluate import tokenize as stage
 
     result = stage.run(source, text)
-    if json_out:
+    if json_out or _options["log_format"] == "json":
         print(json.dumps(result, ensure_ascii=False))
     else:
         print(f"ids:    {json.dumps(result['ids'])}")
@@ -366,8 +374,7 @@ def inspect(
     from bigmodel_cli.evaluate import inspect as stage
 
     _setup_jax(inference=True)
-    for what, path in stage.run(model, prompt, out, top_k=top_k).items():
-        print(f"{what}: {path}")
+    _console().result({what: str(path) for what, path in stage.run(model, prompt, out, top_k=top_k).items()})
 
 
 @command

@@ -81,7 +81,7 @@ def plan(
     result = run(cfg, memory_budget_gb)
     if tokens is not None:
         result["cost"] = stage.training_cost(result, tokens, chip, chips, mfu, price_per_chip_hour, pretraining)
-    if json_out:
+    if json_out or _options["log_format"] == "json":
         print(json.dumps(result))
         return
     from rich.console import Console

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli_subprocess
+from tests.conftest import REPO, pretrain_args, run_cli_subprocess
 
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 TINY = REPO / "recipes" / "tiny.toml"
@@ -234,3 +234,21 @@ def test_an_io_error_ends_the_command_in_one_line_that_says_where_to_look(cli, m
 def test_a_log_format_other_than_rich_or_json_is_refused(cli, tmp_path):
     result = cli("--log-format", "xml", "runs", tmp_path, ok=False)
     assert result.exit_code == 2 and "Invalid value for '--log-format': 'xml': use rich or json" in result.output
+
+
+def test_log_format_json_gives_one_json_object_per_line_from_every_command(cli, tiny_data, tmp_path):
+    """The README promises `--log-format json` to scripts: tokenize, inspect, generate and plan printed text."""
+    run = tmp_path / "run"
+    cli(*pretrain_args(run, tiny_data, {"train.steps": 2, "checkpoint.every": 2}))
+    commands = {
+        "tokenize": ("tokenize", run, "--text", "the cat"),
+        "inspect": ("inspect", run, "--prompt", "the cat", "--out", tmp_path / "inspect"),
+        "generate": ("generate", run, "--prompt", "the", "--max-new-tokens", "4", "--temperature", "0"),
+        "plan": ("plan", REPO / "recipes" / "tiny.toml", "--set", f"data.path={tiny_data}"),
+    }
+    printed = {}
+    for name, args in commands.items():
+        lines = cli("--log-format", "json", *args).stdout.splitlines()
+        printed[name] = [json.loads(line) for line in lines]  # every line an object
+    assert set(printed["tokenize"][-1]) == {"ids", "tokens"} and printed["generate"][-1]["text"].startswith("the")
+    assert "html" in json.dumps(printed["inspect"][-1]) and "params" in printed["plan"][-1]

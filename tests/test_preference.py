@@ -424,3 +424,29 @@ def test_an_export_of_a_preference_run_is_scored_with_the_runs_beta(cli, world, 
         )
     assert scores[0]["beta"] == scores[1]["beta"] == 0.5
     assert scores[1]["reward_margin"] == pytest.approx(scores[0]["reward_margin"], rel=1e-5)
+
+
+def test_anthropic_hh_whole_texts_are_cut_into_a_prompt_as_trl_cuts_them(hf_pair, tmp_path):
+    """HH's pairs are two whole texts, the prompt being where they start alike: TRL's extract_prompt cuts them
+    (the space before the first difference stays with the completions). They were refused."""
+    from trl.data_utils import extract_prompt
+
+    hh = [
+        {
+            "chosen": "\n\nHuman: What is 2+2?\n\nAssistant: four.",
+            "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: five",
+        },
+        {
+            "chosen": "\n\nHuman: 天空是什么颜色？\n\nAssistant: 蓝色。",
+            "rejected": "\n\nHuman: 天空是什么颜色？\n\nAssistant: 绿色",
+        },
+        {"chosen": "Q: name a colour. A: red", "rejected": "Q: name a colour. A: a colour"},
+    ]
+    kind, tokenizer = Preference(), modelio.load(Path(f"hf:{hf_pair['policy']}")).tokenizer("test")
+    encoded = []
+    for name, rows in (("hh", hh), ("explicit", [extract_prompt(row) for row in hh])):
+        examples, _ = kind.load(_write_jsonl(tmp_path / f"{name}.jsonl", rows), TaskOptions())
+        encoded.append(kind.encode(examples, tokenizer, 64, TaskOptions()))
+    assert [extract_prompt(row)["chosen"] for row in hh][2] == " red"  # the space stays with the completion
+    assert encoded[0].keys() == encoded[1].keys()
+    assert all(np.array_equal(encoded[0][key], encoded[1][key]) for key in encoded[0])

@@ -4,6 +4,7 @@ JSON list:
     {"prompt": "text", "chosen": "text", "rejected": "text"}                          plain text
     {"prompt": [{role, content}...], "chosen": [{role: assistant...}], "rejected": [...]}   a chat
     {"chosen": [whole chat], "rejected": [whole chat]}                                    the prompt is the shared start
+    {"chosen": "whole text", "rejected": "whole text"}     Anthropic HH: the prompt is the shared start, as TRL cuts it
 
 (`messages` may name the prompt's chat; a chat's completion may also be a plain string, the assistant's reply.)
 A chat is rendered with the model's chat template, as TRL renders it: the prompt with the generation prompt,
@@ -51,9 +52,9 @@ def _pair(where: str, record: dict) -> tuple[str | list, str | list, str | list]
     prompt = record.get("prompt", record.get("messages"))
     chosen, rejected = record["chosen"], record["rejected"]
     if isinstance(prompt, str) or (prompt is None and isinstance(chosen, str)):
-        if prompt is None or not all(isinstance(v, str) for v in (chosen, rejected)):
-            raise UserError(f"{where}: a text pair needs a string prompt, chosen and rejected")
-        return prompt, chosen, rejected
+        if not all(isinstance(v, str) for v in (chosen, rejected)):
+            raise UserError(f"{where}: a text pair needs a string prompt (or none), chosen and rejected")
+        return (prompt, chosen, rejected) if prompt is not None else _shared_start(chosen, rejected)
     sides = [
         [{"role": "assistant", "content": v}] if isinstance(v, str) else _messages(where, v, name)
         for name, v in zip(SIDES, (chosen, rejected), strict=True)
@@ -64,6 +65,18 @@ def _pair(where: str, record: dict) -> tuple[str | list, str | list, str | list]
             shared += 1
         return sides[0][:shared], sides[0][shared:], sides[1][shared:]
     return _messages(where, prompt, "prompt"), sides[0], sides[1]
+
+
+def _shared_start(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """Anthropic HH's layout, two whole texts: the prompt is where they start alike, up to the first character in
+    which they differ, less a space before it (which stays with the completions), as TRL's extract_prompt cuts."""
+    cut = next((i for i, (a, b) in enumerate(zip(chosen, rejected, strict=False)) if a != b), None)
+    if cut is None:  # one is the other's start: TRL's loop ends on the shorter one's last character
+        cut = min(len(chosen), len(rejected)) - 1
+    elif cut > 0 and chosen[cut - 1] == " ":
+        cut -= 1
+    cut = max(cut, 0)
+    return chosen[:cut], chosen[cut:], rejected[cut:]
 
 
 def _text(side: str | list) -> str:

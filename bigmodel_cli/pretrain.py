@@ -72,7 +72,8 @@ def open_data(cfg: Config, parts: list[loader.DataPart], run_dir: Path):
         )
     if cfg.data.mixture:
         train = loader.open_mixture(parts, "train", seq_len)
-        val = loader.open_mixture(parts, "val", seq_len)
+        with_val = [p for p in parts if "val" in p.manifest["splits"]]  # as one data.path: no split, no validation
+        val = loader.open_mixture(with_val, "val", seq_len) if with_val else None
     else:
         path = parts[0].path
         train = loader.TokenWindows(path, "train", manifest, seq_len, vocab)

@@ -320,6 +320,15 @@ def test_pretrain_without_val_trains_and_evaluate_reads_a_held_out_file(cli, tin
     cli(*pretrain_args(tmp_path / "run2", tmp_path / "all", {"train.steps": 2, "checkpoint.every": 2}))
     rows = [json.loads(line) for line in (tmp_path / "run2" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and not any("val_loss" in r for r in rows)  # trains, without validation
+    # The same data as a mixture's part: trained on too (it was refused), validation from the parts that have it.
+    mixed = {"train.steps": 2, "checkpoint.every": 2, "data.path": "", "data.mixture": f"{tmp_path / 'all'}:1"}
+    cli(*pretrain_args(tmp_path / "run4", tiny_data, {**mixed, "data.mixture": f"{tmp_path / 'all'}:1,{tiny_data}:1"}))
+    rows = [json.loads(line) for line in (tmp_path / "run4" / "metrics.jsonl").read_text().splitlines()]
+    assert "val_loss" in rows[-1]
+    no_val = cli(*pretrain_args(tmp_path / "run5", tiny_data, mixed))  # no part has one: no validation
+    assert "val_loss" not in no_val.stdout
+    unnamed = cli("evaluate", tmp_path / "run5", ok=False)  # a mixture names no one directory to evaluate on
+    assert unnamed.exit_code == 2 and "names no one data directory" in unnamed.stderr and "None" not in unnamed.stderr
     refused = cli(*pretrain_args(tmp_path / "run3", tmp_path / "held", {"train.steps": 2}), ok=False)
     assert refused.exit_code != 0 and "has no train split" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "run3").exists()

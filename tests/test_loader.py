@@ -53,6 +53,11 @@ def test_mixture_weights_and_shared_tokenizer(tmp_path):
     with pytest.raises(UserError, match="data.mixture: 2 data sets but 1 weights"):
         loader.Mixture(mix.parts, [1.0])
     assert mixture.resolve_mixture("x:3, /abs/y:1", tmp_path) == f"{tmp_path / 'x'}:3,/abs/y:1"
+    # Each cycle of the order holds the weights' integer proportions, rounded: 0.81:0.19 is 426:100 (Grain's own
+    # truncation made it 426:99, as 0.19 * 100 / 0.19 = 99.99999999999999).
+    skewed = loader.Mixture(mix.parts, [0.81, 0.19])
+    cycle = [part for part, _ in (skewed.order(0)[i] for i in range(526 * 3))]
+    assert cycle.count(1) == 300
     for bad in ("", f"{a}", f"{a}:0", f"{a}:x"):
         with pytest.raises(UserError, match="data.mixture"):
             loader.parse_mixture(bad)

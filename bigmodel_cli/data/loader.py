@@ -271,7 +271,9 @@ class Mixture:
             raise UserError(f"data.mixture: {len(parts)} data sets but {len(weights)} weights: give one weight per set")
         if len({p.seq_len for p in parts}) != 1:
             raise UserError("data.mixture: its data sets are read with different sequence lengths: use one seq_len")
-        self.parts, self.weights = parts, list(weights)
+        # Grain turns weights into integer proportions by truncating the smallest one's, scaled to 100: 0.19 gave
+        # 99.99999999999999 -> 99 (a 1% error in the share). Handed the proportions rounded, it keeps them.
+        self.parts, self.weights = parts, [round(w * 100 / min(weights)) for w in weights]
         self.seq_len = parts[0].seq_len
         self.packed = any(p.packed for p in parts)
         tagged = [grain.MapDataset.range(p.count).map(functools.partial(_tag, i)) for i, p in enumerate(parts)]

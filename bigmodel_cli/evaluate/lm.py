@@ -35,8 +35,12 @@ def run(
     writes metrics.json. `loaded`: the model, already loaded (and quantized), to skip loading it again."""
     loaded = loaded or _load(model, quantize)
     data_dir = storage.path(data) if data is not None else storage.path(loaded.data_path) if loaded.data_path else None
-    if data_dir is None or not data_dir.is_dir():
-        raise UserError(f"no evaluation data: pass --data DIR (a bigmodel preprocess output); got {data_dir}")
+    if data_dir is None:  # a run trained on a mixture, a Hugging Face model: no one data directory to read
+        raise UserError(
+            f"{model} names no one data directory to evaluate on: pass --data DIR (a bigmodel preprocess output)"
+        )
+    if not data_dir.is_dir():
+        raise UserError(f"no evaluation data: pass --data DIR (a bigmodel preprocess output); {data_dir} is not one")
     manifest = load_manifest(data_dir)
     if split not in manifest["splits"]:
         raise UserError(f"--split {split!r} is not in {data_dir} (has {', '.join(manifest['splits'])})")

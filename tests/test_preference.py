@@ -407,8 +407,7 @@ def test_show_examples_marks_the_chosen_completion(cli, hf_pair, tmp_path):
 
 
 def test_an_export_of_a_preference_run_is_scored_with_the_runs_beta(cli, world, tmp_path):
-    """An export has no config.toml: its rewards were scaled by the default beta 0.1, whatever the run was tuned
-    with, and `--set preference.beta` is refused by evaluate. task.json now carries the [preference] section."""
+    """An export has no config.toml: its rewards took the default beta 0.1. task.json now carries [preference]."""
     root = world["root"]
     run, export = tmp_path / "beta", tmp_path / "beta-export"
     cli(
@@ -447,6 +446,5 @@ def test_anthropic_hh_whole_texts_are_cut_into_a_prompt_as_trl_cuts_them(hf_pair
     for name, rows in (("hh", hh), ("explicit", [extract_prompt(row) for row in hh])):
         examples, _ = kind.load(_write_jsonl(tmp_path / f"{name}.jsonl", rows), TaskOptions())
         encoded.append(kind.encode(examples, tokenizer, 64, TaskOptions()))
-    assert [extract_prompt(row)["chosen"] for row in hh][2] == " red"  # the space stays with the completion
-    assert encoded[0].keys() == encoded[1].keys()
+    assert extract_prompt(hh[2])["chosen"] == " red" and encoded[0].keys() == encoded[1].keys()  # space: completion's
     assert all(np.array_equal(encoded[0][key], encoded[1][key]) for key in encoded[0])

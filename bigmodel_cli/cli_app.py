@@ -117,7 +117,7 @@ def command(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ended = ("failed", "")  # how to mark a run directory that the command still holds when it ends
-        previous = _stop_on_sigterm()
+        previous = _stop_on_signals()
         try:
             _check_storage_clients(fn, kwargs)
             result = fn(*args, **kwargs)
@@ -178,7 +178,7 @@ def _check_storage_clients(fn, options: dict) -> None:
                 storage.check_client(item, label)
 
 
-def _stop_on_sigterm() -> dict | None:
+def _stop_on_signals() -> dict | None:
     """Make SIGTERM and SIGINT raise rundir.Stopped (exit 143 or 130, a true status.json) rather than kill the
     process mid-write, and record them (rundir.RECEIVED); returns {signal: the previous handler} to restore, or
     None off the main thread, where handlers cannot be set."""

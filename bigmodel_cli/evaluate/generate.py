@@ -187,10 +187,7 @@ class Chat:
         self.loaded, self.tokenizer, self.sampling, self.stop = loaded, tokenizer, sampling, stop
         self.format = chat_format(tokenizer)
         self.messages: list[dict] = []
-        marker = tokenizer.encode([self.format.end_of_turn])[0]
-        # A reply ends at EOS or at the template's end-of-turn token (<|im_end|>, <|eot_id|>); an end-of-turn
-        # marker of several tokens (bigmodel's "<|end|>") is cut from the decoded text instead.
-        self.stop_ids = (*stop_ids(loaded, tokenizer), *(marker if len(marker) == 1 else ()))
+        self.stop_ids, _ = self.format.reply_stops(tokenizer, stop_ids(loaded, tokenizer))  # texts: cut below
 
     def _prompt(self) -> list[int]:
         """The conversation's prompt ids, its oldest exchanges (not a system message) left out until the reply
@@ -200,7 +197,7 @@ class Chat:
         messages = self.messages
         while True:
             text = self.format.render(messages, add_generation_prompt=True)
-            ids = [self.tokenizer.eos_id] * self.format.builtin + self.tokenizer.encode([text])[0]
+            ids = self.format.encode(self.tokenizer, text)
             later = [i for i, m in enumerate(messages) if i > keep and m["role"] == "user"]
             if len(ids) <= room or not later:
                 return ids
@@ -215,7 +212,7 @@ class Chat:
         pad_to = min(max(16, 1 << (len(ids) - 1).bit_length()), room)
         turn = len(self.messages) // 2
         sampling = dataclasses.replace(self.sampling, seed=self.sampling.seed + turn)
-        new = generate_ids(self.loaded, [ids], sampling, self.stop_ids, pad_to=pad_to)[0]
+        new = generate_ids(self.loaded, [ids], sampling, tuple(self.stop_ids), pad_to=pad_to)[0]
         new = new[: next((k for k, t in enumerate(new) if t in self.stop_ids), len(new))]
         answer = self.tokenizer.decode(new)
         for stop in (self.format.end_of_turn, *self.stop):

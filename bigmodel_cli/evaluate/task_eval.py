@@ -177,7 +177,7 @@ def run(
         settings = EvalSettings(storage.path(data), opts, labels=labels, metric=metric, max_examples=max_examples)
         examples = kind.select(examples, settings)
         if kind.keyed_by_id:
-            check_unique_ids([e.id for e in examples], storage.path(data))
+            check_unique_ids([e.id for e in examples], storage.path(data), kind.units)
         if trained_labels:
             kind.check_labels(examples, trained_labels)
         seq_len = (trained.seq_len if trained is not None else 0) or (loaded.seq_len if loaded else 0)

@@ -101,11 +101,8 @@ def create_app(served: Served) -> FastAPI:
         except UserError as err:
             raise ApiError(400, f"messages: {err}", "messages") from None
         tokenizer = served.tokenizer
-        ids = [tokenizer.eos_id] * served.chat.builtin + tokenizer.encode([text])[0]
-        marker = tokenizer.encode([served.chat.end_of_turn])[0]
-        # A reply ends at EOS or at the template's end-of-turn token; a marker of several tokens is cut as text.
-        stop_ids = served.stop_ids | frozenset(marker if len(marker) == 1 else ())
-        extra = () if len(marker) == 1 else (served.chat.end_of_turn,)
+        ids = served.chat.encode(tokenizer, text)
+        stop_ids, extra = served.chat.reply_stops(tokenizer, served.stop_ids)
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         job = _job(served, body, ids, stop_ids, extra)

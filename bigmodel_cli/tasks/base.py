@@ -56,6 +56,7 @@ class Task:
     metric_choices: tuple[str, ...] = ()  # the metrics --metric chooses among (qa); () = fixed metrics
     pairs = False  # examples are preference pairs (a chosen and a rejected completion), not one target
     keyed_by_id = True  # predictions are matched to examples by id (instruct: scored by loss, keyed by nothing)
+    units = "examples"  # what an error calls the file's items (qa: its questions)
 
     # ---- files -> Examples ------------------------------------------------------------------------------
 

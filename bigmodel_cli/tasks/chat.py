@@ -168,6 +168,19 @@ class ChatFormat:
             )
         return marker
 
+    def encode(self, tokenizer, text: str) -> list[int]:
+        """A rendered conversation's ids, as finetuning encoded them: the built-in format's chats start with EOS,
+        as pretraining documents did; a model's own template writes every marker itself."""
+        return [tokenizer.eos_id] * self.builtin + tokenizer.encode([text])[0]
+
+    def reply_stops(self, tokenizer, stops: Sequence[int]) -> tuple[frozenset[int], tuple[str, ...]]:
+        """(token ids, texts) at which a reply ends: the model's `stops` and the end-of-turn token (<|im_end|>,
+        <|eot_id|>); an end-of-turn marker of several tokens (the built-in "<|end|>") is cut as text instead."""
+        marker = tokenizer.encode([self.end_of_turn])[0]
+        if len(marker) == 1:
+            return frozenset((*stops, *marker)), ()
+        return frozenset(stops), (self.end_of_turn,)
+
     def parts(self, messages: Sequence[dict], where: str = "") -> Parts:
         """The rendered conversation as layout parts: every assistant reply and the end-of-turn marker after it
         trained on (the last one as the target), everything else prompt; the last user message is the part

@@ -24,13 +24,18 @@ def _is_han(cp: int) -> bool:
     )
 
 
+def _is_kana(cp: int) -> bool:
+    """Return True for a hiragana or katakana code point."""
+    return 0x3040 <= cp <= 0x30FF
+
+
 def cjk_language(texts: Iterable[str]) -> Literal["zh", "ja"] | None:
     """Return "ja" or "zh" when most letters and digits of the texts are kana or Han, else None."""
     han = kana = other = 0
     for text in texts:
         for ch in text:
             cp = ord(ch)
-            if 0x3040 <= cp <= 0x30FF:  # hiragana and katakana
+            if _is_kana(cp):
                 kana += 1
             elif _is_han(cp):
                 han += 1
@@ -166,7 +171,7 @@ class CjkCharacterTokenizer:
         tokens: list[str] = []
         word = ""
         for ch in text.lower():
-            cjk = _is_han(ord(ch)) or 0x3040 <= ord(ch) <= 0x30FF
+            cjk = _is_han(ord(ch)) or _is_kana(ord(ch))
             if ch.isalnum() and not cjk:
                 word += ch
                 continue

@@ -44,6 +44,7 @@ class QA(Task):
     name = "qa"
     windowed = True
     metric_choices = qa_metrics.QA_METRICS
+    units = "questions"
 
     def read(self, path: Path, path2: Path | None, opts: TaskOptions, info: dict) -> list[Example]:
         data = R.read_json(path, _WHAT)
@@ -129,8 +130,10 @@ class QA(Task):
 
     def select(self, examples: list[Example], settings: EvalSettings) -> list[Example]:
         """The examples of the file's first settings.max_examples questions (0: all)."""
+        if not settings.max_examples:  # ids shared by two questions: refused before generation (task_eval)
+            return examples
         wanted = set(_scored_ids(R.read_json(settings.data, _WHAT), settings.max_examples, settings.data))
-        return [e for e in examples if e.id in wanted] if settings.max_examples else examples
+        return [e for e in examples if e.id in wanted]
 
     def read_predictions(self, path: Path) -> dict[str, str]:
         """SQuAD's {id: answer} JSON, or JSONL lines with `id` and `prediction` (the predictions.jsonl evaluate
@@ -160,5 +163,5 @@ class QA(Task):
 def _scored_ids(dataset, max_examples: int, path: Path) -> list[str]:
     """The ids of the questions scored, in file order: all of them, or the first max_examples (each id once)."""
     ids = qa_metrics.question_ids(dataset)
-    check_unique_ids(ids, path, "questions")
+    check_unique_ids(ids, path, QA.units)
     return ids[:max_examples] if max_examples else ids

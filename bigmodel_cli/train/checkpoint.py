@@ -116,8 +116,8 @@ def _hash(data: np.ndarray) -> str:
 
 def digest(tree: Any) -> str | None:
     """One hash of every array's bytes, whatever the mesh holds them on: what a LoRA run records of its frozen
-    base, to refuse resuming on a base that changed since. None where this process does not hold every array
-    whole (a multi-process run), which then records nothing."""
+    base, and preference tuning of its reference, to refuse going on with one that changed since. None where this
+    process does not hold every array whole (a multi-process run), which then records nothing."""
     arrays = _flat(tree)
     if not all(getattr(x, "is_fully_addressable", True) for x in arrays.values()):
         return None

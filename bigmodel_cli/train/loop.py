@@ -106,8 +106,9 @@ FINGERPRINTED = {"base": "starting model (finetune.init_from)"}  # meta["fingerp
 
 
 def _check_same_inputs(inp: LoopInputs, saved: dict, step: int) -> None:
-    """Refuse to resume on inputs the config does not name but the checkpoints depend on (meta["fingerprints"]:
-    a LoRA run's frozen base, which init_from names by path), when they changed since step was saved."""
+    """Refuse to resume on inputs the config names only by path but the checkpoints depend on (meta["fingerprints"]:
+    the starting model a LoRA run keeps frozen, or preference tuning keeps as its reference), when they changed
+    since step was saved."""
     for name, now in inp.meta.get("fingerprints", {}).items():
         then = saved.get("fingerprints", {}).get(name)
         if then is not None and now is not None and then != now:
